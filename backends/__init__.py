@@ -1,0 +1,1 @@
+"""Device back-ends; each subpackage plugs a device class into vhost_user."""

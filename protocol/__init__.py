@@ -1,0 +1,1 @@
+"""vhost-user wire protocol: a sans-IO codec."""

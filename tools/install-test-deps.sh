@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on a Debian bookworm machine:
+# QEMU 10 (bookworm-backports), qemu-storage-daemon, QEMU's vhost-user-gpu,
+# the tools the guest initramfs is built from, and host tools the tests use.
+# The backports mirror is read from the system's own apt sources, never hard-coded.
+set -euo pipefail
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+debian_mirror() {
+    # First URI that serves the plain "bookworm" suite, in deb822 or one-line format.
+    local f
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -e "$f" ] || continue
+        awk 'BEGIN{RS=""; FS="\n"}
+             /Suites:[^\n]*(^|[ \t])bookworm([ \t]|$)/ || /Suites:[^\n]* bookworm( |\n|$)/ {
+               for (i=1;i<=NF;i++) if ($i ~ /^URIs:/) { sub(/^URIs:[ \t]*/, "", $i); split($i,u," "); print u[1]; exit }
+             }' "$f"
+    done
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [ -e "$f" ] || continue
+        awk '$1=="deb" && $0 ~ / bookworm / { for (i=2;i<=NF;i++) if ($i ~ /^[a-z]+:\/\//) { print $i; exit } }' "$f"
+    done
+}
+
+if ! apt-cache policy 2>/dev/null | grep -q 'bookworm-backports'; then
+    mirror=$(debian_mirror | head -n1)
+    if [ -z "$mirror" ]; then
+        echo "install-test-deps: no Debian bookworm mirror found in the apt sources" >&2
+        exit 1
+    fi
+    echo "install-test-deps: adding bookworm-backports from $mirror"
+    printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+        "$mirror" | $SUDO tee /etc/apt/sources.list.d/vhost-user-backports.sources >/dev/null
+    $SUDO apt-get update -q
+elif [ ! -e /var/lib/apt/lists/lock ] || [ -z "$(ls /var/lib/apt/lists/ 2>/dev/null | grep -i backports)" ]; then
+    $SUDO apt-get update -q
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get install -y -q -t bookworm-backports \
+    qemu-system-x86 qemu-system-gui qemu-utils
+$SUDO apt-get install -y -q \
+    busybox-static fio socat e2fsprogs util-linux kmod cpio zstd xz-utils \
+    iproute2 tshark

@@ -1,0 +1,1 @@
+"""vhost-user device back-ends: guest memory, virtqueues, device server, front-end."""
