@@ -1,0 +1,596 @@
+/*
+ * driver.c: driver side of a virtio split virtqueue and a virtio-blk
+ * benchmark loop. See driver.h for the theory of operation.
+ */
+#define _GNU_SOURCE
+#include "driver.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stddef.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "driver.c writes virtio 1.x little-endian rings with native stores"
+#endif
+
+_Static_assert(DRV_HIST_BUCKETS ==
+                   (DRV_HIST_MAX_EXP - DRV_HIST_SUB_BITS + 1) << DRV_HIST_SUB_BITS,
+               "DRV_HIST_BUCKETS does not match its formula");
+
+/* 2.7.5 The Virtqueue Descriptor Table */
+struct vring_desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    uint16_t next;
+};
+#define VRING_DESC_F_NEXT 1
+#define VRING_DESC_F_WRITE 2
+
+/* 2.7.6 The Virtqueue Available Ring; ring[size] is used_event */
+struct vring_avail {
+    uint16_t flags;
+    uint16_t idx;
+    uint16_t ring[];
+};
+
+/* 2.7.8 The Virtqueue Used Ring; ring[size] is followed by avail_event */
+struct vring_used_elem {
+    uint32_t id;
+    uint32_t len;
+};
+struct vring_used {
+    uint16_t flags;
+    uint16_t idx;
+    struct vring_used_elem ring[];
+};
+#define VRING_USED_F_NO_NOTIFY 1
+
+#define VIRTIO_BLK_T_IN 0
+#define VIRTIO_BLK_T_OUT 1
+#define VIRTIO_BLK_S_OK 0
+
+enum { RING_DESC, RING_AVAIL, RING_USED };
+
+/* ---- small helpers ---------------------------------------------------- */
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t align_up(uint64_t v, uint64_t a)
+{
+    return (v + a - 1) & ~(a - 1);
+}
+
+/* [off, off + len) lies inside [0, limit), without 64-bit overflow. */
+static int range_ok(uint64_t off, uint64_t len, uint64_t limit)
+{
+    return off <= limit && len <= limit - off;
+}
+
+static int ranges_overlap(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
+{
+    return a < b + blen && b < a + alen;
+}
+
+static int fail(struct drv_queue *q, int code, uint32_t value)
+{
+    q->broken = code;
+    q->bad_value = value;
+    return code;
+}
+
+static uint16_t *used_event(struct drv_queue *q)
+{
+    return &q->avail->ring[q->size]; /* 2.7.10 */
+}
+
+static uint16_t *avail_event(struct drv_queue *q)
+{
+    return (uint16_t *)&q->used->ring[q->size]; /* 2.7.10 */
+}
+
+/* 2.7.10: the "other side asked to be notified" test, as in Linux. */
+static int need_event(uint16_t event, uint16_t new_idx, uint16_t old_idx)
+{
+    return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old_idx);
+}
+
+/* ---- layout and init -------------------------------------------------- */
+
+static uint64_t desc_bytes(uint32_t size) { return 16ull * size; }
+static uint64_t avail_bytes(uint32_t size) { return 6 + 2ull * size; }
+static uint64_t used_bytes(uint32_t size) { return 6 + 8ull * size; }
+
+static int size_ok(uint32_t size)
+{
+    /* 2.7: Queue Size is a power of 2, at most 32768 */
+    return size != 0 && size <= DRV_MAX_QUEUE_SIZE && (size & (size - 1)) == 0;
+}
+
+int drv_ring_layout(uint32_t size, struct drv_ring_layout *out)
+{
+    if (!size_ok(size))
+        return DRV_E_ARG;
+    out->desc_offset = 0;
+    out->avail_offset = desc_bytes(size);
+    /* 2.7: used ring needs 4-byte alignment; a page keeps it on its own page */
+    out->used_offset = align_up(out->avail_offset + avail_bytes(size), 4096);
+    out->total_bytes = align_up(out->used_offset + used_bytes(size), 4096);
+    return DRV_OK;
+}
+
+static int place_rings(struct drv_queue *q, const struct drv_queue_config *c)
+{
+    static const uint64_t align[3] = {16, 2, 4}; /* 2.7 alignment table */
+    const uint64_t off[3] = {c->desc_offset, c->avail_offset, c->used_offset};
+    const uint64_t len[3] = {desc_bytes(c->size), avail_bytes(c->size), used_bytes(c->size)};
+
+    for (int i = 0; i < 3; i++) {
+        if (!range_ok(off[i], len[i], c->area_size))
+            return DRV_E_RANGE;
+        if ((c->gpa_base + off[i]) % align[i] || (uintptr_t)(q->area + off[i]) % align[i])
+            return DRV_E_ALIGN;
+        for (int j = 0; j < i; j++)
+            if (ranges_overlap(off[i], len[i], off[j], len[j]))
+                return DRV_E_RANGE;
+        q->ring_off[i] = off[i];
+        q->ring_len[i] = len[i];
+    }
+    q->desc = (struct vring_desc *)(q->area + off[RING_DESC]);
+    q->avail = (struct vring_avail *)(q->area + off[RING_AVAIL]);
+    q->used = (struct vring_used *)(q->area + off[RING_USED]);
+    return DRV_OK;
+}
+
+int drv_queue_init(struct drv_queue *q, struct drv_desc_state *st, uint8_t *area,
+                   const struct drv_queue_config *c)
+{
+    memset(q, 0, sizeof(*q));
+    q->broken = DRV_E_ARG; /* stays broken unless init completes */
+    if (!area || !st || !size_ok(c->size) || c->kick_fd < 0 || c->call_fd < 0)
+        return DRV_E_ARG;
+    if (c->gpa_base + c->area_size < c->gpa_base)
+        return DRV_E_RANGE;
+    q->area = area;
+    q->area_size = c->area_size;
+    q->gpa_base = c->gpa_base;
+    q->size = c->size;
+    int rc = place_rings(q, c);
+    if (rc)
+        return q->broken = rc;
+
+    for (int i = 0; i < 3; i++)
+        memset(q->area + q->ring_off[i], 0, q->ring_len[i]);
+    for (uint32_t i = 0; i < c->size; i++) {
+        st[i].next = (uint16_t)(i + 1 < c->size ? i + 1 : 0);
+        st[i].chain_len = 0;
+        st[i].cookie = 0;
+        st[i].stamp = 0;
+    }
+    q->st = st;
+    q->free_head = 0;
+    q->num_free = c->size;
+    q->kick_fd = c->kick_fd;
+    q->call_fd = c->call_fd;
+    q->event_idx = c->event_idx != 0;
+    /* The back-end starts from base_index (SET_VRING_BASE); so do both rings. */
+    q->avail_idx = q->kicked_idx = q->last_used = c->base_index;
+    q->avail->idx = c->base_index;
+    q->used->idx = c->base_index;
+    *used_event(q) = c->base_index;
+    *avail_event(q) = c->base_index; /* else the first kick after a base > 0 is lost */
+    q->broken = 0;
+    return DRV_OK;
+}
+
+/* ---- add, kick -------------------------------------------------------- */
+
+static int check_segs(const struct drv_queue *q, const struct drv_seg *segs, uint32_t n)
+{
+    int seen_writable = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        const struct drv_seg s = segs[i];
+        if (s.len == 0)
+            return DRV_E_ARG;
+        if (s.gpa < q->gpa_base || !range_ok(s.gpa - q->gpa_base, s.len, q->area_size))
+            return DRV_E_RANGE;
+        /* 2.7.4.2: device-writable descriptors follow device-readable ones */
+        if (seen_writable && !s.writable)
+            return DRV_E_ORDER;
+        seen_writable |= s.writable != 0;
+    }
+    return DRV_OK;
+}
+
+/* Writes the chain into free descriptors and publishes it; returns the head. */
+static uint16_t publish_chain(struct drv_queue *q, const struct drv_seg *segs, uint32_t n)
+{
+    uint16_t head = q->free_head, i = head;
+    for (uint32_t k = 0; k < n; k++) {
+        struct vring_desc d = {
+            .addr = segs[k].gpa,
+            .len = segs[k].len,
+            .flags = (uint16_t)((k + 1 < n ? VRING_DESC_F_NEXT : 0) |
+                                (segs[k].writable ? VRING_DESC_F_WRITE : 0)),
+            .next = k + 1 < n ? q->st[i].next : 0,
+        };
+        q->desc[i] = d;
+        i = q->st[i].next;
+    }
+    q->free_head = i;
+    q->num_free -= n;
+    q->st[head].chain_len = (uint16_t)n;
+    q->inflight++;
+    /* 2.7.13: ring entry first, then a release store of avail->idx */
+    q->avail->ring[q->avail_idx & (q->size - 1)] = head;
+    q->avail_idx++;
+    __atomic_store_n(&q->avail->idx, q->avail_idx, __ATOMIC_RELEASE);
+    return head;
+}
+
+int drv_add(struct drv_queue *q, const struct drv_seg *segs, uint32_t n)
+{
+    if (q->broken)
+        return DRV_E_BROKEN;
+    if (n == 0)
+        return DRV_E_ARG;
+    if (n > q->num_free)
+        return DRV_E_NOSPACE;
+    int rc = check_segs(q, segs, n);
+    if (rc)
+        return rc;
+    return publish_chain(q, segs, n);
+}
+
+int drv_kick(struct drv_queue *q)
+{
+    if (q->broken)
+        return DRV_E_BROKEN;
+    uint16_t old = q->kicked_idx, new_idx = q->avail_idx;
+    if (old == new_idx)
+        return 0;
+    q->kicked_idx = new_idx;
+    /* 2.7.13.4: full fence between publishing avail->idx and reading the
+     * device's suppression state */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    int needed;
+    if (q->event_idx)
+        needed = need_event(__atomic_load_n(avail_event(q), __ATOMIC_RELAXED), new_idx, old);
+    else
+        needed = !(__atomic_load_n(&q->used->flags, __ATOMIC_RELAXED) & VRING_USED_F_NO_NOTIFY);
+    if (!needed)
+        return 0;
+    uint64_t one = 1;
+    if (write(q->kick_fd, &one, sizeof(one)) != sizeof(one) && errno != EAGAIN) {
+        q->sys_errno = errno;
+        return DRV_E_SYS;
+    }
+    q->kicks++;
+    return 1;
+}
+
+/* ---- reap, wait ------------------------------------------------------- */
+
+static void free_chain(struct drv_queue *q, uint16_t head)
+{
+    uint16_t n = q->st[head].chain_len, last = head;
+    for (uint16_t k = 1; k < n; k++) /* n <= size: bounded walk of our own links */
+        last = q->st[last].next;
+    q->st[last].next = q->free_head;
+    q->free_head = head;
+    q->num_free += n;
+    q->st[head].chain_len = 0;
+    q->inflight--;
+}
+
+static uint16_t used_idx_acquire(struct drv_queue *q)
+{
+    return __atomic_load_n(&q->used->idx, __ATOMIC_ACQUIRE); /* 2.7.14 */
+}
+
+int drv_reap(struct drv_queue *q, struct drv_used_elem *out, uint32_t max)
+{
+    if (q->broken)
+        return DRV_E_BROKEN;
+    uint16_t idx = used_idx_acquire(q);
+    uint16_t pending = (uint16_t)(idx - q->last_used);
+    /* 2.7.8: the device cannot return more chains than are in flight */
+    if (pending > q->inflight)
+        return fail(q, DRV_E_USED_JUMP, pending);
+    uint32_t n = 0;
+    for (; n < pending && n < max; n++) {
+        struct vring_used_elem e = q->used->ring[q->last_used & (q->size - 1)];
+        if (e.id >= q->size) /* 2.7.8: id is a descriptor chain head */
+            return fail(q, DRV_E_USED_ID, e.id);
+        if (q->st[e.id].chain_len == 0) /* not a head we published */
+            return fail(q, DRV_E_NOT_INFLIGHT, e.id);
+        free_chain(q, (uint16_t)e.id);
+        q->last_used++;
+        out[n].id = e.id;
+        out[n].len = e.len;
+    }
+    return (int)n;
+}
+
+/* Asks for a call on the next used entry; true if one is already there. */
+static int arm_and_check(struct drv_queue *q)
+{
+    if (q->event_idx)
+        __atomic_store_n(used_event(q), q->last_used, __ATOMIC_RELAXED);
+    /* 2.7.10: fence between writing used_event and re-reading used->idx */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return used_idx_acquire(q) != q->last_used;
+}
+
+int drv_wait(struct drv_queue *q, int64_t timeout_ns)
+{
+    if (q->broken)
+        return DRV_E_BROKEN;
+    if (arm_and_check(q))
+        return 1;
+    struct pollfd pfd = {.fd = q->call_fd, .events = POLLIN};
+    struct timespec ts = {.tv_sec = timeout_ns / 1000000000, .tv_nsec = timeout_ns % 1000000000};
+    int rc = ppoll(&pfd, 1, timeout_ns < 0 ? NULL : &ts, NULL);
+    if (rc < 0 && errno == EINTR)
+        return 0;
+    if (rc < 0) {
+        q->sys_errno = errno;
+        return DRV_E_SYS;
+    }
+    if (rc == 0)
+        return 0;
+    uint64_t count;
+    if (read(q->call_fd, &count, sizeof(count)) < 0 && errno != EAGAIN) {
+        q->sys_errno = errno;
+        return DRV_E_SYS;
+    }
+    q->wakeups++;
+    return 1;
+}
+
+/* ---- latency histogram ------------------------------------------------ */
+
+static unsigned hist_bucket(uint64_t v)
+{
+    if (v < (1u << DRV_HIST_SUB_BITS))
+        return (unsigned)v;
+    unsigned msb = 63u - (unsigned)__builtin_clzll(v);
+    if (msb >= DRV_HIST_MAX_EXP)
+        return DRV_HIST_BUCKETS - 1;
+    unsigned shift = msb - DRV_HIST_SUB_BITS;
+    unsigned sub = (unsigned)(v >> shift) & ((1u << DRV_HIST_SUB_BITS) - 1);
+    return ((shift + 1) << DRV_HIST_SUB_BITS) + sub;
+}
+
+/* Lowest value that falls into bucket b. */
+static uint64_t hist_floor(unsigned b)
+{
+    if (b < (1u << DRV_HIST_SUB_BITS))
+        return b;
+    unsigned shift = (b >> DRV_HIST_SUB_BITS) - 1;
+    uint64_t sub = b & ((1u << DRV_HIST_SUB_BITS) - 1);
+    return ((1ull << DRV_HIST_SUB_BITS) + sub) << shift;
+}
+
+uint64_t drv_hist_percentile(const struct drv_bench_stats *s, double fraction)
+{
+    uint64_t total = 0;
+    for (unsigned b = 0; b < DRV_HIST_BUCKETS; b++)
+        total += s->hist[b];
+    if (total == 0)
+        return 0;
+    if (fraction < 0.0)
+        fraction = 0.0;
+    uint64_t rank = (uint64_t)(fraction * (double)total); /* 0-based */
+    if (rank >= total)
+        rank = total - 1;
+    uint64_t seen = 0;
+    for (unsigned b = 0; b < DRV_HIST_BUCKETS; b++) {
+        seen += s->hist[b];
+        if (seen > rank) {
+            if (b == DRV_HIST_BUCKETS - 1)
+                return s->lat_max_ns;
+            uint64_t lo = hist_floor(b), hi = hist_floor(b + 1);
+            return lo + (hi - lo) / 2; /* midpoint: error <= half a bucket */
+        }
+    }
+    return s->lat_max_ns;
+}
+
+/* ---- virtio-blk benchmark --------------------------------------------- */
+
+struct bench {
+    struct drv_queue *q;
+    const struct drv_bench_params *p;
+    struct drv_bench_stats *s;
+    uint64_t data_stride;
+    uint64_t meta_offset;  /* first slot's header, in the area */
+    uint64_t blocks;       /* capacity in blocks of block_size */
+    uint64_t next_block;   /* sequential mode */
+    uint64_t rng;
+    uint64_t submitted;
+    uint64_t t_start;
+};
+
+uint64_t drv_bench_area_size(uint32_t block_size, uint32_t queue_depth)
+{
+    uint64_t stride = align_up(block_size, DRV_BENCH_DATA_ALIGN);
+    return (uint64_t)queue_depth * (stride + DRV_BLK_SLOT_META);
+}
+
+static uint64_t splitmix64(uint64_t *x)
+{
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static int bench_check(const struct drv_queue *q, const struct drv_bench_params *p)
+{
+    if (p->block_size == 0 || p->block_size % 512 || p->queue_depth == 0)
+        return DRV_E_ARG;
+    if (p->capacity_sectors < p->block_size / 512)
+        return DRV_E_ARG;
+    if (p->duration_ns == 0 && p->requests == 0)
+        return DRV_E_ARG;
+    if (q->inflight != 0 || 3ull * p->queue_depth > q->size)
+        return DRV_E_ARG;
+    uint64_t len = drv_bench_area_size(p->block_size, p->queue_depth);
+    if (!range_ok(p->data_offset, len, q->area_size))
+        return DRV_E_RANGE;
+    for (int i = 0; i < 3; i++)
+        if (ranges_overlap(p->data_offset, len, q->ring_off[i], q->ring_len[i]))
+            return DRV_E_RANGE;
+    return DRV_OK;
+}
+
+static int may_submit(const struct bench *b, uint64_t now)
+{
+    if (b->p->requests && b->submitted >= b->p->requests)
+        return 0;
+    return !b->p->duration_ns || now - b->t_start < b->p->duration_ns;
+}
+
+static uint64_t next_sector(struct bench *b)
+{
+    uint64_t block;
+    if (b->p->random) {
+        block = splitmix64(&b->rng) % b->blocks;
+    } else {
+        block = b->next_block;
+        b->next_block = (b->next_block + 1) % b->blocks;
+    }
+    return block * (b->p->block_size / 512);
+}
+
+/* Fills slot's header, resets its status byte and publishes its 3-descriptor chain. */
+static void bench_submit(struct bench *b, uint32_t slot, uint64_t now)
+{
+    struct drv_queue *q = b->q;
+    uint64_t meta = b->meta_offset + (uint64_t)slot * DRV_BLK_SLOT_META;
+    uint64_t data = b->p->data_offset + (uint64_t)slot * b->data_stride;
+    uint32_t type = b->p->write ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN, reserved = 0;
+    uint64_t sector = next_sector(b);
+
+    memcpy(q->area + meta, &type, 4); /* 5.2.6 struct virtio_blk_req */
+    memcpy(q->area + meta + 4, &reserved, 4);
+    memcpy(q->area + meta + 8, &sector, 8);
+    q->area[meta + DRV_BLK_HDR_SIZE] = 0xff; /* a device that never writes it counts as an error */
+
+    const struct drv_seg segs[3] = {
+        {q->gpa_base + meta, DRV_BLK_HDR_SIZE, 0},
+        {q->gpa_base + data, b->p->block_size, !b->p->write},
+        {q->gpa_base + meta + DRV_BLK_HDR_SIZE, 1, 1},
+    };
+    uint16_t head = publish_chain(q, segs, 3); /* bench_check proved room and range */
+    q->st[head].cookie = slot;
+    q->st[head].stamp = now;
+    b->submitted++;
+}
+
+/* Accounts for a reaped request; returns its slot. */
+static uint32_t bench_complete(struct bench *b, uint16_t head, uint64_t now)
+{
+    struct drv_bench_stats *s = b->s;
+    const struct drv_desc_state *st = &b->q->st[head]; /* intact until the head is reused */
+    uint64_t meta = b->meta_offset + (uint64_t)st->cookie * DRV_BLK_SLOT_META;
+    uint8_t status = __atomic_load_n(&b->q->area[meta + DRV_BLK_HDR_SIZE], __ATOMIC_RELAXED);
+    uint64_t lat = now - st->stamp;
+
+    s->requests++;
+    if (status == VIRTIO_BLK_S_OK)
+        s->bytes += b->p->block_size;
+    else
+        s->errors++;
+    s->hist[hist_bucket(lat)]++;
+    s->lat_sum_ns += lat;
+    if (lat > s->lat_max_ns)
+        s->lat_max_ns = lat;
+    if (lat < s->lat_min_ns)
+        s->lat_min_ns = lat;
+    return st->cookie;
+}
+
+/* Spins up to spin_ns, then blocks on the call eventfd. 1: progress, <0: error. */
+static int bench_wait(struct bench *b)
+{
+    struct drv_queue *q = b->q;
+    uint64_t deadline = now_ns() + b->p->spin_ns;
+    while (b->p->spin_ns && now_ns() < deadline)
+        if (used_idx_acquire(q) != q->last_used)
+            return 1;
+    uint64_t stall = b->p->stall_timeout_ns ? b->p->stall_timeout_ns : 10000000000ull;
+    uint64_t give_up = now_ns() + stall;
+    for (;;) {
+        uint64_t now = now_ns();
+        if (now >= give_up)
+            return DRV_E_TIMEOUT;
+        int rc = drv_wait(q, (int64_t)(give_up - now));
+        if (rc != 0)
+            return rc;
+    }
+}
+
+int drv_blk_bench(struct drv_queue *q, const struct drv_bench_params *p, struct drv_bench_stats *s)
+{
+    if (q->broken)
+        return DRV_E_BROKEN;
+    int rc = bench_check(q, p);
+    if (rc)
+        return rc;
+    memset(s, 0, sizeof(*s));
+    s->lat_min_ns = UINT64_MAX;
+    struct bench b = {
+        .q = q, .p = p, .s = s,
+        .data_stride = align_up(p->block_size, DRV_BENCH_DATA_ALIGN),
+        .blocks = p->capacity_sectors / (p->block_size / 512),
+        .rng = p->seed,
+    };
+    b.meta_offset = p->data_offset + (uint64_t)p->queue_depth * b.data_stride;
+    if (p->write)
+        for (uint32_t i = 0; i < p->queue_depth; i++)
+            memset(q->area + p->data_offset + i * b.data_stride, (int)(0xa5 ^ (p->seed & 0xff)),
+                   p->block_size);
+    uint64_t kicks0 = q->kicks, wakeups0 = q->wakeups, t_last;
+    b.t_start = t_last = now_ns();
+
+    for (uint32_t i = 0; i < p->queue_depth && may_submit(&b, b.t_start); i++)
+        bench_submit(&b, i, now_ns());
+    rc = drv_kick(q);
+
+    struct drv_used_elem done[64];
+    while (rc >= 0 && q->inflight > 0) {
+        int n = drv_reap(q, done, 64);
+        if (n < 0) {
+            rc = n;
+            break;
+        }
+        if (n == 0) {
+            rc = bench_wait(&b);
+            continue;
+        }
+        uint64_t now = t_last = now_ns();
+        /* Account for the whole batch before resubmitting: a new chain may
+         * reuse a freed head whose cookie and stamp are still unread. */
+        for (int i = 0; i < n; i++)
+            done[i].id = bench_complete(&b, (uint16_t)done[i].id, now);
+        for (int i = 0; i < n && may_submit(&b, now); i++)
+            bench_submit(&b, done[i].id, now);
+        rc = drv_kick(q);
+    }
+    s->elapsed_ns = t_last - b.t_start;
+    s->kicks = q->kicks - kicks0;
+    s->wakeups = q->wakeups - wakeups0;
+    if (s->requests == 0)
+        s->lat_min_ns = 0;
+    return rc < 0 ? rc : DRV_OK;
+}
