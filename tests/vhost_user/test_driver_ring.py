@@ -236,14 +236,12 @@ def test_queue_rejects_bad_ring_placement(area):
 @pytest.mark.parametrize("event_idx", [False, True])
 def test_used_elements_are_reaped_and_descriptors_recycled(area, event_idx):
     with area.queue(16, event_idx=event_idx) as q, FakeDevice(area, q, event_idx=event_idx) as dev:
-        heads = []
-        for round_ in range(10):  # 10 x 5 chains of 3 through a 16-entry table
+        for _ in range(10):  # 10 x 5 chains of 3 through a 16-entry table
             batch = [q.add([(buf(0), 16, False), (buf(4096 * k), 512, True), (buf(100), 1, True)]) for k in range(5)]
             q.kick()
             got = reap_all(q, 5)
             assert sorted(h for h, _ in got) == sorted(batch)
             assert all(n == 513 for _, n in got)
-            heads += batch
         assert q.num_free == 16 and q.in_flight == 0
         assert len(dev.chains) == 50
 
@@ -413,7 +411,7 @@ def test_bench_sequential_walks_blocks_in_order(area):
 
 
 def test_bench_index_wraps_past_65535(area):
-    result, dev = run_bench(area, event_idx=True, base_index=65000, requests=1000, queue_depth=16)
+    result, _ = run_bench(area, event_idx=True, base_index=65000, requests=1000, queue_depth=16)
     assert result.requests == 1000
 
 
