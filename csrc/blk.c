@@ -1,0 +1,445 @@
+/*
+ * blk.c - virtio-blk request engine (virtio 1.2, 5.2.6 "Device
+ * Operation"), run by vr_run() in the queue's worker thread.
+ *
+ * A request is: a 16-byte header {le32 type; le32 reserved; le64 sector}
+ * in the device-readable part (it may be split across descriptors), then
+ * data (readable for OUT/DISCARD/WRITE_ZEROES, writable for IN/GET_ID),
+ * and a status byte: the last byte of the last writable descriptor.  I/O
+ * goes straight between the backing fd and guest memory (preadv/pwritev
+ * on iovecs built from the chain's segments).  Any I/O failure becomes
+ * VIRTIO_BLK_S_IOERR; only a chain with no room for a status byte breaks
+ * the queue.  All buffers are allocated once in vr_blk_new().
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "blk.h"
+
+#define T_IN 0
+#define T_OUT 1
+#define T_FLUSH 4
+#define T_GET_ID 8
+#define T_DISCARD 11
+#define T_WRITE_ZEROES 13
+#define S_OK 0
+#define S_IOERR 1
+#define S_UNSUPP 2
+#define WZ_UNMAP 1u
+#define MAX_DWZ_SEGS 256  /* discard/write-zeroes segments per request */
+#define BOUNCE_SIZE (256u * 1024u)
+#define BATCH 32
+
+#ifndef FALLOC_FL_KEEP_SIZE
+#define FALLOC_FL_KEEP_SIZE 0x01
+#endif
+#ifndef FALLOC_FL_PUNCH_HOLE
+#define FALLOC_FL_PUNCH_HOLE 0x02
+#endif
+#ifndef FALLOC_FL_ZERO_RANGE
+#define FALLOC_FL_ZERO_RANGE 0x10
+#endif
+
+struct dwz_seg {           /* virtio_blk_discard_write_zeroes */
+    uint64_t sector;
+    uint32_t num_sectors;
+    uint32_t flags;
+};
+
+struct vr_blk {
+    struct vr_blk_config cfg;
+    struct vr_blk_stats stats;
+    uint8_t *bounce;       /* aligned, for O_DIRECT retries and zeroes */
+    int bounce_is_zero;
+    uint32_t nbatch;
+    uint16_t heads[BATCH];
+    uint32_t lens[BATCH];
+    struct dwz_seg dwz[MAX_DWZ_SEGS];
+    struct vr_seg segs[VR_MAX_SEGS];
+    struct iovec iov[VR_MAX_SEGS];
+};
+
+struct vr_blk *vr_blk_new(const struct vr_blk_config *cfg)
+{
+    struct vr_blk *b = calloc(1, sizeof(*b));
+    if (!b)
+        return NULL;
+    if (posix_memalign((void **)&b->bounce, 4096, BOUNCE_SIZE) != 0) {
+        free(b);
+        return NULL;
+    }
+    memset(b->bounce, 0, BOUNCE_SIZE);
+    b->bounce_is_zero = 1;
+    b->cfg = *cfg;
+    if (b->cfg.max_discard_seg > MAX_DWZ_SEGS || b->cfg.max_discard_seg == 0)
+        b->cfg.max_discard_seg = MAX_DWZ_SEGS;
+    if (b->cfg.max_write_zeroes_seg > MAX_DWZ_SEGS || b->cfg.max_write_zeroes_seg == 0)
+        b->cfg.max_write_zeroes_seg = MAX_DWZ_SEGS;
+    return b;
+}
+
+void vr_blk_free(struct vr_blk *b)
+{
+    if (b) {
+        free(b->bounce);
+        free(b);
+    }
+}
+
+void vr_blk_get_stats(const struct vr_blk *b, struct vr_blk_stats *out)
+{
+    *out = b->stats;
+}
+
+/* ---- segment helpers ---- */
+
+/* iovecs for len bytes of segs[0..n) after skipping skip bytes. */
+static int build_iov(const struct vr_mem *m, const struct vr_seg *segs,
+                     uint32_t n, uint64_t skip, uint64_t len,
+                     struct iovec *iov)
+{
+    int cnt = 0;
+    for (uint32_t k = 0; k < n && len > 0; k++) {
+        uint64_t l = segs[k].len;
+        if (skip >= l) {
+            skip -= l;
+            continue;
+        }
+        uint64_t take = l - skip;
+        if (take > len)
+            take = len;
+        iov[cnt].iov_base = vr_seg_host(m, &segs[k]) + skip;
+        iov[cnt].iov_len = take;
+        cnt++;
+        len -= take;
+        skip = 0;
+    }
+    return cnt;
+}
+
+/* Copy len bytes out of the segments (header, discard ranges). */
+static void gather(const struct vr_mem *m, const struct vr_seg *segs,
+                   uint32_t n, uint64_t skip, void *dst, uint64_t len)
+{
+    uint8_t *out = dst;
+    for (uint32_t k = 0; k < n && len > 0; k++) {
+        uint64_t l = segs[k].len;
+        if (skip >= l) {
+            skip -= l;
+            continue;
+        }
+        uint64_t take = l - skip < len ? l - skip : len;
+        memcpy(out, vr_seg_host(m, &segs[k]) + skip, take);
+        out += take;
+        len -= take;
+        skip = 0;
+    }
+}
+
+static void iov_advance(struct iovec **iov, int *cnt, size_t n)
+{
+    while (n > 0 && *cnt > 0) {
+        if (n >= (*iov)->iov_len) {
+            n -= (*iov)->iov_len;
+            (*iov)++;
+            (*cnt)--;
+        } else {
+            (*iov)->iov_base = (uint8_t *)(*iov)->iov_base + n;
+            (*iov)->iov_len -= n;
+            n = 0;
+        }
+    }
+}
+
+/* Bounce path for O_DIRECT with guest buffers that are not aligned. */
+static int bounce_rw(struct vr_blk *b, struct iovec *iov, int cnt,
+                     uint64_t off, uint64_t len, int write, uint64_t *done)
+{
+    b->bounce_is_zero = 0;
+    while (len > 0) {
+        size_t chunk = len < BOUNCE_SIZE ? len : BOUNCE_SIZE;
+        if (write) {
+            size_t got = 0;
+            struct iovec *v = iov;
+            int c = cnt;
+            for (; c > 0 && got < chunk; v++, c--) {
+                size_t t = v->iov_len < chunk - got ? v->iov_len : chunk - got;
+                memcpy(b->bounce + got, v->iov_base, t);
+                got += t;
+            }
+        }
+        size_t pos = 0;
+        while (pos < chunk) {
+            ssize_t r = write ? pwrite(b->cfg.fd, b->bounce + pos, chunk - pos, off + pos)
+                              : pread(b->cfg.fd, b->bounce + pos, chunk - pos, off + pos);
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r <= 0)
+                return r < 0 ? -errno : -EIO;
+            pos += (size_t)r;
+        }
+        if (!write) {
+            size_t put = 0;
+            struct iovec *v = iov;
+            int c = cnt;
+            for (; c > 0 && put < chunk; v++, c--) {
+                size_t t = v->iov_len < chunk - put ? v->iov_len : chunk - put;
+                memcpy(v->iov_base, b->bounce + put, t);
+                put += t;
+            }
+        }
+        iov_advance(&iov, &cnt, chunk);
+        off += chunk;
+        len -= chunk;
+        *done += chunk;
+    }
+    return 0;
+}
+
+/* Whole transfer, looping on short reads/writes; *done counts bytes. */
+static int do_rw(struct vr_blk *b, struct iovec *iov, int cnt, uint64_t off,
+                 uint64_t len, int write, uint64_t *done)
+{
+    *done = 0;
+    while (len > 0) {
+        int c = cnt < IOV_MAX ? cnt : IOV_MAX;
+        ssize_t r = write ? pwritev(b->cfg.fd, iov, c, (off_t)off)
+                          : preadv(b->cfg.fd, iov, c, (off_t)off);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0 && errno == EINVAL && b->cfg.direct)
+            return bounce_rw(b, iov, cnt, off, len, write, done);
+        if (r < 0)
+            return -errno;
+        if (r == 0)
+            return -EIO; /* end of file inside capacity: short I/O */
+        iov_advance(&iov, &cnt, (size_t)r);
+        off += (uint64_t)r;
+        len -= (uint64_t)r;
+        *done += (uint64_t)r;
+    }
+    return 0;
+}
+
+static int write_zeroes_slow(struct vr_blk *b, uint64_t off, uint64_t len)
+{
+    if (!b->bounce_is_zero) {
+        memset(b->bounce, 0, BOUNCE_SIZE);
+        b->bounce_is_zero = 1;
+    }
+    while (len > 0) {
+        size_t chunk = len < BOUNCE_SIZE ? len : BOUNCE_SIZE;
+        ssize_t r = pwrite(b->cfg.fd, b->bounce, chunk, (off_t)off);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return r < 0 ? -errno : -EIO;
+        off += (uint64_t)r;
+        len -= (uint64_t)r;
+    }
+    return 0;
+}
+
+static int unsupported_errno(int e)
+{
+    return e == EOPNOTSUPP || e == ENOSYS || e == EINVAL;
+}
+
+/* ---- request types ---- */
+
+static int range_ok(const struct vr_blk *b, uint64_t sector, uint64_t nsec)
+{
+    /* 5.2.6.2: the device MUST fail requests beyond capacity. */
+    return sector <= b->cfg.capacity && nsec <= b->cfg.capacity - sector;
+}
+
+static uint8_t blk_rw(struct vr_blk *b, struct vr_queue *q,
+                      const struct vr_chain *c, uint64_t sector, int write,
+                      uint32_t *used)
+{
+    uint64_t len = write ? c->read_len - 16 : c->write_len - 1;
+    uint64_t done = 0;
+    int cnt;
+
+    if (write && b->cfg.read_only)
+        return S_IOERR;
+    /* 5.2.6.2: data is a multiple of 512 bytes. */
+    if (len % 512 || !range_ok(b, sector, len / 512))
+        return S_IOERR;
+    if (write)
+        cnt = build_iov(q->mem, c->segs, c->nread, 16, len, b->iov);
+    else
+        cnt = build_iov(q->mem, c->segs + c->nread, c->nseg - c->nread, 0, len, b->iov);
+    int rc = do_rw(b, b->iov, cnt, sector * 512, len, write, &done);
+    if (write) {
+        b->stats.writes++;
+        b->stats.bytes_written += done;
+    } else {
+        b->stats.reads++;
+        b->stats.bytes_read += done;
+        *used += (uint32_t)done;
+    }
+    return rc == 0 ? S_OK : S_IOERR;
+}
+
+static uint8_t blk_get_id(struct vr_blk *b, struct vr_queue *q,
+                          const struct vr_chain *c, uint32_t *used)
+{
+    uint64_t room = c->write_len - 1;
+    uint64_t n = room < VR_BLK_SERIAL_LEN ? room : VR_BLK_SERIAL_LEN;
+    int cnt = build_iov(q->mem, c->segs + c->nread, c->nseg - c->nread, 0, n, b->iov);
+    const uint8_t *src = b->cfg.serial;
+    for (int k = 0; k < cnt; k++) {
+        memcpy(b->iov[k].iov_base, src, b->iov[k].iov_len);
+        src += b->iov[k].iov_len;
+    }
+    b->stats.get_ids++;
+    *used += (uint32_t)n;
+    return S_OK;
+}
+
+static uint8_t blk_dwz(struct vr_blk *b, struct vr_queue *q,
+                       const struct vr_chain *c, uint32_t type)
+{
+    int discard = type == T_DISCARD;
+    uint32_t max_sec = discard ? b->cfg.max_discard_sectors : b->cfg.max_write_zeroes_sectors;
+    uint32_t max_seg = discard ? b->cfg.max_discard_seg : b->cfg.max_write_zeroes_seg;
+    uint64_t dlen = c->read_len - 16;
+
+    if (max_sec == 0)
+        return S_UNSUPP; /* feature not offered */
+    if (b->cfg.read_only)
+        return S_IOERR;
+    if (dlen == 0 || dlen % sizeof(struct dwz_seg) || dlen / sizeof(struct dwz_seg) > max_seg)
+        return S_IOERR;
+    uint32_t n = (uint32_t)(dlen / sizeof(struct dwz_seg));
+    /* Copy every range to a local first, check them all, then act. */
+    for (uint32_t k = 0; k < n; k++) {
+        gather(q->mem, c->segs, c->nread, 16 + 16ull * k, &b->dwz[k], sizeof(b->dwz[k]));
+        const struct dwz_seg *s = &b->dwz[k];
+        /* 5.2.6.2: unknown flag bits, or unmap on discard: UNSUPP. */
+        if ((s->flags & ~WZ_UNMAP) || (discard && s->flags))
+            return S_UNSUPP;
+        if (s->num_sectors > max_sec || !range_ok(b, s->sector, s->num_sectors))
+            return S_IOERR;
+    }
+    for (uint32_t k = 0; k < n; k++) {
+        const struct dwz_seg *s = &b->dwz[k];
+        off_t off = (off_t)(s->sector * 512);
+        off_t len = (off_t)s->num_sectors * 512;
+        if (len == 0)
+            continue;
+        if (discard) {
+            /* Discard is a hint: an fs without hole punching succeeds. */
+            if (fallocate(b->cfg.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len) < 0 &&
+                !unsupported_errno(errno))
+                return S_IOERR;
+            continue;
+        }
+        int mode = (s->flags & WZ_UNMAP) ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+                                         : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+        if (fallocate(b->cfg.fd, mode, off, len) == 0)
+            continue;
+        if (!unsupported_errno(errno))
+            return S_IOERR;
+        if (write_zeroes_slow(b, (uint64_t)off, (uint64_t)len) < 0)
+            return S_IOERR;
+    }
+    if (discard)
+        b->stats.discards++;
+    else
+        b->stats.write_zeroes++;
+    return S_OK;
+}
+
+/* Handle one chain; sets *used; returns -1 only if the queue broke. */
+static int blk_one(struct vr_blk *b, struct vr_queue *q,
+                   const struct vr_chain *c, uint32_t *used)
+{
+    struct {
+        uint32_t type;
+        uint32_t reserved;
+        uint64_t sector;
+    } hdr;
+    uint8_t st;
+
+    /* 5.2.6: the status byte is the last writable byte; without one the
+     * request cannot be completed at all. */
+    if (c->write_len == 0)
+        return vr_queue_fail(q, VR_E_MALFORMED, "virtio-blk request without status byte on queue %u at head %u",
+                             q->index, c->head);
+    const struct vr_seg *last = &c->segs[c->nseg - 1];
+    uint8_t *status = vr_seg_host(q->mem, last) + last->len - 1;
+
+    *used = 1;
+    if (c->read_len < sizeof(hdr)) {
+        st = S_IOERR;
+    } else {
+        gather(q->mem, c->segs, c->nread, 0, &hdr, sizeof(hdr));
+        switch (hdr.type) {
+        case T_IN:
+            st = blk_rw(b, q, c, hdr.sector, 0, used);
+            break;
+        case T_OUT:
+            st = blk_rw(b, q, c, hdr.sector, 1, used);
+            break;
+        case T_FLUSH:
+            st = fdatasync(b->cfg.fd) == 0 ? S_OK : S_IOERR;
+            b->stats.flushes++;
+            break;
+        case T_GET_ID:
+            st = blk_get_id(b, q, c, used);
+            break;
+        case T_DISCARD:
+        case T_WRITE_ZEROES:
+            st = blk_dwz(b, q, c, hdr.type);
+            break;
+        default:
+            st = S_UNSUPP;
+            break;
+        }
+    }
+    if (st == S_IOERR)
+        b->stats.io_errors++;
+    else if (st == S_UNSUPP)
+        b->stats.unsupported++;
+    *status = st;
+    return 0;
+}
+
+static void flush_used(struct vr_blk *b, struct vr_queue *q)
+{
+    if (b->nbatch) {
+        vr_push_batch(q, b->heads, b->lens, b->nbatch);
+        b->nbatch = 0;
+        vr_notify(q);
+    }
+}
+
+int vr_blk_handle(void *ctx, struct vr_queue *q)
+{
+    struct vr_blk *b = ctx;
+    struct vr_chain c = {.cap = VR_MAX_SEGS, .segs = b->segs};
+    uint32_t used;
+
+    b->nbatch = 0;
+    for (;;) {
+        int rc = vr_pop(q, &c);
+        if (rc <= 0)
+            break;
+        if (blk_one(b, q, &c, &used) < 0)
+            break;
+        b->heads[b->nbatch] = c.head;
+        b->lens[b->nbatch] = used;
+        if (++b->nbatch == BATCH)
+            flush_used(b, q);
+    }
+    flush_used(b, q);
+    return q->broken ? -1 : 0;
+}

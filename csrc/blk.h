@@ -1,0 +1,39 @@
+/*
+ * blk.h - virtio-blk request engine (virtio 1.2, 5.2), a vr_run handler.
+ */
+#ifndef VR_BLK_H
+#define VR_BLK_H
+
+#include <stdint.h>
+
+#include "vring.h"
+
+#define VR_BLK_SERIAL_LEN 20
+
+struct vr_blk_config {
+    int fd;
+    int read_only;
+    int direct;                    /* fd was opened with O_DIRECT */
+    uint64_t capacity;             /* in 512-byte sectors */
+    uint32_t logical_block_size;
+    uint32_t max_discard_sectors;  /* 0 = discard unsupported */
+    uint32_t max_discard_seg;
+    uint32_t max_write_zeroes_sectors; /* 0 = write zeroes unsupported */
+    uint32_t max_write_zeroes_seg;
+    uint8_t serial[VR_BLK_SERIAL_LEN];
+};
+
+struct vr_blk_stats {
+    uint64_t reads, writes, flushes, discards, write_zeroes, get_ids;
+    uint64_t unsupported, io_errors;
+    uint64_t bytes_read, bytes_written;
+};
+
+struct vr_blk;
+
+struct vr_blk *vr_blk_new(const struct vr_blk_config *cfg);
+void vr_blk_free(struct vr_blk *b);
+int vr_blk_handle(void *ctx, struct vr_queue *q);
+void vr_blk_get_stats(const struct vr_blk *b, struct vr_blk_stats *out);
+
+#endif

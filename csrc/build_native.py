@@ -1,0 +1,99 @@
+"""cffi (API mode) builder for the private extension `vhost_user._native`.
+
+Only vhost_user/virtqueue.py imports the result.  Sources are listed
+relative to the repository root, where setuptools runs the build.
+cffi releases the GIL around every call into C; the worker loop (vr_run)
+relies on that.
+"""
+import os
+
+from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = ["csrc/memory.c", "csrc/vring.c", "csrc/run.c", "csrc/blk.c"]
+
+CDEF = """
+#define VR_MAX_REGIONS 32
+#define VR_MAX_QUEUE_SIZE 32768
+#define VR_MAX_SEGS 1088
+#define VR_RUN_CONTROL 0
+#define VR_RUN_BROKEN 1
+#define VR_RUN_ERROR 2
+
+struct vr_region { uint64_t gpa; uint64_t size; uint64_t uaddr; uint8_t *host; };
+struct vr_mem { uint32_t nregions; struct vr_region regions[32]; };
+struct vr_seg { uint64_t offset; uint32_t len; uint16_t region; uint16_t writable; };
+struct vr_chain {
+    uint16_t head; uint16_t nread; uint32_t nseg;
+    uint64_t read_len; uint64_t write_len;
+    uint32_t cap; struct vr_seg *segs;
+};
+struct vr_stats {
+    uint64_t requests; uint64_t kicks; uint64_t notifies;
+    uint64_t bytes_read; uint64_t bytes_written; uint64_t io_errors;
+};
+struct vr_queue { ...; };
+typedef int (*vr_handler_fn)(void *ctx, struct vr_queue *q);
+
+void vr_queue_init(struct vr_queue *q, uint32_t index);
+int vr_queue_set_num(struct vr_queue *q, uint32_t num);
+int vr_queue_set_addr(struct vr_queue *q, uint64_t desc, uint64_t avail,
+                      uint64_t used, int is_gpa);
+int vr_queue_set_base(struct vr_queue *q, uint16_t last_avail_idx);
+uint16_t vr_queue_get_base(const struct vr_queue *q);
+void vr_queue_set_event_idx(struct vr_queue *q, int on);
+void vr_queue_set_fds(struct vr_queue *q, int kick_fd, int call_fd);
+int vr_queue_set_inflight(struct vr_queue *q, void *region, uint64_t size);
+int vr_queue_start(struct vr_queue *q, const struct vr_mem *mem);
+int vr_queue_set_mem(struct vr_queue *q, const struct vr_mem *mem);
+void vr_queue_stop(struct vr_queue *q);
+void vr_queue_reset(struct vr_queue *q);
+void vr_queue_fini(struct vr_queue *q);
+int vr_queue_broken(const struct vr_queue *q);
+const char *vr_queue_error(const struct vr_queue *q);
+void vr_queue_get_stats(const struct vr_queue *q, struct vr_stats *out);
+
+int vr_pop(struct vr_queue *q, struct vr_chain *c);
+int vr_push(struct vr_queue *q, uint16_t head, uint32_t len);
+int vr_push_batch(struct vr_queue *q, const uint16_t *heads,
+                  const uint32_t *lens, uint32_t n);
+int vr_notify(struct vr_queue *q);
+int vr_inflight_list(const struct vr_queue *q, uint16_t *heads, uint32_t cap);
+int vr_run(struct vr_queue *q, int ctl_fd, vr_handler_fn fn, void *ctx,
+           uint32_t poll_us);
+
+struct vr_blk_config {
+    int fd; int read_only; int direct;
+    uint64_t capacity;
+    uint32_t logical_block_size;
+    uint32_t max_discard_sectors; uint32_t max_discard_seg;
+    uint32_t max_write_zeroes_sectors; uint32_t max_write_zeroes_seg;
+    uint8_t serial[20];
+};
+struct vr_blk_stats {
+    uint64_t reads, writes, flushes, discards, write_zeroes, get_ids;
+    uint64_t unsupported, io_errors;
+    uint64_t bytes_read, bytes_written;
+};
+struct vr_blk;
+struct vr_blk *vr_blk_new(const struct vr_blk_config *cfg);
+void vr_blk_free(struct vr_blk *b);
+int vr_blk_handle(void *ctx, struct vr_queue *q);
+void vr_blk_get_stats(const struct vr_blk *b, struct vr_blk_stats *out);
+
+extern "Python" int vr_py_handler(void *ctx, struct vr_queue *q);
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "vhost_user._native",
+    '#include "vring.h"\n#include "blk.h"\n',
+    sources=SOURCES,
+    include_dirs=[HERE],
+    depends=[os.path.join("csrc", f) for f in ("vring.h", "blk.h")],
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

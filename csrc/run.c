@@ -1,0 +1,136 @@
+/*
+ * run.c - the per-queue worker loop.
+ *
+ * vr_run() sleeps in poll() on the control eventfd and the kick eventfd.
+ * On a kick it drains the eventfd and runs the handler with guest
+ * notifications disabled, notifies the driver once per batch (as the
+ * suppression rules allow), re-enables notifications and re-checks the
+ * avail ring, which closes the race with a driver that added buffers
+ * while notifications were off (virtio 1.2, 2.7.10).  It returns as soon
+ * as the control fd is readable (Python then pauses, swaps memory or
+ * stops the queue) or the queue breaks.  The handler always finishes the
+ * chains it popped before returning, so nothing is in flight when vr_run
+ * returns.  Callers release the GIL around this call (cffi does).
+ */
+#include <errno.h>
+#include <poll.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "vring.h"
+
+static uint64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+static void drain(int fd)
+{
+    uint64_t v;
+    ssize_t r;
+    do {
+        r = read(fd, &v, sizeof(v));
+    } while (r < 0 && errno == EINTR);
+}
+
+/* Run the handler until the ring is empty or the handler stops making
+ * progress (e.g. an RX queue keeping buffers for later). */
+static int process(struct vr_queue *q, vr_handler_fn fn, void *ctx)
+{
+    int more;
+    do {
+        uint16_t before = q->last_avail_idx;
+        uint32_t before_resub = q->resubmit_pos;
+        vr_disable_notify(q);
+        int rc = fn(ctx, q);
+        if (q->broken)
+            return VR_RUN_BROKEN;
+        if (rc < 0)
+            return VR_RUN_ERROR;
+        vr_notify(q);
+        more = vr_enable_notify(q);
+        if (q->last_avail_idx == before && q->resubmit_pos == before_resub)
+            break;
+    } while (more);
+    return VR_RUN_CONTROL;
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static int ctl_ready(int ctl_fd)
+{
+    struct pollfd p = {.fd = ctl_fd, .events = POLLIN};
+    return poll(&p, 1, 0) > 0;
+}
+
+int vr_run(struct vr_queue *q, int ctl_fd, vr_handler_fn fn, void *ctx,
+           uint32_t poll_us)
+{
+    struct pollfd fds[2];
+    int nfds, rc, work = 1; /* always look once: entries may be pending */
+
+    if (!q->started || ctl_fd < 0 || fn == NULL)
+        return VR_RUN_ERROR;
+    fds[0].fd = ctl_fd;
+    fds[0].events = POLLIN;
+    fds[1].fd = q->kick_fd;
+    fds[1].events = POLLIN;
+    nfds = q->kick_fd >= 0 ? 2 : 1;
+    for (;;) {
+        if (q->broken)
+            return VR_RUN_BROKEN;
+        if (work) {
+            rc = process(q, fn, ctx);
+            if (rc != VR_RUN_CONTROL)
+                return rc;
+            work = 0;
+        }
+        if (poll_us) {
+            /* Brief busy-poll before sleeping: saves a kick and a
+             * wake-up when the driver is submitting back to back. */
+            uint64_t deadline = now_us() + poll_us;
+            unsigned spins = 0;
+            while (now_us() < deadline) {
+                if (vr_avail_pending(q)) {
+                    work = 1;
+                    break;
+                }
+                if ((++spins & 63) == 0 && ctl_ready(ctl_fd))
+                    return VR_RUN_CONTROL;
+                cpu_relax();
+            }
+            if (work)
+                continue;
+        }
+        /* Without a kick fd the front-end asked for polling. */
+        rc = poll(fds, nfds, nfds == 2 ? -1 : 1);
+        if (rc < 0) {
+            if (errno == EINTR)
+                continue;
+            return VR_RUN_ERROR;
+        }
+        if (fds[0].revents)
+            return VR_RUN_CONTROL;
+        if (nfds == 1) {
+            work = 1;
+            continue;
+        }
+        if (fds[1].revents & (POLLERR | POLLNVAL) ||
+            (fds[1].revents & (POLLIN | POLLHUP)) == POLLHUP)
+            return VR_RUN_ERROR;
+        if (fds[1].revents & POLLIN) {
+            drain(q->kick_fd);
+            q->stats.kicks++;
+            work = 1;
+        }
+    }
+}

@@ -1,0 +1,618 @@
+/*
+ * vring.c - split virtqueue, device side: set-up, pop, push, notification
+ * suppression and inflight tracking.  See vring.h for the theory of
+ * operation.  Spec references are to virtio 1.2, section 2.7 ("Split
+ * Virtqueues"), and to QEMU docs/interop/vhost-user.rst.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "vring.h"
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "virtio 1.x rings are little-endian; big-endian hosts are not supported"
+#endif
+
+/* Local copy of a descriptor (virtio 1.2, 2.7.5). */
+struct vr_desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    uint16_t next;
+};
+_Static_assert(sizeof(struct vr_desc) == 16, "descriptor is 16 bytes");
+_Static_assert(sizeof(struct vr_inflight_desc) == 16, "DescStateSplit is 16 bytes");
+_Static_assert(sizeof(struct vr_inflight_region) == 16, "QueueRegionSplit header");
+
+/* ---- single-copy accessors for shared ring fields ---- */
+
+static inline uint16_t ld16(volatile uint8_t *p)
+{
+    return __atomic_load_n((uint16_t *)p, __ATOMIC_RELAXED);
+}
+
+static inline uint16_t ld16_acquire(volatile uint8_t *p)
+{
+    return __atomic_load_n((uint16_t *)p, __ATOMIC_ACQUIRE);
+}
+
+static inline void st16(volatile uint8_t *p, uint16_t v)
+{
+    __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELAXED);
+}
+
+static inline void st16_release(volatile uint8_t *p, uint16_t v)
+{
+    __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE);
+}
+
+static inline void st32(volatile uint8_t *p, uint32_t v)
+{
+    __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELAXED);
+}
+
+#define AVAIL_FLAGS(q) ((q)->avail)
+#define AVAIL_IDX(q) ((q)->avail + 2)
+#define AVAIL_RING(q, i) ((q)->avail + 4 + 2u * (i))
+#define USED_EVENT(q) ((q)->avail + 4 + 2u * (q)->num)
+#define USED_FLAGS(q) ((q)->used)
+#define USED_IDX(q) ((q)->used + 2)
+#define USED_RING(q, i) ((q)->used + 4 + 8u * (i))
+#define AVAIL_EVENT(q) ((q)->used + 4 + 8u * (q)->num)
+
+int vr_queue_fail(struct vr_queue *q, int code, const char *fmt, ...)
+{
+    if (!q->broken) {
+        va_list ap;
+        q->broken = code;
+        va_start(ap, fmt);
+        vsnprintf(q->errmsg, sizeof(q->errmsg), fmt, ap);
+        va_end(ap);
+    }
+    return -code;
+}
+
+/* ---- set-up ---- */
+
+void vr_queue_init(struct vr_queue *q, uint32_t index)
+{
+    memset(q, 0, sizeof(*q));
+    q->index = index;
+    q->kick_fd = -1;
+    q->call_fd = -1;
+}
+
+int vr_queue_set_num(struct vr_queue *q, uint32_t num)
+{
+    /* virtio 1.2, 2.7: split Queue Size is a power of 2, at most 32768. */
+    if (q->started || num == 0 || num > VR_MAX_QUEUE_SIZE || (num & (num - 1)))
+        return -VR_E_INVAL;
+    q->num = num;
+    return VR_OK;
+}
+
+int vr_queue_set_addr(struct vr_queue *q, uint64_t desc, uint64_t avail,
+                      uint64_t used, int is_gpa)
+{
+    if (q->started)
+        return -VR_E_STATE;
+    q->desc_addr = desc;
+    q->avail_addr = avail;
+    q->used_addr = used;
+    q->addr_is_gpa = is_gpa;
+    return VR_OK;
+}
+
+int vr_queue_set_base(struct vr_queue *q, uint16_t last_avail_idx)
+{
+    if (q->started)
+        return -VR_E_STATE;
+    q->last_avail_idx = last_avail_idx;
+    return VR_OK;
+}
+
+uint16_t vr_queue_get_base(const struct vr_queue *q)
+{
+    return q->last_avail_idx;
+}
+
+void vr_queue_set_event_idx(struct vr_queue *q, int on)
+{
+    q->event_idx = !!on;
+}
+
+void vr_queue_set_fds(struct vr_queue *q, int kick_fd, int call_fd)
+{
+    q->kick_fd = kick_fd;
+    q->call_fd = call_fd;
+}
+
+int vr_queue_set_inflight(struct vr_queue *q, void *region, uint64_t size)
+{
+    if (q->started)
+        return -VR_E_STATE;
+    q->inflight = region;
+    q->inflight_size = region ? size : 0;
+    return VR_OK;
+}
+
+static uint8_t *map_ring(const struct vr_queue *q, const struct vr_mem *m,
+                         uint64_t addr, uint64_t len)
+{
+    return q->addr_is_gpa ? vr_mem_gpa_contig(m, addr, len)
+                          : vr_mem_uva_contig(m, addr, len);
+}
+
+/* Translate and check the three ring parts against a memory table. */
+static int map_rings(struct vr_queue *q, const struct vr_mem *m)
+{
+    uint32_t n = q->num;
+    /* virtio 1.2, 2.7 (table "Virtqueue Part Alignment Size"): descriptor
+     * table 16, available ring 2, used ring 4 bytes. */
+    if ((q->desc_addr & 15) || (q->avail_addr & 1) || (q->used_addr & 3))
+        return -VR_E_ALIGN;
+    /* Each part, including the event fields, must lie inside one region. */
+    uint8_t *d = map_ring(q, m, q->desc_addr, vr_desc_size(n));
+    uint8_t *a = map_ring(q, m, q->avail_addr, vr_avail_size(n));
+    uint8_t *u = map_ring(q, m, q->used_addr, vr_used_size(n));
+    if (!d || !a || !u)
+        return -VR_E_RING;
+    if (((uintptr_t)d & 15) || ((uintptr_t)a & 1) || ((uintptr_t)u & 3))
+        return -VR_E_ALIGN;
+    q->desc = d;
+    q->avail = a;
+    q->used = u;
+    q->mem = m;
+    return VR_OK;
+}
+
+static int cmp_counter(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/*
+ * vhost-user.rst, "Inflight I/O tracking", split ring, "When reconnecting":
+ * finish a batch whose used->idx store landed but whose inflight clearing
+ * did not, then resubmit the remaining inflight heads by counter order.
+ */
+static int inflight_recover(struct vr_queue *q)
+{
+    struct vr_inflight_region *r = q->inflight;
+    uint32_t n = q->num;
+
+    if (q->inflight_size < sizeof(*r) + (uint64_t)n * sizeof(r->desc[0]))
+        return -VR_E_INFLIGHT;
+    if (r->version == 0) {
+        /* Fresh zeroed region from GET_INFLIGHT_FD: initialise it. */
+        memset(r->desc, 0, (size_t)n * sizeof(r->desc[0]));
+        r->features = 0;
+        r->desc_num = (uint16_t)n;
+        r->last_batch_head = 0;
+        r->used_idx = q->used_idx;
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        r->version = 1;
+        q->inflight_counter = 0;
+        return VR_OK;
+    }
+    if (r->desc_num != (uint16_t)n || r->version != 1)
+        return -VR_E_INFLIGHT;
+    if (r->used_idx != q->used_idx) {
+        uint16_t batch = (uint16_t)(q->used_idx - r->used_idx);
+        uint16_t h = r->last_batch_head;
+        for (uint32_t k = 0; k < batch && k < n && h < n; k++) {
+            r->desc[h].inflight = 0;
+            h = r->desc[h].next;
+        }
+        r->used_idx = q->used_idx;
+    }
+    /* Pairs (counter, head) sorted by counter; one allocation at set-up. */
+    uint64_t *pairs = malloc((size_t)n * 2 * sizeof(uint64_t));
+    if (!pairs)
+        return -VR_E_NOMEM;
+    uint32_t cnt = 0;
+    uint64_t maxc = 0;
+    for (uint32_t h = 0; h < n; h++) {
+        if (r->desc[h].inflight == 1) {
+            pairs[2 * cnt] = r->desc[h].counter;
+            pairs[2 * cnt + 1] = h;
+            if (r->desc[h].counter >= maxc)
+                maxc = r->desc[h].counter + 1;
+            cnt++;
+        }
+    }
+    qsort(pairs, cnt, 2 * sizeof(uint64_t), cmp_counter);
+    for (uint32_t k = 0; k < cnt; k++)
+        q->resubmit[k] = (uint16_t)pairs[2 * k + 1];
+    free(pairs);
+    q->nresubmit = cnt;
+    q->resubmit_pos = 0;
+    q->inflight_counter = maxc;
+    /* Every popped head is either used or inflight, so the avail ring
+     * position to continue from is used_idx + inflight count. */
+    q->last_avail_idx = (uint16_t)(q->used_idx + cnt);
+    return VR_OK;
+}
+
+int vr_queue_start(struct vr_queue *q, const struct vr_mem *mem)
+{
+    int rc;
+
+    if (q->started)
+        return -VR_E_STATE;
+    if (q->num == 0 || vr_mem_check(mem) != VR_OK)
+        return -VR_E_INVAL;
+    rc = map_rings(q, mem);
+    if (rc < 0)
+        return rc;
+    q->used_idx = ld16(USED_IDX(q));
+    q->signalled_used_valid = 0;
+    q->nresubmit = q->resubmit_pos = 0;
+    if (q->inflight) {
+        q->resubmit = malloc((size_t)q->num * sizeof(uint16_t));
+        if (!q->resubmit)
+            return -VR_E_NOMEM;
+        rc = inflight_recover(q);
+        if (rc < 0) {
+            free(q->resubmit);
+            q->resubmit = NULL;
+            return rc;
+        }
+    }
+    q->started = 1;
+    return VR_OK;
+}
+
+int vr_queue_set_mem(struct vr_queue *q, const struct vr_mem *mem)
+{
+    if (vr_mem_check(mem) != VR_OK)
+        return -VR_E_INVAL;
+    if (!q->started) {
+        q->mem = mem;
+        return VR_OK;
+    }
+    return map_rings(q, mem);
+}
+
+void vr_queue_stop(struct vr_queue *q)
+{
+    q->started = 0;
+    free(q->resubmit);
+    q->resubmit = NULL;
+    q->nresubmit = q->resubmit_pos = 0;
+}
+
+void vr_queue_reset(struct vr_queue *q)
+{
+    uint32_t index = q->index;
+    vr_queue_stop(q);
+    vr_queue_init(q, index);
+}
+
+void vr_queue_fini(struct vr_queue *q)
+{
+    vr_queue_stop(q);
+}
+
+int vr_queue_broken(const struct vr_queue *q) { return q->broken; }
+const char *vr_queue_error(const struct vr_queue *q) { return q->errmsg; }
+
+void vr_queue_get_stats(const struct vr_queue *q, struct vr_stats *out)
+{
+    *out = q->stats;
+}
+
+/* ---- pop ---- */
+
+static int read_desc(struct vr_queue *q, int indirect, uint64_t table,
+                     uint32_t i, struct vr_desc *d)
+{
+    if (!indirect) {
+        /* Copy to a local before any check: the guest may change it. */
+        memcpy(d, (const uint8_t *)q->desc + 16u * i, sizeof(*d));
+        return VR_OK;
+    }
+    return vr_mem_read(q->mem, table + 16ull * i, d, sizeof(*d));
+}
+
+static int walk_chain(struct vr_queue *q, uint16_t head, struct vr_chain *c)
+{
+    uint32_t size = q->num, i = head, hops = 0, first;
+    uint64_t table = 0;
+    int indirect = 0, seen_write = 0, rc;
+    struct vr_desc d;
+
+    c->head = head;
+    c->nseg = c->nread = 0;
+    c->read_len = c->write_len = 0;
+    for (;;) {
+        /* virtio 1.2, 2.7.5.2: a chain is at most Queue Size long (an
+         * indirect table at most its entry count): the hop budget turns
+         * a descriptor loop into an error. */
+        if (++hops > size)
+            return vr_queue_fail(q, VR_E_LOOP, "descriptor loop on queue %u at head %u",
+                                 q->index, head);
+        if (read_desc(q, indirect, table, i, &d) < 0)
+            return vr_queue_fail(q, VR_E_ADDRESS,
+                                 "indirect table outside guest memory on queue %u at head %u",
+                                 q->index, head);
+        if (d.flags & VR_DESC_F_INDIRECT) {
+            /* virtio 1.2, 2.7.5.3.1: no indirect inside an indirect table. */
+            if (indirect)
+                return vr_queue_fail(q, VR_E_NESTED, "nested indirect descriptor on queue %u at head %u",
+                                     q->index, head);
+            /* 2.7.5.3.1: the table is a whole number of 16-byte entries. */
+            if (d.len == 0 || (d.len & 15))
+                return vr_queue_fail(q, VR_E_INDIRECT_LEN,
+                                     "indirect table length %u not a non-zero multiple of 16 on queue %u at head %u",
+                                     d.len, q->index, head);
+            /* 2.7.5: addr + len must not wrap. */
+            if (d.addr + (d.len - 1) < d.addr)
+                return vr_queue_fail(q, VR_E_ADDRESS, "indirect table address overflow on queue %u at head %u",
+                                     q->index, head);
+            /* 2.7.5.3.2: the device ignores NEXT on the indirect
+             * descriptor; the chain continues inside the table only. */
+            table = d.addr;
+            size = d.len / 16;
+            if (size > 65536)
+                size = 65536; /* next is 16 bits: larger is unreachable */
+            i = 0;
+            hops = 0;
+            indirect = 1;
+            continue;
+        }
+        /* 2.7.4.2 / 2.7.5.2: device-readable descriptors precede
+         * device-writable ones. */
+        if (d.flags & VR_DESC_F_WRITE)
+            seen_write = 1;
+        else if (seen_write)
+            return vr_queue_fail(q, VR_E_ORDER,
+                                 "readable descriptor after a writable one on queue %u at head %u",
+                                 q->index, head);
+        first = c->nseg;
+        rc = vr_mem_translate(q->mem, d.addr, d.len, c->segs, c->cap, &c->nseg);
+        if (rc == VR_E_CHAIN)
+            return vr_queue_fail(q, VR_E_CHAIN, "descriptor chain too long on queue %u at head %u",
+                                 q->index, head);
+        if (rc != VR_OK)
+            return vr_queue_fail(q, VR_E_ADDRESS,
+                                 "buffer 0x%llx+%u outside guest memory on queue %u at head %u",
+                                 (unsigned long long)d.addr, d.len, q->index, head);
+        if (d.flags & VR_DESC_F_WRITE) {
+            for (uint32_t k = first; k < c->nseg; k++)
+                c->segs[k].writable = 1;
+            c->write_len += d.len;
+        } else {
+            c->read_len += d.len;
+            c->nread = (uint16_t)c->nseg;
+        }
+        /* The used element's len is 32 bits: a chain whose writable (or
+         * readable) total exceeds that cannot be completed correctly. */
+        if (c->write_len > UINT32_MAX || c->read_len > UINT32_MAX)
+            return vr_queue_fail(q, VR_E_CHAIN, "descriptor chain length overflow on queue %u at head %u",
+                                 q->index, head);
+        if (!(d.flags & VR_DESC_F_NEXT))
+            return VR_OK;
+        /* 2.7.5: next must index the same table. */
+        if (d.next >= size)
+            return vr_queue_fail(q, VR_E_INDEX, "next index %u out of range on queue %u at head %u",
+                                 d.next, q->index, head);
+        i = d.next;
+    }
+}
+
+static void inflight_mark(struct vr_queue *q, uint16_t head)
+{
+    struct vr_inflight_region *r = q->inflight;
+    if (!r)
+        return;
+    /* vhost-user.rst, inflight tracking, "When receiving available
+     * buffers": counter first, then the inflight flag. */
+    r->desc[head].counter = q->inflight_counter++;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    r->desc[head].inflight = 1;
+}
+
+int vr_avail_pending(struct vr_queue *q)
+{
+    if (!q->started || q->broken)
+        return 0;
+    if (q->resubmit_pos < q->nresubmit)
+        return 1;
+    return ld16_acquire(AVAIL_IDX(q)) != q->last_avail_idx;
+}
+
+/* 1 = popped into c, 0 = nothing (or queue broken earlier), <0 = -error. */
+int vr_pop(struct vr_queue *q, struct vr_chain *c)
+{
+    if (q->broken)
+        return 0;
+    if (!q->started)
+        return -VR_E_STATE;
+    if (q->resubmit_pos < q->nresubmit) {
+        /* Inflight heads from before a reconnect go first. */
+        uint16_t head = q->resubmit[q->resubmit_pos++];
+        int rc = walk_chain(q, head, c);
+        if (rc < 0)
+            return rc;
+        q->stats.requests++;
+        return 1;
+    }
+    /* virtio 1.2, 2.7.13.4 (driver) / 2.7.6: read idx with acquire so the
+     * ring entries and descriptors it publishes are visible. */
+    uint16_t avail_idx = ld16_acquire(AVAIL_IDX(q));
+    uint16_t pending = (uint16_t)(avail_idx - q->last_avail_idx);
+    /* 2.7.6: the driver never has more than Queue Size entries pending. */
+    if (pending > q->num)
+        return vr_queue_fail(q, VR_E_AVAIL_JUMP,
+                             "avail index jumped from %u to %u (size %u) on queue %u",
+                             q->last_avail_idx, avail_idx, q->num, q->index);
+    if (pending == 0)
+        return 0;
+    uint16_t head = ld16(AVAIL_RING(q, q->last_avail_idx & (q->num - 1)));
+    /* 2.7.6: ring entries index the descriptor table. */
+    if (head >= q->num)
+        return vr_queue_fail(q, VR_E_INDEX, "head index %u out of range on queue %u",
+                             head, q->index);
+    int rc = walk_chain(q, head, c);
+    if (rc < 0)
+        return rc;
+    q->last_avail_idx++;
+    inflight_mark(q, head);
+    q->stats.requests++;
+    return 1;
+}
+
+/* Pop up to n chains (each with its own segs/cap); returns the count. */
+int vr_pop_batch(struct vr_queue *q, struct vr_chain *chains, uint32_t n)
+{
+    uint32_t k;
+    for (k = 0; k < n; k++) {
+        int rc = vr_pop(q, &chains[k]);
+        if (rc < 0)
+            return k ? (int)k : rc;
+        if (rc == 0)
+            break;
+    }
+    return (int)k;
+}
+
+/* ---- push ---- */
+
+int vr_push_batch(struct vr_queue *q, const uint16_t *heads,
+                  const uint32_t *lens, uint32_t n)
+{
+    struct vr_inflight_region *r = q->inflight;
+
+    if (q->broken)
+        return 0;
+    if (!q->started)
+        return -VR_E_STATE;
+    if (n > q->num)
+        return -VR_E_INVAL;
+    for (uint32_t k = 0; k < n; k++)
+        if (heads[k] >= q->num)
+            return -VR_E_INVAL;
+    uint16_t idx = q->used_idx;
+    for (uint32_t k = 0; k < n; k++) {
+        volatile uint8_t *e = USED_RING(q, (uint16_t)(idx + k) & (q->num - 1));
+        st32(e, heads[k]);
+        st32(e + 4, lens[k]);
+        if (r) {
+            /* vhost-user.rst, "When supplying used buffers", steps 2-3. */
+            r->desc[heads[k]].next = r->last_batch_head;
+            r->last_batch_head = heads[k];
+        }
+    }
+    idx = (uint16_t)(idx + n);
+    /* virtio 1.2, 2.7.8 / 2.7.13 (device side): the elements must be
+     * visible before the new idx: release store. */
+    st16_release(USED_IDX(q), idx);
+    q->used_idx = idx;
+    if (r) {
+        /* Then clear inflight, then record used_idx: a crash between the
+         * two is repaired by inflight_recover via last_batch_head. */
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        for (uint32_t k = 0; k < n; k++)
+            r->desc[heads[k]].inflight = 0;
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        r->used_idx = idx;
+    }
+    return VR_OK;
+}
+
+int vr_push(struct vr_queue *q, uint16_t head, uint32_t len)
+{
+    return vr_push_batch(q, &head, &len, 1);
+}
+
+/* ---- notification ---- */
+
+int vr_should_notify(struct vr_queue *q)
+{
+    if (!q->started || q->broken)
+        return 0;
+    uint16_t new = q->used_idx, old = q->signalled_used;
+    int valid = q->signalled_used_valid;
+    if (valid && new == old)
+        return 0; /* nothing used since the last notification */
+    q->signalled_used = new;
+    q->signalled_used_valid = 1;
+    /* virtio 1.2, 2.7.10: full barrier between the used->idx store and
+     * reading used_event / flags, or we may miss a request to notify. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (q->event_idx) {
+        if (!valid)
+            return 1;
+        /* 2.7.10: vring_need_event(used_event, new, old). */
+        uint16_t ev = ld16(USED_EVENT(q));
+        return (uint16_t)(new - ev - 1) < (uint16_t)(new - old);
+    }
+    /* 2.7.7: VRING_AVAIL_F_NO_INTERRUPT asks us not to notify. */
+    return !(ld16(AVAIL_FLAGS(q)) & VR_AVAIL_F_NO_INTERRUPT);
+}
+
+int vr_notify_force(struct vr_queue *q)
+{
+    uint64_t one = 1;
+    if (q->call_fd < 0)
+        return 0;
+    for (;;) {
+        ssize_t w = write(q->call_fd, &one, sizeof(one));
+        if (w == sizeof(one))
+            break;
+        if (w < 0 && errno == EINTR)
+            continue;
+        return 0; /* EAGAIN: counter saturated, the guest is notified anyway */
+    }
+    q->stats.notifies++;
+    return 1;
+}
+
+int vr_notify(struct vr_queue *q)
+{
+    if (!vr_should_notify(q))
+        return 0;
+    return vr_notify_force(q);
+}
+
+void vr_disable_notify(struct vr_queue *q)
+{
+    if (!q->started || q->broken)
+        return;
+    /* With EVENT_IDX, a stale avail_event already suppresses kicks. */
+    if (!q->event_idx)
+        st16(USED_FLAGS(q), ld16(USED_FLAGS(q)) | VR_USED_F_NO_NOTIFY);
+}
+
+/* Re-enable kicks; returns 1 if work arrived meanwhile (the standard race). */
+int vr_enable_notify(struct vr_queue *q)
+{
+    if (!q->started || q->broken)
+        return 0;
+    if (q->event_idx)
+        /* 2.7.10: ask for a kick once avail->idx moves past last_avail. */
+        st16(AVAIL_EVENT(q), q->last_avail_idx);
+    else
+        st16(USED_FLAGS(q), ld16(USED_FLAGS(q)) & ~VR_USED_F_NO_NOTIFY);
+    /* 2.7.10: full barrier after writing avail_event / flags before
+     * re-reading avail->idx. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return vr_avail_pending(q);
+}
+
+/* ---- inflight listing ---- */
+
+/* Heads waiting for resubmission, in counter order. */
+int vr_inflight_list(const struct vr_queue *q, uint16_t *heads, uint32_t cap)
+{
+    uint32_t n = 0;
+    for (uint32_t k = q->resubmit_pos; k < q->nresubmit && n < cap; k++)
+        heads[n++] = q->resubmit[k];
+    return (int)n;
+}

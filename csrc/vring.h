@@ -1,0 +1,209 @@
+/*
+ * vring.h - guest memory table and split virtqueue, device side.
+ *
+ * Theory of operation
+ * -------------------
+ * The control plane (Python, asyncio thread) fills a struct vr_mem and a
+ * struct vr_queue while the queue is stopped.  A worker thread then calls
+ * vr_run(), which sleeps in poll() on the kick eventfd and a control
+ * eventfd, and calls a handler that pops descriptor chains, does the work
+ * and pushes used elements.  Python only changes queue state after vr_run
+ * returned (control fd readable), so the queue struct has one writer at a
+ * time and needs no locks.
+ *
+ * The guest is hostile: every value read from guest memory is copied to a
+ * local before it is checked, and every check names its virtio spec
+ * section (virtio 1.2, 2.7 "Split Virtqueues").  A violation marks the
+ * queue broken (error code + message); every later operation is a no-op
+ * until vr_queue_reset().
+ *
+ * Segments handed to callers are (region index, offset, length) triples;
+ * host pointers never leave C.
+ */
+#ifndef VR_VRING_H
+#define VR_VRING_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define VR_MAX_REGIONS 32
+#define VR_MAX_QUEUE_SIZE 32768
+#define VR_MAX_SEGS 1088 /* IOV_MAX data segments + header/status slack */
+
+/* Split ring flag bits (virtio 1.2, 2.7.5 / 2.7.6 / 2.7.8). */
+#define VR_DESC_F_NEXT 1
+#define VR_DESC_F_WRITE 2
+#define VR_DESC_F_INDIRECT 4
+#define VR_AVAIL_F_NO_INTERRUPT 1
+#define VR_USED_F_NO_NOTIFY 1
+
+/* Error codes.  1..19 break the queue (driver at fault); 20+ are misuse
+ * of the API by the caller and leave the queue as it was. */
+enum vr_error {
+    VR_OK = 0,
+    VR_E_LOOP = 1,          /* hop budget exhausted */
+    VR_E_INDEX = 2,         /* head or next >= table size */
+    VR_E_NESTED = 3,        /* indirect inside indirect */
+    VR_E_INDIRECT_LEN = 4,  /* indirect len 0 or not a multiple of 16 */
+    VR_E_ADDRESS = 5,       /* address outside memory / overflow */
+    VR_E_AVAIL_JUMP = 6,    /* avail->idx - last_avail_idx > num */
+    VR_E_ORDER = 7,         /* readable descriptor after a writable one */
+    VR_E_CHAIN = 8,         /* too many segments / total length overflow */
+    VR_E_MALFORMED = 9,     /* device-specific: e.g. no status byte */
+    VR_E_INVAL = 20,        /* bad argument from the caller */
+    VR_E_RING = 21,         /* ring addresses not in one region each */
+    VR_E_ALIGN = 22,        /* ring addresses misaligned */
+    VR_E_STATE = 23,        /* operation not valid in this state */
+    VR_E_NOMEM = 24,
+    VR_E_INFLIGHT = 25,     /* inflight region does not match the queue */
+};
+
+struct vr_region {
+    uint64_t gpa;
+    uint64_t size;
+    uint64_t uaddr;      /* front-end virtual address of the region */
+    uint8_t *host;       /* our mapping of byte 0 of the region */
+};
+
+struct vr_mem {
+    uint32_t nregions;
+    struct vr_region regions[VR_MAX_REGIONS];
+};
+
+/* One bounded piece of a guest buffer. */
+struct vr_seg {
+    uint64_t offset;     /* from the start of the region */
+    uint32_t len;
+    uint16_t region;
+    uint16_t writable;
+};
+
+/* A popped descriptor chain: readable segments first, then writable. */
+struct vr_chain {
+    uint16_t head;
+    uint16_t nread;      /* segments [0, nread) are device-readable */
+    uint32_t nseg;       /* total segments */
+    uint64_t read_len;   /* total readable bytes */
+    uint64_t write_len;  /* total writable bytes */
+    uint32_t cap;        /* capacity of segs, set by the caller */
+    struct vr_seg *segs;
+};
+
+struct vr_stats {
+    uint64_t requests;   /* chains popped */
+    uint64_t kicks;      /* kick eventfd wake-ups */
+    uint64_t notifies;   /* call eventfd writes */
+    uint64_t bytes_read;     /* device-side, filled by engines */
+    uint64_t bytes_written;
+    uint64_t io_errors;
+};
+
+/* Layout of the split inflight region (vhost-user.rst, "Inflight I/O
+ * tracking").  Shared with the front-end; survives our crash. */
+struct vr_inflight_desc {
+    uint8_t inflight;
+    uint8_t padding[5];
+    uint16_t next;
+    uint64_t counter;
+};
+
+struct vr_inflight_region {
+    uint64_t features;
+    uint16_t version;
+    uint16_t desc_num;
+    uint16_t last_batch_head;
+    uint16_t used_idx;
+    struct vr_inflight_desc desc[];
+};
+
+struct vr_queue;
+typedef int (*vr_handler_fn)(void *ctx, struct vr_queue *q);
+
+/* Opaque in Python; Python uses the accessor functions below. */
+struct vr_queue {
+    uint32_t index;
+    uint32_t num;
+    int event_idx;
+    int started;
+    /* ring addresses as given by the front-end */
+    uint64_t desc_addr, avail_addr, used_addr;
+    int addr_is_gpa;
+    /* host views, valid while started */
+    volatile uint8_t *desc;    /* struct vring_desc[num] */
+    volatile uint8_t *avail;   /* flags, idx, ring[num], used_event */
+    volatile uint8_t *used;    /* flags, idx, ring[num], avail_event */
+    const struct vr_mem *mem;
+    uint16_t last_avail_idx;
+    uint16_t used_idx;         /* shadow of used->idx */
+    uint16_t signalled_used;
+    int signalled_used_valid;
+    int kick_fd, call_fd;
+    /* inflight tracking */
+    struct vr_inflight_region *inflight;
+    uint64_t inflight_size;
+    uint64_t inflight_counter;
+    uint16_t *resubmit;        /* heads to pop before the avail ring */
+    uint32_t nresubmit, resubmit_pos;
+    /* failure state */
+    int broken;
+    char errmsg[160];
+    struct vr_stats stats;
+};
+
+/* memory.c */
+int vr_mem_translate(const struct vr_mem *m, uint64_t gpa, uint64_t len,
+                     struct vr_seg *segs, uint32_t cap, uint32_t *nseg);
+uint8_t *vr_mem_gpa_contig(const struct vr_mem *m, uint64_t gpa, uint64_t len);
+uint8_t *vr_mem_uva_contig(const struct vr_mem *m, uint64_t uva, uint64_t len);
+int vr_mem_read(const struct vr_mem *m, uint64_t gpa, void *dst, uint64_t len);
+uint8_t *vr_seg_host(const struct vr_mem *m, const struct vr_seg *s);
+int vr_mem_check(const struct vr_mem *m);
+
+/* vring.c: set-up */
+void vr_queue_init(struct vr_queue *q, uint32_t index);
+int vr_queue_set_num(struct vr_queue *q, uint32_t num);
+int vr_queue_set_addr(struct vr_queue *q, uint64_t desc, uint64_t avail,
+                      uint64_t used, int is_gpa);
+int vr_queue_set_base(struct vr_queue *q, uint16_t last_avail_idx);
+uint16_t vr_queue_get_base(const struct vr_queue *q);
+void vr_queue_set_event_idx(struct vr_queue *q, int on);
+void vr_queue_set_fds(struct vr_queue *q, int kick_fd, int call_fd);
+int vr_queue_set_inflight(struct vr_queue *q, void *region, uint64_t size);
+int vr_queue_start(struct vr_queue *q, const struct vr_mem *mem);
+int vr_queue_set_mem(struct vr_queue *q, const struct vr_mem *mem);
+void vr_queue_stop(struct vr_queue *q);
+void vr_queue_reset(struct vr_queue *q);
+void vr_queue_fini(struct vr_queue *q);
+int vr_queue_broken(const struct vr_queue *q);
+const char *vr_queue_error(const struct vr_queue *q);
+void vr_queue_get_stats(const struct vr_queue *q, struct vr_stats *out);
+int vr_queue_fail(struct vr_queue *q, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* vring.c: data path */
+int vr_pop(struct vr_queue *q, struct vr_chain *c);
+int vr_pop_batch(struct vr_queue *q, struct vr_chain *chains, uint32_t n);
+int vr_push(struct vr_queue *q, uint16_t head, uint32_t len);
+int vr_push_batch(struct vr_queue *q, const uint16_t *heads,
+                  const uint32_t *lens, uint32_t n);
+int vr_should_notify(struct vr_queue *q);
+int vr_notify(struct vr_queue *q);
+int vr_notify_force(struct vr_queue *q);
+void vr_disable_notify(struct vr_queue *q);
+int vr_enable_notify(struct vr_queue *q);
+int vr_avail_pending(struct vr_queue *q);
+int vr_inflight_list(const struct vr_queue *q, uint16_t *heads, uint32_t cap);
+
+/* vring.c: worker loop.  Returns VR_RUN_CONTROL or VR_RUN_BROKEN. */
+#define VR_RUN_CONTROL 0
+#define VR_RUN_BROKEN 1
+#define VR_RUN_ERROR 2
+int vr_run(struct vr_queue *q, int ctl_fd, vr_handler_fn fn, void *ctx,
+           uint32_t poll_us);
+
+/* ring geometry (virtio 1.2, 2.7 table of queue part sizes) */
+static inline uint64_t vr_desc_size(uint32_t num) { return 16ull * num; }
+static inline uint64_t vr_avail_size(uint32_t num) { return 6ull + 2ull * num; }
+static inline uint64_t vr_used_size(uint32_t num) { return 6ull + 8ull * num; }
+
+#endif
