@@ -1,0 +1,35 @@
+"""Shared fixtures. Back-end processes are real; see tests/backends_proc.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+
+@pytest.fixture
+def sockdir():
+    """A short directory for Unix sockets (paths are limited to 107 bytes)."""
+    d = tempfile.mkdtemp(prefix="vu-", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def shm_image():
+    """Factory for sparse raw images in /dev/shm (tmpfs supports hole punching)."""
+    made = []
+
+    def make(size: int = 64 << 20, name: str = "disk.img") -> str:
+        d = tempfile.mkdtemp(prefix="vu-img-", dir="/dev/shm")
+        path = os.path.join(d, name)
+        with open(path, "wb") as f:
+            f.truncate(size)
+        made.append(d)
+        return path
+
+    yield make
+    for d in made:
+        shutil.rmtree(d, ignore_errors=True)

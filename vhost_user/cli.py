@@ -1,0 +1,130 @@
+"""Conventions every back-end program shares.
+
+`--socket PATH` (alias `--socket-path`) or `--fd N` (an inherited listening
+socket, as systemd socket activation hands over), `--print-capabilities`,
+logging to stderr with `-v`/`--log-level`, no daemonizing, and a clean stop on
+SIGTERM/SIGINT that removes the socket file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Callable
+
+from vhost_user.device import VirtioDevice
+from vhost_user.errors import VhostUserError
+from vhost_user.server import DeviceServer, listen_unix
+
+__all__ = ["base_parser", "run_backend", "parse_size", "inherited_listener"]
+
+log = logging.getLogger("vhost_user")
+
+
+def parse_size(text: str) -> int:
+    """'1G', '512M', '4096' -> bytes (binary units)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    suffix = t[-1] if t and t[-1] in units else ""
+    number = t[: len(t) - len(suffix)]
+    try:
+        value = int(number) * units[suffix]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value
+
+
+def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("-s", "--socket", "--socket-path", dest="socket", metavar="PATH",
+                       help="listen on this Unix socket path")
+    where.add_argument("-f", "--fd", type=int, metavar="N",
+                       help="serve on an inherited listening socket fd (socket activation)")
+    p.add_argument("-c", "--print-capabilities", action="store_true",
+                   help="print the back-end capabilities as JSON and exit")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (repeatable)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="logging level (default warning, -v info, -vv debug)")
+    return p
+
+
+def inherited_listener(fd: int) -> socket.socket:
+    """Adopt fd N as a listening Unix stream socket, refusing anything else."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise VhostUserError(f"--fd {fd}: not a socket ({exc.strerror})") from None
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise VhostUserError(f"--fd {fd}: not a Unix stream socket")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise VhostUserError(f"--fd {fd}: socket is not listening")
+    os.set_inheritable(fd, False)
+    return sock
+
+
+def _setup_logging(args) -> None:
+    level = args.log_level or {0: "warning", 1: "info"}.get(args.verbose, "debug")
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run_backend(args, make_device: Callable[[], VirtioDevice], capabilities: dict) -> int:
+    """Print capabilities or serve the device until SIGTERM/SIGINT; return the exit code.
+
+    Capabilities are static so that printing them opens no image.
+    """
+    if args.print_capabilities:
+        print(json.dumps(capabilities, indent=2))
+        return 0
+    _setup_logging(args)
+    if args.socket is None and args.fd is None:
+        print("error: one of --socket PATH or --fd N is required", file=sys.stderr)
+        return 2
+    try:
+        device = make_device()
+    except (VhostUserError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if args.fd is not None:
+            listener, path = inherited_listener(args.fd), None
+        else:
+            listener, path = listen_unix(args.socket), args.socket
+    except (VhostUserError, OSError) as exc:
+        device.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    server = DeviceServer(device, listener, path=path)
+    loop = _new_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.stop)
+    log.info("serving %s on %s", device.device_type, path or f"fd {args.fd}")
+    try:
+        loop.run_until_complete(server.serve_forever())
+    finally:
+        loop.close()
+        device.close()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,86 @@
+"""The device base class every back-end implements.
+
+A device says what it offers (virtio features, protocol features, queue count,
+config space) and hands each queue a handler; the server does the rest. Hooks
+that a device does not implement answer "unsupported" rather than silently
+succeeding, so a front-end learns early that something is missing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vhost_user.errors import UnsupportedRequest
+from vhost_user.protocol import VirtioFeature
+
+__all__ = ["VirtioDevice", "COMMON_FEATURES"]
+
+# Ring features every device here supports through the shared virtqueue code.
+COMMON_FEATURES = (
+    (1 << VirtioFeature.VIRTIO_F_VERSION_1)
+    | (1 << VirtioFeature.VIRTIO_RING_F_INDIRECT_DESC)
+    | (1 << VirtioFeature.VIRTIO_RING_F_EVENT_IDX)
+)
+
+
+class VirtioDevice:
+    """Base class: override the class attributes and the hooks you need."""
+
+    #: name used in --print-capabilities and logs ("blk", "net", ...)
+    device_type: str = "generic"
+    #: virtio device id (virtio spec 5): 2 = block
+    virtio_id: int = 0
+    #: queues the device exposes (GET_QUEUE_NUM)
+    num_queues: int = 1
+    #: largest queue size the device accepts (SET_VRING_NUM)
+    max_queue_size: int = 1024
+    #: device-specific virtio feature bits, in addition to COMMON_FEATURES
+    device_features: int = 0
+    #: protocol features the device adds to the server's own set
+    device_protocol_features: int = 0
+
+    def __init__(self) -> None:
+        self.acked_features = 0
+
+    # -- negotiation -------------------------------------------------------
+    def features(self) -> int:
+        """Virtio features offered to the driver (the server adds PROTOCOL_FEATURES)."""
+        return COMMON_FEATURES | self.device_features
+
+    def protocol_features(self) -> int:
+        return self.device_protocol_features
+
+    def set_features(self, features: int) -> None:
+        """Called on SET_FEATURES with the acknowledged subset."""
+        self.acked_features = features
+
+    def has_feature(self, bit: int) -> bool:
+        return bool(self.acked_features & (1 << bit))
+
+    # -- config space --------------------------------------------------------
+    def get_config(self, offset: int, size: int) -> bytes:
+        raise UnsupportedRequest(f"{self.device_type} has no config space")
+
+    def set_config(self, offset: int, data: bytes, flags: int) -> None:
+        raise UnsupportedRequest(f"{self.device_type} config space is read-only")
+
+    # -- queues ----------------------------------------------------------------
+    def queue_handler(self, index: int) -> Any:
+        """Return the handler that serves queue `index` (a native engine or a callable)."""
+        raise UnsupportedRequest(f"{self.device_type} does not serve queue {index}")
+
+    def queue_stopped(self, index: int) -> None:
+        """A queue stopped (GET_VRING_BASE, disable, disconnect); release its handler state."""
+
+    # -- lifecycle ------------------------------------------------------------
+    def reset(self) -> None:
+        """Back to the state a new front-end expects (called between connections)."""
+        self.acked_features = 0
+
+    def close(self) -> None:
+        """Release everything at process exit."""
+
+    def capabilities(self) -> dict:
+        """The --print-capabilities JSON (docs/interop/vhost-user.json)."""
+        return {"type": self.device_type, "features": []}
+
