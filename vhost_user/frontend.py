@@ -42,6 +42,7 @@ from vhost_user.protocol import (
     U64,
     VirtioFeature,
     VringAddress,
+    VringFdRequest,
     VringState,
     spec_for,
 )
@@ -284,14 +285,14 @@ class Frontend:
         )
         handle = QueueHandle(index, size, ring, kick, call, err, region)
         self.queues[index] = handle
-        self.call(R.SET_VRING_CALL, U64(index), fds=(call,))
-        self.call(R.SET_VRING_ERR, U64(index), fds=(err,))
+        self.call(R.SET_VRING_CALL, VringFdRequest.for_queue(index), fds=(call,))
+        self.call(R.SET_VRING_ERR, VringFdRequest.for_queue(index), fds=(err,))
         self.call(R.SET_VRING_NUM, VringState(index, size))
         self.call(R.SET_VRING_BASE, VringState(index, 0))
         self.call(R.SET_VRING_ADDR, VringAddress(
             index, 0, self.ram.uaddr(ring.desc_gpa), self.ram.uaddr(ring.used_gpa),
             self.ram.uaddr(ring.avail_gpa), 0))
-        self.call(R.SET_VRING_KICK, U64(index), fds=(kick,))
+        self.call(R.SET_VRING_KICK, VringFdRequest.for_queue(index), fds=(kick,))
         if self.features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
             self.call(R.SET_VRING_ENABLE, VringState(index, 1))
         return handle
@@ -307,6 +308,7 @@ class Frontend:
     # -- teardown -------------------------------------------------------------------
     def close(self) -> None:
         for q in self.queues.values():
+            q.ring.close()
             close_fds((q.kick_fd, q.call_fd, q.err_fd))
         self.queues.clear()
         if self._backend_req is not None:
