@@ -19,6 +19,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import time
 from dataclasses import dataclass, field
 
 DESC_F_NEXT = 1
@@ -300,3 +301,21 @@ class SplitRing:
     def hostile_avail_jump(self, by: int | None = None) -> None:
         """Move avail->idx more than the queue size past what the device consumed."""
         self.set_avail_idx(self.last_used + (self.num + 1 if by is None else by))
+
+
+# -- small test utilities ---------------------------------------------------------------
+
+def count_events(fd: int) -> int:
+    """Read (and reset) an eventfd counter; 0 if nothing was written."""
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
+def wait_for(pred, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError("timed out waiting for the worker")
+        time.sleep(0.001)
