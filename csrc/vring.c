@@ -251,6 +251,7 @@ int vr_queue_start(struct vr_queue *q, const struct vr_mem *mem)
     if (rc < 0)
         return rc;
     q->used_idx = ld16(USED_IDX(q));
+    q->signalled_used = q->used_idx;
     q->signalled_used_valid = 0;
     q->nresubmit = q->resubmit_pos = 0;
     if (q->inflight) {
@@ -539,8 +540,8 @@ int vr_should_notify(struct vr_queue *q)
         return 0;
     uint16_t new = q->used_idx, old = q->signalled_used;
     int valid = q->signalled_used_valid;
-    if (valid && new == old)
-        return 0; /* nothing used since the last notification */
+    if (new == old)
+        return 0; /* nothing used since the last notification (or start) */
     q->signalled_used = new;
     q->signalled_used_valid = 1;
     /* virtio 1.2, 2.7.10: full barrier between the used->idx store and

@@ -1,0 +1,300 @@
+"""The native virtio-blk engine, driven through a split ring by a worker thread."""
+from __future__ import annotations
+
+import os
+import random
+import struct
+
+import pytest
+
+from ringlayout import GuestRam, SplitRing, count_events, wait_for
+from vhost_user.errors import VirtqueueError
+from vhost_user.virtqueue import BlkEngine, Virtqueue
+
+MB = 1 << 20
+T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
+DISK = 8 * MB
+CAPACITY = DISK // 512
+
+
+class BlkRig:
+    """Guest RAM + ring + Virtqueue(BlkEngine) + a driver that submits requests."""
+
+    def __init__(self, fd: int, *, read_only=False, num=64, serial=b"SN-1234", direct=False,
+                 layout=((0, 8 * MB), (8 * MB, 8 * MB))):
+        self.ram = GuestRam(list(layout))
+        self.ring = SplitRing(self.ram, num)
+        self.fd = fd
+        self.engine = BlkEngine(fd, CAPACITY, read_only=read_only, serial=serial,
+                                max_discard_sectors=1 << 20, max_discard_seg=16,
+                                max_write_zeroes_sectors=1 << 20, max_write_zeroes_seg=16,
+                                direct=direct)
+        self.vq = Virtqueue(0)
+        self.ring.setup(self.vq)
+        self.kick = os.eventfd(0, os.EFD_CLOEXEC)
+        self.call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.vq.set_kick(os.dup(self.kick))
+        self.vq.set_call(os.dup(self.call))
+        self.mem = self.ram.memory()
+        self.vq.start(self.mem, self.engine)
+        self.rng = random.Random(1)
+
+    def close(self):
+        self.vq.close()
+        self.mem.close()
+        self.ram.close()
+        os.close(self.kick)
+        os.close(self.call)
+
+    # -- building requests ----------------------------------------------------------------
+    def split(self, gpa: int, n: int, pieces: int) -> list[tuple[int, int]]:
+        if pieces <= 1 or n < pieces:
+            return [(gpa, n)]
+        cuts = sorted(self.rng.sample(range(1, n), pieces - 1))
+        edges = [0] + cuts + [n]
+        return [(gpa + a, b - a) for a, b in zip(edges, edges[1:])]
+
+    def header(self, type_: int, sector: int = 0, split: int = 1) -> list[tuple[int, int]]:
+        h = self.ram.alloc(16)
+        self.ram.write(h, struct.pack("<IIQ", type_, 0, sector))
+        return self.split(h, 16, split)
+
+    def submit(self, readable, writable) -> tuple[int, int]:
+        """Publish one chain, kick, wait; returns (status byte, used len)."""
+        head = self.ring.add_chain(readable, writable)
+        status_gpa = writable[-1][0] + writable[-1][1] - 1
+        self.ring.publish(head)
+        os.eventfd_write(self.kick, 1)
+        got = []
+        wait_for(lambda: got.extend(self.ring.reap()) or got)
+        assert got[0][0] == head
+        return self.ram.read(status_gpa, 1)[0], got[0][1]
+
+    def status_buf(self):
+        return [(self.ram.alloc(1), 1)]
+
+    def write(self, sector: int, data: bytes, pieces: int = 1, region: int = 0):
+        buf = self.ram.alloc(len(data), 1, region)
+        self.ram.write(buf, data)
+        return self.submit(self.header(T_OUT, sector) + self.split(buf, len(data), pieces),
+                           self.status_buf())
+
+    def read(self, sector: int, n: int, pieces: int = 1, region: int = 0):
+        buf = self.ram.alloc(n, 1, region)
+        st, used = self.submit(self.header(T_IN, sector), self.split(buf, n, pieces) + self.status_buf())
+        return st, used, self.ram.read(buf, n)
+
+    def dwz(self, type_: int, ranges) -> tuple[int, int]:
+        body = b"".join(struct.pack("<QII", s, n, f) for s, n, f in ranges)
+        buf = self.ram.alloc(len(body))
+        self.ram.write(buf, body)
+        return self.submit(self.header(type_) + [(buf, len(body))], self.status_buf())
+
+
+@pytest.fixture(params=["shm-file", "memfd"])
+def disk(request, tmp_path_factory):
+    if request.param == "memfd":
+        fd = os.memfd_create("disk", os.MFD_CLOEXEC)
+        path = None
+    else:
+        d = "/dev/shm" if os.path.isdir("/dev/shm") else str(tmp_path_factory.mktemp("disk"))
+        path = os.path.join(d, f"vu-blk-test-{os.getpid()}.img")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.ftruncate(fd, DISK)
+    yield fd
+    os.close(fd)
+    if path:
+        os.unlink(path)
+
+
+@pytest.fixture
+def rig(disk):
+    r = BlkRig(disk)
+    yield r
+    r.close()
+
+
+def test_blk_write_read_patterns_at_many_offsets(rig):
+    rng = random.Random(7)
+    for i in range(60):
+        nsec = rng.choice([1, 2, 3, 8, 17, 64, 255])
+        sector = rng.randrange(0, CAPACITY - nsec)
+        data = rng.randbytes(nsec * 512)
+        pieces = rng.choice([1, 2, 5])
+        region = i % 2
+        assert rig.write(sector, data, pieces, region) == (S_OK, 1)
+        assert os.pread(rig.fd, len(data), sector * 512) == data
+        st, used, got = rig.read(sector, len(data), rng.choice([1, 3, 7]), 1 - region)
+        assert (st, used) == (S_OK, len(data) + 1)
+        assert got == data
+    s = rig.vq.stats
+    assert s["writes"] == 60 and s["reads"] == 60 and s["io_errors"] == 0
+    assert s["bytes_written"] == s["bytes_read"] > 0
+    assert s["requests"] == 120
+
+
+def test_blk_buffer_crossing_region_boundary(rig):
+    data = bytes(range(256)) * 8
+    buf = 8 * MB - 1000  # crosses from region 0 into region 1
+    rig.ram.write(buf, data)
+    assert rig.submit(rig.header(T_OUT, 10) + [(buf, 2048)], rig.status_buf()) == (S_OK, 1)
+    assert os.pread(rig.fd, 2048, 10 * 512) == data
+
+
+def test_blk_split_header_and_status_in_data_descriptor(rig):
+    os.pwrite(rig.fd, b"Z" * 512, 512 * 3)
+    hdr = rig.header(T_IN, 3, split=3)
+    buf = rig.ram.alloc(513)  # data and status byte in one descriptor
+    st, used = rig.submit(hdr, [(buf, 513)])
+    assert (st, used) == (S_OK, 513)
+    assert rig.ram.read(buf, 512) == b"Z" * 512
+
+
+def test_blk_flush(rig):
+    assert rig.submit(rig.header(T_FLUSH), rig.status_buf()) == (S_OK, 1)
+    assert rig.vq.stats["flushes"] == 1
+
+
+def test_blk_get_id_zero_padded(rig):
+    buf = rig.ram.alloc(20)
+    rig.ram.write(buf, b"\xff" * 20)
+    assert rig.submit(rig.header(T_GET_ID), [(buf, 20)] + rig.status_buf()) == (S_OK, 21)
+    assert rig.ram.read(buf, 20) == b"SN-1234".ljust(20, b"\0")
+
+
+def test_blk_unsupported_type(rig):
+    assert rig.submit(rig.header(99), rig.status_buf()) == (S_UNSUPP, 1)
+    assert rig.vq.stats["unsupported"] == 1
+
+
+@pytest.mark.parametrize("sector,nsec", [(CAPACITY, 1), (CAPACITY - 1, 2), ((1 << 64) - 1, 1)])
+def test_blk_out_of_range_sector_is_ioerr(rig, sector, nsec):
+    assert rig.write(sector, b"x" * 512 * nsec)[0] == S_IOERR
+    assert rig.read(sector, 512 * nsec)[0] == S_IOERR
+    assert rig.dwz(T_DISCARD, [(sector, nsec, 0)])[0] == S_IOERR
+
+
+def test_blk_data_not_multiple_of_512_is_ioerr(rig):
+    assert rig.write(0, b"x" * 500)[0] == S_IOERR
+    assert rig.read(0, 1000)[0] == S_IOERR
+
+
+def test_blk_discard_punches_hole(rig):
+    os.pwrite(rig.fd, os.urandom(MB), 0)
+    os.fsync(rig.fd)
+    before = os.fstat(rig.fd).st_blocks
+    assert rig.dwz(T_DISCARD, [(0, 1024, 0), (1024, 1024, 0)]) == (S_OK, 1)
+    assert os.fstat(rig.fd).st_blocks < before
+    assert os.pread(rig.fd, MB, 0) == bytes(MB)
+
+
+def test_blk_discard_with_unmap_flag_unsupported(rig):
+    assert rig.dwz(T_DISCARD, [(0, 8, 1)])[0] == S_UNSUPP
+    assert rig.dwz(T_WRITE_ZEROES, [(0, 8, 2)])[0] == S_UNSUPP
+
+
+@pytest.mark.parametrize("flags", [0, 1])
+def test_blk_write_zeroes(rig, flags):
+    os.pwrite(rig.fd, b"\x55" * 8192, 4096)
+    assert rig.dwz(T_WRITE_ZEROES, [(9, 7, flags)]) == (S_OK, 1)
+    got = os.pread(rig.fd, 8192, 4096)
+    assert got[:512] == b"\x55" * 512
+    assert got[512:512 + 7 * 512] == bytes(7 * 512)
+    assert got[512 + 7 * 512:] == b"\x55" * (8192 - 8 * 512)
+
+
+def test_blk_discard_too_many_segments_is_ioerr(rig):
+    assert rig.dwz(T_DISCARD, [(i, 1, 0) for i in range(17)])[0] == S_IOERR
+
+
+def test_blk_read_only_rejects_writes(disk):
+    os.pwrite(disk, b"R" * 512, 0)
+    rig = BlkRig(disk, read_only=True)
+    try:
+        assert rig.write(0, b"W" * 512)[0] == S_IOERR
+        assert rig.dwz(T_DISCARD, [(0, 1, 0)])[0] == S_IOERR
+        assert rig.dwz(T_WRITE_ZEROES, [(0, 1, 0)])[0] == S_IOERR
+        assert rig.read(0, 512)[:2] == (S_OK, 513)
+        assert rig.submit(rig.header(T_FLUSH), rig.status_buf())[0] == S_OK
+        assert os.pread(disk, 512, 0) == b"R" * 512
+    finally:
+        rig.close()
+
+
+def test_blk_io_error_keeps_queue_running(tmp_path):
+    path = tmp_path / "ro.img"
+    path.write_bytes(bytes(DISK))
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # writes fail with EBADF
+    rig = BlkRig(fd)
+    try:
+        assert rig.write(0, b"x" * 512)[0] == S_IOERR
+        assert rig.read(0, 512)[0] == S_OK
+        assert rig.vq.stats["io_errors"] == 1
+        assert not rig.vq.broken
+    finally:
+        rig.close()
+        os.close(fd)
+
+
+def test_blk_short_file_read_is_ioerr(disk):
+    os.ftruncate(disk, 4096)  # capacity says 8 MiB, the file ends earlier
+    rig = BlkRig(disk)
+    try:
+        assert rig.read(4, 1024)[0] == S_OK
+        assert rig.read(100, 512)[0] == S_IOERR
+    finally:
+        rig.close()
+
+
+def test_blk_chain_without_status_byte_breaks_queue(rig):
+    head = rig.ring.add_chain(rig.header(T_FLUSH), [])
+    rig.ring.publish(head)
+    os.eventfd_write(rig.kick, 1)
+    wait_for(lambda: rig.vq.broken)
+    assert isinstance(rig.vq.failure, VirtqueueError)
+    assert "without status byte on queue 0" in rig.vq.error
+    assert rig.vq.stop() == 1
+
+
+def test_blk_notifies_once_per_batch(rig):
+    heads = []
+    for i in range(10):
+        buf = rig.ram.alloc(512)
+        heads.append(rig.ring.add_chain(rig.header(T_OUT, i) + [(buf, 512)], rig.status_buf()))
+    rig.ring.publish(*heads)
+    os.eventfd_write(rig.kick, 1)
+    wait_for(lambda: rig.ring.used_idx == 10)
+    assert count_events(rig.call) == 1
+
+
+def test_blk_direct_engine_aligned_and_misaligned(tmp_path):
+    path = tmp_path / "direct.img"
+    path.write_bytes(bytes(DISK))
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        pytest.skip("O_DIRECT not supported here")
+    rig = BlkRig(fd, direct=True)
+    try:
+        data = os.urandom(8192)
+        buf = rig.ram.alloc(8192 + 3, 4096) + 3  # misaligned guest buffer
+        rig.ram.write(buf, data)
+        assert rig.submit(rig.header(T_OUT, 8) + [(buf, 8192)], rig.status_buf()) == (S_OK, 1)
+        st, used, got = rig.read(8, 8192)
+        assert (st, got) == (S_OK, data)
+        out = rig.ram.alloc(8192 + 5, 4096) + 5
+        st, used = rig.submit(rig.header(T_IN, 8), [(out, 8192)] + rig.status_buf())
+        assert st == S_OK and rig.ram.read(out, 8192) == data
+    finally:
+        rig.close()
+        os.close(fd)
+
+
+def test_blk_engine_validates_config():
+    with pytest.raises(ValueError):
+        BlkEngine(-1, 10)
+    with pytest.raises(ValueError):
+        BlkEngine(0, 10, serial=b"x" * 21)
+    with pytest.raises(ValueError):
+        BlkEngine(0, 10, logical_block_size=1000)
