@@ -14,7 +14,7 @@ and mark guest tests ``@pytest.mark.guest``.
 """
 
 from .backend import BackendError, BackendProcess, qsd_blk_argv
-from .initramfs import GUEST_MODULES, GUEST_TOOLS, build_initramfs
+from .initramfs import GUEST_MODULES, GUEST_TOOLS, LAYERS, Initramfs, build_initramfs
 from .kernel import GuestKernel, GuestSetupError, fetch_kernel
 from .qemu import GuestError, GuestResult, GuestVM, kvm_usable, qemu_binary_path, short_tempdir
 
@@ -28,6 +28,8 @@ __all__ = [
     "GuestResult",
     "GuestSetupError",
     "GuestVM",
+    "Initramfs",
+    "LAYERS",
     "build_initramfs",
     "fetch_kernel",
     "kvm_usable",

@@ -4,7 +4,7 @@ Load it from tests/conftest.py (see tests/harness/__init__.py). Fixtures:
 
 ``qemu_binary``      path of qemu-system-x86_64 (session)
 ``guest_kernel``     :class:`GuestKernel`, downloaded and unpacked once (session)
-``guest_initramfs``  path of the cached base initramfs (session)
+``guest_initramfs``  :class:`Initramfs`, the cached base archive and layers (session)
 ``guest_vm``         factory ``guest_vm(**GuestVM kwargs) -> GuestVM``; every VM
                      it made is closed at test teardown (function)
 ``short_tmp``        a short directory under /tmp for Unix sockets (function)
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from .initramfs import GUEST_TOOLS, build_initramfs
+from .initramfs import GUEST_TOOLS, Initramfs, build_initramfs
 from .kernel import GuestSetupError, fetch_kernel
 from .qemu import GuestVM, qemu_binary_path, short_tempdir
 
@@ -69,11 +69,11 @@ def guest_kernel():
 
 
 @pytest.fixture(scope="session")
-def guest_initramfs(guest_kernel) -> Path:
+def guest_initramfs(guest_kernel) -> Initramfs:
     for tool in ("busybox", "ldd", *GUEST_TOOLS):
         require_tool(tool)
     try:
-        return build_initramfs(guest_kernel).path
+        return build_initramfs(guest_kernel)
     except GuestSetupError as exc:
         guest_unavailable(f"cannot build the guest initramfs: {exc}")
 

@@ -14,7 +14,14 @@ or .ko.zst, which busybox insmod cannot load and the 6.1 kernel cannot
 decompress). ``/init`` inserts them with ``insmod`` in that order: that does
 not depend on busybox modprobe's reading of modules.dep.
 
-Per boot, a second tiny newc archive holding ``/vhu/script`` (the test's
+fio alone drags in about 65 MB of shared libraries (librbd, ceph, ICU...),
+which would triple the image and add about a second of unpacking to every
+boot under TCG. It therefore lives in an optional *layer*, a second cached
+archive appended only for scripts that use it (``LAYERS``; ``GuestVM``
+picks layers whose tool name appears in the script, or takes an explicit
+list).
+
+Per boot, a further tiny newc archive holding ``/vhu/script`` (the test's
 shell script, with a prelude) is appended to a copy of the cached image; the
 kernel unpacks concatenated archives in order. Unlike the kernel command line
 (2 KiB on x86) or fw_cfg (byte-wise port reads under TCG, plus a module),
@@ -44,21 +51,28 @@ from .cache import cached_dir, short_hash
 from .cpio import CpioWriter
 from .kernel import GuestKernel, GuestSetupError
 
-__all__ = ["GUEST_MODULES", "GUEST_TOOLS", "Initramfs", "build_initramfs", "boot_initrd"]
+__all__ = ["GUEST_MODULES", "GUEST_TOOLS", "LAYERS", "Initramfs", "boot_initrd",
+           "build_initramfs", "layers_for"]
 
-#: Modules loaded at boot, by module name; dependencies are added from modules.dep.
+#: Modules loaded at boot, by module name, with the virtio device ID whose
+#: presence they need (None: always). Dependencies come from modules.dep.
+#: A device driver is only inserted when such a device exists: the DRM stack
+#: alone costs ~0.3 s of emulated boot.
 GUEST_MODULES = (
-    "virtio_pci",
-    "virtio_blk",
-    "virtio_net",
-    "vmw_vsock_virtio_transport",
-    "virtio_gpu",
-    "crc32c_generic",  # ext4/jbd2 softdep "crypto-crc32c"; not in modules.dep
-    "ext4",
+    ("virtio_pci", None),
+    ("virtio_blk", 2),
+    ("virtio_net", 1),
+    ("vmw_vsock_virtio_transport", 19),
+    ("virtio_gpu", 16),
+    ("crc32c_generic", None),  # ext4/jbd2 softdep "crypto-crc32c"; not in modules.dep
+    ("ext4", None),
 )
 
 #: Host programs copied into the guest (first directory on PATH that has them).
 GUEST_TOOLS = ("fio", "socat", "mkfs.ext4", "mke2fs", "e2fsck", "blkdiscard")
+
+#: Optional archives: layer name -> the tools it carries (with their libraries).
+LAYERS = {"fio": ("fio",)}
 
 INIT = r"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /run /mnt /sbin /usr/bin /usr/sbin
@@ -70,8 +84,14 @@ mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
-while read -r mod; do
-    insmod "$mod" || echo "vhu-init: insmod $mod failed"
+while read -r virtio_id mods; do
+    if [ "$virtio_id" != "-" ]; then
+        grep -qx "$virtio_id" /sys/bus/virtio/devices/*/device 2>/dev/null || continue
+    fi
+    for mod in $mods; do
+        name=$(basename "$mod" .ko | tr - _)
+        grep -q "^$name " /proc/modules || insmod "$mod" || echo "vhu-init: insmod $mod failed"
+    done
 done < /etc/vhu/modules
 [ -e /vhu/env ] && . /vhu/env
 echo "@@VHU-UPTIME:$(cut -d' ' -f1 /proc/uptime)@@"
@@ -101,11 +121,19 @@ vhu_wait_dev() {  # vhu_wait_dev /dev/vda [tenths of a second]
 
 @dataclass(frozen=True)
 class Initramfs:
-    """A built base image and what it contains."""
+    """The cached base archive, the optional layer archives, and what they hold."""
 
     path: Path
+    layers: dict[str, Path]
     modules: tuple[str, ...]
     tools: tuple[str, ...]
+
+
+def layers_for(script: str) -> tuple[str, ...]:
+    """The layers whose tools ``script`` mentions as a word (``fio`` -> ``("fio",)``)."""
+    return tuple(name for name, tools in LAYERS.items()
+                 if any(re.search(rf"(?<![\w.-]){re.escape(t)}(?![\w.-])", script)
+                        for t in tools))
 
 
 def _parse_modules_dep(modules_dir: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
@@ -179,10 +207,11 @@ def _shared_libs(binary: Path) -> list[str]:
     return libs
 
 
-def _inputs(kernel: GuestKernel) -> tuple[Path, dict[str, Path], list[str]]:
+def _inputs(kernel: GuestKernel) -> tuple[Path, dict[str, Path], list[tuple[int | None, list[str]]]]:
     busybox = _find_tool("busybox")
     tools = {name: _find_tool(name) for name in GUEST_TOOLS}
-    modules = resolve_modules(kernel.modules_dir, GUEST_MODULES)
+    modules = [(virtio_id, resolve_modules(kernel.modules_dir, (name,)))
+               for name, virtio_id in GUEST_MODULES]
     return busybox, tools, modules
 
 
@@ -196,8 +225,19 @@ def _cache_key(kernel: GuestKernel, busybox: Path, tools: dict[str, Path]) -> st
     return short_hash(kernel.package, kernel.version, source, *stamps)
 
 
-def _write(kernel: GuestKernel, busybox: Path, tools: dict[str, Path], modules: list[str],
-           out: Path) -> None:
+def _add_tools(cpio: CpioWriter, tools: dict[str, Path], skip_libs: set[str]) -> set[str]:
+    libs: set[str] = set()
+    for name, path in tools.items():
+        where = "usr/sbin" if "/sbin/" in str(path) else "usr/bin"
+        cpio.file(f"{where}/{name}", path.resolve().read_bytes(), 0o755)
+        libs.update(_shared_libs(path))
+    for lib in sorted(libs - skip_libs):
+        cpio.file(lib, Path(lib).resolve().read_bytes(), 0o755)
+    return libs
+
+
+def _write_base(kernel: GuestKernel, busybox: Path, tools: dict[str, Path],
+                modules: list[tuple[int | None, list[str]]], out: Path) -> set[str]:
     with open(out, "wb") as handle:
         cpio = CpioWriter(handle)
         for d in ("dev", "proc", "sys", "tmp", "run", "mnt", "root", "etc/vhu", "usr/bin",
@@ -207,21 +247,18 @@ def _write(kernel: GuestKernel, busybox: Path, tools: dict[str, Path], modules: 
         cpio.chardev("dev/null", 1, 3, 0o666)
         cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
         cpio.file("init", INIT.encode(), 0o755)
-        libs: set[str] = set()
-        for name, path in tools.items():
-            where = "usr/sbin" if "/sbin/" in str(path) else "usr/bin"
-            cpio.file(f"{where}/{name}", path.resolve().read_bytes(), 0o755)
-            libs.update(_shared_libs(path))
-        for lib in sorted(libs):
-            cpio.file(lib, Path(lib).resolve().read_bytes(), 0o755)
+        libs = _add_tools(cpio, tools, set())
         if Path("/etc/mke2fs.conf").exists():
             cpio.file("etc/mke2fs.conf", Path("/etc/mke2fs.conf").read_bytes())
         base = f"lib/modules/{kernel.release}"
-        listed = []
-        for rel in modules:
+        for rel in sorted({rel for _, rels in modules for rel in rels}):
             plain = re.sub(r"\.(xz|zst|gz)$", "", rel)
             cpio.file(f"{base}/{plain}", _module_bytes(kernel.modules_dir / rel))
-            listed.append(f"/{base}/{plain}")
+        listed = []
+        for virtio_id, rels in modules:
+            tag = "-" if virtio_id is None else f"0x{virtio_id:04x}"
+            paths = [f"/{base}/" + re.sub(r"\.(xz|zst|gz)$", "", rel) for rel in rels]
+            listed.append(" ".join([tag, *paths]))
         for meta in ("modules.dep", "modules.builtin", "modules.alias", "modules.softdep"):
             src = kernel.modules_dir / meta
             if src.exists():
@@ -234,6 +271,20 @@ def _write(kernel: GuestKernel, busybox: Path, tools: dict[str, Path], modules: 
         cpio.file("etc/group", b"root:x:0:\n")
         cpio.symlink("etc/mtab", "/proc/mounts")  # mke2fs checks for mounted devices
         cpio.close()
+    return libs
+
+
+def _write_all(kernel: GuestKernel, busybox: Path, tools: dict[str, Path],
+               modules: list[tuple[int | None, list[str]]], work: Path) -> None:
+    optional = {t for names in LAYERS.values() for t in names}
+    base_libs = _write_base(kernel, busybox,
+                            {n: p for n, p in tools.items() if n not in optional},
+                            modules, work / "initramfs.cpio")
+    for layer, names in LAYERS.items():
+        with open(work / f"layer-{layer}.cpio", "wb") as handle:
+            cpio = CpioWriter(handle)
+            _add_tools(cpio, {n: tools[n] for n in names}, base_libs)
+            cpio.close()
 
 
 def build_initramfs(kernel: GuestKernel) -> Initramfs:
@@ -242,19 +293,29 @@ def build_initramfs(kernel: GuestKernel) -> Initramfs:
     key = _cache_key(kernel, busybox, tools)
     where = cached_dir(
         f"initramfs-{kernel.release}-{key}",
-        lambda work: _write(kernel, busybox, tools, modules, work / "initramfs.cpio"),
+        lambda work: _write_all(kernel, busybox, tools, modules, work),
     )
-    return Initramfs(where / "initramfs.cpio", tuple(GUEST_MODULES), tuple(GUEST_TOOLS))
+    return Initramfs(where / "initramfs.cpio",
+                     {name: where / f"layer-{name}.cpio" for name in LAYERS},
+                     tuple(name for name, _ in GUEST_MODULES), tuple(GUEST_TOOLS))
 
 
-def boot_initrd(base: Path, script: str, token: str, out: Path) -> Path:
-    """Write ``base`` + an archive with ``/vhu/script`` and ``/vhu/env`` to ``out``."""
+def boot_initrd(initramfs: Initramfs, script: str, token: str, out: Path,
+                layers: tuple[str, ...] | None = None) -> Path:
+    """Write base + ``layers`` + an archive with ``/vhu/script`` and ``/vhu/env`` to ``out``.
+
+    ``layers=None`` picks them from the script (:func:`layers_for`).
+    """
+    if layers is None:
+        layers = layers_for(script)
     extra = io.BytesIO()
     cpio = CpioWriter(extra)
     cpio.file("vhu/env", f"VHU_TOKEN={token}\nexport VHU_TOKEN\n".encode())
     cpio.file("vhu/script", (PRELUDE + script).encode(), 0o755)
     cpio.close()
-    with open(out, "wb") as handle, open(base, "rb") as src:
-        shutil.copyfileobj(src, handle, 1 << 20)
+    with open(out, "wb") as handle:
+        for part in [initramfs.path, *(initramfs.layers[name] for name in layers)]:
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, handle, 1 << 20)
         handle.write(extra.getvalue())
     return out

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cache import cache_root, short_hash
-from .initramfs import boot_initrd
+from .initramfs import Initramfs, boot_initrd
 from .kernel import GuestKernel
 
 __all__ = ["GuestError", "GuestResult", "GuestVM", "kvm_usable", "qemu_binary_path",
@@ -141,12 +141,12 @@ class GuestVM:
     Always ``close()`` it (the ``guest_vm`` fixture does).
     """
 
-    def __init__(self, kernel: GuestKernel, initramfs: Path, workdir: Path, *,
+    def __init__(self, kernel: GuestKernel, initramfs: Initramfs, workdir: Path, *,
                  qemu: str | None = None, memory_mb: int = 512, cpus: int = 1,
                  accel: str | None = None, append: str = "", firmware: str | None = "auto"
                  ) -> None:
         self.kernel = kernel
-        self.initramfs = Path(initramfs)
+        self.initramfs = initramfs
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.qemu = qemu or qemu_binary_path()
@@ -195,7 +195,7 @@ class GuestVM:
 
     def command_line(self, initrd: Path) -> list[str]:
         """The full QEMU argv for booting ``initrd`` (public for debugging)."""
-        accel = self.accel or ("kvm" if kvm_usable(self.kernel, Path(self.initramfs),
+        accel = self.accel or ("kvm" if kvm_usable(self.kernel, self.initramfs,
                                                     self.qemu) else "tcg")
         mem = f"{self.memory_mb}M"
         cmd = [
@@ -221,13 +221,17 @@ class GuestVM:
         return cmd + self._extra
 
     # -- lifecycle -----------------------------------------------------
-    def start(self, script: str) -> None:
-        """Boot the guest to run ``script`` (busybox sh) and return at once."""
+    def start(self, script: str, layers: tuple[str, ...] | None = None) -> None:
+        """Boot the guest to run ``script`` (busybox sh) and return at once.
+
+        ``layers`` names optional initramfs layers (``("fio",)``); by default
+        those whose tools the script mentions are added.
+        """
         if self._proc is not None:
             raise ValueError("GuestVM.start() called twice; make a new GuestVM")
         self._token = secrets.token_hex(6)
         initrd = boot_initrd(self.initramfs, script, self._token,
-                             self.workdir / "initrd.cpio")
+                             self.workdir / "initrd.cpio", layers)
         cmd = self.command_line(initrd)
         (self.workdir / "qemu-cmdline.txt").write_text(" ".join(cmd) + "\n")
         self.console.write_bytes(b"")
@@ -289,9 +293,10 @@ class GuestVM:
                 f"guest script exited {result.status}; its output:\n{result.output}"))
         return result
 
-    def run(self, script: str, timeout: float = 120.0, check: bool = True) -> GuestResult:
-        """Boot, run ``script`` to completion, power off; see ``wait``."""
-        self.start(script)
+    def run(self, script: str, timeout: float = 120.0, check: bool = True,
+            layers: tuple[str, ...] | None = None) -> GuestResult:
+        """Boot, run ``script`` to completion, power off; see ``start`` and ``wait``."""
+        self.start(script, layers)
         return self.wait(timeout=timeout, check=check)
 
     def qmp(self, command: str, **arguments) -> object:
@@ -381,7 +386,7 @@ def _pick_firmware(choice: str | None) -> str | None:
 _KVM_ANSWERS: dict[str, bool] = {}
 
 
-def kvm_usable(kernel: GuestKernel, initramfs: Path, qemu: str | None = None,
+def kvm_usable(kernel: GuestKernel, initramfs: Initramfs, qemu: str | None = None,
                timeout: float = 60.0) -> bool:
     """Whether a real guest boot under KVM reaches the end of a script.
 

@@ -149,18 +149,32 @@ def test_guest_blk_ext4_survives_host_fsck(guest_vm, blk_backend, blk_image):
 
 @pytest.mark.parametrize("blk_num_queues", [1, 2])
 def test_guest_blk_fio_verify(guest_vm, blk_backend, blk_num_queues):
-    vm = boot_blk(guest_vm, blk_backend, num_queues=blk_num_queues, cpus=blk_num_queues)
+    """Random writes verified by crc32c; with 2 queues, one job pinned per vCPU so both are used."""
+    nq = blk_num_queues
+    vm = boot_blk(guest_vm, blk_backend, num_queues=nq, cpus=nq)
     result = vm.run(f"""
         set -e
         vhu_wait_dev /dev/vda
         echo "queues $(ls /sys/block/vda/mq | wc -l)"
         fio --name=verify --filename=/dev/vda --ioengine=libaio --direct=1 \\
             --rw=randwrite --bs=4k --size=8m --iodepth=16 \\
-            --numjobs={blk_num_queues} --offset_increment=16m --group_reporting \\
-            --verify=crc32c --do_verify=1 --verify_fatal=1 --output-format=terse \\
-            --terse-version=3 > /tmp/fio.out
-        echo "fio-rc $?"
-        cut -d';' -f1-6 /tmp/fio.out
+            --numjobs={nq} --offset_increment=16m --cpus_allowed=0-{nq - 1} \\
+            --cpus_allowed_policy=split --group_reporting \\
+            --verify=crc32c --do_verify=1 --verify_fatal=1 \\
+            --output-format=terse --terse-version=3 > /tmp/fio.out || rc=$?
+        echo "fio-rc ${{rc:-0}}"
+        echo "terse $(grep '^3;' /tmp/fio.out | cut -d';' -f1-6)"
+        # Completions per virtqueue: one MSI-X vector per queue ("virtioN-req.Q").
+        grep -E 'virtio[0-9]+-req\\.' /proc/interrupts | while read -r irq counts; do
+            set -- $counts; total=0
+            while [ $# -gt 0 ] && [ "$1" -eq "$1" ] 2>/dev/null; do total=$((total + $1)); shift; done
+            echo "irqs ${{counts##* }} $total"
+        done
     """, timeout=150)
-    assert f"queues {blk_num_queues}" in result.lines, result.output
+    assert f"queues {nq}" in result.lines, result.output
     assert "fio-rc 0" in result.lines, result.output
+    terse = next(line for line in result.lines if line.startswith("terse ")).split(";")
+    assert terse[4] == "0", f"fio error field: {result.output}"
+    assert int(terse[5]) == 8192 * nq, f"fio verified {terse[5]} KiB: {result.output}"
+    per_queue = [int(line.split()[2]) for line in result.lines if line.startswith("irqs ")]
+    assert len(per_queue) == nq and all(n > 0 for n in per_queue), result.output
