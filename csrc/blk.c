@@ -280,9 +280,11 @@ static uint8_t blk_rw(struct vr_blk *b, struct vr_queue *q,
     if (write) {
         b->stats.writes++;
         b->stats.bytes_written += done;
+        q->stats.bytes_written += done;
     } else {
         b->stats.reads++;
         b->stats.bytes_read += done;
+        q->stats.bytes_read += done;
         *used += (uint32_t)done;
     }
     return rc == 0 ? S_OK : S_IOERR;
@@ -405,8 +407,10 @@ static int blk_one(struct vr_blk *b, struct vr_queue *q,
             break;
         }
     }
-    if (st == S_IOERR)
+    if (st == S_IOERR) {
         b->stats.io_errors++;
+        q->stats.io_errors++;
+    }
     else if (st == S_UNSUPP)
         b->stats.unsupported++;
     *status = st;

@@ -334,10 +334,13 @@ class Virtqueue:
 
     @property
     def stats(self) -> dict[str, int]:
-        """requests, kicks, notifies (plus the engine's counters for a BlkEngine)."""
+        """Counters of the current run: requests, kicks, notifies, bytes_read,
+        bytes_written, io_errors, plus the BlkEngine's per-type counters."""
         s = ffi.new("struct vr_stats *")
         lib.vr_queue_get_stats(self._q, s)
-        out = {"requests": s.requests, "kicks": s.kicks, "notifies": s.notifies}
+        out = {"requests": s.requests, "kicks": s.kicks, "notifies": s.notifies,
+               "bytes_read": s.bytes_read, "bytes_written": s.bytes_written,
+               "io_errors": s.io_errors}
         if self._engine is not None:
             out.update(self._engine.stats)
         return out

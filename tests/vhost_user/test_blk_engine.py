@@ -298,3 +298,17 @@ def test_blk_engine_validates_config():
         BlkEngine(0, 10, serial=b"x" * 21)
     with pytest.raises(ValueError):
         BlkEngine(0, 10, logical_block_size=1000)
+
+
+def test_blk_rig_lifecycle_leaks_no_fds(fd_check):
+    fd = os.memfd_create("disk", os.MFD_CLOEXEC)
+    os.ftruncate(fd, DISK)
+    for _ in range(3):
+        rig = BlkRig(fd)
+        assert rig.write(0, b"q" * 4096)[0] == S_OK
+        rig.vq.update_memory(new := rig.ram.memory())
+        rig.mem.close()
+        rig.mem = new
+        assert rig.read(0, 4096)[2] == b"q" * 4096
+        rig.close()
+    os.close(fd)

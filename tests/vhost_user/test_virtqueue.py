@@ -536,3 +536,24 @@ def test_guest_memory_empty_start_rejected():
     with pytest.raises(AddressOutOfRange):
         vq.start(GuestMemory.empty())
     vq.close()
+
+
+def test_busy_poll_picks_up_work_without_kick(ram, eventfd):
+    ring = SplitRing(ram, 8)
+    buf = ram.alloc(16)
+    kick = eventfd()
+
+    def handler(vq):
+        while (c := vq.pop()) is not None:
+            vq.push(c.head, 0)
+
+    vq = Virtqueue(0, poll_us=2_000_000)
+    ring.setup(vq)
+    vq.set_kick(os.dup(kick))
+    mem = ram.memory()
+    vq.start(mem, handler)
+    ring.publish(ring.add_chain([(buf, 16)]))  # no kick written
+    wait_for(lambda: ring.used_idx == 1, timeout=1.5)
+    assert vq.stats["kicks"] == 0
+    vq.stop()  # the control fd interrupts the busy-poll
+    finish(vq, mem)
