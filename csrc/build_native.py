@@ -10,7 +10,7 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["csrc/memory.c", "csrc/vring.c", "csrc/run.c", "csrc/blk.c"]
+SOURCES = ["csrc/memory.c", "csrc/vring.c", "csrc/inflight.c", "csrc/run.c", "csrc/blk.c"]
 
 CDEF = """
 #define VR_MAX_REGIONS 32
@@ -54,6 +54,7 @@ const char *vr_queue_error(const struct vr_queue *q);
 void vr_queue_get_stats(const struct vr_queue *q, struct vr_stats *out);
 
 int vr_pop(struct vr_queue *q, struct vr_chain *c);
+int vr_pop_batch(struct vr_queue *q, struct vr_chain *chains, uint32_t n);
 int vr_push(struct vr_queue *q, uint16_t head, uint32_t len);
 int vr_push_batch(struct vr_queue *q, const uint16_t *heads,
                   const uint32_t *lens, uint32_t n);

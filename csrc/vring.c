@@ -1,6 +1,6 @@
 /*
  * vring.c - split virtqueue, device side: set-up, pop, push, notification
- * suppression and inflight tracking.  See vring.h for the theory of
+ * suppression.  Inflight tracking is in inflight.c.  See vring.h for the theory of
  * operation.  Spec references are to virtio 1.2, section 2.7 ("Split
  * Virtqueues"), and to QEMU docs/interop/vhost-user.rst.
  */
@@ -25,8 +25,6 @@ struct vr_desc {
     uint16_t next;
 };
 _Static_assert(sizeof(struct vr_desc) == 16, "descriptor is 16 bytes");
-_Static_assert(sizeof(struct vr_inflight_desc) == 16, "DescStateSplit is 16 bytes");
-_Static_assert(sizeof(struct vr_inflight_region) == 16, "QueueRegionSplit header");
 
 /* ---- single-copy accessors for shared ring fields ---- */
 
@@ -170,75 +168,6 @@ static int map_rings(struct vr_queue *q, const struct vr_mem *m)
     return VR_OK;
 }
 
-static int cmp_counter(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
-
-/*
- * vhost-user.rst, "Inflight I/O tracking", split ring, "When reconnecting":
- * finish a batch whose used->idx store landed but whose inflight clearing
- * did not, then resubmit the remaining inflight heads by counter order.
- */
-static int inflight_recover(struct vr_queue *q)
-{
-    struct vr_inflight_region *r = q->inflight;
-    uint32_t n = q->num;
-
-    if (q->inflight_size < sizeof(*r) + (uint64_t)n * sizeof(r->desc[0]))
-        return -VR_E_INFLIGHT;
-    if (r->version == 0) {
-        /* Fresh zeroed region from GET_INFLIGHT_FD: initialise it. */
-        memset(r->desc, 0, (size_t)n * sizeof(r->desc[0]));
-        r->features = 0;
-        r->desc_num = (uint16_t)n;
-        r->last_batch_head = 0;
-        r->used_idx = q->used_idx;
-        __atomic_thread_fence(__ATOMIC_RELEASE);
-        r->version = 1;
-        q->inflight_counter = 0;
-        return VR_OK;
-    }
-    if (r->desc_num != (uint16_t)n || r->version != 1)
-        return -VR_E_INFLIGHT;
-    if (r->used_idx != q->used_idx) {
-        uint16_t batch = (uint16_t)(q->used_idx - r->used_idx);
-        uint16_t h = r->last_batch_head;
-        for (uint32_t k = 0; k < batch && k < n && h < n; k++) {
-            r->desc[h].inflight = 0;
-            h = r->desc[h].next;
-        }
-        r->used_idx = q->used_idx;
-    }
-    /* Pairs (counter, head) sorted by counter; one allocation at set-up. */
-    uint64_t *pairs = malloc((size_t)n * 2 * sizeof(uint64_t));
-    if (!pairs)
-        return -VR_E_NOMEM;
-    uint32_t cnt = 0;
-    uint64_t maxc = 0;
-    for (uint32_t h = 0; h < n; h++) {
-        if (r->desc[h].inflight == 1) {
-            pairs[2 * cnt] = r->desc[h].counter;
-            pairs[2 * cnt + 1] = h;
-            if (r->desc[h].counter >= maxc)
-                maxc = r->desc[h].counter + 1;
-            cnt++;
-        }
-    }
-    qsort(pairs, cnt, 2 * sizeof(uint64_t), cmp_counter);
-    for (uint32_t k = 0; k < cnt; k++)
-        q->resubmit[k] = (uint16_t)pairs[2 * k + 1];
-    free(pairs);
-    q->nresubmit = cnt;
-    q->resubmit_pos = 0;
-    q->inflight_counter = maxc;
-    /* Every popped head is either used or inflight, so the avail ring
-     * position to continue from is used_idx + inflight count. */
-    q->last_avail_idx = (uint16_t)(q->used_idx + cnt);
-    return VR_OK;
-}
-
 int vr_queue_start(struct vr_queue *q, const struct vr_mem *mem)
 {
     int rc;
@@ -258,7 +187,7 @@ int vr_queue_start(struct vr_queue *q, const struct vr_mem *mem)
         q->resubmit = malloc((size_t)q->num * sizeof(uint16_t));
         if (!q->resubmit)
             return -VR_E_NOMEM;
-        rc = inflight_recover(q);
+        rc = vr_inflight_recover(q);
         if (rc < 0) {
             free(q->resubmit);
             q->resubmit = NULL;
@@ -407,18 +336,6 @@ static int walk_chain(struct vr_queue *q, uint16_t head, struct vr_chain *c)
     }
 }
 
-static void inflight_mark(struct vr_queue *q, uint16_t head)
-{
-    struct vr_inflight_region *r = q->inflight;
-    if (!r)
-        return;
-    /* vhost-user.rst, inflight tracking, "When receiving available
-     * buffers": counter first, then the inflight flag. */
-    r->desc[head].counter = q->inflight_counter++;
-    __atomic_signal_fence(__ATOMIC_SEQ_CST);
-    r->desc[head].inflight = 1;
-}
-
 int vr_avail_pending(struct vr_queue *q)
 {
     if (!q->started || q->broken)
@@ -464,7 +381,7 @@ int vr_pop(struct vr_queue *q, struct vr_chain *c)
     if (rc < 0)
         return rc;
     q->last_avail_idx++;
-    inflight_mark(q, head);
+    vr_inflight_mark(q, head);
     q->stats.requests++;
     return 1;
 }
@@ -504,26 +421,16 @@ int vr_push_batch(struct vr_queue *q, const uint16_t *heads,
         volatile uint8_t *e = USED_RING(q, (uint16_t)(idx + k) & (q->num - 1));
         st32(e, heads[k]);
         st32(e + 4, lens[k]);
-        if (r) {
-            /* vhost-user.rst, "When supplying used buffers", steps 2-3. */
-            r->desc[heads[k]].next = r->last_batch_head;
-            r->last_batch_head = heads[k];
-        }
+        if (r)
+            vr_inflight_link(q, heads[k]);
     }
     idx = (uint16_t)(idx + n);
     /* virtio 1.2, 2.7.8 / 2.7.13 (device side): the elements must be
      * visible before the new idx: release store. */
     st16_release(USED_IDX(q), idx);
     q->used_idx = idx;
-    if (r) {
-        /* Then clear inflight, then record used_idx: a crash between the
-         * two is repaired by inflight_recover via last_batch_head. */
-        __atomic_thread_fence(__ATOMIC_RELEASE);
-        for (uint32_t k = 0; k < n; k++)
-            r->desc[heads[k]].inflight = 0;
-        __atomic_thread_fence(__ATOMIC_RELEASE);
-        r->used_idx = idx;
-    }
+    if (r)
+        vr_inflight_done(q, heads, n);
     return VR_OK;
 }
 
@@ -605,15 +512,4 @@ int vr_enable_notify(struct vr_queue *q)
      * re-reading avail->idx. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return vr_avail_pending(q);
-}
-
-/* ---- inflight listing ---- */
-
-/* Heads waiting for resubmission, in counter order. */
-int vr_inflight_list(const struct vr_queue *q, uint16_t *heads, uint32_t cap)
-{
-    uint32_t n = 0;
-    for (uint32_t k = q->resubmit_pos; k < q->nresubmit && n < cap; k++)
-        heads[n++] = q->resubmit[k];
-    return (int)n;
 }

@@ -192,9 +192,15 @@ int vr_notify_force(struct vr_queue *q);
 void vr_disable_notify(struct vr_queue *q);
 int vr_enable_notify(struct vr_queue *q);
 int vr_avail_pending(struct vr_queue *q);
+
+/* inflight.c (called by vring.c) */
+int vr_inflight_recover(struct vr_queue *q);
+void vr_inflight_mark(struct vr_queue *q, uint16_t head);
+void vr_inflight_link(struct vr_queue *q, uint16_t head);
+void vr_inflight_done(struct vr_queue *q, const uint16_t *heads, uint32_t n);
 int vr_inflight_list(const struct vr_queue *q, uint16_t *heads, uint32_t cap);
 
-/* vring.c: worker loop.  Returns VR_RUN_CONTROL or VR_RUN_BROKEN. */
+/* run.c: worker loop.  Returns VR_RUN_CONTROL or VR_RUN_BROKEN. */
 #define VR_RUN_CONTROL 0
 #define VR_RUN_BROKEN 1
 #define VR_RUN_ERROR 2
