@@ -18,10 +18,14 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["cache_root", "cached_dir", "short_hash"]
+__all__ = ["cache_root", "cached_dir", "prune", "short_hash"]
+
+#: Cache entries of a kind unused for this long are removed when a sibling is used.
+STALE_SECONDS = 3 * 24 * 3600
 
 ENV_CACHE = "VHOST_USER_TEST_CACHE"
 
@@ -63,6 +67,7 @@ def cached_dir(name: str, build: Callable[[Path], None]) -> Path:
     root = cache_root()
     final = root / name
     if final.is_dir():
+        os.utime(final)  # "last used", for prune()
         return final
     with _lock(root / f".{name}.lock"):
         if final.is_dir():
@@ -75,3 +80,17 @@ def cached_dir(name: str, build: Callable[[Path], None]) -> Path:
             if work.exists():
                 shutil.rmtree(work, ignore_errors=True)
     return final
+
+
+def prune(prefix: str, keep: str) -> None:
+    """Remove ``prefix*`` cache entries other than ``keep`` unused for STALE_SECONDS.
+
+    Every change to the initramfs builder changes its key; without this the
+    cache would grow by ~100 MB per edit. Entries used recently are kept, as
+    another checkout may still boot them.
+    """
+    root = cache_root()
+    now = time.time()
+    for entry in root.glob(f"{prefix}*"):
+        if entry.name != keep and entry.is_dir() and now - entry.stat().st_mtime > STALE_SECONDS:
+            shutil.rmtree(entry, ignore_errors=True)

@@ -86,7 +86,7 @@ def short_tmp():
 
 
 @pytest.fixture
-def guest_vm(guest_kernel, guest_initramfs, qemu_binary, tmp_path):
+def guest_vm(qemu_binary, guest_kernel, guest_initramfs, tmp_path):
     vms: list[GuestVM] = []
 
     def make(**kwargs) -> GuestVM:

@@ -47,7 +47,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import cached_dir, short_hash
+from .cache import cached_dir, prune, short_hash
 from .cpio import CpioWriter
 from .kernel import GuestKernel, GuestSetupError
 
@@ -295,6 +295,7 @@ def build_initramfs(kernel: GuestKernel) -> Initramfs:
         f"initramfs-{kernel.release}-{key}",
         lambda work: _write_all(kernel, busybox, tools, modules, work),
     )
+    prune("initramfs-", where.name)
     return Initramfs(where / "initramfs.cpio",
                      {name: where / f"layer-{name}.cpio" for name in LAYERS},
                      tuple(name for name, _ in GUEST_MODULES), tuple(GUEST_TOOLS))

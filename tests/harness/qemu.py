@@ -306,6 +306,11 @@ class GuestVM:
         return self._qmp.execute(command, **arguments)
 
     @property
+    def pid(self) -> int | None:
+        """QEMU's pid (also its process-group id), once started."""
+        return self._proc.pid if self._proc else None
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
@@ -387,7 +392,7 @@ _KVM_ANSWERS: dict[str, bool] = {}
 
 
 def kvm_usable(kernel: GuestKernel, initramfs: Initramfs, qemu: str | None = None,
-               timeout: float = 60.0) -> bool:
+               timeout: float = 30.0) -> bool:
     """Whether a real guest boot under KVM reaches the end of a script.
 
     Boots once per (host kernel, QEMU, guest kernel) and caches the answer

@@ -178,3 +178,34 @@ def test_guest_blk_fio_verify(guest_vm, blk_backend, blk_num_queues):
     assert int(terse[5]) == 8192 * nq, f"fio verified {terse[5]} KiB: {result.output}"
     per_queue = [int(line.split()[2]) for line in result.lines if line.startswith("irqs ")]
     assert len(per_queue) == nq and all(n > 0 for n in per_queue), result.output
+
+
+def test_guest_blk_fio_survives_backend_restart(guest_vm, blk_backend):
+    """SIGKILL the back-end while the guest's fio runs; QEMU reconnects, fio still verifies.
+
+    Requests in flight at the kill are replayed from the inflight region
+    (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), so no write may be lost.
+    """
+    vm = guest_vm()
+    vm.add_vhost_user_blk(blk_backend.socket, num_queues=1, reconnect_ms=100)
+    vm.start("""
+        vhu_wait_dev /dev/vda || exit 1
+        fio --name=crash --filename=/dev/vda --ioengine=libaio --direct=1 \\
+            --rw=randwrite --bs=4k --size=24m --iodepth=16 \\
+            --verify=crc32c --do_verify=1 --verify_fatal=1 \\
+            --output-format=terse --terse-version=3 > /tmp/fio.out &
+        pid=$!
+        sleep 0.5
+        kill -0 $pid && vhu_mark fio-running
+        wait $pid
+        echo "fio-rc $?"
+        echo "terse $(grep '^3;' /tmp/fio.out | cut -d';' -f1-6)"
+    """)
+    vm.wait_for_marker("fio-running", timeout=60)
+    blk_backend.kill()
+    blk_backend.start()
+    result = vm.wait(timeout=120)
+    assert "fio-rc 0" in result.lines, result.output
+    terse = next(line for line in result.lines if line.startswith("terse ")).split(";")
+    assert terse[4] == "0" and int(terse[5]) == 24 * 1024, result.output
+    assert blk_backend.starts == 2
