@@ -44,3 +44,31 @@ $SUDO apt-get install -y -q -t bookworm-backports \
 $SUDO apt-get install -y -q \
     busybox-static fio socat e2fsprogs util-linux kmod cpio zstd xz-utils \
     iproute2 tshark
+
+# The real-guest harness (tests/harness/) boots Debian's linux-image-amd64
+# (fetched with apt-get download, never installed) with a busybox initramfs.
+# Check that everything it copies into the guest or runs on the host exists.
+missing=""
+for tool in qemu-system-x86_64 qemu-storage-daemon busybox fio socat mke2fs e2fsck \
+            debugfs blkdiscard depmod dpkg-deb ldd zstd; do
+    PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null || missing="$missing $tool"
+done
+[ -e /usr/share/qemu/qboot.rom ] || echo "install-test-deps: note: no qboot.rom, guests boot with SeaBIOS (slower)"
+if [ -n "$missing" ]; then
+    echo "install-test-deps: still missing:$missing" >&2
+    exit 1
+fi
+apt-cache show --no-all-versions linux-image-amd64 >/dev/null 2>&1 \
+    || { echo "install-test-deps: apt knows no linux-image-amd64 (guest kernel)" >&2; exit 1; }
+
+# Optional: build the guest kernel and initramfs cache now (~10 s) instead of
+# in the first test session ($VHOST_USER_TEST_CACHE or ~/.cache/vhost-user-tests).
+if [ "${1:-}" = "--prefetch-guest" ]; then
+    repo=$(cd "$(dirname "$0")/.." && pwd)
+    PYTHONPATH="$repo/tests" python3 -c '
+from harness.initramfs import build_initramfs
+from harness.kernel import fetch_kernel
+kernel = fetch_kernel()
+print("install-test-deps: guest kernel", kernel.package, kernel.version, "->", kernel.image)
+print("install-test-deps: guest initramfs", build_initramfs(kernel).path)'
+fi
