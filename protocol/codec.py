@@ -60,6 +60,7 @@ from .table import NO_FDS, FdRule, Request, RequestSpec, spec_for
 __all__ = [
     "Message",
     "encode",
+    "encode_failure_reply",
     "MessageDecoder",
     "is_ack_reply",
     "reply_expected",
@@ -186,6 +187,15 @@ def encode(msg: Message) -> tuple[bytes, tuple[int, ...]]:
     if len(body) > MAX_PAYLOAD_SIZE:
         raise LocalProtocolError(f"{msg.request.name} payload of {len(body)} bytes exceeds {MAX_PAYLOAD_SIZE}")
     return _HEADER.pack(int(msg.request), msg.flags, len(body)) + body, msg.fds
+
+
+def encode_failure_reply(request: int) -> bytes:
+    """A REPLY_ACK failure (u64 1) for any request number, even one we do not know.
+
+    A peer that set NEED_REPLY on a request we could not decode still waits
+    for an answer; this lets the receiver refuse it without a typed Message.
+    """
+    return _HEADER.pack(int(request), VHOST_USER_VERSION | HeaderFlag.REPLY, U64.SIZE) + U64(1).pack()
 
 
 def _enum_member(enum_cls: type[IntEnum] | None, number: int) -> IntEnum | None:

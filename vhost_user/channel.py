@@ -147,6 +147,14 @@ class AsyncChannel(_ChannelBase):
         finally:
             self.sock.setblocking(False)
 
+    def send_raw(self, data: bytes) -> None:
+        """Bytes the codec built without a typed Message (failure replies)."""
+        self.sock.setblocking(True)
+        try:
+            self.sock.sendall(data)
+        finally:
+            self.sock.setblocking(False)
+
 
 class BlockingChannel(_ChannelBase):
     """Front-end side: plain blocking reads with an optional timeout."""

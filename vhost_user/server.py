@@ -19,13 +19,12 @@ from vhost_user.channel import AsyncChannel
 from vhost_user.device import VirtioDevice
 from vhost_user.errors import RemoteProtocolError
 from vhost_user.protocol import (
-    U64,
     BackendRequest,
     FrontendRequest,
     HeaderFlag,
-    Message,
     MessageDecoder,
     ProtocolFeature,
+    encode_failure_reply,
     spec_for,
 )
 from vhost_user.session import Session
@@ -162,17 +161,18 @@ def _close_error_fds(exc: RemoteProtocolError) -> None:
 def _nack_malformed(session: Session, exc: RemoteProtocolError) -> None:
     """A malformed request still gets an answer when the front-end waits for one.
 
-    Requests with a reply of their own get an 8-byte failure value, acked
-    requests a REPLY_ACK NACK; the front-end must not hang on a reply we skip.
+    Known requests with a reply body of their own, and any request that set
+    NEED_REPLY under REPLY_ACK, get a failure value; the front-end must not
+    hang on a reply we skip. Unknown request numbers are answered the same way.
     """
     request = getattr(exc, "request", None)
-    if not isinstance(request, FrontendRequest):
+    if request is None:
         return
     need_reply = bool((getattr(exc, "flags", 0) or 0) & HeaderFlag.NEED_REPLY)
-    has_reply = spec_for(request).reply is not None
+    has_reply = isinstance(request, FrontendRequest) and spec_for(request).reply is not None
     if not has_reply and not (need_reply and session.has_protocol_feature(ProtocolFeature.REPLY_ACK)):
         return
     try:
-        session.channel.send(Message(request, HeaderFlag.REPLY | 1, U64(1)))
+        session.channel.send_raw(encode_failure_reply(int(request)))
     except OSError:
         pass
