@@ -19,7 +19,9 @@ Acceleration is TCG unless ``kvm_usable()`` has proven that a real boot
 under KVM reaches the end of a script: /dev/kvm existing is not enough (on
 some hosts KVM_RUN fails on an unmodified kernel). The answer is cached per
 host kernel, QEMU version and guest kernel. $VHOST_USER_TEST_ACCEL=tcg|kvm
-overrides it.
+overrides it. The kernel runs ``quiet`` (warnings and errors still reach the
+console log); $VHOST_USER_TEST_GUEST_APPEND adds kernel arguments, e.g.
+``loglevel=7`` when debugging a driver.
 
 The test script's lifecycle is ``start(script)`` → optional
 ``wait_for_marker(name)`` while the host acts (kill a back-end, restart it)
@@ -54,6 +56,7 @@ __all__ = ["GuestError", "GuestResult", "GuestVM", "kvm_usable", "qemu_binary_pa
 
 ENV_ACCEL = "VHOST_USER_TEST_ACCEL"
 ENV_QEMU = "VHOST_USER_TEST_QEMU"
+ENV_APPEND = "VHOST_USER_TEST_GUEST_APPEND"  # e.g. "loglevel=7" to see every kernel line
 QBOOT = Path("/usr/share/qemu/qboot.rom")
 CONSOLE_TAIL_LINES = 40
 
@@ -213,7 +216,8 @@ class GuestVM:
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-kernel", str(self.kernel.image),
             "-initrd", str(initrd),
-            "-append", f"console=ttyS0 panic=-1 quiet {self.append}".strip(),
+            "-append", " ".join(["console=ttyS0 panic=-1 quiet", self.append,
+                                 os.environ.get(ENV_APPEND, "")]).strip(),
         ]
         firmware = _pick_firmware(self.firmware)
         if firmware:
@@ -337,6 +341,8 @@ class GuestVM:
         if getattr(self, "_stderr", None):
             self._stderr.close()
         shutil.rmtree(self._sockdir, ignore_errors=True)
+        # Up to ~100 MB per boot; pytest keeps three sessions of tmp_path.
+        (self.workdir / "initrd.cpio").unlink(missing_ok=True)
 
     def __enter__(self) -> "GuestVM":
         return self
