@@ -13,16 +13,18 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+from importlib import resources
 from typing import Callable
 
 from vhost_user.device import VirtioDevice
 from vhost_user.errors import VhostUserError
 from vhost_user.server import DeviceServer, listen_unix
 
-__all__ = ["base_parser", "run_backend", "parse_size", "inherited_listener"]
+__all__ = ["base_parser", "run_backend", "parse_size", "inherited_listener", "description"]
 
 log = logging.getLogger("vhost_user")
 
@@ -51,6 +53,8 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
                        help="serve on an inherited listening socket fd (socket activation)")
     p.add_argument("-c", "--print-capabilities", action="store_true",
                    help="print the back-end capabilities as JSON and exit")
+    p.add_argument("--print-description", action="store_true",
+                   help="print a vhost-user.json description file (for /usr/share/qemu/vhost-user/) and exit")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (repeatable)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    help="logging level (default warning, -v info, -vv debug)")
@@ -90,7 +94,29 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def run_backend(args, make_device: Callable[[], VirtioDevice], capabilities: dict) -> int:
+def description(name: str) -> dict:
+    """The shipped description file of back-end `name`, with its binary's real path.
+
+    libvirt discovers back-ends through these files (QEMU's
+    docs/interop/vhost-user.json); the path is only known once installed.
+    """
+    with resources.files("vhost_user.data").joinpath(f"{name}.json").open() as f:
+        desc = json.load(f)
+    found = shutil.which(desc["binary"])
+    if found:
+        desc["binary"] = os.path.abspath(found)
+    return desc
+
+
+def _systemd_listen_fd() -> int | None:
+    """fd 3 when systemd socket activation handed us exactly one socket."""
+    if os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS") == "1":
+        return 3
+    return None
+
+
+def run_backend(args, make_device: Callable[[], VirtioDevice], capabilities: dict,
+                name: str) -> int:
     """Print capabilities or serve the device until SIGTERM/SIGINT; return the exit code.
 
     Capabilities are static so that printing them opens no image.
@@ -98,7 +124,12 @@ def run_backend(args, make_device: Callable[[], VirtioDevice], capabilities: dic
     if args.print_capabilities:
         print(json.dumps(capabilities, indent=2))
         return 0
+    if args.print_description:
+        print(json.dumps(description(name), indent=2))
+        return 0
     _setup_logging(args)
+    if args.socket is None and args.fd is None:
+        args.fd = _systemd_listen_fd()
     if args.socket is None and args.fd is None:
         print("error: one of --socket PATH or --fd N is required", file=sys.stderr)
         return 2

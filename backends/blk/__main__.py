@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
             logical_block_size=args.logical_block_size, direct=args.direct,
         ))
 
-    return run_backend(args, make_device, CAPABILITIES)
+    return run_backend(args, make_device, CAPABILITIES, "vhost-user-blk")
 
 
 if __name__ == "__main__":

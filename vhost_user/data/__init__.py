@@ -1,0 +1,1 @@
+"""Package data: vhost-user.json description files."""
