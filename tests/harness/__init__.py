@@ -5,12 +5,14 @@ not only against our own front-end. This package fetches the distribution
 kernel, builds a minimal initramfs around a test's shell script, boots it
 under QEMU with vhost-user devices, and returns what the script printed.
 
-Use it from tests/conftest.py::
+pytest's ``pythonpath = ["tests"]`` makes it the top-level package
+``harness``; load the plugin from tests/conftest.py with::
 
-    pytest_plugins = ["tests.harness.fixtures"]
+    pytest_plugins = ["harness.fixtures"]
 
-(with the repository root importable, see the conftest notes in the report)
-and mark guest tests ``@pytest.mark.guest``.
+and import it in tests as ``harness`` too (never ``tests.harness``: two
+module copies would make ``pytest.raises(GuestError)`` miss). Mark guest
+tests ``@pytest.mark.guest``.
 """
 
 from .backend import BackendError, BackendProcess, qsd_blk_argv
