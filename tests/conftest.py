@@ -8,6 +8,9 @@ import tempfile
 
 import pytest
 
+# The real-guest harness (tests/harness/): kernel, initramfs, GuestVM fixtures.
+pytest_plugins = ["harness.fixtures"]
+
 
 @pytest.fixture
 def sockdir():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -26,6 +27,9 @@ IMAGE_MB = 64
 MiB = 1 << 20
 
 BLK_BACKENDS = {
+    "ours": lambda image, sock, nq: [
+        sys.executable, "-m", "vhost_user.backends.blk", "--socket", sock, "--image", image,
+        "--num-queues", str(nq), "-v"],
     "qsd": lambda image, sock, nq: qsd_blk_argv(image, sock, nq,
                                                 qsd=require_tool("qemu-storage-daemon")),
 }

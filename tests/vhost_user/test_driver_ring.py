@@ -7,6 +7,7 @@ kick eventfd, and signals the call eventfd as a back-end would.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import select
@@ -74,6 +75,11 @@ class FakeDevice(threading.Thread):
         self.stop = threading.Event()
         self.failure: BaseException | None = None
 
+    def _store_u16(self, offset: int, value: int) -> None:
+        """One 16-bit store, as a device must publish an index (struct writes byte by byte,
+        so the driver could see a torn index)."""
+        ctypes.c_uint16.from_buffer(self.area.map, offset).value = value
+
     def u16(self, off: int) -> int:
         return struct.unpack_from("<H", self.mem, off)[0]
 
@@ -100,12 +106,12 @@ class FakeDevice(threading.Thread):
                     time.sleep(delay)
                 struct.pack_into("<II", self.mem, self.used + 4 + 8 * (self.used_idx % self.size), head, used_len)
                 self.used_idx = (self.used_idx + 1) & 0xFFFF
-                struct.pack_into("<H", self.mem, self.used + 2, self.used_idx)
+                self._store_u16(self.used + 2, self.used_idx)
                 self.last_avail = (self.last_avail + 1) & 0xFFFF
                 if delay:
                     os.eventfd_write(self.area.call, 1)
             if self.event_idx:  # 2.7.10: publish avail_event, then re-check avail->idx
-                struct.pack_into("<H", self.mem, self.used + 4 + 8 * self.size, self.last_avail)
+                self._store_u16(self.used + 4 + 8 * self.size, self.last_avail)
             if self.u16(self.avail + 2) == self.last_avail:
                 break
         if self.used_idx == old_used:
