@@ -6,7 +6,7 @@ built-in front-end (`vhost-user-bench`, C driver loop). Runs are interleaved
 (ours, peer, ours, peer, ...) so drift on the machine hits both alike, and the
 report gives ratios. Back-end CPU time per request comes from /proc.
 
-    python3 tools/bench_blk_vs_qsd.py [--runtime 5] [--rounds 2] [--markdown]
+    python3 tools/bench_blk_vs_qsd.py [--runtime 5] [--rounds 2] [--qsd-aio io_uring] [--markdown]
 """
 
 from __future__ import annotations
@@ -51,13 +51,16 @@ def start_ours(d: str, image: str, queues: int) -> tuple[subprocess.Popen, str]:
     return proc, sock
 
 
+QSD_AIO = "threads"
+
+
 def start_qsd(d: str, image: str, queues: int) -> tuple[subprocess.Popen, str]:
     sock = os.path.join(d, "qsd.sock")
     qsd = shutil.which("qemu-storage-daemon")
     if not qsd:
         raise SystemExit("qemu-storage-daemon is not installed (tools/install-test-deps.sh)")
     proc = subprocess.Popen([
-        qsd, "--blockdev", f"driver=file,node-name=f,filename={image},cache.direct=off,aio=threads",
+        qsd, "--blockdev", f"driver=file,node-name=f,filename={image},cache.direct=off,aio={QSD_AIO}",
         "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},"
                     f"writable=on,num-queues={queues}",
     ], stderr=subprocess.DEVNULL)
@@ -88,7 +91,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per case")
     ap.add_argument("--size", type=int, default=1 << 30, help="image size in bytes")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    ap.add_argument("--qsd-aio", choices=["threads", "io_uring"], default="threads",
+                    help="qemu-storage-daemon's I/O engine (its default is threads)")
     args = ap.parse_args()
+    global QSD_AIO
+    QSD_AIO = args.qsd_aio
 
     d = tempfile.mkdtemp(prefix="vu-bench-", dir="/dev/shm")
     image = os.path.join(d, "disk.img")

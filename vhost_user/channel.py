@@ -16,12 +16,13 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 from typing import Sequence
 
 from vhost_user.errors import RemoteProtocolError
 from vhost_user.protocol import HEADER_SIZE, Message, MessageDecoder, encode
 
-__all__ = ["AsyncChannel", "BlockingChannel", "close_fds", "read_chunk", "send_message"]
+__all__ = ["AsyncChannel", "BackendChannel", "BlockingChannel", "close_fds", "read_chunk", "send_message"]
 
 log = logging.getLogger(__name__)
 
@@ -176,3 +177,20 @@ class BlockingChannel(_ChannelBase):
 
     def send(self, msg: Message) -> None:
         send_message(self.sock, msg)
+
+
+class BackendChannel:
+    """The back-end's side of the SET_BACKEND_REQ_FD socket: requests to the front-end.
+
+    Used from any thread (a device may notify from a worker), so sends are
+    serialised. Replies are not awaited: devices send notifications only.
+    """
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._lock = threading.Lock()
+
+    def send(self, msg: Message) -> None:
+        with self._lock:
+            self.sock.setblocking(True)
+            send_message(self.sock, msg)

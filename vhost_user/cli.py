@@ -24,7 +24,10 @@ from vhost_user.device import VirtioDevice
 from vhost_user.errors import VhostUserError
 from vhost_user.server import DeviceServer, listen_unix
 
-__all__ = ["base_parser", "run_backend", "parse_size", "inherited_listener", "description"]
+__all__ = [
+    "base_parser", "run_backend", "serve_devices", "Endpoint", "parse_size",
+    "inherited_listener", "description",
+]
 
 log = logging.getLogger("vhost_user")
 
@@ -117,7 +120,7 @@ def _systemd_listen_fd() -> int | None:
 
 def run_backend(args, make_device: Callable[[], VirtioDevice], capabilities: dict,
                 name: str) -> int:
-    """Print capabilities or serve the device until SIGTERM/SIGINT; return the exit code.
+    """Print capabilities or serve one device until SIGTERM/SIGINT; return the exit code.
 
     Capabilities are static so that printing them opens no image.
     """
@@ -133,29 +136,67 @@ def run_backend(args, make_device: Callable[[], VirtioDevice], capabilities: dic
     if args.socket is None and args.fd is None:
         print("error: one of --socket PATH or --fd N is required", file=sys.stderr)
         return 2
+    endpoint = Endpoint(path=args.socket, fd=args.fd)
+    return serve_devices([(endpoint, make_device)])
+
+
+async def _serve_all(servers: list[DeviceServer]) -> None:
+    await asyncio.gather(*(s.serve_forever() for s in servers))
+
+
+class Endpoint:
+    """Where one device listens: a socket path or an inherited fd."""
+
+    def __init__(self, path: str | None = None, fd: int | None = None):
+        if (path is None) == (fd is None):
+            raise ValueError("an endpoint is a path or an fd")
+        self.path, self.fd = path, fd
+
+    def listen(self) -> socket.socket:
+        return inherited_listener(self.fd) if self.fd is not None else listen_unix(self.path)
+
+    def __str__(self) -> str:
+        return self.path or f"fd {self.fd}"
+
+
+def serve_devices(entries: list[tuple[Endpoint, Callable[[], VirtioDevice]]],
+                  on_loop: Callable[[asyncio.AbstractEventLoop], None] | None = None) -> int:
+    """Serve several devices in one process (net ports, vsock VMs) until SIGTERM/SIGINT.
+
+    Any set-up error is printed as one line and gives exit code 1, after
+    closing whatever was already opened. `on_loop` lets a back-end add its own
+    tasks (a TAP reader, a capture writer) to the loop before serving.
+    """
+    servers: list[DeviceServer] = []
+    devices: list[VirtioDevice] = []
     try:
-        device = make_device()
-    except (VhostUserError, OSError) as exc:
+        for endpoint, make_device in entries:
+            device = make_device()
+            devices.append(device)
+            servers.append(DeviceServer(device, endpoint.listen(), path=endpoint.path))
+            log.info("serving %s on %s", device.device_type, endpoint)
+    except (VhostUserError, OSError, ValueError) as exc:
+        for server in servers:
+            server.close()
+        for device in devices:
+            device.close()
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    try:
-        if args.fd is not None:
-            listener, path = inherited_listener(args.fd), None
-        else:
-            listener, path = listen_unix(args.socket), args.socket
-    except (VhostUserError, OSError) as exc:
-        device.close()
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    server = DeviceServer(device, listener, path=path)
     loop = _new_loop()
+
+    def stop() -> None:
+        for server in servers:
+            server.stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, server.stop)
-    log.info("serving %s on %s", device.device_type, path or f"fd {args.fd}")
+        loop.add_signal_handler(sig, stop)
     try:
-        loop.run_until_complete(server.serve_forever())
+        if on_loop is not None:
+            on_loop(loop)
+        loop.run_until_complete(_serve_all(servers))
     finally:
         loop.close()
-        device.close()
+        for device in devices:
+            device.close()
     log.info("stopped")
     return 0

@@ -8,6 +8,7 @@ succeeding, so a front-end learns early that something is missing.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from vhost_user.errors import UnsupportedRequest
@@ -71,6 +72,30 @@ class VirtioDevice:
 
     def queue_stopped(self, index: int) -> None:
         """A queue stopped (GET_VRING_BASE, disable, disconnect); release its handler state."""
+
+    # -- device-specific requests (the session routes them here) ----------------
+    def send_rarp(self, mac: bytes) -> None:
+        """SEND_RARP (net): announce `mac` after migration."""
+        raise UnsupportedRequest(f"{self.device_type} does not handle SEND_RARP")
+
+    def set_mtu(self, mtu: int) -> None:
+        """NET_SET_MTU (net)."""
+        raise UnsupportedRequest(f"{self.device_type} does not handle NET_SET_MTU")
+
+    def set_gpu_socket(self, fd: int) -> None:
+        """GPU_SET_SOCKET (gpu): the display socket to QEMU. The device owns `fd`."""
+        os.close(fd)
+        raise UnsupportedRequest(f"{self.device_type} does not handle GPU_SET_SOCKET")
+
+    def set_backend_channel(self, channel) -> None:
+        """The back-end request channel (SET_BACKEND_REQ_FD), or None when it goes away.
+
+        A `vhost_user.backend_req.BackendChannel`-like object with `send(msg)`;
+        devices use it for config-change notifications and the like.
+        """
+
+    def connected(self) -> None:
+        """A front-end connected (a new session starts with fresh device state)."""
 
     # -- lifecycle ------------------------------------------------------------
     def reset(self) -> None:

@@ -23,7 +23,7 @@ import os
 import socket
 from typing import Callable
 
-from vhost_user.channel import AsyncChannel, close_fds
+from vhost_user.channel import AsyncChannel, BackendChannel, close_fds
 from vhost_user.device import VirtioDevice
 from vhost_user.errors import GuestMemoryError, RemoteProtocolError, UnsupportedRequest, VhostUserError
 from vhost_user.memory import GuestMemory
@@ -359,8 +359,19 @@ class Session:
 
     def _set_backend_req_fd(self, msg, bag):
         if self._backend_sock is not None:
+            self.device.set_backend_channel(None)
             self._backend_sock.close()
         self._backend_sock = socket.socket(fileno=bag.take())
+        self.device.set_backend_channel(BackendChannel(self._backend_sock))
+
+    def _send_rarp(self, msg, bag):
+        self.device.send_rarp(msg.payload.value.to_bytes(8, "little")[:6])
+
+    def _net_set_mtu(self, msg, bag):
+        self.device.set_mtu(msg.payload.value)
+
+    def _gpu_set_socket(self, msg, bag):
+        self.device.set_gpu_socket(bag.take())
 
     def _set_status(self, msg, bag):
         self.status = msg.payload.value & 0xFF
@@ -415,6 +426,7 @@ class Session:
         self.memory.close()
         self.memory = GuestMemory.empty()
         if self._backend_sock is not None:
+            self.device.set_backend_channel(None)
             self._backend_sock.close()
             self._backend_sock = None
         if self._inflight is not None:
@@ -470,5 +482,8 @@ _HANDLERS: dict[R, Callable] = {
     R.ADD_MEM_REG: Session._add_mem_reg,
     R.REM_MEM_REG: Session._rem_mem_reg,
     R.SET_STATUS: Session._set_status,
+    R.SEND_RARP: Session._send_rarp,
+    R.NET_SET_MTU: Session._net_set_mtu,
+    R.GPU_SET_SOCKET: Session._gpu_set_socket,
     R.GET_STATUS: Session._get_status,
 }
