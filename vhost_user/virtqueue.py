@@ -457,6 +457,11 @@ class Virtqueue:
         self._chain.cap = lib.VR_MAX_SEGS
         self._chain.segs = self._segs
         self._started = True
+        if self._inflight is not None:
+            # One line per start: crash-recovery tests read it to prove that
+            # requests really were replayed from the front-end's region.
+            log.info("queue %d: %d request(s) to resubmit from the inflight region",
+                     self.index, len(self.inflight_heads()))
         if handler is None:
             return
         try:
