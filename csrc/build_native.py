@@ -10,7 +10,7 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["csrc/memory.c", "csrc/vring.c", "csrc/inflight.c", "csrc/run.c", "csrc/blk.c"]
+SOURCES = ["csrc/memory.c", "csrc/vring.c", "csrc/inflight.c", "csrc/run.c", "csrc/blk.c", "csrc/net.c"]
 
 CDEF = """
 #define VR_MAX_REGIONS 32
@@ -82,6 +82,33 @@ void vr_blk_free(struct vr_blk *b);
 int vr_blk_handle(void *ctx, struct vr_queue *q);
 void vr_blk_get_stats(const struct vr_blk *b, struct vr_blk_stats *out);
 
+struct vr_net_stats {
+    uint64_t tx_frames, tx_bytes, rx_frames, rx_bytes;
+    uint64_t tx_runt, tx_oversize, tx_bad_header, tx_malformed;
+    uint64_t rx_no_room, rx_not_ready;
+    uint64_t csum_resolved, segmented, flooded;
+};
+struct vr_net_switch;
+struct vr_net_tx;
+struct vr_net_switch *vr_net_switch_new(uint32_t capture_bytes, uint64_t ageing_ns);
+void vr_net_switch_free(struct vr_net_switch *sw);
+int vr_net_port_add(struct vr_net_switch *sw, int tap_fd, uint64_t tap_features);
+void vr_net_port_set_features(struct vr_net_switch *sw, int port, uint64_t features);
+void vr_net_port_get_stats(struct vr_net_switch *sw, int port, struct vr_net_stats *out);
+void vr_net_port_forget(struct vr_net_switch *sw, int port);
+int vr_net_mac_lookup(struct vr_net_switch *sw, const uint8_t *mac);
+int vr_net_rx_attach(struct vr_net_switch *sw, int port, uint32_t qp, struct vr_queue *q);
+void vr_net_rx_detach(struct vr_net_switch *sw, int port, uint32_t qp);
+void vr_net_rx_lock(struct vr_net_switch *sw, int port, uint32_t qp);
+void vr_net_rx_unlock(struct vr_net_switch *sw, int port, uint32_t qp);
+struct vr_net_tx *vr_net_tx_new(struct vr_net_switch *sw, int port, uint32_t qp);
+void vr_net_tx_free(struct vr_net_tx *t);
+int vr_net_tx_handle(void *ctx, struct vr_queue *q);
+int vr_net_inject(struct vr_net_switch *sw, int port, const uint8_t *frame, uint32_t len);
+int vr_net_tap_run(struct vr_net_switch *sw, int port, int ctl_fd);
+uint32_t vr_net_capture_read(struct vr_net_switch *sw, uint8_t *buf, uint32_t cap,
+                             uint64_t *dropped);
+
 extern "Python" int vr_py_handler(void *ctx, struct vr_queue *q);
 """
 
@@ -89,10 +116,10 @@ ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "vhost_user._native",
-    '#include "vring.h"\n#include "blk.h"\n',
+    '#include "vring.h"\n#include "blk.h"\n#include "net.h"\n',
     sources=SOURCES,
     include_dirs=[HERE],
-    depends=[os.path.join("csrc", f) for f in ("vring.h", "blk.h")],
+    depends=[os.path.join("csrc", f) for f in ("vring.h", "blk.h", "net.h")],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )
 
