@@ -115,3 +115,24 @@ def test_fd_that_is_not_a_listening_socket_is_refused(sockdir):
         os.close(r)
         os.close(w)
     assert out.returncode == 1 and "--fd" in out.stderr
+
+
+def test_direct_on_file_system_without_o_direct_is_a_clear_error(sockdir):
+    """ramfs has no O_DIRECT: --direct must say so instead of failing later."""
+    if os.geteuid() != 0:
+        import pytest
+
+        pytest.skip("mounting a ramfs needs root")
+    mnt = os.path.join(sockdir, "ramfs")
+    os.mkdir(mnt)
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", mnt], check=True)
+    try:
+        image = os.path.join(mnt, "disk.img")
+        with open(image, "wb") as f:
+            f.truncate(1 << 20)
+        out = subprocess.run(BLK + ["--socket", os.path.join(sockdir, "s"), "--image", image, "--direct"],
+                             capture_output=True, text=True)
+        assert out.returncode == 1
+        assert "does not support O_DIRECT" in out.stderr
+    finally:
+        subprocess.run(["umount", mnt], check=True)
