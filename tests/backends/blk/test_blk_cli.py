@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from backends_proc import BackendProcess, wait_for_socket
 from vhost_user.drivers.blk import BlkDriver
 
@@ -120,8 +122,6 @@ def test_fd_that_is_not_a_listening_socket_is_refused(sockdir):
 def test_direct_on_file_system_without_o_direct_is_a_clear_error(sockdir):
     """ramfs has no O_DIRECT: --direct must say so instead of failing later."""
     if os.geteuid() != 0:
-        import pytest
-
         pytest.skip("mounting a ramfs needs root")
     mnt = os.path.join(sockdir, "ramfs")
     os.mkdir(mnt)
