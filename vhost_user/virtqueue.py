@@ -52,7 +52,8 @@ from vhost_user.errors import (
 )
 from vhost_user.memory import GuestMemory
 
-__all__ = ["Virtqueue", "Chain", "BlkEngine", "inflight_queue_size", "MAX_QUEUE_SIZE"]
+__all__ = ["Virtqueue", "Chain", "BlkEngine", "NetSwitch", "NetTxEngine", "NetRxQueue",
+           "inflight_queue_size", "MAX_QUEUE_SIZE"]
 
 log = logging.getLogger("vhost_user.virtqueue")
 
@@ -226,6 +227,110 @@ class BlkEngine:
 
 _BLK_STATS = ("reads", "writes", "flushes", "discards", "write_zeroes", "get_ids",
               "unsupported", "io_errors", "bytes_read", "bytes_written")
+
+
+class NetSwitch:
+    """The native learning switch of vhost-user-net (csrc/net.c): ports, MAC table, capture.
+
+    Ports are added before any traffic flows; virtio ports get a
+    NetTxEngine per tx queue and a NetRxQueue per rx queue.
+    """
+
+    STATS = ("tx_frames", "tx_bytes", "rx_frames", "rx_bytes", "tx_runt", "tx_oversize",
+             "tx_bad_header", "tx_malformed", "rx_no_room", "rx_not_ready",
+             "csum_resolved", "segmented", "flooded")
+
+    def __init__(self, *, capture_bytes: int = 0, ageing_s: float = 300.0) -> None:
+        sw = lib.vr_net_switch_new(capture_bytes, int(ageing_s * 1e9))
+        if sw == ffi.NULL:
+            raise MemoryError("cannot allocate the switch")
+        self._sw = ffi.gc(sw, lib.vr_net_switch_free)
+        self._capbuf = ffi.new("uint8_t[]", 1 << 20) if capture_bytes else None
+        self._dropped = ffi.new("uint64_t *")
+
+    def add_port(self, tap_fd: int = -1, tap_features: int = 0) -> int:
+        """A new port (a TAP port when tap_fd >= 0); returns its number."""
+        return _check(lib.vr_net_port_add(self._sw, tap_fd, tap_features), "add port")
+
+    def set_features(self, port: int, features: int) -> None:
+        lib.vr_net_port_set_features(self._sw, port, features)
+
+    def forget(self, port: int) -> None:
+        """Drop the MAC entries learnt on `port` (its front-end went away)."""
+        lib.vr_net_port_forget(self._sw, port)
+
+    def lookup(self, mac: bytes) -> int | None:
+        """The port a MAC was learnt on (and not aged out), or None."""
+        port = lib.vr_net_mac_lookup(self._sw, bytes(mac[:6]).ljust(6, b"\0"))
+        return None if port < 0 else port
+
+    def stats(self, port: int) -> dict[str, int]:
+        s = ffi.new("struct vr_net_stats *")
+        lib.vr_net_port_get_stats(self._sw, port, s)
+        return {k: getattr(s, k) for k in self.STATS}
+
+    def inject(self, port: int, frame: bytes) -> None:
+        """Switch one Ethernet frame as if `port` sent it (SEND_RARP announces)."""
+        _check(lib.vr_net_inject(self._sw, port, frame, len(frame)), "inject")
+
+    def run_tap(self, port: int, ctl_fd: int) -> int:
+        """Read frames from the port's TAP fd until ctl_fd is readable (GIL released)."""
+        return lib.vr_net_tap_run(self._sw, port, ctl_fd)
+
+    def capture_read(self) -> tuple[bytes, int]:
+        """Whole pcap records waiting in the capture ring, and the total drop count."""
+        if self._capbuf is None:
+            return b"", 0
+        n = lib.vr_net_capture_read(self._sw, self._capbuf, len(self._capbuf), self._dropped)
+        return bytes(ffi.buffer(self._capbuf, n)), self._dropped[0]
+
+
+class NetTxEngine:
+    """Native handler of one tx queue: frames go through the switch in C."""
+
+    def __init__(self, switch: NetSwitch, port: int, pair: int) -> None:
+        self.switch, self.port, self.pair = switch, port, pair
+        self._ctx = None
+        self.stats: dict[str, int] = {}
+
+    def _bind(self):
+        if self._ctx is not None:
+            raise ValueError("a NetTxEngine serves one queue at a time")
+        ctx = lib.vr_net_tx_new(self.switch._sw, self.port, self.pair)
+        if ctx == ffi.NULL:
+            raise MemoryError("cannot allocate the net tx engine")
+        self._ctx = ctx
+        return ctx
+
+    def _unbind(self) -> None:
+        if self._ctx is not None:
+            lib.vr_net_tx_free(self._ctx)
+            self._ctx = None
+
+
+class NetRxQueue:
+    """Marks an rx queue of a switch port. It has no worker: other ports' tx
+    workers fill it under its lock, which the control plane also holds while
+    it changes the queue (pause), and which stop() takes to detach it."""
+
+    def __init__(self, switch: NetSwitch, port: int, pair: int) -> None:
+        self.switch, self.port, self.pair = switch, port, pair
+        self.stats: dict[str, int] = {}
+
+    def _attach(self, q) -> None:
+        _check(lib.vr_net_rx_attach(self.switch._sw, self.port, self.pair, q), "rx attach")
+
+    def _detach(self) -> None:
+        lib.vr_net_rx_detach(self.switch._sw, self.port, self.pair)
+
+    def _unbind(self) -> None:
+        pass
+
+    def _lock(self) -> None:
+        lib.vr_net_rx_lock(self.switch._sw, self.port, self.pair)
+
+    def _unlock(self) -> None:
+        lib.vr_net_rx_unlock(self.switch._sw, self.port, self.pair)
 
 
 @ffi.def_extern()
@@ -462,11 +567,18 @@ class Virtqueue:
             # requests really were replayed from the front-end's region.
             log.info("queue %d: %d request(s) to resubmit from the inflight region",
                      self.index, len(self.inflight_heads()))
+        if isinstance(handler, NetRxQueue):
+            handler._attach(self._q)
+            self._engine = handler
+            return
         if handler is None:
             return
         try:
             if isinstance(handler, BlkEngine):
                 fn, ctx = ffi.addressof(lib, "vr_blk_handle"), handler._bind()
+                self._engine = handler
+            elif isinstance(handler, NetTxEngine):
+                fn, ctx = ffi.addressof(lib, "vr_net_tx_handle"), handler._bind()
                 self._engine = handler
             elif callable(handler):
                 self._handle = ffi.new_handle(self)
@@ -495,6 +607,8 @@ class Virtqueue:
                     self._cond.notify_all()
                 os.eventfd_write(self._ctl, 1)
                 t.join()
+            if isinstance(self._engine, NetRxQueue):
+                self._engine._detach()
             lib.vr_queue_stop(self._q)
             if self._engine is not None:
                 self._engine._unbind()
@@ -645,9 +759,14 @@ class _Pause:
     def __init__(self, vq: Virtqueue) -> None:
         self.vq = vq
         self.active = False
+        self.locked: NetRxQueue | None = None
 
     def __enter__(self) -> None:
         vq = self.vq
+        if isinstance(vq._engine, NetRxQueue) and vq._started:
+            vq._engine._lock()  # other ports' tx workers write this rx queue
+            self.locked = vq._engine
+            return
         t = vq._thread
         if t is None or not t.is_alive() or t is threading.current_thread():
             return
@@ -660,6 +779,9 @@ class _Pause:
                 vq._cond.wait(0.1)
 
     def __exit__(self, *exc: object) -> None:
+        if self.locked is not None:
+            self.locked._unlock()
+            return
         if not self.active:
             return
         vq = self.vq
