@@ -47,7 +47,8 @@ def parse_size(text: str) -> int:
     return value
 
 
-def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def base_parser(prog: str, description: str, *, verbose_flag: bool = True) -> argparse.ArgumentParser:
+    """The shared options; verbose_flag=False leaves `-v` free (vhost-user-gpu's --virgl)."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     where = p.add_mutually_exclusive_group()
     where.add_argument("-s", "--socket", "--socket-path", dest="socket", metavar="PATH",
@@ -58,7 +59,8 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="print the back-end capabilities as JSON and exit")
     p.add_argument("--print-description", action="store_true",
                    help="print a vhost-user.json description file (for /usr/share/qemu/vhost-user/) and exit")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (repeatable)")
+    verbose = ("-v", "--verbose") if verbose_flag else ("--verbose",)
+    p.add_argument(*verbose, action="count", default=0, help="more logging (repeatable)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    help="logging level (default warning, -v info, -vv debug)")
     return p
