@@ -8,6 +8,12 @@ import tempfile
 
 import pytest
 
+# Back-ends are spawned as `python -m vhost_user...` from the repo root, where the
+# partial source folder vhost_user/ would shadow the installed package (protocol/
+# and backends/ are mapped into it only by the install). Safe-path mode keeps the
+# current directory off sys.path in every child Python.
+os.environ["PYTHONSAFEPATH"] = "1"
+
 # The real-guest harness (tests/harness/): kernel, initramfs, GuestVM fixtures.
 pytest_plugins = ["harness.fixtures"]
 
