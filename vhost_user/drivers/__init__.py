@@ -1,5 +1,6 @@
 """Guest-side device driver models for the built-in front-end."""
 
 from .blk import BlkDriver, BlkIOError
+from .net import NetDriver
 
-__all__ = ["BlkDriver", "BlkIOError"]
+__all__ = ["BlkDriver", "BlkIOError", "NetDriver"]

@@ -1,0 +1,104 @@
+"""The virtio-net header (virtio 1.2, 5.1.6): a pure parser, no I/O.
+
+Every frame on a virtio-net queue is preceded by this header. It is 12 bytes
+when VIRTIO_F_VERSION_1 or VIRTIO_NET_F_MRG_RXBUF was negotiated (the last
+two bytes are num_buffers) and 10 bytes otherwise.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+__all__ = ["NetFeature", "NetHeader", "HEADER_SIZE", "header_size", "Flag", "GsoType",
+           "OFFLOAD_FEATURES"]
+
+HEADER_SIZE = 12
+_LEGACY_SIZE = 10
+_FMT = struct.Struct("<BBHHHHH")
+
+
+class NetFeature(enum.IntEnum):
+    """virtio-net feature bits (virtio 1.2, 5.1.3)."""
+
+    CSUM = 0
+    GUEST_CSUM = 1
+    MTU = 3
+    MAC = 5
+    GUEST_TSO4 = 7
+    GUEST_TSO6 = 8
+    GUEST_ECN = 9
+    GUEST_UFO = 10
+    HOST_TSO4 = 11
+    HOST_TSO6 = 12
+    HOST_ECN = 13
+    HOST_UFO = 14
+    MRG_RXBUF = 15
+    STATUS = 16
+    CTRL_VQ = 17
+    MQ = 22
+
+
+# The offloads the switch carries between ports (and resolves in software).
+OFFLOAD_FEATURES = sum(1 << b for b in (
+    NetFeature.CSUM, NetFeature.GUEST_CSUM, NetFeature.GUEST_TSO4, NetFeature.GUEST_TSO6,
+    NetFeature.GUEST_ECN, NetFeature.HOST_TSO4, NetFeature.HOST_TSO6, NetFeature.HOST_ECN))
+
+
+class Flag(enum.IntFlag):
+    NEEDS_CSUM = 1
+    DATA_VALID = 2
+
+
+class GsoType(enum.IntEnum):
+    NONE = 0
+    TCPV4 = 1
+    UDP = 3
+    TCPV6 = 4
+    ECN = 0x80
+
+
+def header_size(features: int) -> int:
+    """Bytes of the header for a negotiated feature set (5.1.6.1)."""
+    if features & ((1 << 32) | (1 << NetFeature.MRG_RXBUF)):
+        return HEADER_SIZE
+    return _LEGACY_SIZE
+
+
+@dataclass(frozen=True)
+class NetHeader:
+    """struct virtio_net_hdr_v1."""
+
+    flags: int = 0
+    gso_type: int = 0
+    hdr_len: int = 0
+    gso_size: int = 0
+    csum_start: int = 0
+    csum_offset: int = 0
+    num_buffers: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("flags", "gso_type"):
+            if not 0 <= getattr(self, name) <= 0xFF:
+                raise ValueError(f"{name} must fit 8 bits")
+        for name in ("hdr_len", "gso_size", "csum_start", "csum_offset", "num_buffers"):
+            if not 0 <= getattr(self, name) <= 0xFFFF:
+                raise ValueError(f"{name} must fit 16 bits")
+
+    def pack(self, size: int = HEADER_SIZE) -> bytes:
+        if size not in (HEADER_SIZE, _LEGACY_SIZE):
+            raise ValueError("header size is 10 or 12")
+        raw = _FMT.pack(self.flags, self.gso_type, self.hdr_len, self.gso_size,
+                        self.csum_start, self.csum_offset, self.num_buffers)
+        return raw[:size]
+
+    @classmethod
+    def unpack(cls, data: bytes, size: int = HEADER_SIZE) -> "NetHeader":
+        if size not in (HEADER_SIZE, _LEGACY_SIZE):
+            raise ValueError("header size is 10 or 12")
+        if len(data) < size:
+            raise ValueError(f"virtio-net header needs {size} bytes, got {len(data)}")
+        raw = bytes(data[:size]).ljust(HEADER_SIZE, b"\0")
+        f = _FMT.unpack(raw)
+        return cls(*f[:6], num_buffers=f[6] if size == HEADER_SIZE else 1)
