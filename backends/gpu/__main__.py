@@ -1,0 +1,56 @@
+"""`vhost-user-gpu`: a drop-in for QEMU's vhost-user-gpu (same flags, same JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vhost_user.cli import base_parser, parse_size, run_backend
+
+from .device import CAPABILITIES, GpuDevice, GpuOptions
+from .virgl import virgl_unavailable_reason
+
+
+def _resolution(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not WIDTHxHEIGHT: {text!r}") from None
+    if not (0 < w <= 16384 and 0 < h <= 16384):
+        raise argparse.ArgumentTypeError(f"resolution out of range: {text!r}")
+    return w, h
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = base_parser("vhost-user-gpu", "vhost-user virtio-gpu back-end", verbose_flag=False)
+    p.add_argument("-v", "--virgl", action="store_true", help="turn virgl (3D) rendering on")
+    p.add_argument("-r", "--render-node", metavar="PATH", help="DRM render node (3D only)")
+    p.add_argument("--display", metavar="png:DIR|none",
+                   help="headless output when the VMM sends no display socket "
+                        "(png:DIR writes DIR/scanout-N.png on every flush)")
+    p.add_argument("--outputs", type=int, default=1, help="scanouts announced to the guest (1-16)")
+    p.add_argument("--resolution", type=_resolution, default=(1280, 800),
+                   help="headless preferred mode (default 1280x800)")
+    p.add_argument("--max-hostmem", type=parse_size, default=256 << 20,
+                   help="host memory the guest's resources may use (default 256M)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.virgl:
+        print(f"error: --virgl: {virgl_unavailable_reason()}", file=sys.stderr)
+        return 1
+    if args.render_node and not args.print_capabilities:
+        print("warning: --render-node is only used for 3D (--virgl); ignored", file=sys.stderr)
+    width, height = args.resolution
+    opts = GpuOptions(display=args.display, outputs=args.outputs, width=width, height=height,
+                      max_hostmem=args.max_hostmem)
+    if not args.print_capabilities and not args.print_description:
+        GpuDevice(opts).close()  # validate the options before listening
+
+    return run_backend(args, lambda: GpuDevice(opts), CAPABILITIES, "vhost-user-gpu")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

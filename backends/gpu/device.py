@@ -1,0 +1,336 @@
+"""The virtio-gpu device (2D): control and cursor queues behind vhost-user.
+
+Each queue's worker thread calls a Python handler on every kick (virtio
+spec 5.7): the control handler decodes one command at a time through
+`commands.parse`, runs it through one dispatch table and writes the response
+(fence id and context echoed when VIRTIO_GPU_FLAG_FENCE is set; commands
+finish in order, so a fenced command's response is its fence). Pixel
+copies are numpy (see `resources`). Every failure becomes a virtio-gpu error
+response and one log line; nothing the guest sends stops the device.
+
+The display is QEMU's (a `SocketDisplay` on the GPU_SET_SOCKET fd, replaced
+on every driver start), else the headless fallback (`--display png:DIR`) or
+nothing. Error codes follow QEMU's vhost-user-gpu, so the two answer a
+driver alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from vhost_user.device import VirtioDevice
+from vhost_user.errors import DeviceError, GuestMemoryError
+from vhost_user.protocol import ProtocolFeature
+
+from .commands import (
+    CURSOR_CMD_SIZE,
+    MAX_BACKING_ENTRIES,
+    MAX_SCANOUTS,
+    BadCommand,
+    CtrlHeader,
+    CtrlType as T,
+    GpuConfig,
+    GpuFeature,
+    Rect,
+    RespEdid,
+    ResourceAttachBacking,
+    UpdateCursor,
+    parse,
+    parse_cursor,
+)
+from .display import Display, NullDisplay, PngDisplay, SocketDisplay, default_modes
+from .display_protocol import CursorPosMsg, CursorUpdateMsg, ScanoutMsg, UpdateMsg
+from .resources import DEFAULT_MAX_HOSTMEM, GpuError, ResourceTable, to_x8r8g8b8
+
+__all__ = ["GpuDevice", "GpuOptions", "CAPABILITIES"]
+
+log = logging.getLogger(__name__)
+
+# docs/interop/vhost-user.json, VHostUserBackendCapabilitiesGPU: only what works.
+CAPABILITIES = {"type": "gpu", "features": []}
+
+_CTRL, _CURSOR = 0, 1
+# The most command bytes read from one chain: attach-backing with its largest entry list.
+_MAX_CMD_BYTES = ResourceAttachBacking.SIZE + 16 * MAX_BACKING_ENTRIES
+
+
+@dataclass
+class GpuOptions:
+    display: str | None = None      # None (QEMU's socket only) or "png:DIR"
+    outputs: int = 1
+    width: int = 1280
+    height: int = 800
+    max_hostmem: int = DEFAULT_MAX_HOSTMEM
+
+
+@dataclass
+class _Scanout:
+    resource_id: int = 0
+    rect: Rect = Rect(0, 0, 0, 0)
+
+
+def _read_prefix(memory, segments, limit: int) -> bytes:
+    """At most `limit` device-readable bytes of a chain (a hostile chain may be huge)."""
+    out, left = [], limit
+    regions = memory.regions
+    for i, off, n in segments:
+        if left <= 0:
+            break
+        take = min(n, left)
+        out.append(regions[i].read(off, take))
+        left -= take
+    return b"".join(out)
+
+
+class GpuDevice(VirtioDevice):
+    device_type = "gpu"
+    virtio_id = 16
+    num_queues = 2
+    max_queue_size = 1024
+    device_features = 1 << GpuFeature.VIRTIO_GPU_F_EDID
+    device_protocol_features = 1 << ProtocolFeature.CONFIG
+
+    def __init__(self, opts: GpuOptions | None = None):
+        super().__init__()
+        opts = opts or GpuOptions()
+        if not 1 <= opts.outputs <= MAX_SCANOUTS:
+            raise DeviceError(f"--outputs must be 1..{MAX_SCANOUTS}")
+        if not (0 < opts.width <= 16384 and 0 < opts.height <= 16384):
+            raise DeviceError(f"bad resolution {opts.width}x{opts.height}")
+        self.opts = opts
+        self.modes = default_modes(opts.outputs, opts.width, opts.height)
+        self.fallback = self._make_fallback(opts.display)
+        self.display: Display = self.fallback
+        self.resources = ResourceTable(opts.max_hostmem)
+        self.scanouts = [_Scanout() for _ in range(MAX_SCANOUTS)]
+        self._lock = threading.Lock()   # resources and scanouts: ctrl vs cursor worker
+        self._dispatch = {
+            T.CMD_GET_DISPLAY_INFO: self._get_display_info,
+            T.CMD_GET_EDID: self._get_edid,
+            T.CMD_RESOURCE_CREATE_2D: self._create_2d,
+            T.CMD_RESOURCE_UNREF: self._unref,
+            T.CMD_SET_SCANOUT: self._set_scanout,
+            T.CMD_RESOURCE_FLUSH: self._flush,
+            T.CMD_TRANSFER_TO_HOST_2D: self._transfer,
+            T.CMD_RESOURCE_ATTACH_BACKING: self._attach_backing,
+            T.CMD_RESOURCE_DETACH_BACKING: self._detach_backing,
+            T.CMD_GET_CAPSET_INFO: self._get_capset_info,
+        }
+
+    def _make_fallback(self, spec: str | None) -> Display:
+        if spec is None or spec == "none":
+            return NullDisplay(self.modes)
+        kind, _, arg = spec.partition(":")
+        if kind == "png" and arg:
+            return PngDisplay(arg, self.modes)
+        raise DeviceError(f"--display {spec!r}: use png:DIR or none")
+
+    # -- vhost-user hooks ------------------------------------------------------------
+    def get_config(self, offset: int, size: int) -> bytes:
+        space = GpuConfig(num_scanouts=self.opts.outputs, num_capsets=0).pack()
+        if offset + size > len(space):
+            raise DeviceError(f"config read {offset}+{size} beyond {len(space)} bytes")
+        return space[offset:offset + size]
+
+    def set_config(self, offset: int, data: bytes, flags: int) -> None:
+        """Only events_clear is writable, and this device raises no events."""
+
+    def set_gpu_socket(self, fd: int) -> None:
+        new = SocketDisplay(fd, self.modes)
+        old, self.display = self.display, new
+        if old is not self.fallback:
+            old.close()
+        log.info("display socket set (fd %d)", fd)
+
+    def queue_handler(self, index: int):
+        if index == _CTRL:
+            return self._handle_ctrl
+        if index == _CURSOR:
+            return self._handle_cursor
+        return super().queue_handler(index)
+
+    def connected(self) -> None:
+        self._drop_display()
+
+    def reset(self) -> None:
+        """Virtio reset: every resource and scanout goes; the display socket stays."""
+        super().reset()
+        with self._lock:
+            self.resources.clear()
+            self.scanouts = [_Scanout() for _ in range(MAX_SCANOUTS)]
+
+    def _drop_display(self) -> None:
+        old, self.display = self.display, self.fallback
+        if old is not self.fallback:
+            old.close()
+
+    def close(self) -> None:
+        self._drop_display()
+
+    def capabilities(self) -> dict:
+        return CAPABILITIES
+
+    # -- queues ----------------------------------------------------------------------
+    def _handle_ctrl(self, vq) -> None:
+        memory = vq._memory  # the table the worker runs on; stable for this call
+        done = False
+        while True:
+            chain = vq.pop()
+            if chain is None:
+                break
+            data = _read_prefix(memory, chain.readable, _MAX_CMD_BYTES)
+            response = self.execute(data, memory)
+            written = chain.write(response)
+            if written != len(response):
+                log.warning("control queue: response of %d bytes cut to %d (head %d)",
+                            len(response), written, chain.head)
+            vq.push(chain.head, written)
+            done = True
+        if done:
+            vq.notify()
+
+    def _handle_cursor(self, vq) -> None:
+        memory = vq._memory
+        done = False
+        while True:
+            chain = vq.pop()
+            if chain is None:
+                break
+            data = _read_prefix(memory, chain.readable, CURSOR_CMD_SIZE)
+            try:
+                self.cursor_command(parse_cursor(data))
+            except BadCommand as exc:
+                log.warning("cursor queue: %s", exc)
+            vq.push(chain.head, 0)
+            done = True
+        if done:
+            vq.notify()
+
+    # -- commands ----------------------------------------------------------------------
+    def execute(self, data: bytes, memory) -> bytes:
+        """Run one control command; return the response bytes."""
+        try:
+            hdr, cmd = parse(data)
+        except BadCommand as exc:
+            log.warning("control queue: %s", exc)
+            return CtrlHeader(exc.error).pack()
+        handler = self._dispatch.get(hdr.type)
+        try:
+            if handler is None:
+                name = T(hdr.type).name if hdr.type in T._value2member_map_ else hex(hdr.type)
+                raise GpuError(T.RESP_ERR_UNSPEC, f"unsupported command {name}")
+            with self._lock:
+                rtype, body = handler(cmd, data, memory)
+        except BadCommand as exc:
+            log.warning("control queue: %s", exc)
+            return hdr.response(exc.error).pack()
+        except GpuError as exc:
+            log.warning("control queue: %s", exc)
+            return hdr.response(exc.code).pack()
+        return hdr.response(rtype).pack() + body
+
+    def _get_display_info(self, cmd, data, memory):
+        info = self.display.display_info()
+        return T.RESP_OK_DISPLAY_INFO, info.pack()[CtrlHeader.SIZE:]
+
+    def _get_edid(self, cmd, data, memory):
+        if cmd.scanout >= MAX_SCANOUTS:
+            raise GpuError(T.RESP_ERR_INVALID_PARAMETER, f"EDID of scanout {cmd.scanout}")
+        edid = self.display.edid(cmd.scanout)
+        if edid is None:
+            raise GpuError(T.RESP_ERR_INVALID_PARAMETER, f"no EDID for scanout {cmd.scanout}")
+        return T.RESP_OK_EDID, RespEdid(edid).pack()[CtrlHeader.SIZE:]
+
+    def _create_2d(self, cmd, data, memory):
+        self.resources.create_2d(cmd.resource_id, cmd.format, cmd.width, cmd.height)
+        return T.RESP_OK_NODATA, b""
+
+    def _unref(self, cmd, data, memory):
+        res = self.resources.find(cmd.resource_id)
+        for i, s in enumerate(self.scanouts):
+            if s.resource_id == res.resource_id:
+                self._disable_scanout(i)
+        self.resources.unref(cmd.resource_id)
+        return T.RESP_OK_NODATA, b""
+
+    def _disable_scanout(self, i: int) -> None:
+        if self.scanouts[i].resource_id == 0:
+            return
+        self.scanouts[i] = _Scanout()
+        self.display.scanout(ScanoutMsg(i, 0, 0))
+
+    def _set_scanout(self, cmd, data, memory):
+        if cmd.scanout_id >= MAX_SCANOUTS:
+            raise GpuError(T.RESP_ERR_INVALID_SCANOUT_ID, f"scanout {cmd.scanout_id}")
+        if cmd.resource_id == 0:
+            self._disable_scanout(cmd.scanout_id)
+            return T.RESP_OK_NODATA, b""
+        res = self.resources.find(cmd.resource_id)
+        if not cmd.r.inside(res.width, res.height):
+            raise GpuError(T.RESP_ERR_INVALID_PARAMETER,
+                           f"scanout {cmd.scanout_id} rect {cmd.r} outside resource "
+                           f"{res.resource_id} ({res.width}x{res.height})")
+        self.scanouts[cmd.scanout_id] = _Scanout(res.resource_id, cmd.r)
+        self.display.scanout(ScanoutMsg(cmd.scanout_id, cmd.r.width, cmd.r.height))
+        return T.RESP_OK_NODATA, b""
+
+    def _flush(self, cmd, data, memory):
+        res = self.resources.find(cmd.resource_id)
+        if not cmd.r.inside(res.width, res.height):
+            raise GpuError(T.RESP_ERR_INVALID_PARAMETER,
+                           f"flush {cmd.r} outside resource {res.resource_id} "
+                           f"({res.width}x{res.height})")
+        for i, s in enumerate(self.scanouts):
+            if s.resource_id != res.resource_id:
+                continue
+            part = cmd.r.intersect(s.rect)
+            if part.empty:
+                continue
+            pixels = to_x8r8g8b8(res, part)
+            self.display.update(UpdateMsg(i, part.x - s.rect.x, part.y - s.rect.y,
+                                          part.width, part.height), pixels)
+        return T.RESP_OK_NODATA, b""
+
+    def _transfer(self, cmd, data, memory):
+        res = self.resources.get(cmd.resource_id)
+        if res is None or res.backing is None:
+            raise GpuError(T.RESP_ERR_INVALID_RESOURCE_ID,
+                           f"transfer to resource {cmd.resource_id} without backing")
+        try:
+            self.resources.transfer_to_host_2d(res, memory, cmd.r, cmd.offset)
+        except GuestMemoryError as exc:
+            raise GpuError(T.RESP_ERR_UNSPEC, f"transfer: {exc}") from None
+        return T.RESP_OK_NODATA, b""
+
+    def _attach_backing(self, cmd, data, memory):
+        res = self.resources.find(cmd.resource_id)
+        if res.backing is not None:
+            raise GpuError(T.RESP_ERR_UNSPEC, f"resource {res.resource_id} already has backing")
+        full = ResourceAttachBacking.unpack_all(data)
+        self.resources.attach_backing(res, memory, full.entries)
+        return T.RESP_OK_NODATA, b""
+
+    def _detach_backing(self, cmd, data, memory):
+        res = self.resources.get(cmd.resource_id)
+        if res is None or res.backing is None:
+            raise GpuError(T.RESP_ERR_INVALID_RESOURCE_ID,
+                           f"detach from resource {cmd.resource_id} without backing")
+        self.resources.detach_backing(res)
+        return T.RESP_OK_NODATA, b""
+
+    def _get_capset_info(self, cmd, data, memory):
+        # num_capsets is 0 without virgl: every index is out of range (virtio 5.7.6.8).
+        raise GpuError(T.RESP_ERR_INVALID_PARAMETER, f"capset index {cmd.capset_index}: no capsets")
+
+    def cursor_command(self, cmd: UpdateCursor) -> None:
+        pos = CursorPosMsg(cmd.pos.scanout_id, cmd.pos.x, cmd.pos.y)
+        if cmd.hdr.type == T.CMD_MOVE_CURSOR:
+            self.display.cursor_pos(pos, visible=cmd.resource_id != 0)
+        elif cmd.hdr.type == T.CMD_UPDATE_CURSOR:
+            with self._lock:
+                image = self.resources.cursor_image(cmd.resource_id)
+            self.display.cursor_update(CursorUpdateMsg(pos, cmd.hot_x, cmd.hot_y, image))
+        else:
+            log.warning("cursor queue: unknown command %#x", cmd.hdr.type)
