@@ -127,8 +127,7 @@ class CtrlHeader:
     @classmethod
     def unpack(cls, data: bytes) -> "CtrlHeader":
         if len(data) < HDR_SIZE:
-            raise BadCommand(f"command of {len(data)} bytes is shorter than its header",
-                             CtrlType.RESP_ERR_INVALID_PARAMETER)
+            raise BadCommand(f"command of {len(data)} bytes is shorter than its header")
         return cls(*_HDR.unpack_from(data))
 
     def response(self, type_: int) -> "CtrlHeader":

@@ -166,8 +166,6 @@ class ResourceTable:
         if fmt not in FORMATS:
             raise GpuError(CtrlType.RESP_ERR_INVALID_PARAMETER, f"unsupported format {fmt}")
         size = width * height * BPP
-        if width == 0 or height == 0:
-            raise GpuError(CtrlType.RESP_ERR_OUT_OF_MEMORY, f"empty resource {width}x{height}")
         if size > self.max_hostmem - self.hostmem:
             raise GpuError(CtrlType.RESP_ERR_OUT_OF_MEMORY,
                            f"resource {resource_id} of {width}x{height} needs {size} bytes; "
