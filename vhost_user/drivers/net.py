@@ -10,8 +10,8 @@ header's num_buffers says how many used elements belong to it.
 from __future__ import annotations
 
 from vhost_user.backends.net.header import OFFLOAD_FEATURES, NetFeature, NetHeader, header_size
-from vhost_user.frontend import Frontend, GuestRam, QueueHandle
-from vhost_user.protocol import VirtioFeature
+from vhost_user.frontend import FRONTEND_PROTOCOL_FEATURES, Frontend, GuestRam, QueueHandle
+from vhost_user.protocol import ProtocolFeature, VirtioFeature
 
 __all__ = ["NetDriver", "DRIVER_FEATURES", "MAX_FRAME"]
 
@@ -62,7 +62,9 @@ class NetDriver:
         fe = Frontend(path, GuestRam([(0, ram_size)]))
         fe._owns_ram = True
         try:
-            fe.negotiate(features)
+            # QEMU's net front-end also asks for RARP (announce after migration).
+            fe.negotiate(features, protocol_features=FRONTEND_PROTOCOL_FEATURES
+                         | (1 << ProtocolFeature.RARP))
             return cls(fe, num_pairs=num_pairs, queue_size=queue_size, **kw)
         except BaseException:
             fe.close()
