@@ -1,0 +1,70 @@
+"""vhost-user-gpu's command line: QEMU's flags, capabilities JSON, description file, --virgl."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from backends_proc import BackendProcess, require_tool, wait_for_socket
+from vhost_user.backends.gpu.commands import CtrlType as T
+from vhost_user.drivers.gpu import GpuDriver
+
+QEMU_GPU = "/usr/lib/qemu/vhost-user-gpu"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vhost_user.backends.gpu", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_gpu_cli_accepts_every_qemu_flag():
+    help_text = _run("--help").stdout
+    for flag in ("-s", "--socket-path", "-f", "--fd", "-c", "--print-capabilities",
+                 "-v", "--virgl", "-r", "--render-node"):
+        assert flag in help_text
+
+
+def test_gpu_capabilities_have_qemus_shape_and_list_only_what_works():
+    ours = json.loads(_run("-c").stdout)
+    qemu = json.loads(subprocess.run([require_tool(QEMU_GPU), "--print-capabilities"],
+                                     capture_output=True, text=True, timeout=30).stdout)
+    assert set(ours) == set(qemu) == {"type", "features"}
+    assert ours["type"] == qemu["type"] == "gpu"
+    assert "virgl" not in ours["features"] and "render-node" not in ours["features"]
+
+
+def test_gpu_description_file_names_the_installed_binary():
+    desc = json.loads(_run("--print-description").stdout)
+    assert desc["type"] == "gpu"
+    assert os.path.basename(desc["binary"]) == "vhost-user-gpu"
+
+
+def test_gpu_virgl_fails_with_a_clear_message():
+    for flag in ("-v", "--virgl"):
+        r = _run(flag, "--socket-path", "/tmp/never-created.sock")
+        assert r.returncode == 1
+        assert "virgl" in r.stderr and "not available" in r.stderr
+    assert not os.path.exists("/tmp/never-created.sock")
+
+
+def test_gpu_serves_on_an_inherited_fd(sockdir):
+    path = os.path.join(sockdir, "inherited.sock")
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(path)
+    lsock.listen(1)
+    log_path = os.path.join(sockdir, "fd.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "vhost_user.backends.gpu", "-f",
+                                 str(lsock.fileno()), "--verbose"], pass_fds=(lsock.fileno(),),
+                                stdout=log, stderr=subprocess.STDOUT)
+    lsock.close()
+    bp = BackendProcess(proc, path, log_path)
+    try:
+        wait_for_socket(path, proc)
+        with GpuDriver.connect(path) as drv:
+            assert drv.create_2d(1, 4, 4) == T.RESP_OK_NODATA
+    finally:
+        assert bp.stop() == 0, bp.log()
