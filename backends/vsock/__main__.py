@@ -1,0 +1,122 @@
+"""`vhost-user-vsock`: the command line of rust-vmm's vhost-device-vsock, plus the suite's conventions.
+
+One VM: `--guest-cid 3 --socket S --uds-path U [--groups a+b]`; several VMs
+in one process (so they can reach each other): repeat
+`--vm guest-cid=3,socket=S,uds-path=U,groups=a+b`. All VMs share one
+router and one optional `--pcap` capture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from vhost_user.cli import Endpoint, _setup_logging, base_parser, parse_size, serve_devices
+
+from .device import CAPABILITIES, VmOptions, VsockDevice
+from .router import Router
+
+_VM_KEYS = {"guest-cid", "socket", "uds-path", "groups", "tx-buffer-size", "queue-size"}
+
+
+def _groups(text: str) -> frozenset:
+    groups = frozenset(g for g in text.split("+") if g)
+    if not groups:
+        raise argparse.ArgumentTypeError(f"no group names in {text!r}")
+    return groups
+
+
+def parse_vm(text: str) -> dict:
+    """`guest-cid=3,socket=/x,uds-path=/y,groups=a+b` -> dict (typed values)."""
+    out: dict = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in _VM_KEYS:
+            raise argparse.ArgumentTypeError(f"--vm: unknown or malformed item {item!r} "
+                                             f"(keys: {', '.join(sorted(_VM_KEYS))})")
+        if key == "guest-cid":
+            out[key] = int(value, 0)
+        elif key == "groups":
+            out[key] = _groups(value)
+        elif key in ("tx-buffer-size", "queue-size"):
+            out[key] = parse_size(value)
+        else:
+            out[key] = value
+    for required in ("guest-cid", "socket"):
+        if required not in out:
+            raise argparse.ArgumentTypeError(f"--vm needs {required}=")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = base_parser("vhost-user-vsock", "vhost-user virtio-vsock back-end (hybrid vsock over Unix sockets)")
+    p.add_argument("--guest-cid", type=lambda s: int(s, 0), help="the guest's context ID (>= 3)")
+    p.add_argument("--uds-path", metavar="PATH",
+                   help="host Unix socket: host programs CONNECT here; guests reach PATH_<port>")
+    p.add_argument("--groups", type=_groups, default=frozenset({"default"}),
+                   help="sibling-VM groups, '+'-separated (default: default)")
+    p.add_argument("--tx-buffer-size", type=parse_size, default=64 << 10,
+                   help="per-connection buffer advertised to the guest (buf_alloc, default 64K)")
+    p.add_argument("--queue-size", type=int, default=1024, help="largest virtqueue size accepted")
+    p.add_argument("--vm", type=parse_vm, action="append", default=[],
+                   help="guest-cid=N,socket=PATH[,uds-path=PATH][,groups=a+b][,tx-buffer-size=N]"
+                        "[,queue-size=N]; repeat for several VMs")
+    p.add_argument("--pcap", metavar="FILE", help="capture every vsock packet (vsockmon pcap; '-' = stdout)")
+    return p
+
+
+def _vm_options(args) -> list[tuple[Endpoint, VmOptions]]:
+    vms = []
+    if args.guest_cid is not None:
+        if args.socket is None and args.fd is None:
+            raise SystemExit("error: --guest-cid needs --socket PATH or --fd N")
+        vms.append((Endpoint(path=args.socket, fd=args.fd), VmOptions(
+            guest_cid=args.guest_cid, socket=args.socket, uds_path=args.uds_path, groups=args.groups,
+            tx_buffer_size=args.tx_buffer_size, queue_size=args.queue_size)))
+    elif args.socket is not None or args.fd is not None:
+        raise SystemExit("error: --socket/--fd need --guest-cid")
+    for vm in args.vm:
+        vms.append((Endpoint(path=vm["socket"]), VmOptions(
+            guest_cid=vm["guest-cid"], socket=vm["socket"], uds_path=vm.get("uds-path"),
+            groups=vm.get("groups", args.groups),
+            tx_buffer_size=vm.get("tx-buffer-size", args.tx_buffer_size),
+            queue_size=vm.get("queue-size", args.queue_size))))
+    if not vms:
+        raise SystemExit("error: give --guest-cid with --socket, or one or more --vm")
+    cids = [o.guest_cid for _, o in vms]
+    if len(set(cids)) != len(cids):
+        raise SystemExit("error: two VMs share a guest CID")
+    return vms
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.print_capabilities:
+        print(json.dumps(CAPABILITIES, indent=2))
+        return 0
+    if args.print_description:
+        from vhost_user.cli import description
+        print(json.dumps(description("vhost-user-vsock"), indent=2))
+        return 0
+    _setup_logging(args)
+    vms = _vm_options(args)
+    capture = None
+    if args.pcap:
+        from .pcap import Capture
+        capture = Capture(args.pcap)
+    router = Router()
+
+    def factory(opts: VmOptions):
+        return lambda: VsockDevice(opts, router, capture)
+
+    try:
+        return serve_devices([(endpoint, factory(opts)) for endpoint, opts in vms])
+    finally:
+        if capture is not None:
+            capture.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,712 @@
+"""The virtio-vsock device: one VM's rx/tx/event queues and its connections.
+
+Theory of operation
+-------------------
+Three threads touch a VM's connections, under one device lock:
+
+* the tx queue's worker (`_tx_handler`, called on every guest kick) parses
+  each packet the guest sends and runs the connection state machine
+  (dispatch table `_HOST_OPS`); RW payloads go to the host socket with one
+  `sendmsg` over memoryviews of guest memory;
+* the rx queue's worker (`_rx_handler`) is the only code that fills guest
+  rx buffers: first queued control packets (RESPONSE, RST, SHUTDOWN, credit
+  messages, packets relayed from sibling VMs), then data from readable host
+  sockets, read with `recvmsg_into` straight into the guest buffer, as far
+  as the guest's credit and rx buffers allow. Other threads wake it by
+  signalling the queue's control eventfd (`_wake_rx`), which makes the
+  worker run the handler once more; a guest kick (new rx buffers) wakes it
+  as well, so a full rx ring never stalls a connection;
+* the host thread (host.py) only reports socket readiness.
+
+Guest memory is touched only by the two queue workers, so the session can
+pause and swap the memory table at any time.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import socket
+import threading
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+from vhost_user.device import VirtioDevice
+from vhost_user.errors import DeviceError
+from vhost_user.protocol import ProtocolFeature
+
+from . import guestio
+from .connection import Conn, ConnState
+from .host import HostSide
+from .packet import (
+    HEADER_SIZE, HOST_CID, Header, Op, PacketError, SeqFlag, ShutdownFlag, SockType,
+    VsockFeature, pack_config, pack_event,
+)
+
+__all__ = ["VsockDevice", "VmOptions", "CAPABILITIES", "MAX_PACKET"]
+
+log = logging.getLogger(__name__)
+
+CAPABILITIES = {"type": "vsock", "features": []}
+RX, TX, EVENT = 0, 1, 2
+#: largest payload accepted in one packet (Linux: VIRTIO_VSOCK_MAX_PKT_BUF_SIZE)
+MAX_PACKET = 64 << 10
+#: bytes of relayed and control packets that may wait for a VM's rx buffers
+RELAY_LIMIT = 8 << 20
+_FIRST_HOST_PORT = 1 << 30
+
+
+@dataclass
+class VmOptions:
+    guest_cid: int
+    socket: str | None = None
+    uds_path: str | None = None
+    groups: frozenset = field(default_factory=lambda: frozenset({"default"}))
+    tx_buffer_size: int = 64 << 10
+    queue_size: int = 1024
+
+
+class VsockDevice(VirtioDevice):
+    device_type = "vsock"
+    virtio_id = 19
+    num_queues = 3
+    device_features = 1 << VsockFeature.SEQPACKET
+    device_protocol_features = 1 << ProtocolFeature.CONFIG
+
+    def __init__(self, opts: VmOptions, router=None, capture=None):
+        super().__init__()
+        if not 3 <= opts.guest_cid < 0xFFFFFFFF:
+            raise DeviceError(f"guest CID {opts.guest_cid} must be 3..4294967294")
+        if not 1 <= opts.tx_buffer_size <= 1 << 30:
+            raise DeviceError(f"--tx-buffer-size {opts.tx_buffer_size} must be 1..1G")
+        if not 4 <= opts.queue_size <= 32768 or opts.queue_size & (opts.queue_size - 1):
+            raise DeviceError(f"--queue-size {opts.queue_size} must be a power of two in 4..32768")
+        self.opts = opts
+        self.guest_cid = opts.guest_cid
+        self.groups = frozenset(opts.groups)
+        self.max_queue_size = opts.queue_size
+        self.router = router
+        self.capture = capture
+        self._lock = threading.RLock()
+        self._vqs: list = [None, None, None]
+        self._conns: dict[tuple[int, int, int], Conn] = {}
+        self._ctrl: deque = deque()          # (Header, payload, conn | None, capture?)
+        self._ctrl_bytes = 0
+        self._ready: dict[Conn, None] = {}   # connections with bytes for the guest (ordered set)
+        self._spare = None                   # an rx chain popped but not used yet
+        self._next_port = _FIRST_HOST_PORT
+        self._reset_pending = False
+        self._had_traffic = False
+        self._new_session = True
+        self._wake_needed = False
+        self.stats = {"rst_sent": 0, "dropped": 0, "credit_violations": 0}
+        self.host = HostSide(self, opts.uds_path)
+        if router is not None:
+            try:
+                router.add(self)
+            except ValueError as exc:
+                self.host.close()
+                raise DeviceError(str(exc)) from None
+        log.info("vsock VM cid %d, uds %s, groups %s", self.guest_cid, opts.uds_path,
+                 ",".join(sorted(self.groups)))
+
+    # -- VirtioDevice hooks ---------------------------------------------------
+    def get_config(self, offset: int, size: int) -> bytes:
+        space = pack_config(self.guest_cid)
+        if offset + size > len(space):
+            raise DeviceError(f"config read {offset}+{size} beyond {len(space)} bytes")
+        return space[offset:offset + size]
+
+    def queue_handler(self, index: int):
+        return {RX: self._rx_handler, TX: self._tx_handler, EVENT: self._event_handler}[index]
+
+    def queue_stopped(self, index: int) -> None:
+        with self._lock:
+            self._vqs[index] = None
+            if index == RX:
+                self._spare = None  # the ring is handed back; a held buffer is the front-end's again
+
+    def reset(self) -> None:
+        """A front-end left: every connection is gone; the next one gets a transport reset."""
+        super().reset()
+        with self._lock:
+            for conn in list(self._conns.values()):
+                self._close_conn(conn)
+            self._ctrl.clear()
+            self._ctrl_bytes = 0
+            self._ready.clear()
+            self._spare = None
+            self._vqs = [None, None, None]
+            self._new_session = True
+
+    def close(self) -> None:
+        self.reset()
+        if self.router is not None:
+            self.router.remove(self)
+        self.host.close()
+
+    def capabilities(self) -> dict:
+        return CAPABILITIES
+
+    # -- waking the rx worker ---------------------------------------------------
+    def _wake_rx(self) -> None:
+        """Make the rx worker run its handler once more (new control packets or data)."""
+        self._wake(RX)
+
+    def _wake(self, index: int) -> None:
+        vq = self._vqs[index]
+        if vq is not None:
+            try:
+                os.eventfd_write(vq._ctl, 1)  # the worker re-enters vr_run and calls the handler
+            except OSError:
+                pass
+
+    def _flush_wake(self) -> None:
+        if self._wake_needed:
+            self._wake_needed = False
+            self._wake_rx()
+
+    def _queue_ctrl(self, hdr: Header, payload: bytes = b"", conn: Conn | None = None,
+                    capture: bool = True) -> None:
+        self._ctrl.append((hdr, payload, conn, capture))
+        self._ctrl_bytes += len(payload) + HEADER_SIZE
+        self._wake_needed = True
+
+    def _host_header(self, conn: Conn, op: Op, **fields) -> Header:
+        return Header(src_cid=conn.peer_cid, dst_cid=self.guest_cid, src_port=conn.host_port,
+                      dst_port=conn.guest_port, type=conn.type, op=op, **fields)
+
+    def _send_rst(self, to: Header) -> None:
+        """Answer the guest packet `to` with RST (never an RST to an RST)."""
+        if to.op == Op.RST:
+            return
+        self.stats["rst_sent"] += 1
+        self._queue_ctrl(to.reply(op=Op.RST, buf_alloc=0, fwd_cnt=0))
+
+    # -- event queue -------------------------------------------------------------
+    def _event_handler(self, vq) -> None:
+        with self._lock:
+            self._vqs[EVENT] = vq
+            if not self._reset_pending:
+                return
+            chain = vq.pop()
+            if chain is None:
+                return
+            self._reset_pending = False
+        used = chain.write(pack_event())
+        vq.push(chain.head, used)
+        log.info("cid %d: sent VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (front-end reconnected)", self.guest_cid)
+
+    # -- tx queue: packets from the guest ---------------------------------------
+    def _tx_handler(self, vq) -> None:
+        if self._vqs[TX] is not vq:
+            self._tx_started(vq)
+        while (chain := vq.pop()) is not None:
+            try:
+                self._guest_packet(chain)
+            except Exception:
+                log.exception("cid %d: tx packet handling failed", self.guest_cid)
+            finally:
+                vq.push(chain.head, 0)
+        with self._lock:
+            self._flush_wake()
+
+    def _tx_started(self, vq) -> None:
+        """A new run of the tx queue: a guest that already talked to a back-end gets a
+        transport reset, since its connections died with that back-end's state."""
+        with self._lock:
+            self._vqs[TX] = vq
+            if not self._new_session:
+                return
+            self._new_session = False
+            if self._had_traffic or vq.get_base() != 0:
+                self._had_traffic = False
+                self._reset_pending = True
+                self._wake(EVENT)
+
+    def _guest_packet(self, chain) -> None:
+        self._had_traffic = True
+        total = chain.read_len
+        if total < HEADER_SIZE:
+            log.warning("cid %d: tx chain of %d bytes has no full header; dropped", self.guest_cid, total)
+            self.stats["dropped"] += 1
+            return
+        hdr = Header.unpack(guestio.read_prefix(chain, HEADER_SIZE))
+        with self._lock:
+            if hdr.len > total - HEADER_SIZE or hdr.len > MAX_PACKET:
+                log.warning("cid %d: header claims %d payload bytes, chain holds %d (max %d); "
+                            "dropped and reset", self.guest_cid, hdr.len, total - HEADER_SIZE, MAX_PACKET)
+                self.stats["dropped"] += 1
+                self._drop_conn_of(hdr)
+                self._send_rst(hdr)
+                return
+            if self.capture is not None:
+                self.capture.write(hdr, self._payload(chain, hdr))
+            if hdr.src_cid != self.guest_cid:
+                log.warning("cid %d: packet with source CID %d dropped (%s)", self.guest_cid,
+                            hdr.src_cid, hdr.describe())
+                self.stats["dropped"] += 1
+                return
+            if hdr.type not in (SockType.STREAM, SockType.SEQPACKET) or hdr.op == Op.INVALID:
+                log.warning("cid %d: bad packet %s; reset", self.guest_cid, hdr.describe())
+                self._send_rst(hdr)
+                return
+            if hdr.dst_cid == HOST_CID:
+                self._host_packet(hdr, chain)
+            else:
+                self._relay(hdr, chain)
+
+    @staticmethod
+    def _payload(chain, hdr: Header) -> bytes:
+        views = guestio.readable_views(chain, HEADER_SIZE, hdr.len)
+        try:
+            return b"".join(bytes(v) for v in views)
+        finally:
+            guestio.release(views)
+
+    # -- sibling VMs -----------------------------------------------------------
+    def _relay(self, hdr: Header, chain) -> None:
+        dest = self.router.lookup(self, hdr.dst_cid) if self.router is not None else None
+        payload = memoryview(self._payload(chain, hdr)) if hdr.len else b""
+        if dest is None or not dest.deliver(hdr, payload):
+            if dest is None:
+                log.info("cid %d: no VM with CID %d in groups %s; %s reset", self.guest_cid,
+                         hdr.dst_cid, ",".join(sorted(self.groups)), hdr.op_name)
+            self._send_rst(hdr)
+
+    def deliver(self, hdr: Header, payload: bytes) -> bool:
+        """A sibling VM's packet for this guest; False when it cannot be queued."""
+        with self._lock:
+            if self._vqs[RX] is None and not self.acked_features:
+                return False
+            if self._ctrl_bytes + HEADER_SIZE + len(payload) > RELAY_LIMIT:
+                log.warning("cid %d: relay queue full (%d bytes): sender %d ignores credit?",
+                            self.guest_cid, self._ctrl_bytes, hdr.src_cid)
+                self.stats["credit_violations"] += 1
+                return False
+            self._queue_ctrl(hdr, payload, capture=False)
+            self._flush_wake()
+        return True
+
+    # -- host connections: guest side ----------------------------------------------
+    def _drop_conn_of(self, hdr: Header) -> None:
+        conn = self._conns.get((hdr.dst_cid, hdr.dst_port, hdr.src_port))
+        if conn is not None:
+            self._close_conn(conn)
+
+    def _host_packet(self, hdr: Header, chain) -> None:
+        conn = self._conns.get((hdr.dst_cid, hdr.dst_port, hdr.src_port))
+        if conn is None:
+            if hdr.op == Op.REQUEST:
+                self._guest_connect(hdr)
+            elif hdr.op != Op.RST:
+                log.info("cid %d: %s for no connection; reset", self.guest_cid, hdr.describe())
+                self._send_rst(hdr)
+            return
+        if hdr.type != conn.type:
+            log.warning("cid %d: %s: socket type %d on a %s connection; reset", self.guest_cid,
+                        hdr.op_name, hdr.type, conn.describe())
+            self._reset_conn(conn)
+            return
+        conn.update_peer(hdr.buf_alloc, hdr.fwd_cnt)
+        self._HOST_OPS.get(hdr.op, VsockDevice._op_unexpected)(self, conn, hdr, chain)
+        if conn.state is not ConnState.CLOSED:
+            if conn.credit() > 0 and (conn.prefix or conn.readable):
+                self._ready[conn] = None
+                self._wake_needed = True
+            self.host.update(conn)
+
+    def _guest_connect(self, hdr: Header) -> None:
+        """Guest REQUEST to CID 2: connect to `<uds-path>_<port>`."""
+        if self.opts.uds_path is None:
+            log.info("cid %d: connect to host port %d but no --uds-path; reset", self.guest_cid, hdr.dst_port)
+            self._send_rst(hdr)
+            return
+        path = self.host.connect_path(hdr.dst_port)
+        kind = socket.SOCK_SEQPACKET if hdr.type == SockType.SEQPACKET else socket.SOCK_STREAM
+        sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            sock.close()
+            log.info("cid %d: guest port %d -> %s: %s; reset", self.guest_cid, hdr.src_port, path,
+                     exc.strerror)
+            self._send_rst(hdr)
+            return
+        conn = Conn(sock, guest_port=hdr.src_port, host_port=hdr.dst_port, sock_type=hdr.type,
+                    buf_alloc=self.opts.tx_buffer_size, state=ConnState.ESTABLISHED)
+        conn.update_peer(hdr.buf_alloc, hdr.fwd_cnt)
+        self._conns[conn.key] = conn
+        self._queue_ctrl(self._host_header(conn, Op.RESPONSE), conn=conn)
+        self.host.update(conn)
+        log.info("cid %d: connected %s", self.guest_cid, conn.describe())
+
+    def _op_response(self, conn: Conn, hdr: Header, chain) -> None:
+        if conn.state is not ConnState.CONNECTING:
+            log.warning("cid %d: unexpected RESPONSE on %s; reset", self.guest_cid, conn.describe())
+            self._reset_conn(conn)
+            return
+        conn.state = ConnState.ESTABLISHED
+        try:
+            conn.sock.send(b"OK %d\n" % conn.host_port)
+        except OSError:
+            log.info("cid %d: host client of %s left before OK", self.guest_cid, conn.describe())
+            self._reset_conn(conn)
+            return
+        log.info("cid %d: connected %s", self.guest_cid, conn.describe())
+
+    def _op_rst(self, conn: Conn, hdr: Header, chain) -> None:
+        if conn.state is ConnState.CONNECTING:
+            log.info("cid %d: guest refused %s", self.guest_cid, conn.describe())
+        self._close_conn(conn)
+
+    def _op_shutdown(self, conn: Conn, hdr: Header, chain) -> None:
+        if hdr.flags & ShutdownFlag.SEND:
+            conn.guest_shut_send = True
+        if hdr.flags & ShutdownFlag.RCV:
+            conn.guest_shut_rcv = True
+            self._ready.pop(conn, None)
+        self._flush(conn)
+
+    def _op_rw(self, conn: Conn, hdr: Header, chain) -> None:
+        if conn.state is not ConnState.ESTABLISHED or conn.guest_shut_send:
+            log.warning("cid %d: RW on %s in state %s; reset", self.guest_cid, conn.describe(), conn.state.value)
+            self._reset_conn(conn)
+            return
+        if not conn.accepts(hdr.len):
+            log.warning("cid %d: guest ignores credit on %s (%d bytes over a %d-byte window); reset",
+                        self.guest_cid, conn.describe(), hdr.len, conn.buf_alloc)
+            self.stats["credit_violations"] += 1
+            self._reset_conn(conn)
+            return
+        conn.rx_total += hdr.len
+        if conn.seqpacket:
+            conn.message += self._payload(chain, hdr)
+            if hdr.flags & SeqFlag.EOM:
+                conn.pending.append(bytes(conn.message))
+                conn.pending_bytes += len(conn.message)
+                conn.message.clear()
+        elif conn.pending or not hdr.len:
+            if hdr.len:
+                conn.pending.append(self._payload(chain, hdr))
+                conn.pending_bytes += hdr.len
+        else:
+            views = guestio.readable_views(chain, HEADER_SIZE, hdr.len)
+            try:
+                sent = _send_views(conn.sock, views)
+                if sent < hdr.len:
+                    rest = b"".join(bytes(v) for v in views)[sent:]
+                    conn.pending.append(rest)
+                    conn.pending_bytes += len(rest)
+            except OSError as exc:
+                log.info("cid %d: host side of %s failed (%s); reset", self.guest_cid,
+                         conn.describe(), exc.strerror)
+                self._reset_conn(conn)
+                return
+            finally:
+                guestio.release(views)
+            conn.fwd_cnt += sent
+        self._flush(conn)
+
+    def _op_credit_update(self, conn: Conn, hdr: Header, chain) -> None:
+        pass  # update_peer already took the new window
+
+    def _op_credit_request(self, conn: Conn, hdr: Header, chain) -> None:
+        self._queue_ctrl(self._host_header(conn, Op.CREDIT_UPDATE), conn=conn)
+
+    def _op_unexpected(self, conn: Conn, hdr: Header, chain) -> None:
+        log.warning("cid %d: unexpected %s on %s; reset", self.guest_cid, hdr.describe(), conn.describe())
+        self._reset_conn(conn)
+
+    _HOST_OPS = {
+        Op.RESPONSE: _op_response, Op.RST: _op_rst, Op.SHUTDOWN: _op_shutdown, Op.RW: _op_rw,
+        Op.CREDIT_UPDATE: _op_credit_update, Op.CREDIT_REQUEST: _op_credit_request,
+    }
+
+    # -- host connections: host side ---------------------------------------------
+    def _flush(self, conn: Conn) -> None:
+        """Write what the guest sent and the host socket did not take yet; finish closes."""
+        try:
+            while conn.pending:
+                if conn.seqpacket:
+                    conn.sock.send(conn.pending[0])
+                    sent = len(conn.pending.popleft())
+                else:
+                    sent = _send_views(conn.sock, list(conn.pending)[:64])
+                    _consume(conn.pending, sent)
+                conn.pending_bytes -= sent
+                conn.fwd_cnt += sent
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            log.info("cid %d: host side of %s failed (%s); reset", self.guest_cid, conn.describe(), exc.strerror)
+            self._reset_conn(conn)
+            return
+        if conn.pending:
+            return
+        if conn.guest_shut_send and conn.guest_shut_rcv:
+            self._queue_ctrl(self._host_header(conn, Op.RST))
+            self._close_conn(conn)
+            return
+        if conn.guest_shut_send and not conn.host_shut_done:
+            conn.host_shut_done = True
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        if conn.needs_credit_update():
+            self._queue_ctrl(self._host_header(conn, Op.CREDIT_UPDATE), conn=conn)
+            conn.reported_fwd = conn.fwd_cnt  # stamped again when written
+
+    def host_connect(self, sock: socket.socket, port: int, leftover: bytes) -> None:
+        """A host client said `CONNECT <port>`; ask the guest (bytes after the line are kept)."""
+        with self._lock:
+            host_port = self._alloc_port(port)
+            conn = Conn(sock, guest_port=port, host_port=host_port, sock_type=SockType.STREAM,
+                        buf_alloc=self.opts.tx_buffer_size, state=ConnState.CONNECTING)
+            conn.prefix += leftover
+            self._conns[conn.key] = conn
+            self._queue_ctrl(self._host_header(conn, Op.REQUEST), conn=conn)
+            self._flush_wake()
+        self.host.update(conn)
+
+    def _alloc_port(self, guest_port: int) -> int:
+        while True:
+            port = self._next_port
+            self._next_port = port + 1 if port < 0xFFFFFFFE else _FIRST_HOST_PORT
+            if (HOST_CID, port, guest_port) not in self._conns:
+                return port
+
+    def host_interest(self, conn: Conn) -> int:
+        with self._lock:
+            if conn.state is ConnState.CLOSED:
+                return 0
+            mask = selectors.EVENT_READ if conn.wants_host_read() else 0
+            if conn.pending:
+                mask |= selectors.EVENT_WRITE
+            return mask
+
+    def host_readable(self, conn: Conn) -> None:
+        with self._lock:
+            if conn.state is ConnState.CLOSED:
+                return
+            conn.readable = True
+            if conn.state is ConnState.ESTABLISHED and conn.credit() > 0:
+                self._ready[conn] = None
+                self._wake_needed = True
+            self._flush_wake()
+
+    def host_writable(self, conn: Conn) -> None:
+        with self._lock:
+            if conn.state is not ConnState.CLOSED:
+                self._flush(conn)
+            self._flush_wake()
+
+    def _reset_conn(self, conn: Conn) -> None:
+        """Tell the guest RST and drop the connection."""
+        self.stats["rst_sent"] += 1
+        self._queue_ctrl(self._host_header(conn, Op.RST))
+        self._close_conn(conn)
+
+    def _close_conn(self, conn: Conn) -> None:
+        if conn.state is ConnState.CLOSED:
+            return
+        conn.state = ConnState.CLOSED
+        self._conns.pop(conn.key, None)
+        self._ready.pop(conn, None)
+        conn.pending.clear()
+        conn.sock.close()
+        self.host.update(conn)
+        log.info("cid %d: closed %s", self.guest_cid, conn.describe())
+
+    # -- rx queue: packets to the guest ------------------------------------------
+    def _rx_handler(self, vq) -> None:
+        with self._lock:
+            self._vqs[RX] = vq
+        while True:
+            with self._lock:
+                if not self._ctrl and not self._ready:
+                    return
+            if not self._rx_control(vq) or not self._rx_data(vq):
+                return  # out of rx buffers: the guest's next rx kick brings us back
+
+    def _take_chain(self, vq):
+        chain, self._spare = self._spare, None
+        if chain is None:
+            chain = vq.pop()
+        return chain
+
+    def _rx_control(self, vq) -> bool:
+        while True:
+            with self._lock:
+                if not self._ctrl:
+                    return True
+                chain = self._take_chain(vq)
+                if chain is None:
+                    return False
+                hdr, payload, conn, capture = self._ctrl[0]
+                space = chain.write_len - HEADER_SIZE
+                if hdr.op == Op.RW and 0 < space < len(payload):
+                    # A relayed packet larger than this rx buffer goes in pieces; message
+                    # flags (EOM/EOR) stay with the last piece.
+                    rest = payload[space:]
+                    self._ctrl[0] = (replace(hdr, len=len(rest)), rest, conn, capture)
+                    hdr, payload = replace(hdr, len=space, flags=0), payload[:space]
+                    self._ctrl_bytes -= space
+                else:
+                    self._ctrl.popleft()
+                    self._ctrl_bytes -= len(payload) + HEADER_SIZE
+                if conn is not None:
+                    if conn.state is ConnState.CLOSED:
+                        self._spare = chain
+                        continue  # a credit message for a connection that is gone
+                    hdr = replace(hdr, buf_alloc=conn.buf_alloc, fwd_cnt=conn.fwd_cnt & 0xFFFFFFFF)
+                    conn.reported_fwd = conn.fwd_cnt
+                if capture and self.capture is not None:
+                    self.capture.write(hdr, payload)
+            if space < len(payload):
+                log.warning("cid %d: rx buffer of %d bytes too small for %s; dropped", self.guest_cid,
+                            chain.write_len, hdr.describe())
+                vq.push(chain.head, 0)
+                continue
+            chain.write(hdr.pack())
+            if payload:
+                chain.write(payload, HEADER_SIZE)
+            vq.push(chain.head, HEADER_SIZE + len(payload))
+
+    def _rx_data(self, vq) -> bool:
+        with self._lock:
+            ready = list(self._ready)
+        for conn in ready:
+            while True:
+                with self._lock:
+                    if conn not in self._ready:
+                        break
+                    chain = self._take_chain(vq)
+                    if chain is None:
+                        return False
+                    used = self._fill(conn, chain)
+                    if used is None:
+                        self._spare = chain
+                        self._ready.pop(conn, None)
+                        self.host.update(conn)
+                        break
+                vq.push(chain.head, used)
+        return True
+
+    def _fill(self, conn: Conn, chain) -> int | None:
+        """Move host bytes into one rx buffer; returns the used length, None if nothing to send."""
+        if conn.state is not ConnState.ESTABLISHED or conn.guest_shut_rcv:
+            return None
+        credit = conn.credit()
+        if credit == 0:
+            if not conn.credit_requested:
+                conn.credit_requested = True
+                self._queue_ctrl(self._host_header(conn, Op.CREDIT_REQUEST), conn=conn)
+            return None
+        space = chain.write_len - HEADER_SIZE
+        if space <= 0:
+            log.warning("cid %d: rx buffer of %d bytes cannot hold a header", self.guest_cid, chain.write_len)
+            return 0
+        limit = min(space, credit, MAX_PACKET)
+        flags = 0
+        if not conn.prefix and conn.seqpacket:
+            if not self._read_record(conn):
+                return self._host_gone(conn, chain)
+        if conn.prefix:
+            data = bytes(conn.prefix[:limit])
+            del conn.prefix[:limit]
+            if conn.prefix_is_record and not conn.prefix:
+                flags = SeqFlag.EOM | SeqFlag.EOR
+                conn.prefix_is_record = False
+            chain.write(data, HEADER_SIZE)
+            n = len(data)
+        else:
+            views = guestio.writable_views(chain, HEADER_SIZE, limit)
+            try:
+                n = conn.sock.recvmsg_into(views)[0]
+            except (BlockingIOError, InterruptedError):
+                conn.readable = False
+                return None
+            except OSError as exc:
+                log.info("cid %d: host side of %s failed (%s); reset", self.guest_cid, conn.describe(), exc.strerror)
+                n = -1
+            finally:
+                guestio.release(views)
+            if n <= 0:
+                return self._host_gone(conn, chain, reset=n < 0)
+            data = None
+        hdr = self._host_header(conn, Op.RW, len=n, flags=int(flags), buf_alloc=conn.buf_alloc,
+                                fwd_cnt=conn.fwd_cnt & 0xFFFFFFFF)
+        conn.reported_fwd = conn.fwd_cnt
+        conn.tx_cnt += n
+        chain.write(hdr.pack())
+        if self.capture is not None:
+            self.capture.write(hdr, data if data is not None else _read_back(chain, n))
+        return HEADER_SIZE + n
+
+    def _read_record(self, conn: Conn) -> bool:
+        """SEQPACKET: read one host record into the prefix; False on EOF/error."""
+        try:
+            data, _, msg_flags, _ = conn.sock.recvmsg(conn.peer_buf_alloc or MAX_PACKET, 0, socket.MSG_TRUNC)
+        except (BlockingIOError, InterruptedError):
+            conn.readable = False
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False
+        if msg_flags & socket.MSG_TRUNC:
+            log.warning("cid %d: host record on %s larger than the guest's buffer; truncated",
+                        self.guest_cid, conn.describe())
+        conn.prefix += data
+        conn.prefix_is_record = True
+        return True
+
+    def _host_gone(self, conn: Conn, chain, reset: bool = False) -> int:
+        """EOF (or an error) on the host socket: SHUTDOWN(SEND) or RST into this rx buffer."""
+        conn.host_eof = True
+        conn.readable = False
+        self._ready.pop(conn, None)
+        if reset:
+            hdr = self._host_header(conn, Op.RST)
+            self._close_conn(conn)
+        else:
+            hdr = self._host_header(conn, Op.SHUTDOWN, flags=int(ShutdownFlag.SEND),
+                                    buf_alloc=conn.buf_alloc, fwd_cnt=conn.fwd_cnt & 0xFFFFFFFF)
+        chain.write(hdr.pack())
+        if self.capture is not None:
+            self.capture.write(hdr)
+        return HEADER_SIZE
+
+
+def _send_views(sock: socket.socket, views) -> int:
+    try:
+        return sock.sendmsg(views)
+    except BlockingIOError:
+        return 0
+    except OSError as exc:
+        if exc.errno == errno.EAGAIN:
+            return 0
+        raise
+
+
+def _consume(pending: deque, n: int) -> None:
+    while n and pending:
+        first = pending[0]
+        if len(first) <= n:
+            n -= len(first)
+            pending.popleft()
+        else:
+            pending[0] = first[n:]
+            n = 0
+
+
+def _read_back(chain, n: int) -> bytes:
+    views = guestio.writable_views(chain, HEADER_SIZE, n)
+    try:
+        return b"".join(bytes(v) for v in views)
+    finally:
+        guestio.release(views)

@@ -1,0 +1,201 @@
+"""The host side of one VM: Unix sockets and their readiness loop.
+
+Theory of operation
+-------------------
+One thread per VM waits in a selector on: the `--uds-path` listener (host
+programs that say `CONNECT <port>\\n`), clients still sending that line, and
+the Unix sockets of live connections. It never touches guest memory: on a
+readable connection it only marks it and wakes the device's rx worker,
+which moves the bytes straight into guest buffers; on a writable one it
+asks the device to flush bytes the guest sent earlier. Other threads never
+change the selector themselves: they call `update(conn)` and the loop
+recomputes that connection's interest, so the selector has one user.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import socket
+import threading
+
+from .connection import Conn
+
+__all__ = ["HostSide", "parse_connect", "MAX_CONNECT_LINE"]
+
+log = logging.getLogger(__name__)
+
+MAX_CONNECT_LINE = 64
+
+
+def parse_connect(line: bytes) -> int | None:
+    """`CONNECT <port>` (decimal, u32) -> port, or None when malformed."""
+    parts = line.strip().split()
+    if len(parts) != 2 or parts[0] != b"CONNECT" or not parts[1].isdigit():
+        return None
+    port = int(parts[1])
+    return port if port <= 0xFFFFFFFF else None
+
+
+class _Pending:
+    """A host client that has not finished its CONNECT line."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.data = bytearray()
+
+
+class HostSide:
+    """Selector thread for one VM; `device` provides the callbacks."""
+
+    def __init__(self, device, uds_path: str | None):
+        self.device = device
+        self.uds_path = uds_path
+        self._sel = selectors.DefaultSelector()
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._sel.register(self._wake, selectors.EVENT_READ, ("wake", None))
+        self._dirty: set[Conn] = set()
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._stop = False
+        if uds_path is not None:
+            self._listener = _listen(uds_path)
+            self._sel.register(self._listener, selectors.EVENT_READ, ("listen", None))
+        self._thread = threading.Thread(target=self._run, name=f"vsock-host-{device.guest_cid}",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- called from any thread ---------------------------------------------
+    def update(self, conn: Conn) -> None:
+        """Recompute `conn`'s interest (read, write, or gone) in the loop thread."""
+        with self._lock:
+            self._dirty.add(conn)
+        os.eventfd_write(self._wake, 1)
+
+    def connect_path(self, port: int) -> str:
+        return f"{self.uds_path}_{port}"
+
+    def close(self) -> None:
+        if self._stop:
+            return
+        self._stop = True
+        os.eventfd_write(self._wake, 1)
+        self._thread.join(5)
+        for key in list(self._sel.get_map().values()):
+            kind, obj = key.data
+            if kind == "pending":
+                obj.sock.close()
+        self._sel.close()
+        os.close(self._wake)
+        if self._listener is not None:
+            self._listener.close()
+            try:
+                os.unlink(self.uds_path)
+            except OSError:
+                pass
+
+    # -- loop ------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop:
+            self._apply_dirty()
+            try:
+                events = self._sel.select(1.0)
+            except OSError as exc:
+                log.error("vsock host loop: select failed: %s", exc)
+                return
+            for key, mask in events:
+                kind, obj = key.data
+                try:
+                    self._dispatch(kind, obj, key, mask)
+                except Exception:
+                    log.exception("vsock host loop: %s event failed", kind)
+
+    def _dispatch(self, kind, obj, key, mask) -> None:
+        if kind == "wake":
+            try:
+                os.eventfd_read(self._wake)
+            except BlockingIOError:
+                pass
+        elif kind == "listen":
+            self._accept()
+        elif kind == "pending":
+            self._read_connect_line(obj)
+        elif kind == "conn":
+            if mask & selectors.EVENT_WRITE:
+                self.device.host_writable(obj)
+            if mask & selectors.EVENT_READ:
+                self.device.host_readable(obj)
+            self.update(obj)
+
+    def _apply_dirty(self) -> None:
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+        for conn in dirty:
+            mask = self.device.host_interest(conn)
+            sock = conn.sock
+            if sock.fileno() < 0:
+                self._forget(sock)
+                continue
+            registered = self._sel.get_map().get(sock.fileno())
+            if registered is not None and registered.data[1] is not conn:
+                self._sel.unregister(sock.fileno())  # fd number reused by a new connection
+                registered = None
+            if mask == 0:
+                if registered is not None:
+                    self._sel.unregister(sock.fileno())
+            elif registered is None:
+                self._sel.register(sock, mask, ("conn", conn))
+            elif registered.events != mask:
+                self._sel.modify(sock, mask, ("conn", conn))
+
+    def _forget(self, sock) -> None:
+        for fd, key in list(self._sel.get_map().items()):
+            if key.fileobj is sock:
+                self._sel.unregister(fd)
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        sock.setblocking(False)
+        self._sel.register(sock, selectors.EVENT_READ, ("pending", _Pending(sock)))
+
+    def _read_connect_line(self, pending: _Pending) -> None:
+        """Collect `CONNECT <port>\\n`; bytes after it in the same read are kept."""
+        sock = pending.sock
+        try:
+            data = sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        pending.data += data
+        newline = pending.data.find(b"\n")
+        if newline < 0 and data and len(pending.data) <= MAX_CONNECT_LINE:
+            return
+        self._sel.unregister(sock)
+        port = parse_connect(bytes(pending.data[:newline])) if 0 <= newline <= MAX_CONNECT_LINE else None
+        if port is None:
+            log.warning("host client sent no valid CONNECT line (%r); closing it",
+                        bytes(pending.data[:MAX_CONNECT_LINE]))
+            sock.close()
+            return
+        self.device.host_connect(sock, port, bytes(pending.data[newline + 1:]))
+
+
+def _listen(path: str) -> socket.socket:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        sock.listen(64)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

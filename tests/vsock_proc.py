@@ -1,0 +1,45 @@
+"""Helpers for vsock tests: start the real `vhost-user-vsock` process; host-side socket helpers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+from backends_proc import BackendProcess, _spawn
+
+__all__ = ["start_vsock", "host_listener", "host_connect", "read_line"]
+
+
+def start_vsock(workdir: str, *args: str, wait_for: str, name: str = "vsock") -> BackendProcess:
+    """Our vhost-user-vsock as a user runs it; returns once `wait_for` (a socket) exists."""
+    argv = [sys.executable, "-m", "vhost_user.backends.vsock", "-v", *args]
+    return _spawn(argv, wait_for, os.path.join(workdir, f"{name}.log"))
+
+
+def host_listener(path: str, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A host program's listening socket at `<uds-path>_<port>`."""
+    s = socket.socket(socket.AF_UNIX, kind)
+    s.bind(path)
+    s.listen(8)
+    s.settimeout(10)
+    return s
+
+
+def host_connect(uds: str, port: int, extra: bytes = b"") -> tuple[socket.socket, bytes]:
+    """Connect to the VM's uds path with `CONNECT <port>\\n` (+extra in the same write)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(uds)
+    s.sendall(b"CONNECT %d\n" % port + extra)
+    return s, b""
+
+
+def read_line(s: socket.socket) -> bytes:
+    out = b""
+    while not out.endswith(b"\n"):
+        chunk = s.recv(1)
+        if not chunk:
+            break
+        out += chunk
+    return out
