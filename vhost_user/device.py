@@ -39,6 +39,9 @@ class VirtioDevice:
     device_features: int = 0
     #: protocol features the device adds to the server's own set
     device_protocol_features: int = 0
+    #: unoffered bits a front-end is known to ack anyway (QEMU's vhost-user-gpu-pci acks
+    #: VIRTIO_F_RING_RESET); SET_FEATURES drops them with a log line instead of failing
+    ignored_acked_features: int = 0
 
     def __init__(self) -> None:
         self.acked_features = 0
