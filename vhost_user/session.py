@@ -184,6 +184,10 @@ class Session:
     def _set_features(self, msg, bag):
         value = msg.payload.value
         unknown = value & ~self.offered_features()
+        ignored = unknown & self.device.ignored_acked_features
+        if ignored:
+            log.info("SET_FEATURES: ignoring acked but unoffered bits %#x", ignored)
+            value, unknown = value & ~ignored, unknown & ~ignored
         if unknown:
             raise RemoteProtocolError(f"SET_FEATURES acks unoffered bits {unknown:#x}", recoverable=True)
         self.features = value
