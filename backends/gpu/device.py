@@ -91,6 +91,9 @@ class GpuDevice(VirtioDevice):
     max_queue_size = 1024
     device_features = 1 << GpuFeature.VIRTIO_GPU_F_EDID
     device_protocol_features = 1 << ProtocolFeature.CONFIG
+    # QEMU 10's vhost-user-gpu-pci passes the guest's VIRTIO_F_RING_RESET (bit 40) through
+    # although no back-end offers it; the Linux driver never resets a GPU queue.
+    ignored_acked_features = 1 << 40
 
     def __init__(self, opts: GpuOptions | None = None):
         super().__init__()
