@@ -63,6 +63,8 @@ def base_parser(prog: str, description: str, *, verbose_flag: bool = True) -> ar
     p.add_argument(*verbose, action="count", default=0, help="more logging (repeatable)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    help="logging level (default warning, -v info, -vv debug)")
+    p.add_argument("--sandbox", action=argparse.BooleanOptionalAction, default=True,
+                   help="after set-up, confine the process (no_new_privs + seccomp; default on)")
     return p
 
 
@@ -139,7 +141,21 @@ def run_backend(args, make_device: Callable[[], VirtioDevice], capabilities: dic
         print("error: one of --socket PATH or --fd N is required", file=sys.stderr)
         return 2
     endpoint = Endpoint(path=args.socket, fd=args.fd)
-    return serve_devices([(endpoint, make_device)])
+    sandbox = name.removeprefix("vhost-user-") if getattr(args, "sandbox", False) else None
+    return serve_devices([(endpoint, make_device)], sandbox=sandbox)
+
+
+def _confine(profile: str, loop: asyncio.AbstractEventLoop | None) -> str | None:
+    """`--sandbox`: prepare (loop None), then confine after set-up; where the
+    kernel or libseccomp can't, say so and go on. Returns the profile, or None."""
+    from vhost_user import sandbox
+
+    try:
+        sandbox.prepare(profile) if loop is None else sandbox.apply(profile, loop)
+    except sandbox.SandboxError as exc:
+        log.warning("sandbox unavailable, running unconfined: %s", exc.strerror or exc)
+        return None
+    return profile
 
 
 async def _serve_all(servers: list[DeviceServer]) -> None:
@@ -162,7 +178,8 @@ class Endpoint:
 
 
 def serve_devices(entries: list[tuple[Endpoint, Callable[[], VirtioDevice]]],
-                  on_loop: Callable[[asyncio.AbstractEventLoop], None] | None = None) -> int:
+                  on_loop: Callable[[asyncio.AbstractEventLoop], None] | None = None,
+                  sandbox: str | None = None) -> int:
     """Serve several devices in one process (net ports, vsock VMs) until SIGTERM/SIGINT.
 
     Any set-up error is printed as one line and gives exit code 1, after
@@ -184,6 +201,8 @@ def serve_devices(entries: list[tuple[Endpoint, Callable[[], VirtioDevice]]],
             device.close()
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if sandbox is not None:
+        sandbox = _confine(sandbox, None)
     loop = _new_loop()
 
     def stop() -> None:
@@ -195,6 +214,8 @@ def serve_devices(entries: list[tuple[Endpoint, Callable[[], VirtioDevice]]],
     try:
         if on_loop is not None:
             on_loop(loop)
+        if sandbox is not None:
+            _confine(sandbox, loop)
         loop.run_until_complete(_serve_all(servers))
     finally:
         loop.close()
