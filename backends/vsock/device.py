@@ -8,12 +8,10 @@ Three threads touch a VM's connections, under one device lock:
   each packet the guest sends and runs the connection state machine
   (dispatch table `_HOST_OPS`); RW payloads go to the host socket with one
   `sendmsg` over memoryviews of guest memory;
-* the rx queue's worker (`_rx_handler`) is the only code that fills guest
-  rx buffers: first queued control packets (RESPONSE, RST, SHUTDOWN, credit
-  messages, packets relayed from sibling VMs), then data from readable host
-  sockets, read with `recvmsg_into` straight into the guest buffer, as far
-  as the guest's credit and rx buffers allow. Other threads wake it by
-  signalling the queue's control eventfd (`_wake_rx`), which makes the
+* the rx queue's worker (`_rx_handler`, rxpath.py) is the only code that
+  fills guest rx buffers: queued control packets, then host socket data read
+  straight into guest buffers within the guest's credit. Other threads wake
+  it by signalling the queue's control eventfd (`_wake_rx`), which makes the
   worker run the handler once more; a guest kick (new rx buffers) wakes it
   as well, so a full rx ring never stalls a connection;
 * the host thread (host.py) only reports socket readiness.
@@ -31,7 +29,7 @@ import selectors
 import socket
 import threading
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from vhost_user.device import VirtioDevice
 from vhost_user.errors import DeviceError
@@ -40,8 +38,9 @@ from vhost_user.protocol import ProtocolFeature
 from . import guestio
 from .connection import Conn, ConnState
 from .host import HostSide
+from .rxpath import MAX_PACKET, RxPath
 from .packet import (
-    HEADER_SIZE, HOST_CID, Header, Op, PacketError, SeqFlag, ShutdownFlag, SockType,
+    HEADER_SIZE, HOST_CID, Header, Op, SeqFlag, ShutdownFlag, SockType,
     VsockFeature, pack_config, pack_event,
 )
 
@@ -51,8 +50,6 @@ log = logging.getLogger(__name__)
 
 CAPABILITIES = {"type": "vsock", "features": []}
 RX, TX, EVENT = 0, 1, 2
-#: largest payload accepted in one packet (Linux: VIRTIO_VSOCK_MAX_PKT_BUF_SIZE)
-MAX_PACKET = 64 << 10
 #: bytes of relayed and control packets that may wait for a VM's rx buffers
 RELAY_LIMIT = 8 << 20
 _FIRST_HOST_PORT = 1 << 30
@@ -68,7 +65,7 @@ class VmOptions:
     queue_size: int = 1024
 
 
-class VsockDevice(VirtioDevice):
+class VsockDevice(RxPath, VirtioDevice):
     device_type = "vsock"
     virtio_id = 19
     num_queues = 3
@@ -435,6 +432,8 @@ class VsockDevice(VirtioDevice):
                     sent = len(conn.pending.popleft())
                 else:
                     sent = _send_views(conn.sock, list(conn.pending)[:64])
+                    if sent == 0:
+                        break  # the host socket is full: wait for it to be writable
                     _consume(conn.pending, sent)
                 conn.pending_bytes -= sent
                 conn.fwd_cnt += sent
@@ -521,166 +520,6 @@ class VsockDevice(VirtioDevice):
         self.host.update(conn)
         log.info("cid %d: closed %s", self.guest_cid, conn.describe())
 
-    # -- rx queue: packets to the guest ------------------------------------------
-    def _rx_handler(self, vq) -> None:
-        with self._lock:
-            self._vqs[RX] = vq
-        while True:
-            with self._lock:
-                if not self._ctrl and not self._ready:
-                    return
-            if not self._rx_control(vq) or not self._rx_data(vq):
-                return  # out of rx buffers: the guest's next rx kick brings us back
-
-    def _take_chain(self, vq):
-        chain, self._spare = self._spare, None
-        if chain is None:
-            chain = vq.pop()
-        return chain
-
-    def _rx_control(self, vq) -> bool:
-        while True:
-            with self._lock:
-                if not self._ctrl:
-                    return True
-                chain = self._take_chain(vq)
-                if chain is None:
-                    return False
-                hdr, payload, conn, capture = self._ctrl[0]
-                space = chain.write_len - HEADER_SIZE
-                if hdr.op == Op.RW and 0 < space < len(payload):
-                    # A relayed packet larger than this rx buffer goes in pieces; message
-                    # flags (EOM/EOR) stay with the last piece.
-                    rest = payload[space:]
-                    self._ctrl[0] = (replace(hdr, len=len(rest)), rest, conn, capture)
-                    hdr, payload = replace(hdr, len=space, flags=0), payload[:space]
-                    self._ctrl_bytes -= space
-                else:
-                    self._ctrl.popleft()
-                    self._ctrl_bytes -= len(payload) + HEADER_SIZE
-                if conn is not None:
-                    if conn.state is ConnState.CLOSED:
-                        self._spare = chain
-                        continue  # a credit message for a connection that is gone
-                    hdr = replace(hdr, buf_alloc=conn.buf_alloc, fwd_cnt=conn.fwd_cnt & 0xFFFFFFFF)
-                    conn.reported_fwd = conn.fwd_cnt
-                if capture and self.capture is not None:
-                    self.capture.write(hdr, payload)
-            if space < len(payload):
-                log.warning("cid %d: rx buffer of %d bytes too small for %s; dropped", self.guest_cid,
-                            chain.write_len, hdr.describe())
-                vq.push(chain.head, 0)
-                continue
-            chain.write(hdr.pack())
-            if payload:
-                chain.write(payload, HEADER_SIZE)
-            vq.push(chain.head, HEADER_SIZE + len(payload))
-
-    def _rx_data(self, vq) -> bool:
-        with self._lock:
-            ready = list(self._ready)
-        for conn in ready:
-            while True:
-                with self._lock:
-                    if conn not in self._ready:
-                        break
-                    chain = self._take_chain(vq)
-                    if chain is None:
-                        return False
-                    used = self._fill(conn, chain)
-                    if used is None:
-                        self._spare = chain
-                        self._ready.pop(conn, None)
-                        self.host.update(conn)
-                        break
-                vq.push(chain.head, used)
-        return True
-
-    def _fill(self, conn: Conn, chain) -> int | None:
-        """Move host bytes into one rx buffer; returns the used length, None if nothing to send."""
-        if conn.state is not ConnState.ESTABLISHED or conn.guest_shut_rcv:
-            return None
-        credit = conn.credit()
-        if credit == 0:
-            if not conn.credit_requested:
-                conn.credit_requested = True
-                self._queue_ctrl(self._host_header(conn, Op.CREDIT_REQUEST), conn=conn)
-            return None
-        space = chain.write_len - HEADER_SIZE
-        if space <= 0:
-            log.warning("cid %d: rx buffer of %d bytes cannot hold a header", self.guest_cid, chain.write_len)
-            return 0
-        limit = min(space, credit, MAX_PACKET)
-        flags = 0
-        if not conn.prefix and conn.seqpacket:
-            if not self._read_record(conn):
-                return self._host_gone(conn, chain)
-        if conn.prefix:
-            data = bytes(conn.prefix[:limit])
-            del conn.prefix[:limit]
-            if conn.prefix_is_record and not conn.prefix:
-                flags = SeqFlag.EOM | SeqFlag.EOR
-                conn.prefix_is_record = False
-            chain.write(data, HEADER_SIZE)
-            n = len(data)
-        else:
-            views = guestio.writable_views(chain, HEADER_SIZE, limit)
-            try:
-                n = conn.sock.recvmsg_into(views)[0]
-            except (BlockingIOError, InterruptedError):
-                conn.readable = False
-                return None
-            except OSError as exc:
-                log.info("cid %d: host side of %s failed (%s); reset", self.guest_cid, conn.describe(), exc.strerror)
-                n = -1
-            finally:
-                guestio.release(views)
-            if n <= 0:
-                return self._host_gone(conn, chain, reset=n < 0)
-            data = None
-        hdr = self._host_header(conn, Op.RW, len=n, flags=int(flags), buf_alloc=conn.buf_alloc,
-                                fwd_cnt=conn.fwd_cnt & 0xFFFFFFFF)
-        conn.reported_fwd = conn.fwd_cnt
-        conn.tx_cnt += n
-        chain.write(hdr.pack())
-        if self.capture is not None:
-            self.capture.write(hdr, data if data is not None else _read_back(chain, n))
-        return HEADER_SIZE + n
-
-    def _read_record(self, conn: Conn) -> bool:
-        """SEQPACKET: read one host record into the prefix; False on EOF/error."""
-        try:
-            data, _, msg_flags, _ = conn.sock.recvmsg(conn.peer_buf_alloc or MAX_PACKET, 0, socket.MSG_TRUNC)
-        except (BlockingIOError, InterruptedError):
-            conn.readable = False
-            return True
-        except OSError:
-            return False
-        if not data:
-            return False
-        if msg_flags & socket.MSG_TRUNC:
-            log.warning("cid %d: host record on %s larger than the guest's buffer; truncated",
-                        self.guest_cid, conn.describe())
-        conn.prefix += data
-        conn.prefix_is_record = True
-        return True
-
-    def _host_gone(self, conn: Conn, chain, reset: bool = False) -> int:
-        """EOF (or an error) on the host socket: SHUTDOWN(SEND) or RST into this rx buffer."""
-        conn.host_eof = True
-        conn.readable = False
-        self._ready.pop(conn, None)
-        if reset:
-            hdr = self._host_header(conn, Op.RST)
-            self._close_conn(conn)
-        else:
-            hdr = self._host_header(conn, Op.SHUTDOWN, flags=int(ShutdownFlag.SEND),
-                                    buf_alloc=conn.buf_alloc, fwd_cnt=conn.fwd_cnt & 0xFFFFFFFF)
-        chain.write(hdr.pack())
-        if self.capture is not None:
-            self.capture.write(hdr)
-        return HEADER_SIZE
-
 
 def _send_views(sock: socket.socket, views) -> int:
     try:
@@ -702,11 +541,3 @@ def _consume(pending: deque, n: int) -> None:
         else:
             pending[0] = first[n:]
             n = 0
-
-
-def _read_back(chain, n: int) -> bytes:
-    views = guestio.writable_views(chain, HEADER_SIZE, n)
-    try:
-        return b"".join(bytes(v) for v in views)
-    finally:
-        guestio.release(views)

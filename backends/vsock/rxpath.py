@@ -1,0 +1,205 @@
+"""The rx side of the vsock device: the only code that fills guest rx buffers.
+
+Theory of operation
+-------------------
+The rx queue's worker calls `_rx_handler` on every guest rx kick and
+whenever another thread wakes it. It sends, in order: queued control
+packets (RESPONSE, RST, SHUTDOWN, credit messages, sibling VMs' packets,
+cut to the size of each rx buffer), then data from host sockets that are
+readable, each read with one `recvmsg_into` straight into the guest
+buffer, never more than the guest's credit. When the ring has no buffer
+left the handler returns; the guest's next rx kick brings it back. A chain
+popped but not needed is kept for the next packet (`_spare`).
+
+A mixin of `VsockDevice`: it uses the device's lock, connection table and
+control queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import replace
+
+from . import guestio
+from .connection import Conn, ConnState
+from .packet import HEADER_SIZE, Op, SeqFlag, ShutdownFlag
+
+__all__ = ["RxPath", "MAX_PACKET"]
+
+log = logging.getLogger("vhost_user.backends.vsock.device")
+
+#: largest payload in one packet (Linux: VIRTIO_VSOCK_MAX_PKT_BUF_SIZE)
+MAX_PACKET = 64 << 10
+RX = 0
+
+
+class RxPath:
+    """rx-queue methods of VsockDevice."""
+
+    def _rx_handler(self, vq) -> None:
+        with self._lock:
+            self._vqs[RX] = vq
+        while True:
+            with self._lock:
+                if not self._ctrl and not self._ready:
+                    return
+            if not self._rx_control(vq) or not self._rx_data(vq):
+                return  # out of rx buffers: the guest's next rx kick brings us back
+
+    def _take_chain(self, vq):
+        chain, self._spare = self._spare, None
+        if chain is None:
+            chain = vq.pop()
+        return chain
+
+    def _rx_control(self, vq) -> bool:
+        while True:
+            with self._lock:
+                if not self._ctrl:
+                    return True
+                chain = self._take_chain(vq)
+                if chain is None:
+                    return False
+                hdr, payload, conn, capture = self._ctrl[0]
+                space = chain.write_len - HEADER_SIZE
+                if hdr.op == Op.RW and 0 < space < len(payload):
+                    # A relayed packet larger than this rx buffer goes in pieces; message
+                    # flags (EOM/EOR) stay with the last piece.
+                    rest = payload[space:]
+                    self._ctrl[0] = (replace(hdr, len=len(rest)), rest, conn, capture)
+                    hdr, payload = replace(hdr, len=space, flags=0), payload[:space]
+                    self._ctrl_bytes -= space
+                else:
+                    self._ctrl.popleft()
+                    self._ctrl_bytes -= len(payload) + HEADER_SIZE
+                if conn is not None:
+                    if conn.state is ConnState.CLOSED:
+                        self._spare = chain
+                        continue  # a credit message for a connection that is gone
+                    hdr = replace(hdr, buf_alloc=conn.buf_alloc, fwd_cnt=conn.fwd_cnt & 0xFFFFFFFF)
+                    conn.reported_fwd = conn.fwd_cnt
+                if capture and self.capture is not None:
+                    self.capture.write(hdr, payload)
+            if space < len(payload):
+                log.warning("cid %d: rx buffer of %d bytes too small for %s; dropped", self.guest_cid,
+                            chain.write_len, hdr.describe())
+                vq.push(chain.head, 0)
+                continue
+            chain.write(hdr.pack())
+            if payload:
+                chain.write(payload, HEADER_SIZE)
+            vq.push(chain.head, HEADER_SIZE + len(payload))
+
+    def _rx_data(self, vq) -> bool:
+        with self._lock:
+            ready = list(self._ready)
+        for conn in ready:
+            while True:
+                with self._lock:
+                    if conn not in self._ready:
+                        break
+                    chain = self._take_chain(vq)
+                    if chain is None:
+                        return False
+                    used = self._fill(conn, chain)
+                    if used is None:
+                        self._spare = chain
+                        self._ready.pop(conn, None)
+                        self.host.update(conn)
+                        break
+                vq.push(chain.head, used)
+        return True
+
+    def _fill(self, conn: Conn, chain) -> int | None:
+        """Move host bytes into one rx buffer; returns the used length, None if nothing to send."""
+        if conn.state is not ConnState.ESTABLISHED or conn.guest_shut_rcv:
+            return None
+        credit = conn.credit()
+        if credit == 0:
+            if not conn.credit_requested:
+                conn.credit_requested = True
+                self._queue_ctrl(self._host_header(conn, Op.CREDIT_REQUEST), conn=conn)
+            return None
+        space = chain.write_len - HEADER_SIZE
+        if space <= 0:
+            log.warning("cid %d: rx buffer of %d bytes cannot hold a header", self.guest_cid, chain.write_len)
+            return 0
+        limit = min(space, credit, MAX_PACKET)
+        flags = 0
+        if not conn.prefix and conn.seqpacket:
+            if not self._read_record(conn):
+                return self._host_gone(conn, chain)
+        if conn.prefix:
+            data = bytes(conn.prefix[:limit])
+            del conn.prefix[:limit]
+            if conn.prefix_is_record and not conn.prefix:
+                flags = SeqFlag.EOM | SeqFlag.EOR
+                conn.prefix_is_record = False
+            chain.write(data, HEADER_SIZE)
+            n = len(data)
+        else:
+            views = guestio.writable_views(chain, HEADER_SIZE, limit)
+            try:
+                n = conn.sock.recvmsg_into(views)[0]
+            except (BlockingIOError, InterruptedError):
+                conn.readable = False
+                return None
+            except OSError as exc:
+                log.info("cid %d: host side of %s failed (%s); reset", self.guest_cid, conn.describe(), exc.strerror)
+                n = -1
+            finally:
+                guestio.release(views)
+            if n <= 0:
+                return self._host_gone(conn, chain, reset=n < 0)
+            data = None
+        hdr = self._host_header(conn, Op.RW, len=n, flags=int(flags), buf_alloc=conn.buf_alloc,
+                                fwd_cnt=conn.fwd_cnt & 0xFFFFFFFF)
+        conn.reported_fwd = conn.fwd_cnt
+        conn.tx_cnt += n
+        chain.write(hdr.pack())
+        if self.capture is not None:
+            self.capture.write(hdr, data if data is not None else _read_back(chain, n))
+        return HEADER_SIZE + n
+
+    def _read_record(self, conn: Conn) -> bool:
+        """SEQPACKET: read one host record into the prefix; False on EOF/error."""
+        try:
+            data, _, msg_flags, _ = conn.sock.recvmsg(conn.peer_buf_alloc or MAX_PACKET, 0, socket.MSG_TRUNC)
+        except (BlockingIOError, InterruptedError):
+            conn.readable = False
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False
+        if msg_flags & socket.MSG_TRUNC:
+            log.warning("cid %d: host record on %s larger than the guest's buffer; truncated",
+                        self.guest_cid, conn.describe())
+        conn.prefix += data
+        conn.prefix_is_record = True
+        return True
+
+    def _host_gone(self, conn: Conn, chain, reset: bool = False) -> int:
+        """EOF (or an error) on the host socket: SHUTDOWN(SEND) or RST into this rx buffer."""
+        conn.host_eof = True
+        conn.readable = False
+        self._ready.pop(conn, None)
+        if reset:
+            hdr = self._host_header(conn, Op.RST)
+            self._close_conn(conn)
+        else:
+            hdr = self._host_header(conn, Op.SHUTDOWN, flags=int(ShutdownFlag.SEND),
+                                    buf_alloc=conn.buf_alloc, fwd_cnt=conn.fwd_cnt & 0xFFFFFFFF)
+        chain.write(hdr.pack())
+        if self.capture is not None:
+            self.capture.write(hdr)
+        return HEADER_SIZE
+
+
+def _read_back(chain, n: int) -> bytes:
+    views = guestio.writable_views(chain, HEADER_SIZE, n)
+    try:
+        return b"".join(bytes(v) for v in views)
+    finally:
+        guestio.release(views)

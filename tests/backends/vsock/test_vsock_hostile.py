@@ -1,0 +1,140 @@
+"""Hostile guests against the real vhost-user-vsock process: each violation gets one log
+line and an RST or a drop, and nothing else (other connections, other VMs) is disturbed."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import time
+
+import pytest
+
+from backends_proc import open_fds
+from vhost_user.backends.vsock.packet import HEADER_SIZE, HOST_CID, Header, Op, SockType
+from vhost_user.drivers.vsock import VsockDriver
+from vsock_proc import host_connect, host_listener, read_line
+
+
+def _wait_log(bp, text: str, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = bp.log()
+        if text in log:
+            return log
+        time.sleep(0.05)
+    raise AssertionError(f"no {text!r} in the back-end log:\n{bp.log()[-3000:]}")
+
+
+def _still_works(drv: VsockDriver, listener: socket.socket) -> None:
+    g = drv.connect(int(listener.getsockname().rsplit("_", 1)[1]))
+    h, _ = listener.accept()
+    g.send(b"business as usual")
+    assert h.recv(100) == b"business as usual"
+    g.close()
+
+
+def test_vsock_header_claiming_more_than_the_chain_is_dropped_and_reset(one_vm):
+    bp, sock, uds = one_vm
+    listener = host_listener(uds + "_5000")
+    with VsockDriver.attach(sock) as drv:
+        g = drv.connect(5000)
+        h, _ = listener.accept()
+        gpa = drv.fe.ram.alloc(HEADER_SIZE + 10)
+        lie = g.header(Op.RW, len=1000)  # claims 1000 bytes, the chain holds 10
+        drv.fe.ram.write(gpa, lie.pack() + b"0123456789")
+        drv.send_chain([(gpa, HEADER_SIZE + 10, False)])
+        drv.wait_for(lambda: g.reset, 10, "RST")
+        _wait_log(bp, "header claims 1000 payload bytes, chain holds 10")
+        h.settimeout(5)
+        assert h.recv(100) == b""  # nothing of the bogus packet reached the host; connection closed
+        _still_works(drv, listener)
+
+
+def test_vsock_out_of_bounds_buffer_breaks_only_that_vms_queue(sockdir, vsock_proc):
+    socks = {cid: os.path.join(sockdir, f"vm{cid}.sock") for cid in (3, 4)}
+    bp = vsock_proc("--vm", f"guest-cid=3,socket={socks[3]},uds-path={socks[3]}.vsock",
+                    "--vm", f"guest-cid=4,socket={socks[4]},uds-path={socks[4]}.vsock", wait_for=socks[4])
+    listener = host_listener(socks[4] + ".vsock_5000")
+    with VsockDriver.attach(socks[3]) as bad, VsockDriver.attach(socks[4]) as good:
+        _publish_raw(bad, addr=1 << 40, length=4096)  # far outside guest RAM
+        assert select.select([bad.txq.err_fd], [], [], 10)[0], "no error notification"
+        _wait_log(bp, "queue 1")
+        _still_works(good, listener)
+        assert bp.alive()
+
+
+def _publish_raw(drv: VsockDriver, *, addr: int, length: int) -> None:
+    """Write descriptor 0 and an avail entry by hand, as a malicious driver would."""
+    q, ram = drv.txq, drv.fe.ram
+    ram.write(q.ring.desc_gpa, struct.pack("<QIHH", addr, length, 0, 0))
+    avail = q.ring.avail_gpa
+    idx = struct.unpack("<H", ram.read(avail + 2, 2))[0]
+    ram.write(avail + 4 + 2 * (idx % q.size), struct.pack("<H", 0))
+    ram.write(avail + 2, struct.pack("<H", (idx + 1) & 0xFFFF))
+    os.eventfd_write(q.kick_fd, 1)
+
+
+def test_vsock_packet_for_unknown_connection_gets_rst(one_vm):
+    bp, sock, uds = one_vm
+    with VsockDriver.attach(sock) as drv:
+        drv.send_packet(Header(src_cid=drv.cid, dst_cid=HOST_CID, src_port=777, dst_port=888,
+                               len=5, type=SockType.STREAM, op=Op.RW), b"hello")
+        drv.wait_for(lambda: any(p.op == Op.RST and p.dst_port == 777 for p in drv.received), 10, "RST")
+        rst = next(p for p in drv.received if p.op == Op.RST)
+        assert (rst.src_cid, rst.src_port, rst.dst_cid) == (HOST_CID, 888, drv.cid)
+        _wait_log(bp, "RW 3:777 -> 2:888")
+
+
+def test_vsock_guest_ignoring_credit_is_reset_and_logged(one_vm):
+    bp, sock, uds = one_vm
+    listener = host_listener(uds + "_5001")
+    with VsockDriver.attach(sock) as drv:
+        g = drv.connect(5001)
+        h, _ = listener.accept()  # never reads: the back-end must not buffer without bound
+        window = g.peer_buf_alloc
+        chunk = os.urandom(60_000)
+        sent = 0
+        while not g.reset and sent < window + 16 * len(chunk) + (8 << 20):
+            drv.send_packet(g.header(Op.RW, len=len(chunk)), chunk)  # ignoring credit
+            sent += len(chunk)
+            drv.poll(0)
+        drv.wait_for(lambda: g.reset, 10, "RST for the credit violation")
+        _wait_log(bp, "guest ignores credit")
+        _still_works(drv, listener)
+
+
+def test_vsock_spoofed_source_cid_is_dropped(one_vm):
+    bp, sock, uds = one_vm
+    listener = host_listener(uds + "_5002")
+    with VsockDriver.attach(sock) as drv:
+        drv.send_packet(Header(src_cid=99, dst_cid=HOST_CID, src_port=1, dst_port=5002,
+                               type=SockType.STREAM, op=Op.REQUEST))
+        _wait_log(bp, "source CID 99 dropped")
+        listener.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            listener.accept()  # no connection was made on behalf of the spoofed CID
+        listener.settimeout(10)
+        _still_works(drv, listener)
+
+
+def test_vsock_no_fd_leaks_in_backend_or_frontend(one_vm):
+    bp, sock, uds = one_vm
+    listener = host_listener(uds + "_5003")
+    before_ours = open_fds()
+    with VsockDriver.attach(sock) as drv:
+        drv.listen(6000)
+        backend_before = len(os.listdir(f"/proc/{bp.pid}/fd"))
+        for _ in range(10):
+            _still_works(drv, listener)
+            h, _ = host_connect(uds, 6000)
+            g = drv.accept(6000)
+            assert read_line(h).startswith(b"OK")
+            h.close()
+            drv.wait_for(lambda: g.peer_shut_send, 10, "host EOF")
+            g.close()
+        drv.poll(0.2)
+        time.sleep(0.2)
+        assert len(os.listdir(f"/proc/{bp.pid}/fd")) == backend_before
+    assert open_fds() - before_ours <= {listener.fileno()}
