@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from vhost_user.cli import Endpoint, _setup_logging, base_parser, parse_size, serve_devices
 
 from .device import CAPABILITIES, VmOptions, VsockDevice
 from .router import Router
+
+log = logging.getLogger("vhost_user.backends.vsock")
 
 _VM_KEYS = {"guest-cid", "socket", "uds-path", "groups", "tx-buffer-size", "queue-size"}
 
@@ -101,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(description("vhost-user-vsock"), indent=2))
         return 0
     _setup_logging(args)
+    if args.sandbox:
+        log.info("sandbox: no vsock profile yet (it connects and accepts Unix sockets at run time); "
+                 "running unconfined")
     vms = _vm_options(args)
     capture = None
     if args.pcap:
