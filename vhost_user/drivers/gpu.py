@@ -416,6 +416,34 @@ class GpuDriver:
                 self.fe.ram.write(e.addr + a - base, view[a - lo:b - lo])
             base += e.length
 
+    # -- benchmark ---------------------------------------------------------------------
+    def setup_frame(self, resource_id: int, width: int, height: int, *, scanout: int = 0,
+                    seed: int = 1) -> Backing:
+        """A scanout-sized resource on scattered pages, filled and shown (bench set-up)."""
+        for status in (self.create_2d(resource_id, width, height),):
+            if status != T.RESP_OK_NODATA:
+                raise GpuDriverError(f"create {width}x{height}: {T(status).name}")
+        backing = self.alloc_backing(width * height * 4, seed=seed)
+        self.write_backing(backing, np.random.default_rng(seed).integers(
+            0, 256, width * height * 4, dtype=np.uint8))
+        for what, status in (("attach", self.attach_backing(resource_id, backing)),
+                             ("scanout", self.set_scanout(scanout, resource_id,
+                                                          Rect(0, 0, width, height)))):
+            if status != T.RESP_OK_NODATA:
+                raise GpuDriverError(f"{what}: {T(status).name}")
+        return backing
+
+    def frame_cycles(self, resource_id: int, width: int, height: int, cycles: int) -> int:
+        """`cycles` full-frame TRANSFER_TO_HOST_2D + RESOURCE_FLUSH pairs; returns errors."""
+        r = Rect(0, 0, width, height)
+        pair = [TransferToHost2d(r, 0, resource_id).pack(), ResourceFlush(r, resource_id).pack()]
+        errors = 0
+        for _ in range(cycles):
+            for resp in self.submit(pair):
+                if CtrlHeader.unpack(resp).type != T.RESP_OK_NODATA:
+                    errors += 1
+        return errors
+
     def close(self) -> None:
         self.fe.close()
         if self.listener is not None:
