@@ -191,3 +191,26 @@ def test_gpu_headless_png_display_without_a_display_socket(gpu_backend, sockdir)
         assert np.array_equal(_read_png(path), img.reshape(20, 30, 4)[:, :, [2, 1, 0]])
         assert drv.unref(1) == T.RESP_OK_NODATA
         assert not os.path.exists(path)
+
+
+def test_gpu_unaligned_backing_entries_gather_like_whole_pages(gpu_backend):
+    """Entries of odd sizes at odd addresses take the per-segment path; pages the fast one."""
+    bp = gpu_backend("ours")
+    w, h = 50, 30
+    img = np.random.default_rng(11).integers(0, 256, (h, w * 4), dtype=np.uint8)
+    with GpuDriver.connect(bp.socket) as drv:
+        base = drv.fe.ram.alloc(16 * 4096, 4096)
+        sizes, entries, pos = [1000, 3, 2997, 777, 1223], [], 0
+        while sum(e.length for e in entries) < img.nbytes:
+            n = min(sizes[len(entries) % len(sizes)], img.nbytes - sum(e.length for e in entries))
+            entries.append(MemEntry(base + 8 * 4096 - pos - n - 5 * len(entries), n))
+            pos += n + 5 * len(entries)
+        backing = Backing(entries)
+        drv.write_backing(backing, img.tobytes())
+        _show(drv, 1, w, h, b"")  # creates, attaches pages, shows; then swap the backing
+        assert drv.detach_backing(1) == T.RESP_OK_NODATA
+        assert drv.attach_backing(1, backing) == T.RESP_OK_NODATA
+        assert drv.transfer(1, Rect(0, 0, w, h)) == T.RESP_OK_NODATA
+        assert drv.flush(1, Rect(0, 0, w, h)) == T.RESP_OK_NODATA
+        assert drv.listener.wait_for(G.UPDATE, 2)
+        assert np.array_equal(drv.listener.rgb(0), img.reshape(h, w, 4)[:, :, [2, 1, 0]])
