@@ -1,11 +1,13 @@
-"""3D (virgl) status: not available in this back-end, and why.
+"""3D (virgl) status: why `--virgl` refuses to start.
 
-Probed on Debian bookworm with libvirglrenderer1 0.10.4 and Mesa 25.0
-(no /dev/dri): EGL falls back to surfaceless swrast and initialises, but
-virgl_renderer_init(EGL | SURFACELESS [| GLES]) returns -1, so no 3D context
-can be created. The back-end also implements only the 2D command set, so
-`--virgl` refuses to start with this message and --print-capabilities does
-not list "virgl" or "render-node".
+Probed here (Debian bookworm, libvirglrenderer1 0.10.4, Mesa 25.0, no
+/dev/dri): virgl_renderer_init(EGL | SURFACELESS) succeeds on Mesa's
+llvmpipe (GL 4.5 core; with GLES, ES 3.2) and reports capsets 1 (virgl,
+v1, 308 bytes) and 2 (virgl2, v2, 1376 bytes). So the library can render
+in software; what is missing is this back-end's 3D command set (contexts,
+3D resources, SUBMIT_3D, capsets, fences through virglrenderer). Until it
+exists, `--virgl` exits with this message and --print-capabilities lists
+neither "virgl" nor "render-node".
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ __all__ = ["virgl_unavailable_reason"]
 
 
 def virgl_unavailable_reason() -> str:
-    return ("3D rendering (virgl) is not available in this back-end: only the 2D "
-            "virtio-gpu command set is implemented, and libvirglrenderer 0.10.4 fails to "
-            "initialise on Mesa's software rasterizer here; run without --virgl "
-            "(or use QEMU's own vhost-user-gpu for 3D)")
+    return ("3D rendering (virgl) is not implemented by this back-end yet: it serves the 2D "
+            "virtio-gpu command set only (libvirglrenderer itself initialises on Mesa's "
+            "software rasterizer here); run without --virgl, or use QEMU's own "
+            "vhost-user-gpu for 3D")
