@@ -1,0 +1,181 @@
+"""vhost-user-net under real Linux guests: two guests on the switch, and a TAP port.
+
+Each test boots its guests once; the back-end runs with --pcap so the
+capture of a real session is checked with tshark too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.backend import BackendProcess
+from harness.fixtures import require_tool
+
+pytestmark = pytest.mark.guest
+
+NET = [sys.executable, "-m", "vhost_user.backends.net"]
+MAC = ["52:54:00:12:34:%02x" % (i + 1) for i in range(2)]
+MiB = 1 << 20
+
+
+def add_net(vm, sock: Path, mac: str) -> None:
+    vm.add_args("-chardev", f"socket,id=n0,path={sock}",
+                "-netdev", "vhost-user,id=net0,chardev=n0",
+                "-device", f"virtio-net-pci,netdev=net0,mac={mac}")
+
+
+def guest_ip(addr: str) -> str:
+    """Bring eth0 up with `addr` (busybox ip)."""
+    return f"""
+        ip link set lo up
+        ip link set eth0 up
+        ip addr add {addr}/24 dev eth0
+    """
+
+
+def ping_until(peer: str) -> str:
+    return f"""
+        ok=0
+        for i in $(seq 1 60); do
+            if ping -c 1 -W 1 {peer} > /dev/null 2>&1; then ok=1; break; fi
+        done
+        [ $ok = 1 ] || {{ echo "no ping reply from {peer}"; exit 1; }}
+        ping -c 3 {peer} | grep -q ' 0% packet loss' && echo "ping {peer} ok"
+    """
+
+
+def line_value(result, label: str) -> list[str]:
+    for line in result.lines:
+        if line.startswith(label + " "):
+            return line.split()[1:]
+    raise AssertionError(f"guest printed no {label!r} line:\n{result.output}")
+
+
+def test_two_guests_ping_and_move_64_mib_over_tcp(guest_vm, short_tmp, tmp_path):
+    tshark = require_tool("tshark")
+    socks = [short_tmp / "vm0.sock", short_tmp / "vm1.sock"]
+    pcap = tmp_path / "session.pcap"
+    argv = NET + ["--socket", str(socks[0]), "--socket", str(socks[1]), "--pcap", str(pcap), "-v"]
+    backend = BackendProcess(argv, socks[1], tmp_path / "net.log").start()
+    try:
+        server, client = guest_vm(memory_mb=512), guest_vm(memory_mb=512)
+        add_net(server, socks[0], MAC[0])
+        add_net(client, socks[1], MAC[1])
+        server.start(guest_ip("10.0.0.1") + ping_until("10.0.0.2") + """
+            mkfifo /tmp/f; exec 3<>/tmp/f     # stdin that never ends nor sends
+            vhu_mark listening
+            nc -l -p 5000 <&3 > /tmp/r
+            digest=$(sha256sum < /tmp/r | cut -d' ' -f1)
+            echo "recv $digest $(wc -c < /tmp/r)"
+            # Tell the client (it must not power off with data still unsent).
+            echo "$digest" | nc 10.0.0.2 5001
+            sleep 2
+        """)
+        client.start(guest_ip("10.0.0.2") + """
+            dd if=/dev/urandom of=/tmp/d bs=1M count=64 2>/dev/null
+            echo "sent $(sha256sum < /tmp/d | cut -d' ' -f1)"
+        """ + ping_until("10.0.0.1") + """
+            mkfifo /tmp/f; exec 3<>/tmp/f
+            nc -l -p 5001 <&3 > /tmp/ack &
+            for i in $(seq 1 60); do
+                nc 10.0.0.1 5000 < /tmp/d && break
+                sleep 1
+            done
+            for i in $(seq 1 240); do
+                [ -s /tmp/ack ] && break
+                sleep 1
+            done
+            echo "ack $(cat /tmp/ack)"
+        """)
+        sent = client.wait(timeout=300)
+        got = server.wait(timeout=300)
+    finally:
+        backend.stop()
+    assert "ping 10.0.0.1 ok" in sent.lines, sent.output
+    assert "ping 10.0.0.2 ok" in got.lines, got.output
+    digest, size = line_value(got, "recv")
+    assert int(size) == 64 * MiB
+    assert digest == line_value(sent, "sent")[0] == line_value(sent, "ack")[0]
+    # The capture of this session shows the ICMP echo requests and replies.
+    out = subprocess.run([tshark, "-r", str(pcap), "-Y", "icmp", "-T", "fields",
+                          "-e", "ip.src", "-e", "ip.dst", "-e", "icmp.type"],
+                         capture_output=True, text=True, timeout=120)
+    rows = {tuple(line.split("\t")) for line in out.stdout.splitlines()}
+    assert ("10.0.0.2", "10.0.0.1", "8") in rows and ("10.0.0.1", "10.0.0.2", "0") in rows, out.stdout[-2000:]
+    assert ("10.0.0.1", "10.0.0.2", "8") in rows and ("10.0.0.2", "10.0.0.1", "0") in rows
+
+
+@pytest.fixture
+def netns():
+    """A network namespace of our own (loopback addresses only), removed afterwards."""
+    ip = require_tool("ip")
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    name = f"vhu-net-{secrets.token_hex(3)}"
+    subprocess.run([ip, "netns", "add", name], check=True)
+    try:
+        subprocess.run([ip, "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run([ip, "netns", "del", name], check=False)
+
+
+def _wait_log(path: Path, needle: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and needle in path.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{needle!r} not in {path}")
+
+
+def test_guest_reaches_a_tap_port_in_a_namespace(guest_vm, short_tmp, tmp_path, netns):
+    ip = require_tool("ip")
+    sock = short_tmp / "tap.sock"
+    log = tmp_path / "net.log"
+    argv = [ip, "netns", "exec", netns] + NET + ["--socket", str(sock), "--tap", "vhutap0", "-v"]
+    backend = BackendProcess(argv, sock, log).start()
+    listener = None
+    try:
+        _wait_log(log, "TAP vhutap0 joined")
+        subprocess.run([ip, "-n", netns, "addr", "add", "10.9.0.1/24", "dev", "vhutap0"], check=True)
+        out = tmp_path / "received"
+        # The namespace side receives, then tells the guest the digest it got.
+        fifo = tmp_path / "fifo"
+        script = (f"mkfifo {fifo}; exec 3<>{fifo}; busybox nc -l -p 5001 <&3 > {out}; "
+                  f"busybox sha256sum < {out} | cut -d' ' -f1 | busybox nc 10.9.0.2 5002")
+        listener = subprocess.Popen([ip, "netns", "exec", netns, "busybox", "sh", "-c", script],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        vm = guest_vm(memory_mb=512)
+        add_net(vm, sock, MAC[0])
+        result = vm.run(guest_ip("10.9.0.2") + ping_until("10.9.0.1") + """
+            dd if=/dev/urandom of=/tmp/d bs=1M count=8 2>/dev/null
+            echo "sent $(sha256sum < /tmp/d | cut -d' ' -f1)"
+            mkfifo /tmp/f; exec 3<>/tmp/f
+            nc -l -p 5002 <&3 > /tmp/ack &
+            for i in $(seq 1 30); do
+                nc 10.9.0.1 5001 < /tmp/d && break
+                sleep 1
+            done
+            for i in $(seq 1 120); do
+                [ -s /tmp/ack ] && break
+                sleep 1
+            done
+            echo "ack $(cat /tmp/ack)"
+        """, timeout=240)
+    finally:
+        if listener is not None:
+            listener.kill()
+            listener.wait()
+        backend.stop()
+    assert "ping 10.9.0.1 ok" in result.lines, result.output
+    sent = line_value(result, "sent")[0]
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == sent == line_value(result, "ack")[0]
