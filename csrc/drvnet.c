@@ -1,0 +1,121 @@
+/* drvnet.c: see drvnet.h. */
+#include "drvnet.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define REAP 256
+
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static int post_rx(struct drv_queue *rx, const struct drv_net_bench_params *p, uint32_t slot,
+                   uint32_t *slot_of)
+{
+    struct drv_seg seg = {rx->gpa_base + p->rx_offset + (uint64_t)slot * p->rx_buf_len,
+                          p->rx_buf_len, 1};
+    int head = drv_add(rx, &seg, 1);
+    if (head >= 0)
+        slot_of[head] = slot;
+    return head;
+}
+
+int drv_net_bench(struct drv_queue *tx, struct drv_queue *rx,
+                  const struct drv_net_bench_params *p, struct drv_net_bench_stats *s)
+{
+    if (p->tx_slots == 0 || p->rx_slots == 0 || p->hdr_len > p->rx_buf_len ||
+        p->tx_offset + (uint64_t)p->tx_slots * p->tx_slot_size > tx->area_size ||
+        p->rx_offset + (uint64_t)p->rx_slots * p->rx_buf_len > rx->area_size)
+        return DRV_E_ARG;
+    uint32_t *rx_slot_of = calloc(rx->size, sizeof(uint32_t));
+    uint32_t *tx_slot_of = calloc(tx->size, sizeof(uint32_t));
+    uint32_t *tx_free = calloc(p->tx_slots, sizeof(uint32_t));
+    struct drv_used_elem used[REAP];
+    int rc = DRV_OK;
+    if (!rx_slot_of || !tx_slot_of || !tx_free) {
+        rc = DRV_E_ARG;
+        goto out;
+    }
+    memset(s, 0, sizeof(*s));
+    uint32_t nfree = p->tx_slots, remaining = 0;
+    for (uint32_t i = 0; i < p->tx_slots; i++)
+        tx_free[i] = i;
+    for (uint32_t i = 0; i < p->rx_slots && rx->num_free > 0; i++)
+        if ((rc = post_rx(rx, p, i, rx_slot_of)) < 0)
+            goto out;
+    rc = DRV_OK;
+    drv_kick(rx);
+    uint64_t start = mono_ns(), last_progress = start, now = start;
+    while (now - start < p->duration_ns) {
+        int progress = 0;
+        while (nfree && tx->num_free > 0) {
+            uint32_t slot = tx_free[--nfree];
+            struct drv_seg seg = {tx->gpa_base + p->tx_offset + (uint64_t)slot * p->tx_slot_size,
+                                  p->hdr_len + p->frame_len, 0};
+            int head = drv_add(tx, &seg, 1);
+            if (head < 0) {
+                rc = head;
+                goto out;
+            }
+            tx_slot_of[head] = slot;
+        }
+        if ((rc = drv_kick(tx)) < 0)
+            goto out;
+        int n = drv_reap(tx, used, REAP);
+        if (n < 0) {
+            rc = n;
+            goto out;
+        }
+        for (int i = 0; i < n; i++)
+            tx_free[nfree++] = tx_slot_of[used[i].id];
+        s->sent += (uint64_t)n;
+        progress |= n > 0;
+        n = drv_reap(rx, used, REAP);
+        if (n < 0) {
+            rc = n;
+            goto out;
+        }
+        for (int i = 0; i < n; i++) {
+            uint32_t slot = rx_slot_of[used[i].id];
+            const uint8_t *buf = rx->area + p->rx_offset + (uint64_t)slot * p->rx_buf_len;
+            uint32_t len = used[i].len < p->rx_buf_len ? used[i].len : p->rx_buf_len;
+            if (remaining == 0) {
+                uint32_t nb = p->mergeable && len >= 12 ? (uint32_t)(buf[10] | buf[11] << 8) : 1;
+                s->received++;
+                s->rx_bytes += len > p->hdr_len ? len - p->hdr_len : 0;
+                remaining = nb ? nb - 1 : 0;
+            } else {
+                s->rx_bytes += len;
+                remaining--;
+            }
+            if ((rc = post_rx(rx, p, slot, rx_slot_of)) < 0)
+                goto out;
+        }
+        rc = DRV_OK;
+        if (n > 0) {
+            drv_kick(rx);
+            progress = 1;
+        }
+        now = mono_ns();
+        if (progress) {
+            last_progress = now;
+        } else if (now - last_progress > p->stall_timeout_ns) {
+            rc = DRV_E_TIMEOUT;
+            goto out;
+        } else if (nfree == 0 || tx->num_free == 0) {
+            drv_wait(rx, 200000);   /* nothing to send: sleep until rx or 0.2 ms */
+            now = mono_ns();
+        }
+    }
+    s->elapsed_ns = now - start;
+out:
+    free(rx_slot_of);
+    free(tx_slot_of);
+    free(tx_free);
+    return rc;
+}
