@@ -66,14 +66,24 @@ uint64_t drv_bench_area_size(uint32_t block_size, uint32_t queue_depth);
 int drv_blk_bench(struct drv_queue *q, const struct drv_bench_params *p,
                   struct drv_bench_stats *s);
 uint64_t drv_hist_percentile(const struct drv_bench_stats *s, double fraction);
+
+struct drv_net_bench_params {
+    uint32_t hdr_len; uint32_t frame_len;
+    uint64_t tx_offset; uint32_t tx_slot_size; uint32_t tx_slots;
+    uint64_t rx_offset; uint32_t rx_buf_len; uint32_t rx_slots;
+    int mergeable; uint64_t duration_ns; uint64_t stall_timeout_ns;
+};
+struct drv_net_bench_stats { uint64_t sent; uint64_t received; uint64_t rx_bytes; uint64_t elapsed_ns; };
+int drv_net_bench(struct drv_queue *tx, struct drv_queue *rx,
+                  const struct drv_net_bench_params *p, struct drv_net_bench_stats *s);
 """
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "vhost_user._driver",
-    '#include "driver.h"',
-    sources=["csrc/driver.c"],
+    '#include "driver.h"\n#include "drvnet.h"',
+    sources=["csrc/driver.c", "csrc/drvnet.c"],
     include_dirs=["csrc"],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
 )
