@@ -8,7 +8,7 @@ import sys
 from vhost_user.cli import base_parser, parse_size, run_backend
 
 from .device import CAPABILITIES, GpuDevice, GpuOptions
-from .virgl import virgl_unavailable_reason
+from .virgl import VirglError, virgl_unavailable_reason
 
 
 def _resolution(text: str) -> tuple[int, int]:
@@ -38,18 +38,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.virgl:
-        print(f"error: --virgl: {virgl_unavailable_reason()}", file=sys.stderr)
-        return 1
     if args.render_node and not args.print_capabilities:
-        print("warning: --render-node is only used for 3D (--virgl); ignored", file=sys.stderr)
+        print("warning: --render-node is not used (3D renders on Mesa's surfaceless EGL); "
+              "ignored", file=sys.stderr)
     width, height = args.resolution
     opts = GpuOptions(display=args.display, outputs=args.outputs, width=width, height=height,
                       max_hostmem=args.max_hostmem)
-    if not args.print_capabilities and not args.print_description:
-        GpuDevice(opts).close()  # validate the options before listening
-
-    return run_backend(args, lambda: GpuDevice(opts), CAPABILITIES, "vhost-user-gpu")
+    capabilities = dict(CAPABILITIES)
+    if args.print_capabilities and virgl_unavailable_reason() is None:
+        capabilities["features"] = ["virgl"]
+    if args.print_capabilities or args.print_description:
+        return run_backend(args, lambda: None, capabilities, "vhost-user-gpu")
+    try:
+        if args.virgl:
+            from .device3d import VirglGpuDevice
+            device = VirglGpuDevice(opts)
+        else:
+            device = GpuDevice(opts)
+    except VirglError as exc:
+        print(f"error: --virgl: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # DeviceError and friends: one line, exit 1
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return run_backend(args, lambda: device, capabilities, "vhost-user-gpu")
 
 
 if __name__ == "__main__":
