@@ -14,14 +14,15 @@ static uint64_t mono_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-static int post_rx(struct drv_queue *rx, const struct drv_net_bench_params *p, uint32_t slot,
-                   uint32_t *slot_of)
+/* The slot of a chain is kept in the driver-private cookie of its head, so
+ * rx buffers left posted by one run are recognised by the next. */
+static int post_rx(struct drv_queue *rx, const struct drv_net_bench_params *p, uint32_t slot)
 {
     struct drv_seg seg = {rx->gpa_base + p->rx_offset + (uint64_t)slot * p->rx_buf_len,
                           p->rx_buf_len, 1};
     int head = drv_add(rx, &seg, 1);
     if (head >= 0)
-        slot_of[head] = slot;
+        rx->st[head].cookie = slot;
     return head;
 }
 
@@ -32,12 +33,12 @@ int drv_net_bench(struct drv_queue *tx, struct drv_queue *rx,
         p->tx_offset + (uint64_t)p->tx_slots * p->tx_slot_size > tx->area_size ||
         p->rx_offset + (uint64_t)p->rx_slots * p->rx_buf_len > rx->area_size)
         return DRV_E_ARG;
-    uint32_t *rx_slot_of = calloc(rx->size, sizeof(uint32_t));
-    uint32_t *tx_slot_of = calloc(tx->size, sizeof(uint32_t));
+    if (tx->inflight)
+        return DRV_E_ARG;
     uint32_t *tx_free = calloc(p->tx_slots, sizeof(uint32_t));
     struct drv_used_elem used[REAP];
     int rc = DRV_OK;
-    if (!rx_slot_of || !tx_slot_of || !tx_free) {
+    if (!tx_free) {
         rc = DRV_E_ARG;
         goto out;
     }
@@ -45,9 +46,10 @@ int drv_net_bench(struct drv_queue *tx, struct drv_queue *rx,
     uint32_t nfree = p->tx_slots, remaining = 0;
     for (uint32_t i = 0; i < p->tx_slots; i++)
         tx_free[i] = i;
-    for (uint32_t i = 0; i < p->rx_slots && rx->num_free > 0; i++)
-        if ((rc = post_rx(rx, p, i, rx_slot_of)) < 0)
-            goto out;
+    if (rx->inflight == 0)      /* else the buffers of an earlier run are still posted */
+        for (uint32_t i = 0; i < p->rx_slots && rx->num_free > 0; i++)
+            if ((rc = post_rx(rx, p, i)) < 0)
+                goto out;
     rc = DRV_OK;
     drv_kick(rx);
     uint64_t start = mono_ns(), last_progress = start, now = start;
@@ -62,7 +64,7 @@ int drv_net_bench(struct drv_queue *tx, struct drv_queue *rx,
                 rc = head;
                 goto out;
             }
-            tx_slot_of[head] = slot;
+            tx->st[head].cookie = slot;
         }
         if ((rc = drv_kick(tx)) < 0)
             goto out;
@@ -72,7 +74,7 @@ int drv_net_bench(struct drv_queue *tx, struct drv_queue *rx,
             goto out;
         }
         for (int i = 0; i < n; i++)
-            tx_free[nfree++] = tx_slot_of[used[i].id];
+            tx_free[nfree++] = tx->st[used[i].id].cookie;
         s->sent += (uint64_t)n;
         progress |= n > 0;
         n = drv_reap(rx, used, REAP);
@@ -80,9 +82,16 @@ int drv_net_bench(struct drv_queue *tx, struct drv_queue *rx,
             rc = n;
             goto out;
         }
+        uint32_t slots[REAP];
+        for (int i = 0; i < n; i++) {   /* read every cookie before a head is reused */
+            slots[i] = rx->st[used[i].id].cookie;
+            if (slots[i] >= p->rx_slots) {
+                rc = DRV_E_ARG;
+                goto out;
+            }
+        }
         for (int i = 0; i < n; i++) {
-            uint32_t slot = rx_slot_of[used[i].id];
-            const uint8_t *buf = rx->area + p->rx_offset + (uint64_t)slot * p->rx_buf_len;
+            const uint8_t *buf = rx->area + p->rx_offset + (uint64_t)slots[i] * p->rx_buf_len;
             uint32_t len = used[i].len < p->rx_buf_len ? used[i].len : p->rx_buf_len;
             if (remaining == 0) {
                 uint32_t nb = p->mergeable && len >= 12 ? (uint32_t)(buf[10] | buf[11] << 8) : 1;
@@ -93,9 +102,10 @@ int drv_net_bench(struct drv_queue *tx, struct drv_queue *rx,
                 s->rx_bytes += len;
                 remaining--;
             }
-            if ((rc = post_rx(rx, p, slot, rx_slot_of)) < 0)
-                goto out;
         }
+        for (int i = 0; i < n; i++)
+            if ((rc = post_rx(rx, p, slots[i])) < 0)
+                goto out;
         rc = DRV_OK;
         if (n > 0) {
             drv_kick(rx);
@@ -114,8 +124,6 @@ int drv_net_bench(struct drv_queue *tx, struct drv_queue *rx,
     }
     s->elapsed_ns = now - start;
 out:
-    free(rx_slot_of);
-    free(tx_slot_of);
     free(tx_free);
     return rc;
 }
