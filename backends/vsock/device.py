@@ -252,8 +252,8 @@ class VsockDevice(RxPath, VirtioDevice):
                 return
             if hdr.dst_cid == HOST_CID:
                 self._host_packet(hdr, chain)
-            else:
-                self._relay(hdr, chain)
+                return
+        self._relay(hdr, chain)  # without our lock: delivery takes the other VM's lock
 
     @staticmethod
     def _payload(chain, hdr: Header) -> bytes:
@@ -265,13 +265,16 @@ class VsockDevice(RxPath, VirtioDevice):
 
     # -- sibling VMs -----------------------------------------------------------
     def _relay(self, hdr: Header, chain) -> None:
+        """Hand a packet to a sibling VM. Called without our lock: two VMs relaying to
+        each other at once would otherwise each hold one lock and wait for the other."""
         dest = self.router.lookup(self, hdr.dst_cid) if self.router is not None else None
         payload = memoryview(self._payload(chain, hdr)) if hdr.len else b""
         if dest is None or not dest.deliver(hdr, payload):
             if dest is None:
                 log.info("cid %d: no VM with CID %d in groups %s; %s reset", self.guest_cid,
                          hdr.dst_cid, ",".join(sorted(self.groups)), hdr.op_name)
-            self._send_rst(hdr)
+            with self._lock:
+                self._send_rst(hdr)
 
     def deliver(self, hdr: Header, payload: bytes) -> bool:
         """A sibling VM's packet for this guest; False when it cannot be queued."""

@@ -236,9 +236,26 @@ def _three_vms(sockdir, vsock_proc):
     return socks
 
 
-def test_vsock_vms_in_one_group_exchange_data(sockdir, vsock_proc):
+def _exchange(sock, out: bytes, expect: int, timeout: float = 30) -> bytes:
+    """Send `out` while receiving `expect` bytes, interleaved, as a full-duplex program does."""
+    got = bytearray()
+    view = memoryview(out)
+    deadline = time.monotonic() + timeout
+    while view or len(got) < expect:
+        assert time.monotonic() < deadline, f"stalled: {len(view)} left to send, {len(got)}/{expect} received"
+        n = min(len(view), sock.credit(), 32 << 10)
+        if n:
+            sock.send(view[:n])
+            view = view[n:]
+        sock.drv.poll(0.01)
+        if sock.rx:
+            got += sock.recv(1 << 20)
+    return bytes(got)
+
+
+def test_vsock_vms_in_one_group_exchange_data_both_ways_at_once(sockdir, vsock_proc):
     socks = _three_vms(sockdir, vsock_proc)
-    payload = os.urandom(600_000)
+    a_to_b, b_to_a = os.urandom(3 * MiB), os.urandom(3 * MiB + 1)
     with VsockDriver.attach(socks[3]) as a, VsockDriver.attach(socks[4]) as b:
         b.listen(7000)
         seen: dict = {}
@@ -246,21 +263,20 @@ def test_vsock_vms_in_one_group_exchange_data(sockdir, vsock_proc):
         def guest_b():  # the other VM runs in its own thread, like a real guest
             gb = b.accept(7000)
             seen["peer"] = (gb.peer_cid, gb.peer_port)
-            seen["data"] = gb.recv_exact(len(payload), timeout=30)
-            gb.send(b"pong")
+            seen["data"] = _exchange(gb, b_to_a, len(a_to_b))
             b.wait_for(lambda: gb.reset, 10, "close from the other VM")
 
         t = threading.Thread(target=guest_b)
         t.start()
         try:
             ga = a.connect(7000, cid=4)
-            ga.send(payload, timeout=30)
-            assert ga.recv_exact(4) == b"pong"
+            got = _exchange(ga, a_to_b, len(b_to_a))
             ga.close()
         finally:
-            t.join(30)
+            t.join(40)
         assert seen["peer"] == (3, ga.local_port)
-        assert _sha(seen["data"]) == _sha(payload)
+        assert _sha(seen["data"]) == _sha(a_to_b)
+        assert _sha(got) == _sha(b_to_a)
 
 
 def test_vsock_vms_in_different_groups_cannot_connect(sockdir, vsock_proc):
