@@ -59,6 +59,8 @@ __all__ = [
     "FD_UNLESS_NOFD",
     "DeviceStateReplyFd",
     "DEVICE_STATE_REPLY_FD",
+    "InflightReplyFd",
+    "INFLIGHT_REPLY_FD",
     "RequestSpec",
     "spec_for",
     "all_specs",
@@ -136,6 +138,22 @@ class DeviceStateReplyFd(FdRule):
         return "1 fd on success unless the no-fd bit is set"
 
 
+@dataclass(frozen=True)
+class InflightReplyFd(FdRule):
+    """GET_INFLIGHT_FD reply: the region's fd, except a zero-size reply (the refusal) has none.
+
+    QEMU returns before reading an fd when mmap_size is 0 (vhost_user_get_inflight_fd).
+    """
+
+    def bounds(self, payload: Payload) -> tuple[int, int]:
+        if isinstance(payload, InflightDescription) and payload.mmap_size == 0:
+            return 0, 0
+        return 1, 1
+
+    def describe(self) -> str:
+        return "1 fd unless mmap_size is 0"
+
+
 def _no_fd_bit(payload: Payload) -> bool:
     if isinstance(payload, VringArea):
         return payload.no_fd
@@ -150,6 +168,7 @@ OPTIONAL_FD = FdCount(0, 1)
 FDS_PER_REGION = FdsPerRegion()
 FD_UNLESS_NOFD = FdUnlessNoFdBit()
 DEVICE_STATE_REPLY_FD = DeviceStateReplyFd()
+INFLIGHT_REPLY_FD = InflightReplyFd()
 
 
 @dataclass(frozen=True)
@@ -237,7 +256,7 @@ def _specs() -> list[RequestSpec]:
           note="the reply carries the userfaultfd"),
         S(F.POSTCOPY_LISTEN, feature=P.PAGEFAULT),
         S(F.POSTCOPY_END, reply=U64, feature=P.PAGEFAULT),
-        S(F.GET_INFLIGHT_FD, InflightDescription, reply=InflightDescription, reply_fds=ONE_FD,
+        S(F.GET_INFLIGHT_FD, InflightDescription, reply=InflightDescription, reply_fds=INFLIGHT_REPLY_FD,
           feature=P.INFLIGHT_SHMFD),
         S(F.SET_INFLIGHT_FD, InflightDescription, ONE_FD, feature=P.INFLIGHT_SHMFD),
         S(F.GPU_SET_SOCKET, fds=ONE_FD),
