@@ -67,3 +67,28 @@ def test_refused_get_inflight_fd_gets_a_zero_size_reply_and_the_session_goes_on(
         assert fe.call(R.GET_QUEUE_NUM).payload.value == 1
     assert "GET_INFLIGHT_FD failed" in backend.log()
     assert backend.alive()
+
+
+@pytest.mark.parametrize("request_", [R.SET_DEVICE_STATE_FD, R.CHECK_DEVICE_STATE])
+def test_refused_device_state_request_gets_an_error_status_and_its_fd_is_closed(backend, request_):
+    from vhost_user.protocol import DeviceStateTransfer
+
+    with Frontend(backend.socket) as fe:
+        fe.negotiate(0)
+        assert not fe.has_protocol_feature(PF.DEVICE_STATE)
+        before = len(os.listdir(f"/proc/{backend.pid}/fd"))
+        r, w = os.pipe()
+        try:
+            if request_ == R.SET_DEVICE_STATE_FD:
+                fe.channel.send(Message.make(request_, DeviceStateTransfer(0, 0), fds=(r,)))
+            else:
+                fe.channel.send(Message.make(request_))
+            request, flags, body, fds = _reply(fe)
+        finally:
+            os.close(r)
+            os.close(w)
+        assert (request, bool(flags & HeaderFlag.REPLY), fds) == (request_, True, [])
+        assert U64.unpack(body).value & 0xFF != 0, "a refused device-state request reported success"
+        assert fe.call(R.GET_QUEUE_NUM).payload.value == 1
+        assert len(os.listdir(f"/proc/{backend.pid}/fd")) == before
+    assert f"{request_.name} failed" in backend.log()
