@@ -164,6 +164,15 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--rounds", type=int, default=5, help="alternate the back-ends this often")
     n.add_argument("--queue-size", type=int, default=256)
     n.add_argument("--json", action="store_true", help="print the reports as JSON")
+    v = sub.add_parser("vsock", help="stream throughput through a vhost-user-vsock back-end")
+    v.add_argument("--socket", "-s", required=True, help="back-end socket path (the VM's --socket)")
+    v.add_argument("--uds-path", required=True, help="the VM's --uds-path (host side)")
+    v.add_argument("--write-size", type=parse_size, action="append",
+                   help="bytes per write (repeatable; default 4k and 64k)")
+    v.add_argument("--runtime", type=float, default=3.0, help="seconds per direction and size")
+    v.add_argument("--port", type=int, default=5555, help="vsock port used for the runs")
+    v.add_argument("--pid", type=int, help="back-end pid, to report its CPU time")
+    v.add_argument("--json", action="store_true", help="print the reports as JSON")
     return p
 
 
@@ -338,12 +347,132 @@ def main(argv: list[str] | None = None) -> int:
         return _gpu_main(args)
     if args.device == "net":
         return _net_main(args)
+    if args.device == "vsock":
+        return _vsock_main(args)
     spec = BlkBenchSpec(socket=args.socket, rw=args.rw, block_size=args.bs, iodepth=args.iodepth,
                         queues=args.queues, runtime=args.runtime, queue_size=args.queue_size,
                         pid=args.pid)
     report = run_blk_bench(spec)
     print(json.dumps(asdict(report)) if args.json else report.line())
     return 0 if report.errors == 0 else 1
+
+
+def memcpy_mb_s(size: int = 64 << 20, rounds: int = 5) -> float:
+    """The machine's memcpy bandwidth (best of `rounds` copies of `size` bytes), the ceiling
+    for any copy-based data path."""
+    import numpy as np
+
+    src = np.ones(size, dtype=np.uint8)
+    dst = np.empty_like(src)
+    best = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = max(best, size / (time.perf_counter() - t0) / 1e6)
+    return best
+
+
+def run_vsock_bench(socket_path: str, uds_path: str, *, write_sizes=(4096, 65536), runtime: float = 3.0,
+                    port: int = 5555, pid: int | None = None) -> list[dict]:
+    """MB/s of one stream guest->host and host->guest per write size (built-in front-end as the
+    guest, a Unix socket program as the host), with memcpy bandwidth measured in the same run."""
+    import socket as so
+
+    from vhost_user.drivers.vsock import VsockDriver
+
+    ceiling = memcpy_mb_s()
+    reports = []
+    with VsockDriver.attach(socket_path, tx_slots=128, buf_alloc=1 << 20, queue_size=256) as drv:
+        for size in write_sizes:
+            for direction in ("guest-to-host", "host-to-guest"):
+                cpu0 = process_cpu_seconds(pid) if pid else None
+                if direction == "guest-to-host":
+                    moved, elapsed = _vsock_g2h(drv, so, f"{uds_path}_{port}", port, size, runtime)
+                else:
+                    moved, elapsed = _vsock_h2g(drv, so, uds_path, port, size, runtime)
+                cpu = process_cpu_seconds(pid) - cpu0 if pid else None
+                mb_s = moved / elapsed / 1e6
+                reports.append({"direction": direction, "write_size": size, "bytes": moved,
+                                "elapsed_s": elapsed, "mb_s": mb_s, "memcpy_mb_s": ceiling,
+                                "ratio_to_memcpy": mb_s / ceiling, "backend_cpu_s": cpu})
+                port += 1
+    return reports
+
+
+def _vsock_g2h(drv, so, path: str, port: int, size: int, runtime: float) -> tuple[int, float]:
+    if os.path.exists(path):
+        os.unlink(path)
+    listener = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    got = {"n": 0}
+
+    def sink():
+        conn, _ = listener.accept()
+        buf = bytearray(1 << 20)
+        with conn:
+            while n := conn.recv_into(buf):
+                got["n"] += n
+        got["t"] = time.monotonic()
+
+    t = threading.Thread(target=sink, daemon=True)
+    t.start()
+    sock = drv.connect(port)
+    data = os.urandom(size)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < runtime:
+        for _ in range(16):
+            sock.send(data)
+    sock.close()
+    t.join(30)
+    listener.close()
+    os.unlink(path)
+    return got["n"], got["t"] - t0
+
+
+def _vsock_h2g(drv, so, uds_path: str, port: int, size: int, runtime: float) -> tuple[int, float]:
+    drv.listen(port)
+    stop = threading.Event()
+
+    def source():
+        c = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+        c.connect(uds_path)
+        c.sendall(b"CONNECT %d\n" % port)
+        while not c.recv(64).endswith(b"\n"):
+            pass
+        data = os.urandom(size)
+        while not stop.is_set():
+            c.sendall(data)
+        c.close()
+
+    t = threading.Thread(target=source, daemon=True)
+    t.start()
+    sock = drv.accept(port)
+    moved, t0 = 0, time.monotonic()
+    while True:
+        if time.monotonic() - t0 >= runtime:
+            stop.set()
+        chunk = sock.recv(1 << 20, timeout=30)
+        if not chunk:
+            break
+        moved += len(chunk)
+    elapsed = time.monotonic() - t0
+    t.join(30)
+    sock.close()
+    return moved, elapsed
+
+
+def _vsock_main(args) -> int:
+    reports = run_vsock_bench(args.socket, args.uds_path, write_sizes=tuple(args.write_size or (4096, 65536)),
+                              runtime=args.runtime, port=args.port, pid=args.pid)
+    for r in reports:
+        if args.json:
+            print(json.dumps(r))
+        else:
+            cpu = f" backend-cpu {r['backend_cpu_s']:.2f}s" if r["backend_cpu_s"] is not None else ""
+            print(f"vsock {r['direction']:13} write {r['write_size']:>6}: {r['mb_s']:8.1f} MB/s "
+                  f"(memcpy {r['memcpy_mb_s']:.0f} MB/s, {100 * r['ratio_to_memcpy']:.1f}%){cpu}")
+    return 0
 
 
 if __name__ == "__main__":
