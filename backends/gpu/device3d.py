@@ -40,6 +40,7 @@ class _Res3d:
     nbytes: int
     pins: list = field(default_factory=list)   # cffi buffers over guest memory
     memory: object = None                      # the GuestMemory acquired for them
+    iov: object = None                         # the iovec array virglrenderer keeps using
 
 
 class VirglGpuDevice(GpuDevice):
@@ -89,6 +90,8 @@ class VirglGpuDevice(GpuDevice):
         except BadCommand:
             return super().execute(data, memory)
         parser = PARSERS_3D.get(hdr.type)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("ctrl %#x ctx %d %s", hdr.type, hdr.ctx_id, data[24:72].hex())
         if parser is not None:
             try:
                 cmd = parser(data)
@@ -154,7 +157,7 @@ class VirglGpuDevice(GpuDevice):
         self.virgl.call(detach)
         for buf in res.pins:
             self.virgl.ffi.release(buf)
-        res.pins = []
+        res.pins, res.iov = [], None
         if res.memory is not None:
             res.memory.release()
             res.memory = None
@@ -192,7 +195,8 @@ class VirglGpuDevice(GpuDevice):
             iov[k].iov_len = n
         rc = self.virgl.call(self.virgl.lib.virgl_renderer_resource_attach_iov,
                              cmd.resource_id, iov, len(spans))
-        res.pins, res.memory = list(bufs.values()), memory
+        # virglrenderer keeps the iovec array itself (not a copy) until detach.
+        res.pins, res.memory, res.iov = list(bufs.values()), memory, iov
         if rc:
             self._release_backing(cmd.resource_id, res)
             self._rc(rc, "attach backing", T.RESP_ERR_UNSPEC)

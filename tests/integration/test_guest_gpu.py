@@ -2,8 +2,9 @@
 
 The guest's virtio_gpu drives the back-end; its fbdev writes a known image to
 /dev/fb0 in one write; the host takes a QMP screendump and compares pixels.
-Every test runs against our back-end and against QEMU's own
-/usr/lib/qemu/vhost-user-gpu, which proves the test itself.
+Every test runs against our back-end (2D, and with --virgl, where the guest
+negotiates VIRTIO_GPU_F_VIRGL and its fbdev goes through virglrenderer) and
+against QEMU's own /usr/lib/qemu/vhost-user-gpu, which proves the test itself.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ QEMU_GPU = "/usr/lib/qemu/vhost-user-gpu"
 GPU_BACKENDS = {
     "ours": lambda sock: [sys.executable, "-m", "vhost_user.backends.gpu", "--socket-path", sock,
                           "--verbose"],
+    "ours-virgl": lambda sock: [sys.executable, "-m", "vhost_user.backends.gpu", "--socket-path",
+                                sock, "--virgl", "--verbose"],
     "qemu": lambda sock: [require_tool(QEMU_GPU), "--socket-path", sock],
 }
 BLOCK = bytes((i * 7 + 13) % 255 + 1 for i in range(1004))  # 251 pixels: rows do not repeat
