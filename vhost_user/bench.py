@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -163,6 +164,9 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--runtime", type=float, default=5.0, help="seconds per back-end and size")
     n.add_argument("--rounds", type=int, default=5, help="alternate the back-ends this often")
     n.add_argument("--queue-size", type=int, default=256)
+    n.add_argument("--pause-others", action="store_true",
+                   help="SIGSTOP the other back-ends (by --pid) during each one's slice, so a "
+                        "busy-polling peer does not take the CPU from the one measured")
     n.add_argument("--json", action="store_true", help="print the reports as JSON")
     v = sub.add_parser("vsock", help="stream throughput through a vhost-user-vsock back-end")
     v.add_argument("--socket", "-s", required=True, help="back-end socket path (the VM's --socket)")
@@ -178,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_net_bench(pairs: list[tuple[str, str]], *, frame_sizes=(64, 1500), pids=None,
                   labels=None, runtime: float = 5.0, rounds: int = 5,
-                  queue_size: int = 256) -> list[dict]:
+                  queue_size: int = 256, pause_others: bool = False) -> list[dict]:
     """Frames/s and Gbit/s between two ports per back-end (generator and sink in C).
 
     The sink port first sends one broadcast so a learning switch knows its
@@ -214,6 +218,8 @@ def run_net_bench(pairs: list[tuple[str, str]], *, frame_sizes=(64, 1500), pids=
                     "rx_bytes": 0, "elapsed_s": 0.0, "cpu_s": 0.0} for i in range(len(pairs))]
             for _ in range(rounds):
                 for i, (gen, sink, tx_area, slot, rx_area) in enumerate(ends):
+                    if pause_others:
+                        _signal_others(pids, i, signal.SIGSTOP)
                     cpu0 = process_cpu_seconds(pids[i]) if pids[i] else 0.0
                     # Region 0 starts at GPA 0: a GPA in it is its offset in the area.
                     r = drive(gen.tx[0].ring, sink.rx[0].ring, hdr_len=gen.hdr_size,
@@ -228,6 +234,8 @@ def run_net_bench(pairs: list[tuple[str, str]], *, frame_sizes=(64, 1500), pids=
                     st["elapsed_s"] += r.elapsed_s
                     # Let the switch drain what is still in flight before the next slice.
                     _drain(gen, sink)
+                    if pause_others:
+                        _signal_others(pids, i, signal.SIGCONT)
             for i, st in enumerate(per):
                 st["pps"] = st["received"] / st["elapsed_s"]
                 st["gbit_s"] = st["rx_bytes"] * 8 / st["elapsed_s"] / 1e9
@@ -239,10 +247,18 @@ def run_net_bench(pairs: list[tuple[str, str]], *, frame_sizes=(64, 1500), pids=
             stats += per
             ends = [e[:2] for e in ends]
     finally:
+        if pause_others:
+            _signal_others(pids, -1, signal.SIGCONT)
         for e in ends:
             e[0].close()
             e[1].close()
     return stats
+
+
+def _signal_others(pids, me: int, sig: int) -> None:
+    for j, pid in enumerate(pids):
+        if pid and j != me:
+            os.kill(pid, sig)
 
 
 def _udp_frame(src: bytes, dst: bytes, size: int) -> bytes:
@@ -271,7 +287,7 @@ def _net_main(args) -> int:
         pairs.append((tx, rx))
     stats = run_net_bench(pairs, frame_sizes=args.frame_size or (64, 1500), pids=args.pid,
                           labels=args.label, runtime=args.runtime, rounds=args.rounds,
-                          queue_size=args.queue_size)
+                          queue_size=args.queue_size, pause_others=args.pause_others)
     for st in stats:
         if args.json:
             print(json.dumps(st))

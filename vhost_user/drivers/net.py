@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from vhost_user.backends.net.header import OFFLOAD_FEATURES, NetFeature, NetHeader, header_size
 from vhost_user.frontend import FRONTEND_PROTOCOL_FEATURES, Frontend, GuestRam, QueueHandle
-from vhost_user.protocol import ProtocolFeature, VirtioFeature
+from vhost_user.protocol import U64, FrontendRequest, ProtocolFeature, VirtioFeature
 
 __all__ = ["NetDriver", "DRIVER_FEATURES", "MAX_FRAME"]
 
 MAX_FRAME = 65550
+_DRIVER_OK_STATUS = 1 | 2 | 8 | 4   # ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
 _TX_BUF = 12 + 70000  # room for oversize frames, so tests can send one
 DRIVER_FEATURES = (
     (1 << VirtioFeature.VIRTIO_F_VERSION_1)
@@ -55,6 +56,9 @@ class NetDriver:
             self._tx_slot.append({})
             self._tx_free.append([ram.alloc(_TX_BUF, 64)
                                   for _ in range(min(queue_size, 64))])
+        if frontend.has_protocol_feature(ProtocolFeature.STATUS):
+            # As QEMU does; DPDK's vhost waits for DRIVER_OK before it serves the rings.
+            frontend.call(FrontendRequest.SET_STATUS, U64(_DRIVER_OK_STATUS))
 
     @classmethod
     def connect(cls, path: str, *, features: int = DRIVER_FEATURES, num_pairs: int = 1,
