@@ -44,6 +44,7 @@ TARGET_MODULES = {
     "ring": "vhost_user.fuzzing.ring",
     "blk": "vhost_user.fuzzing.blk",
     "blk-request": "vhost_user.fuzzing.blk_request",
+    "session": "vhost_user.fuzzing.session",
 }
 
 
