@@ -316,9 +316,20 @@ class NetRxQueue:
     def __init__(self, switch: NetSwitch, port: int, pair: int) -> None:
         self.switch, self.port, self.pair = switch, port, pair
         self.stats: dict[str, int] = {}
+        self._vq: Virtqueue | None = None
 
-    def _attach(self, q) -> None:
-        _check(lib.vr_net_rx_attach(self.switch._sw, self.port, self.pair, q), "rx attach")
+    def _attach(self, vq: Virtqueue) -> None:
+        _check(lib.vr_net_rx_attach(self.switch._sw, self.port, self.pair, vq._q), "rx attach")
+        self._vq = vq
+
+    def report_if_broken(self) -> bool:
+        """Log and signal (err eventfd) a ring violation that another port's tx
+        worker met while filling this queue; True the first time."""
+        vq = self._vq
+        if vq is None or not vq.started or not vq.broken or vq._reported:
+            return False
+        vq._report_broken()
+        return True
 
     def _detach(self) -> None:
         lib.vr_net_rx_detach(self.switch._sw, self.port, self.pair)
@@ -568,7 +579,7 @@ class Virtqueue:
             log.info("queue %d: %d request(s) to resubmit from the inflight region",
                      self.index, len(self.inflight_heads()))
         if isinstance(handler, NetRxQueue):
-            handler._attach(self._q)
+            handler._attach(self)
             self._engine = handler
             return
         if handler is None:
