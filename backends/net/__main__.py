@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     def on_loop(loop) -> None:
         named = [(f"port {d.port} ({e})", (lambda d=d: d.stats)) for d, e in zip(ports.devices, endpoints)]
         named += [(f"tap {t.name}", (lambda t=t: t.stats)) for t in taps]
-        StatsMonitor(named).attach(loop)
+        StatsMonitor(named, [d.check_queues for d in ports.devices]).attach(loop)
         if writer is not None:
             writer.start()
         for tap in taps:

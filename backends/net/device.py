@@ -87,6 +87,12 @@ class NetDevice(VirtioDevice):
             h = self._handlers[index] = cls(self.switch, self.port, pair)
         return h
 
+    def check_queues(self) -> None:
+        """Report rx rings the guest broke (found by other ports' tx workers)."""
+        for h in self._handlers.values():
+            if isinstance(h, NetRxQueue):
+                h.report_if_broken()
+
     def send_rarp(self, mac: bytes) -> None:
         log.info("port %d: announcing %s (SEND_RARP)", self.port, mac.hex(":"))
         self.switch.inject(self.port, rarp_frame(bytes(mac)))

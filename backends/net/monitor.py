@@ -27,11 +27,15 @@ DROP_COUNTERS = {
 
 
 class StatsMonitor:
-    def __init__(self, ports: list[tuple[str, Callable[[], dict[str, int]]]]) -> None:
+    def __init__(self, ports: list[tuple[str, Callable[[], dict[str, int]]]],
+                 checks: list[Callable[[], None]] = ()) -> None:
         self.ports = ports
+        self.checks = list(checks)
         self._seen: dict[tuple[str, str], int] = {}
 
     def check(self) -> None:
+        for extra in self.checks:
+            extra()
         for name, stats in self.ports:
             s = stats()
             for key, what in DROP_COUNTERS.items():

@@ -88,7 +88,33 @@ def test_tx_descriptor_out_of_bounds_breaks_only_that_queue(net_backend):
     ram.write(avail + 2, struct.pack("<H", (idx + 1) & 0xFFFF))
     os.eventfd_write(tx.kick_fd, 1)
     assert select.select([tx.err_fd], [], [], 5)[0], "tx queue did not signal its err eventfd"
-    bp.wait_log("queue 1")
+    bp.wait_log("outside guest memory on queue 1")
     assert b.poll() == [] and c.poll() == []
     _still_switching(a, b, c)   # a's rx queue still receives
     assert bp.alive()
+
+
+def test_rx_descriptor_out_of_bounds_breaks_only_that_rx_queue(net_backend):
+    bp = net_backend(3)
+    a, b, c = (NetDriver.connect(s) for s in bp.socks)
+    a.fill_rx()
+    c.fill_rx()
+    rx = b.rx[0]
+    ram = b.fe.ram
+    ram.write(rx.ring.desc_gpa, _DESC.pack(1 << 40, 2048, 2, 0))   # writable, outside memory
+    avail = rx.ring.avail_gpa
+    ram.write(avail + 4, struct.pack("<H", 0))
+    ram.write(avail + 2, struct.pack("<H", 1))
+    frame = _frame(0, b"to everyone")
+    a.send(frame)                        # the switch meets b's broken ring while flooding
+    assert [f for _, f in c.recv()] == [frame]
+    assert select.select([rx.err_fd], [], [], 5)[0], "rx queue did not signal its err eventfd"
+    bp.wait_log("outside guest memory on queue 0")
+    _still_switching_from(c, a)
+    assert bp.alive()
+
+
+def _still_switching_from(src: NetDriver, dst: NetDriver) -> None:
+    frame = bytes(Ether(src=MAC[2], dst=BCAST) / IP() / UDP() / b"c to a")
+    src.send(frame)
+    assert [f for _, f in dst.recv()] == [frame]
