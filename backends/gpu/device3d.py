@@ -17,10 +17,10 @@ import numpy as np
 
 from vhost_user.errors import GuestMemoryError
 
-from .commands import CtrlType as T, GpuFeature, Rect, ResourceAttachBacking
+from .commands import BadCommand, CtrlHeader, CtrlType as T, GpuFeature, Rect, ResourceAttachBacking
 from .commands3d import PARSERS_3D
-from .device import GpuDevice, GpuOptions
-from .display_protocol import CursorUpdateMsg, UpdateMsg
+from .device import GpuDevice, GpuOptions, _Scanout
+from .display_protocol import CursorPosMsg, CursorUpdateMsg, ScanoutMsg, UpdateMsg
 from .resources import FORMATS, GpuError
 from .virgl import VirglRenderer
 
@@ -84,7 +84,6 @@ class VirglGpuDevice(GpuDevice):
 
     # -- command plumbing ---------------------------------------------------------------
     def execute(self, data: bytes, memory) -> bytes:
-        from .commands import CtrlHeader, BadCommand
         try:
             hdr = CtrlHeader.unpack(data)
         except BadCommand:
@@ -261,8 +260,6 @@ class VirglGpuDevice(GpuDevice):
         return self._set_scanout_checked(cmd)
 
     def _set_scanout_checked(self, cmd):
-        from .device import _Scanout
-        from .display_protocol import ScanoutMsg
         if cmd.scanout_id >= len(self.scanouts):
             raise GpuError(T.RESP_ERR_INVALID_SCANOUT_ID, f"scanout {cmd.scanout_id}")
         if cmd.resource_id == 0:
@@ -294,7 +291,6 @@ class VirglGpuDevice(GpuDevice):
                 ok = res is not None and (res.width, res.height) == (64, 64)
                 image = (self._read_back(cmd.resource_id, Rect(0, 0, 64, 64)).tobytes()
                          if ok else bytes(64 * 64 * 4))
-            from .display_protocol import CursorPosMsg
             pos = CursorPosMsg(cmd.pos.scanout_id, cmd.pos.x, cmd.pos.y)
             self.display.cursor_update(CursorUpdateMsg(pos, cmd.hot_x, cmd.hot_y, image))
             return

@@ -104,7 +104,7 @@ class DisplayListener:
         self._thread.start()
 
     def take_peer_fd(self) -> int:
-        """The back-end's end (to pass with GPU_SET_SOCKET); the caller closes it after sending."""
+        """The back-end's end, to pass with GPU_SET_SOCKET (close `peer` once sent)."""
         return self.peer.fileno()
 
     # -- reading --------------------------------------------------------------------
@@ -303,6 +303,9 @@ class GpuDriver:
     def set_display_socket(self, listener: DisplayListener) -> None:
         """GPU_SET_SOCKET as QEMU sends it (no reply requested)."""
         self.fe.call(R.GPU_SET_SOCKET, fds=(listener.take_peer_fd(),), ack=False)
+        listener.peer.close()  # the back-end holds its own copy now
+        # A request with a reply orders it: queue commands kicked from now on see the socket.
+        self.fe.call(R.GET_FEATURES)
 
     # -- control queue -------------------------------------------------------------------
     def submit(self, commands: list[bytes], resp_len: int = CtrlHeader.SIZE,
