@@ -273,9 +273,11 @@ def _udp_frame(src: bytes, dst: bytes, size: int) -> bytes:
 
 
 def _drain(gen, sink) -> None:
-    time.sleep(0.05)
-    gen.tx[0].ring.reap()
-    sink.rx[0].ring.reap()
+    """Take back tx chains the device finished after the run (rx buffers stay posted)."""
+    deadline = time.monotonic() + 2.0
+    while gen.tx[0].ring.in_flight and time.monotonic() < deadline:
+        gen.tx[0].ring.reap()
+        time.sleep(0.01)
 
 
 def _net_main(args) -> int:
