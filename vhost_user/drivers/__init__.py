@@ -1,6 +1,7 @@
 """Guest-side device driver models for the built-in front-end."""
 
 from .blk import BlkDriver, BlkIOError
+from .gpu import DisplayListener, GpuDriver
 from .net import NetDriver
 
-__all__ = ["BlkDriver", "BlkIOError", "NetDriver"]
+__all__ = ["BlkDriver", "BlkIOError", "DisplayListener", "GpuDriver", "NetDriver"]
