@@ -48,8 +48,6 @@ from vhost_user.backends.gpu.commands import (
     DisplayOne,
 )
 from vhost_user.backends.gpu.display_protocol import (
-    CURSOR_BYTES,
-    FLAG_REPLY,
     HEADER,
     CursorPosMsg,
     CursorUpdateMsg,
@@ -65,7 +63,8 @@ from vhost_user.errors import VhostUserError
 from vhost_user.frontend import Frontend, GuestRam
 from vhost_user.protocol import FrontendRequest as R, ProtocolFeature as PF, VirtioFeature
 
-__all__ = ["GpuDriver", "DisplayListener", "CursorState", "DRIVER_FEATURES", "PAGE"]
+__all__ = ["GpuDriver", "GpuDriverError", "DisplayListener", "CursorState", "Backing",
+           "DRIVER_FEATURES", "PAGE"]
 
 PAGE = 4096
 DRIVER_FEATURES = (

@@ -12,7 +12,6 @@ import time
 import zlib
 
 import numpy as np
-import pytest
 
 from backends_proc import open_fds
 from vhost_user.backends.gpu.commands import (
@@ -20,7 +19,6 @@ from vhost_user.backends.gpu.commands import (
     CtrlHeader,
     CtrlType as T,
     Format,
-    GpuConfig,
     MemEntry,
     Rect,
     ResourceAttachBacking,

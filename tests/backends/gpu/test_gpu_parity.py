@@ -9,7 +9,6 @@ the ones the "guest" wrote, so neither side is a mirror of the other.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from vhost_user.backends.gpu.commands import (
     FLAG_FENCE,
@@ -19,7 +18,6 @@ from vhost_user.backends.gpu.commands import (
     MemEntry,
     Rect,
     ResourceCreate2d,
-    RespDisplayInfo,
     RespEdid,
 )
 from vhost_user.backends.gpu.display_protocol import GpuRequest as G
