@@ -15,11 +15,11 @@ import sys
 import numpy as np
 import pytest
 
-from vhost_user.backends.gpu.commands import CtrlHeader, CtrlType as T, GetCapsetInfo, Rect
+from vhost_user.backends.gpu.commands import CtrlHeader, CtrlType as T, GetCapsetInfo, MemEntry, Rect
 from vhost_user.backends.gpu.commands3d import CtxCreate, CtxResource, GetCapset, ResourceCreate3d, Submit3d
 from vhost_user.backends.gpu.display_protocol import GpuRequest as G
 from vhost_user.backends.gpu.virgl import virgl_unavailable_reason
-from vhost_user.drivers.gpu import DRIVER_FEATURES, GpuDriver
+from vhost_user.drivers.gpu import DRIVER_FEATURES, Backing, GpuDriver
 
 VIRGL_FEATURE = 1 << 0
 _BIND_RT_SAMPLER = (1 << 1) | (1 << 3)
@@ -112,3 +112,11 @@ def test_virgl_2d_resources_show_guest_pixels(virgl_ok, gpu_backend):
         assert drv.detach_backing(1) == T.RESP_OK_NODATA
         assert drv.unref(1) == T.RESP_OK_NODATA
         assert drv.unref(1) == T.RESP_ERR_INVALID_RESOURCE_ID
+        # hostile: huge resource, backing outside guest memory; then still serving
+        assert drv.create_2d(2, 1 << 31, 1 << 31) == T.RESP_ERR_OUT_OF_MEMORY
+        assert drv.create_2d(3, 8, 8) == T.RESP_OK_NODATA
+        outside = Backing([MemEntry(1 << 40, 4096)])
+        assert drv.attach_backing(3, outside) == T.RESP_ERR_UNSPEC
+        assert drv.attach_backing(3, drv.alloc_backing(256)) == T.RESP_OK_NODATA
+        assert drv.transfer(3, Rect(0, 0, 8, 8)) == T.RESP_OK_NODATA
+    assert bp.alive()
