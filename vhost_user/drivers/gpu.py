@@ -76,6 +76,10 @@ DRIVER_FEATURES = (
 _QEMU_FEATURES = (1 << GpuProtocolFeature.EDID) | (1 << GpuProtocolFeature.DMABUF2)
 
 
+class GpuDriverError(VhostUserError):
+    """The GPU answered a command with an unexpected response."""
+
+
 @dataclass
 class CursorState:
     x: int = 0
@@ -457,6 +461,3 @@ class GpuDriver:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-class GpuDriverError(VhostUserError):
-    """The GPU answered a command with an unexpected response."""

@@ -8,6 +8,7 @@ receives must be red. Needs libvirglrenderer1 and Mesa's EGL (no GPU).
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -29,7 +30,7 @@ _BIND_RT_SAMPLER = (1 << 1) | (1 << 3)
 def virgl_ok():
     reason = virgl_unavailable_reason()
     if reason is not None:
-        pytest.fail(reason) if __import__("os").environ.get("CI") else pytest.skip(reason)
+        pytest.fail(reason) if os.environ.get("CI") else pytest.skip(reason)
 
 
 def _f(v: float) -> int:
