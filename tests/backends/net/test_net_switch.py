@@ -5,6 +5,7 @@ Frames are crafted with scapy and compared byte for byte.
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -257,3 +258,32 @@ def test_icmp_echo_round_trip_between_two_ports(net_backend):
     b.send(pong)
     assert [f for _, f in a.recv()] == [pong]
     assert bp.stats()[1]["flooded"] == 0   # a was learnt from its ping
+
+
+def test_learnt_mac_ages_out_and_unicast_floods_again(net_backend):
+    bp = net_backend(3, "--mac-ageing", "0.5")
+    drivers = _connect(bp, 3)
+    _announce(drivers)
+    a, b, c = drivers
+    time.sleep(1.0)                       # b's entry is older than the ageing time now
+    frame = _udp(0, MACS[1], b"after ageing")
+    a.send(frame)
+    assert [f for _, f in b.recv()] == [frame]
+    assert [f for _, f in c.recv()] == [frame]   # flooded: the switch forgot b
+
+
+def test_backend_keeps_no_fds_of_closed_front_ends(net_backend):
+    bp = net_backend(2)
+    fds = lambda: len(os.listdir(f"/proc/{bp.pid}/fd"))  # noqa: E731
+    a, b = _connect(bp, 2)
+    a.close()
+    b.close()
+    time.sleep(0.3)
+    before = fds()
+    for _ in range(3):
+        a, b = _connect(bp, 2)
+        _announce([a, b])
+        a.close()
+        b.close()
+    time.sleep(0.3)
+    assert fds() == before
