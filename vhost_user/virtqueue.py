@@ -119,6 +119,11 @@ class Chain:
         self._memory = memory
 
     @property
+    def memory(self) -> GuestMemory:
+        """The table the segments' region indices refer to."""
+        return self._memory
+
+    @property
     def read_len(self) -> int:
         return sum(n for _, _, n in self.readable)
 
@@ -428,6 +433,15 @@ class Virtqueue:
     @property
     def has_kick(self) -> bool:
         return self._kick is not None
+
+    @property
+    def memory(self) -> GuestMemory | None:
+        """The guest memory table the queue runs on (None while stopped).
+
+        Stable for the duration of a handler call: a table swap pauses the
+        worker between batches.
+        """
+        return self._memory
 
     @property
     def broken(self) -> bool:

@@ -177,7 +177,7 @@ class GpuDevice(VirtioDevice):
 
     # -- queues ----------------------------------------------------------------------
     def _handle_ctrl(self, vq) -> None:
-        memory = vq._memory  # the table the worker runs on; stable for this call
+        memory = vq.memory  # the table the worker runs on; stable for this call
         done = False
         while True:
             chain = vq.pop()
@@ -195,7 +195,7 @@ class GpuDevice(VirtioDevice):
             vq.notify()
 
     def _handle_cursor(self, vq) -> None:
-        memory = vq._memory
+        memory = vq.memory
         done = False
         while True:
             chain = vq.pop()
