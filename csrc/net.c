@@ -13,23 +13,12 @@
 #include <unistd.h>
 
 #include "net.h"
-
-#define HDR_F_NEEDS_CSUM 1
-#define HDR_F_DATA_VALID 2
-#define GSO_NONE 0
-#define GSO_TCPV4 1
-#define GSO_TCPV6 4
-#define GSO_ECN 0x80
+#include "net_offload.h"
 #define BATCH 64
 #define MAX_MERGE 256        /* rx chains one frame may span */
 #define MAC_BUCKETS 4096
 #define MAC_PROBE 8
 #define ETH_HLEN 14
-
-struct vhdr {                /* virtio_net_hdr_v1, host order */
-    uint8_t flags, gso_type;
-    uint16_t hdr_len, gso_size, csum_start, csum_offset;
-};
 
 struct rxq {
     pthread_mutex_t lock;
@@ -87,16 +76,6 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-static inline uint16_t be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
-static inline void put_be16(uint8_t *p, uint16_t v) { p[0] = v >> 8; p[1] = v & 0xff; }
-static inline uint32_t be32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-static inline void put_be32(uint8_t *p, uint32_t v)
-{
-    p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v;
-}
 static inline uint16_t le16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
 static inline void put_le16(uint8_t *p, uint16_t v) { p[0] = v & 0xff; p[1] = v >> 8; }
 
@@ -345,114 +324,6 @@ uint32_t vr_net_capture_read(struct vr_net_switch *sw, uint8_t *buf, uint32_t ca
     return n;
 }
 
-/* ---- checksums and segmentation (virtio 1.2, 5.1.6.2) ---- */
-
-static uint32_t csum_add(uint32_t sum, const uint8_t *p, uint32_t len)
-{
-    uint64_t s = sum;
-    while (len >= 2) {
-        s += be16(p);
-        p += 2;
-        len -= 2;
-    }
-    if (len)
-        s += (uint32_t)p[0] << 8;
-    while (s >> 16)
-        s = (s & 0xffff) + (s >> 16);
-    return (uint32_t)s;
-}
-
-static uint16_t csum_fold(uint32_t sum)
-{
-    while (sum >> 16)
-        sum = (sum & 0xffff) + (sum >> 16);
-    return (uint16_t)~sum;
-}
-
-/* NEEDS_CSUM: the field holds the pseudo-header sum; finish it. */
-static void resolve_csum(uint8_t *f, uint32_t len, const struct vhdr *h)
-{
-    uint32_t at = (uint32_t)h->csum_start + h->csum_offset;
-    put_be16(f + at, csum_fold(csum_add(0, f + h->csum_start, len - h->csum_start)));
-}
-
-static int deliver_one(struct vr_net_tx *t, struct port *dst, const struct vhdr *h,
-                       const uint8_t *f, uint32_t len);
-
-/* Cut a TCP GSO frame into gso_size segments with full checksums. */
-static int segment(struct vr_net_tx *t, struct port *dst, const struct vhdr *h,
-                   const uint8_t *f, uint32_t len)
-{
-    uint32_t l3 = ETH_HLEN;
-    uint16_t type = be16(f + 12);
-    if (type == 0x8100) {
-        l3 += 4;
-        type = be16(f + 16);
-    }
-    uint32_t l4 = h->csum_start;
-    int v4 = (h->gso_type & ~GSO_ECN) == GSO_TCPV4;
-    if (v4) {
-        if (type != 0x0800 || l3 + 20 > len || l4 != l3 + (f[l3] & 15) * 4u || f[l3 + 9] != 6)
-            return -1;
-    } else {
-        if (type != 0x86dd || l3 + 40 > len || l4 != l3 + 40 || f[l3 + 6] != 6)
-            return -1;
-    }
-    if (l4 + 20 > len)
-        return -1;
-    uint32_t thl = (f[l4 + 12] >> 4) * 4u;
-    uint32_t hl = l4 + thl;
-    uint32_t mss = h->gso_size;
-    if (thl < 20 || hl > len || mss == 0)
-        return -1;
-    uint32_t payload = len - hl, seq = be32(f + l4 + 4);
-    struct vhdr none = {0};
-    uint32_t off = 0;
-    do {
-        uint32_t plen = payload - off < mss ? payload - off : mss;
-        int last = off + plen >= payload;
-        uint8_t *s = t->seg;
-        memcpy(s, f, hl);
-        memcpy(s + hl, f + hl + off, plen);
-        uint32_t seg_no = off / mss;
-        if (v4) {
-            put_be16(s + l3 + 2, (uint16_t)(hl - l3 + plen));
-            put_be16(s + l3 + 4, (uint16_t)(be16(f + l3 + 4) + seg_no));
-            put_be16(s + l3 + 10, 0);
-            put_be16(s + l3 + 10, csum_fold(csum_add(0, s + l3, l4 - l3)));
-        } else {
-            put_be16(s + l3 + 4, (uint16_t)(thl + plen));
-        }
-        put_be32(s + l4 + 4, seq + off);
-        if (!last)
-            s[l4 + 13] &= ~0x09;          /* FIN, PSH only on the last */
-        if (seg_no)
-            s[l4 + 13] &= ~0x80;          /* CWR only on the first */
-        put_be16(s + l4 + 16, 0);
-        uint8_t pseudo[40];
-        uint32_t plen_tcp = thl + plen, n;
-        if (v4) {
-            memcpy(pseudo, s + l3 + 12, 8);
-            pseudo[8] = 0;
-            pseudo[9] = 6;
-            put_be16(pseudo + 10, (uint16_t)plen_tcp);
-            n = 12;
-        } else {
-            memcpy(pseudo, s + l3 + 8, 32);
-            put_be32(pseudo + 32, plen_tcp);
-            memset(pseudo + 36, 0, 3);
-            pseudo[39] = 6;
-            n = 40;
-        }
-        uint32_t sum = csum_add(csum_add(0, pseudo, n), s + l4, plen_tcp);
-        put_be16(s + l4 + 16, csum_fold(sum));
-        deliver_one(t, dst, &none, s, hl + plen);
-        off += plen;
-    } while (off < payload);
-    STAT(dst, segmented, 1);
-    return 0;
-}
-
 /* ---- delivery ---- */
 
 static void write_segs(const struct vr_mem *m, const struct vr_seg *segs, uint32_t n,
@@ -553,7 +424,7 @@ static int copy_to_rx(struct vr_net_tx *t, struct port *dst, struct vr_queue *q,
     return 0;
 }
 
-static void pack_hdr(uint8_t *b, const struct vhdr *h)
+static void pack_hdr(uint8_t *b, const struct vr_net_hdr *h)
 {
     b[0] = h->flags;
     b[1] = h->gso_type;
@@ -564,7 +435,7 @@ static void pack_hdr(uint8_t *b, const struct vhdr *h)
     put_le16(b + 10, 1);
 }
 
-static int deliver_one(struct vr_net_tx *t, struct port *dst, const struct vhdr *h,
+static int deliver_one(struct vr_net_tx *t, struct port *dst, const struct vr_net_hdr *h,
                        const uint8_t *f, uint32_t len)
 {
     uint8_t hb[12];
@@ -605,8 +476,20 @@ static int deliver_one(struct vr_net_tx *t, struct port *dst, const struct vhdr 
     return -1;
 }
 
+struct seg_ctx {
+    struct vr_net_tx *t;
+    struct port *dst;
+};
+
+static void emit_segment(void *ctx, const uint8_t *seg, uint32_t len)
+{
+    struct seg_ctx *sc = ctx;
+    struct vr_net_hdr none = {0};
+    deliver_one(sc->t, sc->dst, &none, seg, len);
+}
+
 /* Hand a peer only the offloads it negotiated (5.1.6.4). */
-static void deliver(struct vr_net_tx *t, struct port *dst, struct vhdr *h, uint8_t *f,
+static void deliver(struct vr_net_tx *t, struct port *dst, struct vr_net_hdr *h, uint8_t *f,
                     uint32_t len)
 {
     if (dst->tap_fd < 0) {
@@ -616,50 +499,28 @@ static void deliver(struct vr_net_tx *t, struct port *dst, struct vhdr *h, uint8
             int ok = has(feat, gso == GSO_TCPV4 ? VR_NET_F_GUEST_TSO4 : VR_NET_F_GUEST_TSO6) &&
                      (!(h->gso_type & GSO_ECN) || has(feat, VR_NET_F_GUEST_ECN));
             if (!ok) {
-                if (segment(t, dst, h, f, len) < 0)
+                struct seg_ctx sc = {t, dst};
+                if (vr_net_segment(h, f, len, t->seg, emit_segment, &sc) < 0)
                     STAT(dst, rx_no_room, 1);
+                else
+                    STAT(dst, segmented, 1);
                 return;
             }
         }
         if (!has(feat, VR_NET_F_GUEST_CSUM)) {
             if (h->flags & HDR_F_NEEDS_CSUM) {
                 /* Done in place: the frame is now complete for every peer. */
-                resolve_csum(f, len, h);
+                vr_net_resolve_csum(f, len, h);
                 h->flags &= ~HDR_F_NEEDS_CSUM;
                 STAT(dst, csum_resolved, 1);
             }
-            struct vhdr plain = *h;
+            struct vr_net_hdr plain = *h;
             plain.flags = 0;
             deliver_one(t, dst, &plain, f, len);
             return;
         }
     }
     deliver_one(t, dst, h, f, len);
-}
-
-/* Check the header against what the source may send (5.1.6.2.1). */
-static int check_hdr(const struct vhdr *h, uint64_t feat, uint32_t len)
-{
-    if (h->flags & ~(HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID))
-        return -1;
-    if (h->flags & HDR_F_NEEDS_CSUM) {
-        if (!has(feat, VR_NET_F_CSUM))
-            return -1;
-        if ((uint32_t)h->csum_start + h->csum_offset + 2 > len || h->csum_start < ETH_HLEN)
-            return -1;
-    }
-    uint8_t gso = h->gso_type & ~GSO_ECN;
-    if (gso == GSO_NONE)
-        return h->gso_type & GSO_ECN ? -1 : 0;
-    if (gso != GSO_TCPV4 && gso != GSO_TCPV6)
-        return -1;
-    if (!has(feat, gso == GSO_TCPV4 ? VR_NET_F_HOST_TSO4 : VR_NET_F_HOST_TSO6))
-        return -1;
-    if ((h->gso_type & GSO_ECN) && !has(feat, VR_NET_F_HOST_ECN))
-        return -1;
-    if (h->gso_size == 0 || !(h->flags & HDR_F_NEEDS_CSUM))
-        return -1;
-    return 0;
 }
 
 /* One frame from port `src` (header of hl bytes + frame in t->frame). */
@@ -673,9 +534,9 @@ static void switch_frame(struct vr_net_tx *t, uint32_t hl, uint32_t total)
     }
     uint8_t *b = t->frame, *f = b + hl;
     uint32_t len = total - hl;
-    struct vhdr h = {b[0], b[1], le16(b + 2), le16(b + 4), le16(b + 6), le16(b + 8)};
+    struct vr_net_hdr h = {b[0], b[1], le16(b + 2), le16(b + 4), le16(b + 6), le16(b + 8)};
     uint64_t feat = __atomic_load_n(&sp->features, __ATOMIC_ACQUIRE);
-    if (check_hdr(&h, feat, len) < 0) {
+    if (vr_net_check_hdr(&h, feat, len) < 0) {
         STAT(sp, tx_bad_header, 1);
         return;
     }
