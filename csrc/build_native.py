@@ -10,7 +10,7 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["csrc/memory.c", "csrc/vring.c", "csrc/inflight.c", "csrc/run.c", "csrc/blk.c", "csrc/net.c"]
+SOURCES = ["csrc/memory.c", "csrc/vring.c", "csrc/inflight.c", "csrc/run.c", "csrc/blk.c", "csrc/net.c", "csrc/net_offload.c"]
 
 CDEF = """
 #define VR_MAX_REGIONS 32
@@ -119,7 +119,7 @@ ffibuilder.set_source(
     '#include "vring.h"\n#include "blk.h"\n#include "net.h"\n',
     sources=SOURCES,
     include_dirs=[HERE],
-    depends=[os.path.join("csrc", f) for f in ("vring.h", "blk.h", "net.h")],
+    depends=[os.path.join("csrc", f) for f in ("vring.h", "blk.h", "net.h", "net_offload.h")],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )
 
