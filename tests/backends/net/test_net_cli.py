@@ -137,3 +137,34 @@ def test_capture_overflow_drops_from_the_capture_not_the_switch(net_backend, soc
     bp.wait_log("capture: 1 frame(s) dropped")
     a.close()
     b.close()
+
+
+def test_inherited_listening_fds_serve_ports(sockdir):
+    import socket as so
+
+    from backends_proc import BackendProcess
+
+    paths = [os.path.join(sockdir, f"fd{i}.sock") for i in range(2)]
+    listeners = []
+    for p in paths:
+        s = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+        s.bind(p)
+        s.listen(1)
+        listeners.append(s)
+    argv = NET + [a for s in listeners for a in ("--fd", str(s.fileno()))] + ["-v"]
+    log_path = os.path.join(sockdir, "fd.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=log, pass_fds=[s.fileno() for s in listeners])
+    bp = BackendProcess(proc, paths[0], log_path)
+    try:
+        for s in listeners:
+            s.close()
+        a, b = NetDriver.connect(paths[0]), NetDriver.connect(paths[1])
+        b.fill_rx()
+        frame = bytes(Ether(src=A, dst="ff:ff:ff:ff:ff:ff") / IP() / ICMP())
+        a.send(frame)
+        assert [f for _, f in b.recv()] == [frame]
+        a.close()
+        b.close()
+    finally:
+        assert bp.stop() == 0
