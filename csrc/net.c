@@ -536,7 +536,7 @@ static void switch_frame(struct vr_net_tx *t, uint32_t hl, uint32_t total)
     uint32_t len = total - hl;
     struct vr_net_hdr h = {b[0], b[1], le16(b + 2), le16(b + 4), le16(b + 6), le16(b + 8)};
     uint64_t feat = __atomic_load_n(&sp->features, __ATOMIC_ACQUIRE);
-    if (vr_net_check_hdr(&h, feat, len) < 0) {
+    if (vr_net_check_hdr(&h, feat, len, sp->tap_fd < 0) < 0) {
         STAT(sp, tx_bad_header, 1);
         return;
     }

@@ -127,9 +127,12 @@ int vr_net_segment(const struct vr_net_hdr *h, const uint8_t *f, uint32_t len, u
 }
 
 /* Check the header against what the source may send (5.1.6.2.1). */
-int vr_net_check_hdr(const struct vr_net_hdr *h, uint64_t feat, uint32_t len)
+int vr_net_check_hdr(const struct vr_net_hdr *h, uint64_t feat, uint32_t len, int from_driver)
 {
-    if (h->flags & ~(HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID))
+    /* 5.1.6.2.1: a driver must not set DATA_VALID (a guest could otherwise
+     * tell its peers to skip checking a bad checksum); the host kernel may. */
+    uint8_t allowed = HDR_F_NEEDS_CSUM | (from_driver ? 0 : HDR_F_DATA_VALID);
+    if (h->flags & ~allowed)
         return -1;
     if (h->flags & HDR_F_NEEDS_CSUM) {
         if (!has(feat, VR_NET_F_CSUM))

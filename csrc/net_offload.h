@@ -22,8 +22,9 @@ struct vr_net_hdr {          /* virtio_net_hdr_v1 without num_buffers, host orde
 };
 
 /* 0 if a port with negotiated features `feat` may send this header with a
- * frame of `len` bytes; -1 if the header is broken or not negotiated. */
-int vr_net_check_hdr(const struct vr_net_hdr *h, uint64_t feat, uint32_t len);
+ * frame of `len` bytes; -1 if the header is broken or not negotiated.
+ * from_driver: the header comes from a guest's tx queue (not a TAP). */
+int vr_net_check_hdr(const struct vr_net_hdr *h, uint64_t feat, uint32_t len, int from_driver);
 /* NEEDS_CSUM: the field holds the pseudo-header sum; store the full checksum. */
 void vr_net_resolve_csum(uint8_t *f, uint32_t len, const struct vr_net_hdr *h);
 /* TCPv4/v6 GSO -> segments; -1 if the frame is not a TCP frame we can cut. */

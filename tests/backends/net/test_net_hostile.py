@@ -35,6 +35,7 @@ HOSTILE = {
     "zero_length_frame": (bytes(12), "tx_runt", "runt frame"),   # a header, no frame
     "truncated_header": (bytes(5), "tx_runt", "runt frame"),
     "oversize_frame": (bytes(12) + bytes(65551), "tx_oversize", "larger than 64 KiB"),
+    "data_valid_from_a_guest": (NetHeader(flags=2).pack() + _frame(0), "tx_bad_header", "broken"),
     "unknown_header_flags": (NetHeader(flags=0x80).pack() + _frame(0), "tx_bad_header", "broken"),
     "csum_offset_outside_frame": (NetHeader(flags=1, csum_start=40, csum_offset=4000).pack() + _frame(0),
                                   "tx_bad_header", "broken"),
