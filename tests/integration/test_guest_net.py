@@ -7,8 +7,10 @@ capture of a real session is checked with tshark too.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -194,3 +196,45 @@ def _icmp_rows(tshark: str, pcap: Path) -> set[tuple[str, ...]]:
                           "-e", "ip.src", "-e", "ip.dst", "-e", "icmp.type"],
                          capture_output=True, text=True, timeout=120)
     return {tuple(line.split("\t")) for line in out.stdout.splitlines()}
+
+
+def test_tap_offloads_are_resolved_for_a_guest_without_them(guest_vm, short_tmp, tmp_path, netns):
+    """The host stack sends TSO frames with partial checksums through the TAP; a guest
+    that negotiated neither gets MSS-sized segments with full checksums from the switch."""
+    ip = require_tool("ip")
+    sock = short_tmp / "tap.sock"
+    log = tmp_path / "net.log"
+    argv = [ip, "netns", "exec", netns] + NET + ["--socket", str(sock), "--tap", "vhutap1", "-v"]
+    backend = BackendProcess(argv, sock, log).start()
+    data = tmp_path / "data"
+    data.write_bytes(os.urandom(8 * MiB))
+    try:
+        _wait_log(log, "TAP vhutap1 joined")
+        subprocess.run([ip, "-n", netns, "addr", "add", "10.9.1.1/24", "dev", "vhutap1"], check=True)
+        vm = guest_vm(memory_mb=512)
+        vm.add_args("-chardev", f"socket,id=n0,path={sock}",
+                    "-netdev", "vhost-user,id=net0,chardev=n0",
+                    "-device", f"virtio-net-pci,netdev=net0,mac={MAC[1]},guest_csum=off,"
+                               "guest_tso4=off,guest_tso6=off,guest_ecn=off")
+        vm.start(guest_ip("10.9.1.2") + ping_until("10.9.1.1") + """
+            echo "guest-tso4-bit $(cut -c8 /sys/class/net/eth0/device/features)"
+            mkfifo /tmp/f; exec 3<>/tmp/f
+            vhu_mark listening
+            nc -l -p 5003 <&3 > /tmp/in
+            echo "in $(sha256sum < /tmp/in | cut -d' ' -f1) $(wc -c < /tmp/in)"
+        """)
+        vm.wait_for_marker("listening", timeout=120)
+        subprocess.run([ip, "netns", "exec", netns, "busybox", "sh", "-c",
+                        f"for i in $(seq 1 30); do busybox nc 10.9.1.2 5003 < {data} && break; "
+                        "sleep 1; done"], check=True, timeout=120)
+        result = vm.wait(timeout=180)
+        os.kill(backend.pid, signal.SIGUSR1)
+        _wait_log(log, " stats {")
+    finally:
+        backend.stop()
+    assert line_value(result, "guest-tso4-bit") == ["0"], result.output
+    assert line_value(result, "in") == [hashlib.sha256(data.read_bytes()).hexdigest(), str(8 * MiB)]
+    stats_line = [l for l in log.read_text().splitlines() if " stats {" in l][-1]
+    stats = json.loads(stats_line.split(" stats ", 1)[1])
+    guest_port = next(v for k, v in stats.items() if k.endswith(f"({sock})"))
+    assert guest_port["segmented"] > 0 and guest_port["csum_resolved"] > 0, guest_port
