@@ -15,7 +15,6 @@ from scapy.layers.l2 import Ether
 
 from vhost_user.backends.net.header import OFFLOAD_FEATURES, NetFeature, NetHeader
 from vhost_user.drivers.net import DRIVER_FEATURES, NetDriver
-from vhost_user.protocol import VirtioFeature
 
 MACS = ["02:00:00:00:00:%02x" % (0xA0 + i) for i in range(4)]
 BCAST = "ff:ff:ff:ff:ff:ff"
