@@ -67,7 +67,8 @@ int vr_net_segment(const struct vr_net_hdr *h, const uint8_t *f, uint32_t len, u
     uint32_t l4 = h->csum_start;
     int v4 = (h->gso_type & ~GSO_ECN) == GSO_TCPV4;
     if (v4) {
-        if (type != 0x0800 || l3 + 20 > len || l4 != l3 + (f[l3] & 15) * 4u || f[l3 + 9] != 6)
+        if (type != 0x0800 || l3 + 20 > len || (f[l3] & 15) < 5 || l4 != l3 + (f[l3] & 15) * 4u ||
+            f[l3 + 9] != 6)
             return -1;
     } else {
         if (type != 0x86dd || l3 + 40 > len || l4 != l3 + 40 || f[l3 + 6] != 6)
