@@ -286,3 +286,40 @@ def test_backend_keeps_no_fds_of_closed_front_ends(net_backend):
         b.close()
     time.sleep(0.3)
     assert fds() == before
+
+
+def test_port_reconnecting_under_flood_does_not_disturb_the_others(net_backend):
+    """rx queues are attached/detached (and their memory swapped) while another
+    port's tx worker is writing into them; the switch must stay consistent."""
+    import threading
+
+    bp = net_backend(3)
+    a, b = _connect(bp, 2)
+    stop = threading.Event()
+    sent = [0]
+
+    def flood() -> None:
+        while not stop.is_set():
+            a.send(_udp(0, BCAST, b"flood"))
+            sent[0] += 1
+
+    t = threading.Thread(target=flood)
+    t.start()
+    try:
+        for _ in range(5):
+            c = NetDriver.connect(bp.socks[2])
+            c.fill_rx()
+            c.recv(timeout=5)            # it is receiving the flood
+            c.close()
+    finally:
+        stop.set()
+        t.join()
+    a.wait_tx()                          # every flood frame went through the switch
+    assert bp.alive() and sent[0] > 0
+    flood = _udp(0, BCAST, b"flood")
+    backlog = b.poll()
+    assert backlog and all(f == flood for _, f in backlog)   # b received intact frames
+    b.fill_rx()
+    final = _udp(0, BCAST, b"final")
+    a.send(final)
+    assert [f for _, f in b.recv()] == [final]
