@@ -76,11 +76,18 @@ def test_fuzz_write_oracle_catches_a_write_outside_allowed_spans():
         ram.close()
 
 
-def test_fuzz_codec_oracle_counts_fds_of_a_fatal_stream():
+def test_fuzz_codec_input_format_delivers_fds_with_the_chunk():
     from vhost_user.fuzzing.codec import frame, run_one
+    from vhost_user.protocol import BadVersion, MessageDecoder
 
-    # A bad version with 3 fds: the fatal error must carry them back.
-    run_one(frame(True, [(b"\x01\0\0\0\x02\0\0\0\0\0\0\0", 3)]))
+    data = frame(True, [(b"\x01\0\0\0\x02\0\0\0\0\0\0\0", 3)])  # bad version, 3 fds
+    assert data == b"\0\x03\x0c" + b"\x01\0\0\0\x02\0\0\0\0\0\0\0"
+    decoder = MessageDecoder.for_backend()
+    decoder.feed(data[3:], [7, 8, 9])
+    with pytest.raises(BadVersion) as err:
+        decoder.next_message()
+    assert err.value.fds == (7, 8, 9) and not err.value.recoverable
+    run_one(data)  # the target's own accounting agrees
 
 
 def test_fuzz_entry_point_lists_every_target():
