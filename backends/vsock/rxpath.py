@@ -39,7 +39,9 @@ class RxPath:
 
     def _rx_handler(self, vq) -> None:
         with self._lock:
-            self._vqs[RX] = vq
+            if self._vqs[RX] is not vq:  # a new run of the queue: a chain kept from before is void
+                self._spare = None
+                self._vqs[RX] = vq
         while True:
             with self._lock:
                 if not self._ctrl and not self._ready:

@@ -55,6 +55,8 @@ def test_vsock_sigterm_removes_sockets(sockdir, vsock_proc):
     sock, uds = os.path.join(sockdir, "vm.sock"), os.path.join(sockdir, "vm.vsock")
     bp = vsock_proc("--guest-cid", "3", "--socket", sock, "--uds-path", uds, wait_for=sock)
     assert os.path.exists(uds)
+    with VsockDriver.attach(sock) as drv:  # the event loop (and its signal handlers) is running
+        assert drv.cid == 3
     assert bp.stop(signal.SIGTERM) == 0
     assert not os.path.exists(sock) and not os.path.exists(uds)
 
