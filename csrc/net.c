@@ -23,6 +23,7 @@
 struct rxq {
     pthread_mutex_t lock;
     struct vr_queue *q;      /* NULL while detached */
+    struct vr_net_stats st;  /* rx counters, written under lock */
 };
 
 struct port {
@@ -30,7 +31,10 @@ struct port {
     int tap_fd;              /* >= 0 for a TAP port */
     uint64_t features;       /* negotiated (virtio) or offered (TAP) */
     struct rxq rxq[VR_NET_MAX_QP];
-    struct vr_net_stats stats;   /* updated with __atomic adds */
+    /* tx counters: one writer per slot (tx worker or TAP reader of queue
+     * pair k; the last slot is vr_net_inject's), so plain adds suffice */
+    struct vr_net_stats txst[VR_NET_MAX_QP + 1];
+    struct vr_net_stats stats;   /* rare-path counters, __atomic adds */
 };
 
 struct mac_entry {
@@ -65,9 +69,11 @@ struct vr_net_tx {
     uint32_t lens[MAX_MERGE > BATCH ? MAX_MERGE : BATCH];
     struct rxq *dirty[VR_NET_MAX_PORTS * VR_NET_MAX_QP];
     uint32_t ndirty;
+    struct vr_net_stats *st;     /* this context's tx counter slot */
 };
 
 #define STAT(p, field, n) __atomic_fetch_add(&(p)->stats.field, (n), __ATOMIC_RELAXED)
+#define TXSTAT(t, field, n) ((t)->st->field += (n))
 
 static uint64_t now_ns(void)
 {
@@ -142,13 +148,25 @@ void vr_net_port_set_features(struct vr_net_switch *sw, int port, uint64_t featu
         __atomic_store_n(&p->features, features, __ATOMIC_RELEASE);
 }
 
+static void add_stats(struct vr_net_stats *out, const struct vr_net_stats *in)
+{
+    const uint64_t *src = (const uint64_t *)in;
+    uint64_t *dst = (uint64_t *)out;
+    for (size_t i = 0; i < sizeof(*in) / sizeof(uint64_t); i++)
+        dst[i] += __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+}
+
 void vr_net_port_get_stats(struct vr_net_switch *sw, int port, struct vr_net_stats *out)
 {
     struct port *p = port_of(sw, port);
-    if (p)
-        *out = p->stats;
-    else
-        memset(out, 0, sizeof(*out));
+    memset(out, 0, sizeof(*out));
+    if (!p)
+        return;
+    add_stats(out, &p->stats);
+    for (int k = 0; k < VR_NET_MAX_QP; k++)
+        add_stats(out, &p->rxq[k].st);
+    for (int k = 0; k <= VR_NET_MAX_QP; k++)
+        add_stats(out, &p->txst[k]);
 }
 
 int vr_net_rx_attach(struct vr_net_switch *sw, int port, uint32_t qp, struct vr_queue *q)
@@ -372,9 +390,10 @@ static void rewind(struct vr_queue *q, uint32_t n)
 }
 
 /* Copy one frame (with header h) into the rx buffers of a virtio port. */
-static int copy_to_rx(struct vr_net_tx *t, struct port *dst, struct vr_queue *q,
+static int copy_to_rx(struct vr_net_tx *t, struct port *dst, struct rxq *r,
                       const uint8_t *hdr, uint32_t hl, const uint8_t *f, uint32_t len)
 {
+    struct vr_queue *q = r->q;
     uint64_t feat = __atomic_load_n(&dst->features, __ATOMIC_ACQUIRE);
     int mrg = has(feat, VR_NET_F_MRG_RXBUF);
     uint32_t need = hl + len, done = 0, n = 0;
@@ -397,7 +416,7 @@ static int copy_to_rx(struct vr_net_tx *t, struct port *dst, struct vr_queue *q,
             } else {
                 rewind(q, n);
             }
-            STAT(dst, rx_no_room, 1);
+            r->st.rx_no_room++;
             return -1;
         }
         uint32_t nread = ch->nread;
@@ -419,8 +438,8 @@ static int copy_to_rx(struct vr_net_tx *t, struct port *dst, struct vr_queue *q,
         put_le16(h + 10, (uint16_t)n);
     write_segs(q->mem, c0.segs + c0.nread, c0.nseg - c0.nread, 0, h, hl);
     vr_push_batch(q, t->heads, t->lens, n);
-    STAT(dst, rx_frames, 1);
-    STAT(dst, rx_bytes, len);
+    r->st.rx_frames++;
+    r->st.rx_bytes += len;
     return 0;
 }
 
@@ -466,7 +485,7 @@ static int deliver_one(struct vr_net_tx *t, struct port *dst, const struct vr_ne
             pthread_mutex_unlock(&r->lock);
             continue;
         }
-        int rc = copy_to_rx(t, dst, q, hb, hl, f, len);
+        int rc = copy_to_rx(t, dst, r, hb, hl, f, len);
         pthread_mutex_unlock(&r->lock);
         if (rc == 0)
             mark_dirty(t, r);
@@ -529,7 +548,7 @@ static void switch_frame(struct vr_net_tx *t, uint32_t hl, uint32_t total)
     struct vr_net_switch *sw = t->sw;
     struct port *sp = &sw->ports[t->port];
     if (total < hl + ETH_HLEN) {
-        STAT(sp, tx_runt, 1);
+        TXSTAT(t, tx_runt, 1);
         return;
     }
     uint8_t *b = t->frame, *f = b + hl;
@@ -537,11 +556,11 @@ static void switch_frame(struct vr_net_tx *t, uint32_t hl, uint32_t total)
     struct vr_net_hdr h = {b[0], b[1], le16(b + 2), le16(b + 4), le16(b + 6), le16(b + 8)};
     uint64_t feat = __atomic_load_n(&sp->features, __ATOMIC_ACQUIRE);
     if (vr_net_check_hdr(&h, feat, len, sp->tap_fd < 0) < 0) {
-        STAT(sp, tx_bad_header, 1);
+        TXSTAT(t, tx_bad_header, 1);
         return;
     }
-    STAT(sp, tx_frames, 1);
-    STAT(sp, tx_bytes, len);
+    TXSTAT(t, tx_frames, 1);
+    TXSTAT(t, tx_bytes, len);
     capture(sw, f, len);
     int dst = switch_lookup(sw, f, t->port, t->now);
     if (dst >= 0) {
@@ -549,7 +568,7 @@ static void switch_frame(struct vr_net_tx *t, uint32_t hl, uint32_t total)
             deliver(t, &sw->ports[dst], &h, f, len);
         return;
     }
-    STAT(sp, flooded, 1);
+    TXSTAT(t, flooded, 1);
     for (int i = 0; i < sw->nports; i++)
         if (i != t->port && sw->ports[i].used)
             deliver(t, &sw->ports[i], &h, f, len);
@@ -567,6 +586,7 @@ struct vr_net_tx *vr_net_tx_new(struct vr_net_switch *sw, int port, uint32_t qp)
     t->sw = sw;
     t->port = port;
     t->qp = qp;
+    t->st = &sw->ports[port].txst[qp < VR_NET_MAX_QP ? qp : VR_NET_MAX_QP];
     return t;
 }
 
@@ -593,11 +613,11 @@ int vr_net_tx_handle(void *ctx, struct vr_queue *q)
         heads[n++] = c.head;
         q->stats.bytes_read += c.read_len;
         if (c.write_len) {                 /* 5.1.6.2: tx buffers are read-only */
-            STAT(sp, tx_malformed, 1);
+            TXSTAT(t, tx_malformed, 1);
             continue;
         }
         if (c.read_len > hl + VR_NET_MAX_FRAME) {
-            STAT(sp, tx_oversize, 1);
+            TXSTAT(t, tx_oversize, 1);
             continue;
         }
         uint32_t off = 0;
@@ -617,7 +637,7 @@ int vr_net_inject(struct vr_net_switch *sw, int port, const uint8_t *frame, uint
 {
     if (!port_of(sw, port) || len > VR_NET_MAX_FRAME)
         return -VR_E_INVAL;
-    struct vr_net_tx *t = vr_net_tx_new(sw, port, 0);
+    struct vr_net_tx *t = vr_net_tx_new(sw, port, VR_NET_MAX_QP);
     if (!t)
         return -VR_E_NOMEM;
     t->now = now_ns();
