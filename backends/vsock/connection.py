@@ -67,6 +67,7 @@ class Conn:
         self.readable = False       # the host socket has data or EOF (selector said so)
         self.host_eof = False
         self.credit_requested = False
+        self.interest = -1          # selector events last registered by the host thread
 
     @property
     def key(self) -> tuple[int, int, int]:

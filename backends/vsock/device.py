@@ -316,7 +316,7 @@ class VsockDevice(RxPath, VirtioDevice):
             if conn.credit() > 0 and (conn.prefix or conn.readable):
                 self._ready[conn] = None
                 self._wake_needed = True
-            self.host.update(conn)
+            self._refresh_interest(conn)
 
     def _guest_connect(self, hdr: Header) -> None:
         """Guest REQUEST to CID 2: connect to `<uds-path>_<port>`."""
@@ -482,13 +482,15 @@ class VsockDevice(RxPath, VirtioDevice):
                 return port
 
     def host_interest(self, conn: Conn) -> int:
+        """The selector events `conn`'s host socket needs now (asked by the host thread)."""
         with self._lock:
-            if conn.state is ConnState.CLOSED:
-                return 0
-            mask = selectors.EVENT_READ if conn.wants_host_read() else 0
-            if conn.pending:
-                mask |= selectors.EVENT_WRITE
-            return mask
+            return _interest(conn)
+
+    def _refresh_interest(self, conn: Conn) -> None:
+        """Ask the host thread to re-register `conn` only when its events change
+        (a thread wake-up per guest packet would cost more than the packet)."""
+        if _interest(conn) != conn.interest:
+            self.host.update(conn)
 
     def host_readable(self, conn: Conn) -> None:
         with self._lock:
@@ -522,6 +524,15 @@ class VsockDevice(RxPath, VirtioDevice):
         conn.sock.close()
         self.host.update(conn)
         log.info("cid %d: closed %s", self.guest_cid, conn.describe())
+
+
+def _interest(conn: Conn) -> int:
+    if conn.state is ConnState.CLOSED:
+        return 0
+    mask = selectors.EVENT_READ if conn.wants_host_read() else 0
+    if conn.pending:
+        mask |= selectors.EVENT_WRITE
+    return mask
 
 
 def _send_views(sock: socket.socket, views) -> int:

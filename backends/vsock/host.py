@@ -126,13 +126,15 @@ class HostSide:
                 self.device.host_writable(obj)
             if mask & selectors.EVENT_READ:
                 self.device.host_readable(obj)
-            self.update(obj)
+            with self._lock:
+                self._dirty.add(obj)  # applied before the next select
 
     def _apply_dirty(self) -> None:
         with self._lock:
             dirty, self._dirty = self._dirty, set()
         for conn in dirty:
             mask = self.device.host_interest(conn)
+            conn.interest = mask
             sock = conn.sock
             if sock.fileno() < 0:
                 self._forget(sock)
@@ -160,6 +162,8 @@ class HostSide:
         except (BlockingIOError, InterruptedError):
             return
         sock.setblocking(False)
+        if self._sel.get_map().get(sock.fileno()) is not None:
+            self._sel.unregister(sock.fileno())  # a closed connection's fd, not forgotten yet
         self._sel.register(sock, selectors.EVENT_READ, ("pending", _Pending(sock)))
 
     def _read_connect_line(self, pending: _Pending) -> None:
