@@ -53,13 +53,15 @@ int drv_net_bench(struct drv_queue *tx, struct drv_queue *rx,
     rc = DRV_OK;
     drv_kick(rx);
     uint64_t start = mono_ns(), last_progress = start, now = start, end = 0;
-    /* Send for duration_ns, then only reap until the frames in flight are in
-     * (or 2 ms pass without any), so each run accounts for what it sent. */
+    /* Send for duration_ns, then only reap until every tx chain is back and
+     * 2 ms pass without a frame (at most 1 s), so each run accounts for what
+     * it sent. */
     for (;;) {
         int progress = 0;
         if (!end && now - start >= p->duration_ns)
             end = now;
-        if (end && (now - last_progress > 2000000 || now - end > 200000000))
+        if (end && ((tx->inflight == 0 && now - last_progress > 2000000) ||
+                    now - end > 1000000000))
             break;
         while (!end && nfree && tx->num_free > 0) {
             uint32_t slot = tx_free[--nfree];
