@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 __all__ = [
     "HEADER_SIZE", "HOST_CID", "VMADDR_CID_ANY", "Op", "SockType", "ShutdownFlag",
     "SeqFlag", "VsockFeature", "EVENT_TRANSPORT_RESET", "Header", "PacketError",
-    "pack_config", "unpack_config", "pack_event", "unpack_event", "CONFIG_SIZE", "EVENT_SIZE",
+    "pack_config", "unpack_config", "pack_header_into", "pack_event", "unpack_event", "CONFIG_SIZE", "EVENT_SIZE",
 ]
 
 HEADER_SIZE = 44
@@ -118,6 +118,13 @@ class Header:
         """One log-friendly line: "RW 3:1024 -> 2:5000 len 4096"."""
         return (f"{self.op_name} {self.src_cid}:{self.src_port} -> {self.dst_cid}:{self.dst_port}"
                 f" type {self.type} len {self.len} flags {self.flags:#x}")
+
+
+def pack_header_into(buf, src_cid: int, dst_cid: int, src_port: int, dst_port: int, length: int,
+                     sock_type: int, op: int, flags: int, buf_alloc: int, fwd_cnt: int) -> None:
+    """Write a header straight into a writable buffer (the data path's fast way; no object)."""
+    _HDR.pack_into(buf, 0, src_cid, dst_cid, src_port, dst_port, length, sock_type, op, flags,
+                   buf_alloc, fwd_cnt & 0xFFFFFFFF)
 
 
 def pack_config(guest_cid: int) -> bytes:

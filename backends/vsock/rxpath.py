@@ -23,7 +23,7 @@ from dataclasses import replace
 
 from . import guestio
 from .connection import Conn, ConnState
-from .packet import HEADER_SIZE, Op, SeqFlag, ShutdownFlag
+from .packet import HEADER_SIZE, Op, SeqFlag, ShutdownFlag, pack_header_into
 
 __all__ = ["RxPath", "MAX_PACKET"]
 
@@ -132,6 +132,8 @@ class RxPath:
         if not conn.prefix and conn.seqpacket:
             if not self._read_record(conn):
                 return self._host_gone(conn, chain)
+            if not conn.prefix:
+                return None  # no whole record yet
         if conn.prefix:
             data = bytes(conn.prefix[:limit])
             del conn.prefix[:limit]
@@ -141,20 +143,43 @@ class RxPath:
             chain.write(data, HEADER_SIZE)
             n = len(data)
         else:
-            views = guestio.writable_views(chain, HEADER_SIZE, limit)
+            return self._fill_stream(conn, chain, limit)
+        return self._finish_rw(conn, chain, n, flags, data)
+
+    def _fill_stream(self, conn: Conn, chain, limit: int) -> int | None:
+        """Stream data: one recvmsg_into straight into the guest buffer after the header
+        slot, then the header written in place (no copy, no header object)."""
+        views = guestio.writable_views(chain, 0, HEADER_SIZE + limit)
+        head = views[0] if len(views[0]) >= HEADER_SIZE else None
+        if head is not None:
+            payload = [head[HEADER_SIZE:]] + views[1:]
+            views.append(payload[0])
+        else:  # a header split over descriptors: the slow path writes it
+            payload = guestio.writable_views(chain, HEADER_SIZE, limit)
+            views += payload
+        try:
             try:
-                n = conn.sock.recvmsg_into(views)[0]
+                n = conn.sock.recvmsg_into(payload)[0]
             except (BlockingIOError, InterruptedError):
                 conn.readable = False
                 return None
             except OSError as exc:
-                log.info("cid %d: host side of %s failed (%s); reset", self.guest_cid, conn.describe(), exc.strerror)
+                log.info("cid %d: host side of %s failed (%s); reset", self.guest_cid, conn.describe(),
+                         exc.strerror)
                 n = -1
-            finally:
-                guestio.release(views)
             if n <= 0:
                 return self._host_gone(conn, chain, reset=n < 0)
-            data = None
+            if head is not None and self.capture is None:
+                pack_header_into(head, conn.peer_cid, self.guest_cid, conn.host_port, conn.guest_port, n,
+                                 conn.type, Op.RW, 0, conn.buf_alloc, conn.fwd_cnt)
+                conn.reported_fwd = conn.fwd_cnt
+                conn.tx_cnt += n
+                return HEADER_SIZE + n
+        finally:
+            guestio.release(views)
+        return self._finish_rw(conn, chain, n, 0, None)
+
+    def _finish_rw(self, conn: Conn, chain, n: int, flags: int, data) -> int:
         hdr = self._host_header(conn, Op.RW, len=n, flags=int(flags), buf_alloc=conn.buf_alloc,
                                 fwd_cnt=conn.fwd_cnt & 0xFFFFFFFF)
         conn.reported_fwd = conn.fwd_cnt
