@@ -3,5 +3,6 @@
 from .blk import BlkDriver, BlkIOError
 from .gpu import DisplayListener, GpuDriver
 from .net import NetDriver
+from .vsock import VsockDriver
 
-__all__ = ["BlkDriver", "BlkIOError", "DisplayListener", "GpuDriver", "NetDriver"]
+__all__ = ["BlkDriver", "BlkIOError", "DisplayListener", "GpuDriver", "NetDriver", "VsockDriver"]
