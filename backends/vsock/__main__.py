@@ -4,6 +4,12 @@ One VM: `--guest-cid 3 --socket S --uds-path U [--groups a+b]`; several VMs
 in one process (so they can reach each other): repeat
 `--vm guest-cid=3,socket=S,uds-path=U,groups=a+b`. All VMs share one
 router and one optional `--pcap` capture.
+
+Host-initiated connections (`CONNECT <port>` on the uds path) are stream
+sockets; guest-initiated ones to `<uds-path>_<port>` are stream or, for a
+guest SEQPACKET socket, an AF_UNIX SOCK_SEQPACKET connection. Sibling VMs
+may use either type. QEMU keeps the vsock event queue to itself; front-ends
+that hand it over get a transport reset event after a reconnect.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ def parse_vm(text: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = base_parser("vhost-user-vsock", "vhost-user virtio-vsock back-end (hybrid vsock over Unix sockets)")
+    p.epilog = ("Host programs connect to --uds-path and write 'CONNECT <port>\\n' (answer 'OK <host port>\\n'); "
+                "a guest connecting to CID 2 port P reaches a program listening on <uds-path>_P.")
     p.add_argument("--guest-cid", type=lambda s: int(s, 0), help="the guest's context ID (>= 3)")
     p.add_argument("--uds-path", metavar="PATH",
                    help="host Unix socket: host programs CONNECT here; guests reach PATH_<port>")

@@ -60,3 +60,30 @@ def test_vsock_pcap_is_dissected_by_tshark(sockdir, vsock_proc):
                "Op: Connect", "Op: Payload", "Op: Disconnect"):  # af_vsockmon header
         assert op in out, op
     assert "Payload (13B)" in out  # "guest says hi"
+
+
+def test_vsock_pcap_to_stdout(sockdir):
+    import signal
+    import sys
+
+    from scapy.utils import PcapReader
+
+    from backends_proc import wait_for_socket
+
+    sock = os.path.join(sockdir, "vm.sock")
+    out_path = os.path.join(sockdir, "stdout.pcap")
+    with open(out_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "vhost_user.backends.vsock", "--guest-cid", "3",
+                                 "--socket", sock, "--pcap", "-"], stdout=out, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_socket(sock, proc)
+        with VsockDriver.attach(sock) as drv:
+            drv.send_packet(Header(src_cid=3, dst_cid=2, src_port=1, dst_port=2, op=Op.REQUEST))
+            drv.wait_for(lambda: drv.received, 10, "RST")  # no --uds-path: refused
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    with PcapReader(out_path) as reader:
+        assert reader.linktype == LINKTYPE_VSOCK
+        ops = [Header.unpack(bytes(p)[32:32 + HEADER_SIZE]).op for p in reader]
+    assert ops == [Op.REQUEST, Op.RST]
