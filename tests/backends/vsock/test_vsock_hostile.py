@@ -138,3 +138,24 @@ def test_vsock_no_fd_leaks_in_backend_or_frontend(one_vm):
         time.sleep(0.2)
         assert len(os.listdir(f"/proc/{bp.pid}/fd")) == backend_before
     assert open_fds() - before_ours <= {listener.fileno()}
+
+
+def test_vsock_sibling_flood_ignoring_credit_is_bounded_and_reset(sockdir, vsock_proc):
+    socks = {cid: os.path.join(sockdir, f"vm{cid}.sock") for cid in (3, 4)}
+    bp = vsock_proc("--vm", f"guest-cid=3,socket={socks[3]},uds-path={socks[3]}.vsock",
+                    "--vm", f"guest-cid=4,socket={socks[4]}", wait_for=socks[4])
+    listener = host_listener(socks[3] + ".vsock_5000")
+    with VsockDriver.attach(socks[3]) as a, VsockDriver.attach(socks[4]) as b:
+        chunk = os.urandom(64 << 10)
+        hdr = Header(src_cid=3, dst_cid=4, src_port=1000, dst_port=2000, len=len(chunk),
+                     type=SockType.STREAM, op=Op.RW)
+        for _ in range(200):  # 12.5 MiB at a VM whose driver never reads
+            a.send_packet(hdr, chunk)
+            a.poll(0)
+            if any(p.op == Op.RST for p in a.received):
+                break
+        a.wait_for(lambda: any(p.op == Op.RST and p.src_cid == 4 for p in a.received), 10, "RST")
+        _wait_log(bp, "relay queue full")
+        _still_works(a, listener)
+        b.poll(0.2)  # the flooded VM only got well-formed pieces, each fitting one rx buffer
+        assert all(p.op == Op.RW and p.len <= 4096 for p in b.received)
