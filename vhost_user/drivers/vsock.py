@@ -211,7 +211,7 @@ class VsockDriver:
 
     def __init__(self, frontend: Frontend, *, queue_size: int = 256, rx_buffers: int = 128,
                  rx_payload: int = RX_PAYLOAD, tx_slots: int = 64, buf_alloc: int = 256 << 10,
-                 event_buffers: int = 8):
+                 event_buffers: int = 8, rx_split: bool = False):
         self.fe = frontend
         self.cid = unpack_config(frontend.get_config(8)) if frontend.has_protocol_feature(PF.CONFIG) else 0
         frontend.set_mem_table()
@@ -221,6 +221,8 @@ class VsockDriver:
         self.evq = frontend.setup_queue(2, max(event_buffers, 8))
         self.buf_alloc = buf_alloc
         self._rx_size = HEADER_SIZE + rx_payload
+        # Linux before 6.3 posts the header and the payload as two descriptors
+        self._rx_split = rx_split
         self._rx_slots: dict[int, int] = {}
         for _ in range(min(rx_buffers, queue_size)):
             self._post_rx(ram.alloc(self._rx_size, 64))
@@ -253,7 +255,11 @@ class VsockDriver:
 
     # -- raw packets ----------------------------------------------------------------
     def _post_rx(self, gpa: int) -> None:
-        self._rx_slots[self.rxq.ring.add([(gpa, self._rx_size, True)])] = gpa
+        if self._rx_split:
+            segs = [(gpa, HEADER_SIZE, True), (gpa + HEADER_SIZE, self._rx_size - HEADER_SIZE, True)]
+        else:
+            segs = [(gpa, self._rx_size, True)]
+        self._rx_slots[self.rxq.ring.add(segs)] = gpa
 
     def send_packet(self, hdr: Header, payload: bytes | memoryview = b"", *, timeout: float = 10.0) -> None:
         """Put one packet (header + payload in one buffer) on the tx queue and kick."""

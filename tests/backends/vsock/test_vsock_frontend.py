@@ -289,3 +289,19 @@ def test_vsock_vms_in_different_groups_cannot_connect(sockdir, vsock_proc):
         assert not any(p.op == Op.REQUEST for p in c.received)  # never reached the other group
         with pytest.raises(VsockReset):
             a.connect(7000, cid=77)  # no such VM at all
+
+
+def test_vsock_rx_buffers_split_into_header_and_payload_descriptors(one_vm):
+    """Linux before 6.3 posts each rx buffer as two descriptors (header, payload)."""
+    _, sock, uds = one_vm
+    listener = host_listener(uds + "_9300")
+    down = os.urandom(MiB + 3)
+    with VsockDriver.attach(sock, rx_split=True) as drv:
+        g = drv.connect(9300)
+        h, _ = listener.accept()
+        writer = threading.Thread(target=h.sendall, args=(down,))
+        writer.start()
+        assert _sha(g.recv_exact(len(down))) == _sha(down)
+        writer.join(10)
+        g.send(b"and back")
+        assert h.recv(100) == b"and back"
