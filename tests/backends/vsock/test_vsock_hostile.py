@@ -159,3 +159,20 @@ def test_vsock_sibling_flood_ignoring_credit_is_bounded_and_reset(sockdir, vsock
         _still_works(a, listener)
         b.poll(0.2)  # the flooded VM only got well-formed pieces, each fitting one rx buffer
         assert all(p.op == Op.RW and p.len <= 4096 for p in b.received)
+
+
+@pytest.mark.parametrize("line", [b"HELLO 5\n", b"CONNECT x\n", b"CONNECT " + b"9" * 100 + b"\n"])
+def test_vsock_bad_connect_line_is_closed_and_logged(one_vm, line):
+    bp, sock, uds = one_vm
+    listener = host_listener(uds + "_5004")
+    with VsockDriver.attach(sock) as drv:
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.settimeout(10)
+        c.connect(uds)
+        c.sendall(line)
+        assert c.recv(100) == b""  # closed without an answer
+        c.close()
+        _wait_log(bp, "no valid CONNECT line")
+        drv.poll(0.1)
+        assert not any(p.op == Op.REQUEST for p in drv.received)  # the guest never heard of it
+        _still_works(drv, listener)
