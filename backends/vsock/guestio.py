@@ -50,6 +50,10 @@ def release(views: list[memoryview]) -> None:
 
 def read_prefix(chain, length: int) -> bytes:
     """The first `length` readable bytes (the header), across segment edges."""
+    segments = chain.readable
+    if segments and segments[0][2] >= length:  # the usual case: one descriptor holds it
+        index, offset, _ = segments[0]
+        return chain._memory.regions[index].read(offset, length)
     views = readable_views(chain, 0, length)
     try:
         return b"".join(bytes(v) for v in views)
