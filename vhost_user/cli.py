@@ -25,8 +25,8 @@ from vhost_user.errors import VhostUserError
 from vhost_user.server import DeviceServer, listen_unix
 
 __all__ = [
-    "base_parser", "run_backend", "serve_devices", "Endpoint", "parse_size",
-    "inherited_listener", "description",
+    "base_parser", "run_backend", "serve_devices", "Endpoint", "endpoints", "parse_size",
+    "inherited_listener", "description", "setup_logging", "systemd_listen_fd",
 ]
 
 log = logging.getLogger("vhost_user")
@@ -47,13 +47,22 @@ def parse_size(text: str) -> int:
     return value
 
 
-def base_parser(prog: str, description: str, *, verbose_flag: bool = True) -> argparse.ArgumentParser:
-    """The shared options; verbose_flag=False leaves `-v` free (vhost-user-gpu's --virgl)."""
+def base_parser(prog: str, description: str, *, verbose_flag: bool = True,
+                repeatable_endpoints: bool = False) -> argparse.ArgumentParser:
+    """The shared options.
+
+    verbose_flag=False leaves `-v` free (vhost-user-gpu's --virgl);
+    repeatable_endpoints=True lets --socket/--fd repeat, one device each
+    (vhost-user-net's ports); `endpoints(args)` reads them either way.
+    """
     p = argparse.ArgumentParser(prog=prog, description=description)
-    where = p.add_mutually_exclusive_group()
+    if repeatable_endpoints:
+        where, action = p.add_argument_group("endpoints (repeatable)"), "append"
+    else:
+        where, action = p.add_mutually_exclusive_group(), "store"
     where.add_argument("-s", "--socket", "--socket-path", dest="socket", metavar="PATH",
-                       help="listen on this Unix socket path")
-    where.add_argument("-f", "--fd", type=int, metavar="N",
+                       action=action, help="listen on this Unix socket path")
+    where.add_argument("-f", "--fd", type=int, metavar="N", action=action,
                        help="serve on an inherited listening socket fd (socket activation)")
     p.add_argument("-c", "--print-capabilities", action="store_true",
                    help="print the back-end capabilities as JSON and exit")
@@ -84,7 +93,7 @@ def inherited_listener(fd: int) -> socket.socket:
     return sock
 
 
-def _setup_logging(args) -> None:
+def setup_logging(args) -> None:
     level = args.log_level or {0: "warning", 1: "info"}.get(args.verbose, "debug")
     logging.basicConfig(
         stream=sys.stderr,
@@ -115,11 +124,28 @@ def description(name: str) -> dict:
     return desc
 
 
-def _systemd_listen_fd() -> int | None:
+def systemd_listen_fd() -> int | None:
     """fd 3 when systemd socket activation handed us exactly one socket."""
     if os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS") == "1":
         return 3
     return None
+
+
+def endpoints(args) -> list["Endpoint"]:
+    """The endpoints the command line names (paths, then fds), or systemd's socket.
+
+    Empty when none is given: the caller prints its usage error.
+    """
+    def listed(value):
+        return [] if value is None else value if isinstance(value, list) else [value]
+
+    found = [Endpoint(path=p) for p in listed(args.socket)]
+    found += [Endpoint(fd=f) for f in listed(args.fd)]
+    if not found:
+        fd = systemd_listen_fd()
+        if fd is not None:
+            found.append(Endpoint(fd=fd))
+    return found
 
 
 def run_backend(args, make_device: Callable[[], VirtioDevice], capabilities: dict,
@@ -134,13 +160,12 @@ def run_backend(args, make_device: Callable[[], VirtioDevice], capabilities: dic
     if args.print_description:
         print(json.dumps(description(name), indent=2))
         return 0
-    _setup_logging(args)
-    if args.socket is None and args.fd is None:
-        args.fd = _systemd_listen_fd()
-    if args.socket is None and args.fd is None:
+    setup_logging(args)
+    found = endpoints(args)
+    if not found:
         print("error: one of --socket PATH or --fd N is required", file=sys.stderr)
         return 2
-    endpoint = Endpoint(path=args.socket, fd=args.fd)
+    endpoint = found[0]
     sandbox = name.removeprefix("vhost-user-") if getattr(args, "sandbox", False) else None
     return serve_devices([(endpoint, make_device)], sandbox=sandbox)
 
@@ -188,6 +213,19 @@ def serve_devices(entries: list[tuple[Endpoint, Callable[[], VirtioDevice]]],
     """
     servers: list[DeviceServer] = []
     devices: list[VirtioDevice] = []
+    # Signal handlers go in before any socket appears: a SIGTERM that arrives
+    # while we set up must still stop us cleanly (and remove the sockets).
+    loop = _new_loop()
+    stop_requested = False
+
+    def stop() -> None:
+        nonlocal stop_requested
+        stop_requested = True
+        for server in servers:
+            server.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
     try:
         for endpoint, make_device in entries:
             device = make_device()
@@ -199,18 +237,13 @@ def serve_devices(entries: list[tuple[Endpoint, Callable[[], VirtioDevice]]],
             server.close()
         for device in devices:
             device.close()
+        loop.close()
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if stop_requested:
+        stop()
     if sandbox is not None:
         sandbox = _confine(sandbox, None)
-    loop = _new_loop()
-
-    def stop() -> None:
-        for server in servers:
-            server.stop()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop)
     try:
         if on_loop is not None:
             on_loop(loop)

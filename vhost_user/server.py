@@ -71,10 +71,13 @@ class DeviceServer:
         self.listener = listener
         self.path = path
         self.sessions_served = 0
+        self._stop_requested = False
         self._stopping: asyncio.Event | None = None
         self._session: Session | None = None
 
     def stop(self) -> None:
+        """Stop serving; safe to call before serve_forever has started."""
+        self._stop_requested = True
         if self._stopping is not None:
             self._stopping.set()
 
@@ -82,6 +85,8 @@ class DeviceServer:
         """Accept and serve front-ends one after another until stopped."""
         loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
+        if self._stop_requested:
+            self._stopping.set()
         self.listener.setblocking(False)
         stop_task = asyncio.ensure_future(self._stopping.wait())
         try:

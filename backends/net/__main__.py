@@ -7,7 +7,7 @@ import json
 import sys
 
 from vhost_user import cli
-from vhost_user.cli import Endpoint, base_parser, parse_size, serve_devices
+from vhost_user.cli import base_parser, parse_size, serve_devices
 from vhost_user.errors import VhostUserError
 
 from .capture import PcapWriter
@@ -17,10 +17,9 @@ from .tap import TapPort
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = base_parser("vhost-user-net", "vhost-user virtio-net back-end with a built-in L2 switch")
     # One process serves several ports: --socket and --fd may repeat.
-    for opt in ("--socket", "--fd"):
-        p._option_string_actions[opt].__class__ = argparse._AppendAction
+    p = base_parser("vhost-user-net", "vhost-user virtio-net back-end with a built-in L2 switch",
+                    repeatable_endpoints=True)
     p.add_argument("--num-queues", type=int, default=1, help="rx/tx queue pairs per port (default 1)")
     p.add_argument("--queue-size", type=int, default=1024, help="largest queue size accepted")
     p.add_argument("--tap", action="append", default=[], metavar="NAME",
@@ -41,15 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_description:
         print(json.dumps(cli.description("vhost-user-net"), indent=2))
         return 0
-    cli._setup_logging(args)
-    endpoints = [Endpoint(path=s) for s in args.socket or []]
-    endpoints += [Endpoint(fd=f) for f in args.fd or []]
+    cli.setup_logging(args)
+    endpoints = cli.endpoints(args)
     if not endpoints:
-        fd = cli._systemd_listen_fd()
-        if fd is None:
-            print("error: give --socket PATH or --fd N (repeatable)", file=sys.stderr)
-            return 2
-        endpoints.append(Endpoint(fd=fd))
+        print("error: give --socket PATH or --fd N (repeatable)", file=sys.stderr)
+        return 2
     if args.pcap == "-" and sys.stdout.isatty():
         print("error: --pcap - needs stdout to be a pipe or file", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ import json
 import logging
 import sys
 
-from vhost_user.cli import Endpoint, _setup_logging, base_parser, parse_size, serve_devices
+from vhost_user.cli import Endpoint, base_parser, parse_size, serve_devices, setup_logging
 
 from .device import CAPABILITIES, VmOptions, VsockDevice
 from .router import Router
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         from vhost_user.cli import description
         print(json.dumps(description("vhost-user-vsock"), indent=2))
         return 0
-    _setup_logging(args)
+    setup_logging(args)
     if args.sandbox:
         log.info("sandbox: no vsock profile yet (it connects and accepts Unix sockets at run time); "
                  "running unconfined")
