@@ -737,6 +737,19 @@ class Virtqueue:
         n = lib.vr_inflight_list(self._q, buf, self._num)
         return [buf[i] for i in range(n)]
 
+    def wake(self) -> None:
+        """Make the worker run its handler again without a guest kick.
+
+        For devices whose work also comes from the host side (vsock's rx path
+        when a host socket has data): the worker leaves vr_run through the
+        control eventfd and re-enters it, which runs the handler once.
+        """
+        if self._ctl >= 0:
+            try:
+                os.eventfd_write(self._ctl, 1)
+            except OSError:
+                pass
+
     # -- worker -----------------------------------------------------------------------------
     def _worker(self, fn, ctx) -> None:
         while True:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import selectors
 import socket
 import threading
@@ -155,10 +154,7 @@ class VsockDevice(RxPath, VirtioDevice):
     def _wake(self, index: int) -> None:
         vq = self._vqs[index]
         if vq is not None:
-            try:
-                os.eventfd_write(vq._ctl, 1)  # the worker re-enters vr_run and calls the handler
-            except OSError:
-                pass
+            vq.wake()
 
     def _flush_wake(self) -> None:
         if self._wake_needed:

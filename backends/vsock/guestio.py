@@ -13,7 +13,7 @@ __all__ = ["readable_views", "writable_views", "release", "read_prefix"]
 
 
 def _views(chain, segments, skip: int, limit: int) -> list[memoryview]:
-    regions = chain._memory.regions  # the chain's own memory table (same package family)
+    regions = chain.memory.regions
     out: list[memoryview] = []
     for index, offset, length in segments:
         if limit <= 0:
@@ -53,7 +53,7 @@ def read_prefix(chain, length: int) -> bytes:
     segments = chain.readable
     if segments and segments[0][2] >= length:  # the usual case: one descriptor holds it
         index, offset, _ = segments[0]
-        return chain._memory.regions[index].read(offset, length)
+        return chain.memory.regions[index].read(offset, length)
     views = readable_views(chain, 0, length)
     try:
         return b"".join(bytes(v) for v in views)
