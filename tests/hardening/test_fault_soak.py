@@ -21,7 +21,6 @@ import pytest
 
 from harness.backend import BackendProcess
 from harness.fixtures import require_tool
-from harness.qemu import GuestError
 
 pytestmark = pytest.mark.guest
 

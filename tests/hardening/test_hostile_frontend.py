@@ -35,7 +35,6 @@ from vhost_user.protocol import (
     VringAddress,
     VringFdRequest,
     VringState,
-    encode,
     spec_for,
 )
 

@@ -34,7 +34,6 @@ from vhost_user.backends.blk.device import BlkDevice, BlkOptions
 from vhost_user.protocol import (
     FrontendRequest as R,
     HeaderFlag,
-    MemoryRegion,
     ProtocolFeature as PF,
     VRING_NOFD_MASK,
     spec_for,
@@ -178,7 +177,7 @@ def _drain(sock: socket.socket) -> bool:
     return True
 
 
-def _opening(flags: int) -> list[tuple[R, bytes]]:
+def _opening() -> list[tuple[R, bytes]]:
     """GET/SET features and SET_OWNER, so later messages get past the state checks."""
     feats = (1 << PF.REPLY_ACK) | (1 << PF.MQ) | (1 << PF.CONFIGURE_MEM_SLOTS) | (1 << PF.INFLIGHT_SHMFD)
     return [(R.GET_FEATURES, b""), (R.SET_PROTOCOL_FEATURES, struct.pack("<Q", feats)), (R.SET_OWNER, b"")]
@@ -200,7 +199,7 @@ def run_one(data: bytes) -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.connect(st["path"])
-        plan = _opening(0) if r.u8() % 4 else []
+        plan = _opening() if r.u8() % 4 else []
         for _ in range(r.u8() % 24):
             request = _REQUESTS[r.below(len(_REQUESTS))]
             plan.append((request, _payload(r, request)))
