@@ -29,6 +29,7 @@ import importlib
 import logging
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -142,7 +143,7 @@ def _atheris_child(target_name: str, args, corpus_dirs: list[str]) -> None:
 
     with atheris.instrument_imports(include=["vhost_user"]):
         target = load_targets([target_name])[target_name]
-    work = tempfile.mkdtemp(prefix=f"fuzz-{target_name}-")  # new finds go here, not into git
+    work = args.new_inputs  # new finds go here, not into the committed corpus
     argv = [sys.argv[0], f"-max_total_time={max(1, int(args.seconds))}",
             f"-artifact_prefix={os.path.abspath(args.artifacts)}/", "-print_final_stats=1",
             f"-max_len={args.max_len}", "-rss_limit_mb=1024", f"-seed={args.seed or 1}",
@@ -156,13 +157,18 @@ def _atheris_main(target_name: str, args, corpus_dirs: list[str]) -> int:
     import subprocess
 
     os.makedirs(args.artifacts, exist_ok=True)
-    argv = [sys.executable, "-m", "vhost_user.fuzzing", target_name, "--child",
+    work = args.new_inputs or tempfile.mkdtemp(prefix=f"fuzz-{target_name}-")
+    argv = [sys.executable, "-m", "vhost_user.fuzzing", target_name, "--child", "--new-inputs", work,
             "--seconds", str(args.seconds), "--artifacts", args.artifacts,
             "--max-len", str(args.max_len), "--seed", str(args.seed)]
     for d in corpus_dirs:
         argv += ["--corpus", d]
     start = time.monotonic()
-    proc = subprocess.run(argv, stderr=subprocess.PIPE, text=True, errors="replace")
+    try:
+        proc = subprocess.run(argv, stderr=subprocess.PIPE, text=True, errors="replace")
+    finally:
+        if not args.new_inputs:
+            shutil.rmtree(work, ignore_errors=True)
     runs = None
     for line in proc.stderr.splitlines():
         if line.startswith("stat::number_of_executed_units:"):
@@ -202,6 +208,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--max-len", type=int, default=8192, help="largest input (atheris)")
     p.add_argument("-v", "--verbose", action="store_true", help="show libFuzzer's output")
+    p.add_argument("--new-inputs", metavar="DIR",
+                   help="keep the inputs libFuzzer adds here (default: a temporary directory, removed)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p
 
