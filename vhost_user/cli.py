@@ -213,6 +213,8 @@ def serve_devices(entries: list[tuple[Endpoint, Callable[[], VirtioDevice]]],
     """
     servers: list[DeviceServer] = []
     devices: list[VirtioDevice] = []
+    if sandbox is not None:
+        sandbox = _confine(sandbox, None)  # before the loop exists: keeps libuv off io_uring
     # Signal handlers go in before any socket appears: a SIGTERM that arrives
     # while we set up must still stop us cleanly (and remove the sockets).
     loop = _new_loop()
@@ -242,8 +244,6 @@ def serve_devices(entries: list[tuple[Endpoint, Callable[[], VirtioDevice]]],
         return 1
     if stop_requested:
         stop()
-    if sandbox is not None:
-        sandbox = _confine(sandbox, None)
     try:
         if on_loop is not None:
             on_loop(loop)
