@@ -16,6 +16,16 @@ def _status(pid: int) -> dict[str, str]:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
+def _fd_targets(pid: int) -> list[str]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            pass  # closed meanwhile
+    return out
+
+
 def _io_round(sock: str) -> None:
     with BlkDriver.connect(sock, num_queues=2) as drv:
         drv.write(8, b"s" * 4096, queue=1)
@@ -35,6 +45,8 @@ def test_sandbox_is_on_by_default_and_blk_serves_under_it(sockdir, shm_image):
         assert st["NoNewPrivs"].strip() == "1"
         assert st["Seccomp"].strip() == "2"  # SECCOMP_MODE_FILTER
         assert "blk profile active" in bp.log()
+        # io_uring operations would bypass seccomp: the event loop must not hold a ring.
+        assert "anon_inode:[io_uring]" not in _fd_targets(bp.pid) and "io_uring" not in bp.log(), bp.log()[-2000:]
         assert bp.alive()
     finally:
         assert bp.stop() == 0, bp.log()[-3000:]
