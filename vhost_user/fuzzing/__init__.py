@@ -157,7 +157,9 @@ def _atheris_main(target_name: str, args, corpus_dirs: list[str]) -> int:
     import subprocess
 
     os.makedirs(args.artifacts, exist_ok=True)
-    work = args.new_inputs or tempfile.mkdtemp(prefix=f"fuzz-{target_name}-")
+    scratch = tempfile.mkdtemp(prefix=f"fuzz-{target_name}-")  # removed below, whatever happens
+    work = args.new_inputs or os.path.join(scratch, "new-inputs")
+    os.makedirs(work, exist_ok=True)
     argv = [sys.executable, "-m", "vhost_user.fuzzing", target_name, "--child", "--new-inputs", work,
             "--seconds", str(args.seconds), "--artifacts", args.artifacts,
             "--max-len", str(args.max_len), "--seed", str(args.seed)]
@@ -165,10 +167,10 @@ def _atheris_main(target_name: str, args, corpus_dirs: list[str]) -> int:
         argv += ["--corpus", d]
     start = time.monotonic()
     try:
-        proc = subprocess.run(argv, stderr=subprocess.PIPE, text=True, errors="replace")
+        proc = subprocess.run(argv, stderr=subprocess.PIPE, text=True, errors="replace",
+                              env=dict(os.environ, VHOST_USER_FUZZ_TMP=scratch))
     finally:
-        if not args.new_inputs:
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     runs = None
     for line in proc.stderr.splitlines():
         if line.startswith("stat::number_of_executed_units:"):

@@ -54,7 +54,8 @@ def _server() -> dict:
     """Start the long-lived server thread once per process."""
     if _state:
         return _state
-    workdir = tempfile.mkdtemp(prefix="vu-fuzz-")
+    # Under atheris the runner's temporary directory (removed by it: libFuzzer skips atexit).
+    workdir = tempfile.mkdtemp(prefix="vu-fuzz-", dir=os.environ.get("VHOST_USER_FUZZ_TMP"))
     atexit.register(shutil.rmtree, workdir, True)
     path = os.path.join(workdir, "s.sock")
     listener = listen_unix(path)
