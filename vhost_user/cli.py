@@ -26,7 +26,7 @@ from vhost_user.server import DeviceServer, listen_unix
 
 __all__ = [
     "base_parser", "run_backend", "serve_devices", "Endpoint", "endpoints", "parse_size",
-    "inherited_listener", "description", "setup_logging", "systemd_listen_fd",
+    "inherited_listener", "description", "print_info", "setup_logging", "systemd_listen_fd",
 ]
 
 log = logging.getLogger("vhost_user")
@@ -148,18 +148,26 @@ def endpoints(args) -> list["Endpoint"]:
     return found
 
 
-def run_backend(args, make_device: Callable[[], VirtioDevice], capabilities: dict,
-                name: str) -> int:
-    """Print capabilities or serve one device until SIGTERM/SIGINT; return the exit code.
-
-    Capabilities are static so that printing them opens no image.
-    """
+def print_info(args, capabilities: dict, name: str) -> int | None:
+    """--print-capabilities / --print-description: print and return 0, else None."""
     if args.print_capabilities:
         print(json.dumps(capabilities, indent=2))
         return 0
     if args.print_description:
         print(json.dumps(description(name), indent=2))
         return 0
+    return None
+
+
+def run_backend(args, make_device: Callable[[], VirtioDevice], capabilities: dict,
+                name: str) -> int:
+    """Print capabilities or serve one device until SIGTERM/SIGINT; return the exit code.
+
+    Capabilities are static so that printing them opens no image.
+    """
+    done = print_info(args, capabilities, name)
+    if done is not None:
+        return done
     setup_logging(args)
     found = endpoints(args)
     if not found:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vhost_user.cli import base_parser, parse_size, run_backend
+from vhost_user.cli import base_parser, parse_size, print_info, run_backend
 
 from .device import CAPABILITIES, GpuDevice, GpuOptions
 from .virgl import VirglError, virgl_unavailable_reason
@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     capabilities = dict(CAPABILITIES)
     if args.print_capabilities and virgl_unavailable_reason() is None:
         capabilities["features"] = ["virgl"]
-    if args.print_capabilities or args.print_description:
-        return run_backend(args, lambda: None, capabilities, "vhost-user-gpu")
+    done = print_info(args, capabilities, "vhost-user-gpu")
+    if done is not None:
+        return done
     try:
         if args.virgl:
             from .device3d import VirglGpuDevice

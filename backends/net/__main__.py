@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from vhost_user import cli
@@ -34,12 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.print_capabilities:
-        print(json.dumps(CAPABILITIES, indent=2))
-        return 0
-    if args.print_description:
-        print(json.dumps(cli.description("vhost-user-net"), indent=2))
-        return 0
+    done = cli.print_info(args, CAPABILITIES, "vhost-user-net")
+    if done is not None:
+        return done
     cli.setup_logging(args)
     endpoints = cli.endpoints(args)
     if not endpoints:

@@ -15,11 +15,10 @@ that hand it over get a transport reset event after a reconnect.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
-from vhost_user.cli import Endpoint, base_parser, parse_size, serve_devices, setup_logging
+from vhost_user.cli import Endpoint, base_parser, parse_size, print_info, serve_devices, setup_logging
 
 from .device import CAPABILITIES, VmOptions, VsockDevice
 from .router import Router
@@ -104,13 +103,9 @@ def _vm_options(args) -> list[tuple[Endpoint, VmOptions]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.print_capabilities:
-        print(json.dumps(CAPABILITIES, indent=2))
-        return 0
-    if args.print_description:
-        from vhost_user.cli import description
-        print(json.dumps(description("vhost-user-vsock"), indent=2))
-        return 0
+    done = print_info(args, CAPABILITIES, "vhost-user-vsock")
+    if done is not None:
+        return done
     setup_logging(args)
     if args.sandbox:
         log.info("sandbox: no vsock profile yet (it connects and accepts Unix sockets at run time); "
