@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from vhost_user.channel import BlockingChannel, close_fds
 from vhost_user.driver_ring import DriverQueue, ring_layout
-from vhost_user.errors import LocalProtocolError, RemoteProtocolError, VhostUserError
+from vhost_user.errors import RemoteProtocolError, VhostUserError
 from vhost_user.protocol import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     BackendRequest,

@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, Callable
+from typing import Any
 
 from vhost_user._native import ffi, lib
 from vhost_user.errors import (

@@ -26,7 +26,6 @@ from vhost_user.protocol import (
     ProtocolFeature as PF,
     U64,
     VringState,
-    encode,
 )
 
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from ringlayout import GuestRam, SplitRing, wait_for
+from ringlayout import SplitRing, wait_for
 from vhost_user.errors import VirtqueueError
 from vhost_user.virtqueue import BlkEngine, Virtqueue, inflight_queue_size
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from vhost_user.backends.blk.config import BlkConfig, CONFIG_SPACE_SIZE
 from vhost_user.backends.blk.request import (
     ID_BYTES,
-    SECTOR_SIZE,
     WRITE_ZEROES_FLAG_UNMAP,
     BlkFeature,
     DiscardSegment,

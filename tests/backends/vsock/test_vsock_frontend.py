@@ -12,7 +12,7 @@ import time
 import pytest
 
 from vsock_proc import host_connect, host_listener, read_line
-from vhost_user.backends.vsock.packet import HEADER_SIZE, Op, SockType, VsockFeature
+from vhost_user.backends.vsock.packet import Op, SockType, VsockFeature
 from vhost_user.drivers.vsock import VsockDriver, VsockReset
 
 MiB = 1 << 20
