@@ -17,7 +17,7 @@ import stat
 
 from vhost_user.channel import AsyncChannel
 from vhost_user.device import VirtioDevice
-from vhost_user.errors import RemoteProtocolError
+from vhost_user.errors import LocalProtocolError, RemoteProtocolError
 from vhost_user.protocol import (
     BackendRequest,
     FrontendRequest,
@@ -136,6 +136,11 @@ class DeviceServer:
                     session.handle(msg)
                 except OSError as exc:
                     log.info("front-end connection lost while replying: %s", exc)
+                    return
+                except LocalProtocolError as exc:
+                    # A reply we could not build is our bug; the front-end would
+                    # wait forever for it, so end this connection loudly.
+                    log.error("cannot answer %s, dropping the front-end: %s", msg.request.name, exc)
                     return
         finally:
             session.close()
