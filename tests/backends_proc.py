@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-__all__ = ["BackendProcess", "start_blk", "start_qsd_blk", "require_tool", "wait_for_socket", "open_fds"]
+__all__ = [
+    "BackendProcess", "spawn", "start_blk", "start_qsd_blk", "require_tool", "wait_for_socket", "open_fds",
+]
 
 
 def open_fds() -> set[int]:
@@ -79,7 +81,8 @@ class BackendProcess:
         return self.proc.poll() is None
 
 
-def _spawn(argv: list[str], sock: str, log_path: str, **kw) -> BackendProcess:
+def spawn(argv: list[str], sock: str, log_path: str, **kw) -> BackendProcess:
+    """Start `argv` with its output in `log_path`; return once `sock` exists."""
     log = open(log_path, "wb")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, **kw)
     log.close()
@@ -99,7 +102,7 @@ def start_blk(workdir, *args: str, sock: str | None = None, image: str | None = 
     argv = [sys.executable, "-m", "vhost_user.backends.blk", "--socket", sock, "-v"]
     if image:
         argv += ["--image", image]
-    return _spawn(argv + list(args), sock, os.path.join(workdir, f"{name}.log"))
+    return spawn(argv + list(args), sock, os.path.join(workdir, f"{name}.log"))
 
 
 def start_qsd_blk(workdir, image: str, *, num_queues: int = 1, writable: bool = True,
@@ -113,4 +116,4 @@ def start_qsd_blk(workdir, image: str, *, num_queues: int = 1, writable: bool = 
         "--export", f"type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={sock},"
                     f"writable={'on' if writable else 'off'},num-queues={num_queues}",
     ]
-    return _spawn(argv, sock, os.path.join(workdir, f"{name}.log"))
+    return spawn(argv, sock, os.path.join(workdir, f"{name}.log"))

@@ -6,7 +6,7 @@ import os
 import socket
 import sys
 
-from backends_proc import BackendProcess, _spawn
+from backends_proc import BackendProcess, spawn
 
 __all__ = ["start_vsock", "host_listener", "host_connect", "read_line"]
 
@@ -14,7 +14,7 @@ __all__ = ["start_vsock", "host_listener", "host_connect", "read_line"]
 def start_vsock(workdir: str, *args: str, wait_for: str, name: str = "vsock") -> BackendProcess:
     """Our vhost-user-vsock as a user runs it; returns once `wait_for` (a socket) exists."""
     argv = [sys.executable, "-m", "vhost_user.backends.vsock", "-v", *args]
-    return _spawn(argv, wait_for, os.path.join(workdir, f"{name}.log"))
+    return spawn(argv, wait_for, os.path.join(workdir, f"{name}.log"))
 
 
 def host_listener(path: str, kind: int = socket.SOCK_STREAM) -> socket.socket:

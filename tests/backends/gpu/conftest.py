@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 
 import pytest
 
-from backends_proc import BackendProcess, require_tool, wait_for_socket
+from backends_proc import BackendProcess, require_tool, spawn
 
 QEMU_GPU = "/usr/lib/qemu/vhost-user-gpu"
 
@@ -23,15 +21,7 @@ def start_gpu(workdir: str, which: str, *args: str, name: str = "gpu") -> Backen
     else:
         argv = [sys.executable, "-m", "vhost_user.backends.gpu", "--socket-path", sock,
                 "--verbose", *args]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    bp = BackendProcess(proc, sock, log_path)
-    try:
-        wait_for_socket(sock, proc, log_path=log_path)
-    except BaseException:
-        bp.stop(signal.SIGKILL)
-        raise
-    return bp
+    return spawn(argv, sock, log_path)
 
 
 @pytest.fixture
