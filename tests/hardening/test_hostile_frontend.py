@@ -41,6 +41,9 @@ from vhost_user.protocol import (
 # name -> argv after `python -m`; {sock} is replaced. One line per back-end.
 BACKENDS = {
     "blk": ["vhost_user.backends.blk", "--socket", "{sock}", "-v", "--num-queues", "2", "--size", "16M"],
+    "net": ["vhost_user.backends.net", "--socket", "{sock}", "-v"],
+    "vsock": ["vhost_user.backends.vsock", "--guest-cid", "3", "--socket", "{sock}", "-v"],
+    "gpu": ["vhost_user.backends.gpu", "--socket", "{sock}", "--verbose"],
 }
 
 NEED_REPLY = 1 | HeaderFlag.NEED_REPLY
@@ -337,6 +340,7 @@ def test_hostile_queue_index_out_of_range_is_nacked_for_every_vring_request(back
     kick = _eventfds(3)
     try:
         with _with_memory(backend) as fe:
+            index = max(index, fe._value(R.GET_QUEUE_NUM))  # vsock's 3 queues: index 2 is its event queue
             for request, payload, fds in [
                 (R.SET_VRING_NUM, VringState(index, 64), ()),
                 (R.SET_VRING_BASE, VringState(index, 0), ()),
