@@ -218,6 +218,8 @@ class GpuDevice(VirtioDevice):
             hdr, cmd = parse(data)
         except BadCommand as exc:
             log.warning("control queue: %s", exc)
+            if len(data) >= CtrlHeader.SIZE:  # a fenced command's error still signals its fence
+                return CtrlHeader.unpack(data).response(exc.error).pack()
             return CtrlHeader(exc.error).pack()
         handler = self._dispatch.get(hdr.type)
         try:
