@@ -46,6 +46,9 @@ TARGET_MODULES = {
     "blk": "vhost_user.fuzzing.blk",
     "blk-request": "vhost_user.fuzzing.blk_request",
     "session": "vhost_user.fuzzing.session",
+    "net-header": "vhost_user.fuzzing.net_header",
+    "vsock-packet": "vhost_user.fuzzing.vsock_packet",
+    "gpu-commands": "vhost_user.fuzzing.gpu_commands",
 }
 
 
