@@ -45,8 +45,8 @@ import socket
 import sys
 from typing import Iterable
 
-__all__ = ["apply", "prepare", "register_profile", "profile_syscalls", "SandboxError",
-           "CORE_SYSCALLS", "KILL_SYSCALLS", "PROFILES"]
+__all__ = ["apply", "prepare", "register_profile", "profile_syscalls", "allow_with_args", "SandboxError",
+           "CORE_SYSCALLS", "KILL_SYSCALLS", "PROFILES", "CONDITIONAL"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,20 @@ KILL_SYSCALLS = frozenset("""
 #: per back-end extras on top of CORE_SYSCALLS
 PROFILES: dict[str, frozenset[str]] = {
     "blk": frozenset("preadv pwritev preadv2 pwritev2 fallocate fdatasync fsync sync_file_range".split()),
+    # TAP fds and the pcap file are opened before confinement; the TAP reader and the
+    # capture writer only read/write/poll/ioctl them (all in the core set).
+    "net": frozenset(),
+    # guest-initiated connections open AF_UNIX sockets at run time (socket: see CONDITIONAL)
+    "vsock": frozenset({"connect"}),
+    # 2D only; png:DIR writes under a directory fd opened before confinement (CONDITIONAL,
+    # added at run time by the gpu back-end); --virgl runs unconfined
+    "gpu": frozenset(),
+}
+
+#: per back-end syscalls allowed only when their arguments match: profile ->
+#: [(syscall, ((arg index, value), ...))], every (arg, value) pair must hold (EQ)
+CONDITIONAL: dict[str, list[tuple[str, tuple[tuple[int, int], ...]]]] = {
+    "vsock": [("socket", ((0, socket.AF_UNIX),))],
 }
 
 
@@ -95,6 +109,14 @@ def register_profile(name: str, extra: Iterable[str]) -> None:
     if bad:
         raise ValueError(f"profile {name} cannot allow {sorted(bad)}")
     PROFILES[name] = extra
+
+
+def allow_with_args(profile: str, syscall: str, *conditions: tuple[int, int]) -> None:
+    """Allow `syscall` in `profile` when every (arg index, value) matches, e.g. an openat
+    under one directory fd opened before confinement."""
+    if syscall in KILL_SYSCALLS:
+        raise ValueError(f"profile {profile} cannot allow {syscall}")
+    CONDITIONAL.setdefault(profile, []).append((syscall, tuple(conditions)))
 
 
 def profile_syscalls(name: str) -> frozenset[str]:
@@ -144,7 +166,7 @@ def _set_no_new_privs() -> None:
         raise SandboxError(err, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(err)}")
 
 
-def _build_filter(allowed: frozenset[str]):
+def _build_filter(allowed: frozenset[str], conditional=()):
     try:
         import pyseccomp as sc
     except (ImportError, OSError) as exc:  # the binding, or libseccomp.so.2 itself
@@ -161,6 +183,8 @@ def _build_filter(allowed: frozenset[str]):
     _add(f, sc.ALLOW, "openat", sc.Arg(2, sc.MASKED_EQ, _O_WRITE_FLAGS, 0))
     _add(f, sc.ALLOW, "kill", sc.Arg(0, sc.EQ, os.getpid()))
     _add(f, sc.ALLOW, "prctl", sc.Arg(0, sc.EQ, 15))  # PR_SET_NAME (thread names)
+    for name, conds in conditional:
+        _add(f, sc.ALLOW, name, *(sc.Arg(i, sc.EQ, v) for i, v in conds))
     if _io_uring_in_use():
         log.warning("sandbox: the event loop already uses io_uring; io_uring_enter stays allowed "
                     "(its operations are not filtered)")
@@ -181,7 +205,7 @@ def _add(f, action, name: str, *args) -> None:
 def apply(profile: str, loop=None) -> None:
     """Confine this process (all threads) with `profile`; raises SandboxError if impossible."""
     _check_profile(profile)
-    f = _build_filter(profile_syscalls(profile))
+    f = _build_filter(profile_syscalls(profile), CONDITIONAL.get(profile, ()))
     _set_no_new_privs()
     try:
         f.load()

@@ -62,7 +62,27 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # DeviceError and friends: one line, exit 1
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    _sandbox_setup(args, device)
     return run_backend(args, lambda: device, capabilities, "vhost-user-gpu")
+
+
+def _sandbox_setup(args, device) -> None:
+    """--virgl runs unconfined (EGL/llvmpipe need far more than the 2D profile);
+    png:DIR may create and rename files under its directory fd only."""
+    if not args.sandbox:
+        return
+    if args.virgl:
+        print("warning: sandbox: --virgl runs unconfined (EGL and llvmpipe are not covered by "
+              "the gpu profile)", file=sys.stderr)
+        args.sandbox = False
+        return
+    from vhost_user import sandbox
+
+    dir_fd = getattr(device.fallback, "dir_fd", None)
+    if dir_fd is not None:
+        sandbox.allow_with_args("gpu", "openat", (0, dir_fd))
+        sandbox.allow_with_args("gpu", "renameat", (0, dir_fd), (2, dir_fd))
+        sandbox.allow_with_args("gpu", "renameat2", (0, dir_fd), (2, dir_fd))
 
 
 if __name__ == "__main__":

@@ -244,12 +244,19 @@ class PngDisplay(Display):
         super().__init__(modes)
         os.makedirs(directory, exist_ok=True)
         self.directory = directory
+        # Files are created relative to this fd, opened now: the sandbox allows
+        # writing opens under this directory fd only (vhost_user.sandbox).
+        self.dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.images: dict[int, np.ndarray] = {}
         self.cursor: CursorUpdateMsg | None = None
         self._lock = threading.Lock()
 
     def path(self, scanout: int) -> str:
-        return os.path.join(self.directory, f"scanout-{scanout}.png")
+        return os.path.join(self.directory, self._name(scanout))
+
+    @staticmethod
+    def _name(scanout: int) -> str:
+        return f"scanout-{scanout}.png"
 
     def scanout(self, msg: ScanoutMsg) -> None:
         if msg.scanout_id >= MAX_SCANOUTS:
@@ -258,7 +265,7 @@ class PngDisplay(Display):
             if msg.width == 0 or msg.height == 0:
                 self.images.pop(msg.scanout_id, None)
                 try:
-                    os.unlink(self.path(msg.scanout_id))
+                    os.unlink(self._name(msg.scanout_id), dir_fd=self.dir_fd)
                 except FileNotFoundError:
                     pass
                 return
@@ -276,11 +283,12 @@ class PngDisplay(Display):
             px = pixels.reshape(msg.height, msg.width, 4)
             img[msg.y:y1, msg.x:x1] = px[:y1 - msg.y, :x1 - msg.x]
             rgb = img[:, :, [2, 1, 0]]
-            path = self.path(msg.scanout_id)
-            tmp = path + ".tmp"
-            with open(tmp, "wb") as f:
+            name = self._name(msg.scanout_id)
+            tmp = name + ".tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644, dir_fd=self.dir_fd)
+            with open(fd, "wb") as f:
                 f.write(encode_png(rgb))
-            os.replace(tmp, path)
+            os.replace(tmp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
 
     def cursor_update(self, msg: CursorUpdateMsg) -> None:
         self.cursor = msg

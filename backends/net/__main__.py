@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             tap.start()
 
     try:
-        return serve_devices([(e, lambda: ports.new_device(opts)) for e in endpoints], on_loop=on_loop)
+        return serve_devices([(e, lambda: ports.new_device(opts)) for e in endpoints], on_loop=on_loop,
+                             sandbox="net" if args.sandbox else None)
     finally:
         for tap in taps:
             tap.close()

@@ -107,9 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     if done is not None:
         return done
     setup_logging(args)
-    if args.sandbox:
-        log.info("sandbox: no vsock profile yet (it connects and accepts Unix sockets at run time); "
-                 "running unconfined")
     vms = _vm_options(args)
     capture = None
     if args.pcap:
@@ -121,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         return lambda: VsockDevice(opts, router, capture)
 
     try:
-        return serve_devices([(endpoint, factory(opts)) for endpoint, opts in vms])
+        return serve_devices([(endpoint, factory(opts)) for endpoint, opts in vms],
+                             sandbox="vsock" if args.sandbox else None)
     finally:
         if capture is not None:
             capture.close()

@@ -97,3 +97,66 @@ def test_blk_profile_covers_the_io_the_engine_does():
                  "eventfd2", "memfd_create", "mmap", "futex", "epoll_wait", "write"):
         assert name in allowed
     assert not allowed & sandbox.KILL_SYSCALLS
+
+
+# -- net, vsock, gpu: the same evidence for each back-end's own profile -------------------
+
+def _negotiate_and_run_queue(sock: str) -> None:
+    from vhost_user.frontend import Frontend
+
+    with Frontend(sock) as fe:
+        fe.negotiate(0)
+        fe.set_mem_table()
+        fe.setup_queue(0, 64)
+        fe.setup_queue(1, 64)
+        assert fe.stop_queue(0) == 0
+
+
+def _start(sockdir: str, name: str, *args: str):
+    import sys
+
+    from backends_proc import spawn
+
+    sock = os.path.join(sockdir, f"{name}.sock")
+    argv = [sys.executable, "-m", f"vhost_user.backends.{name}", "--socket", sock, "--log-level", "info",
+            *args]
+    return spawn(argv, sock, os.path.join(sockdir, f"{name}.log"))
+
+
+_OTHER_BACKENDS = {
+    "net": (),
+    "vsock": ("--guest-cid", "3", "--uds-path", "{dir}/vsock.uds"),
+    "gpu": ("--display", "png:{dir}/png"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_OTHER_BACKENDS))
+def test_sandboxed_backend_serves_refuses_and_dies_on_execve(name, sockdir, monkeypatch):
+    monkeypatch.setenv("VHOST_USER_SANDBOX_PROBE", "1")
+    args = [a.replace("{dir}", sockdir) for a in _OTHER_BACKENDS[name]]
+    bp = _start(sockdir, name, *args)
+    try:
+        _negotiate_and_run_queue(bp.socket)
+        _negotiate_and_run_queue(bp.socket)  # and the next front-end
+        if name == "vsock":  # the host side accepts and reads a CONNECT line while confined
+            import socket as so
+
+            s = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+            s.settimeout(10)
+            s.connect(os.path.join(sockdir, "vsock.uds"))
+            s.sendall(b"CONNECT 1234\n")
+            s.close()
+        st = _status(bp.pid)
+        assert st["NoNewPrivs"].strip() == "1" and st["Seccomp"].strip() == "2", bp.log()[-2000:]
+        assert f"{name} profile active" in bp.log()
+        assert "anon_inode:[io_uring]" not in _fd_targets(bp.pid)
+        assert bp.alive()
+        os.kill(bp.pid, signal.SIGUSR2)
+        rc = bp.proc.wait(20)
+        log = bp.log()
+        assert rc == -signal.SIGSYS, f"exit {rc}, expected death by SIGSYS:\n{log[-3000:]}"
+        for what in ("fork", "socket(AF_INET)", "open for writing"):
+            assert f"sandbox probe: {what} refused: EPERM" in log, log[-3000:]
+        assert "ALLOWED" not in log and "execve ran" not in log
+    finally:
+        bp.stop()
