@@ -79,7 +79,7 @@ def test_ring_engine_and_hostile_tests_pass_under_asan_ubsan_with_zero_reports(s
     assert not _reports(proc), _reports(proc)[:20]
 
 
-@pytest.mark.parametrize("target", ["ring", "blk", "session"])
+@pytest.mark.parametrize("target", ["ring", "blk", "session", "net-header"])
 def test_fuzz_target_under_asan_ubsan_has_zero_reports(sanitized, target, tmp_path):
     proc = _run(sanitized, [sys.executable, "-m", "vhost_user.fuzzing", target, "--seconds", "3",
                             "--artifacts", str(tmp_path), "--corpus", os.path.join(REPO, "fuzz", "corpus", target)],
