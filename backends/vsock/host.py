@@ -133,23 +133,33 @@ class HostSide:
         with self._lock:
             dirty, self._dirty = self._dirty, set()
         for conn in dirty:
-            mask = self.device.host_interest(conn)
-            conn.interest = mask
-            sock = conn.sock
-            if sock.fileno() < 0:
-                self._forget(sock)
-                continue
-            registered = self._sel.get_map().get(sock.fileno())
-            if registered is not None and registered.data[1] is not conn:
-                self._sel.unregister(sock.fileno())  # fd number reused by a new connection
-                registered = None
-            if mask == 0:
-                if registered is not None:
-                    self._sel.unregister(sock.fileno())
-            elif registered is None:
-                self._sel.register(sock, mask, ("conn", conn))
-            elif registered.events != mask:
-                self._sel.modify(sock, mask, ("conn", conn))
+            # Under the device lock: the tx worker closes a connection's socket under it, and
+            # a close between the fileno check and register() killed this thread (EBADF).
+            with self.device._lock:
+                try:
+                    self._apply_one(conn)
+                except (OSError, ValueError, KeyError) as exc:
+                    log.warning("vsock host loop: %s: %s; forgotten", conn.describe(), exc)
+                    self._forget(conn.sock)
+
+    def _apply_one(self, conn: Conn) -> None:
+        mask = self.device.host_interest(conn)
+        conn.interest = mask
+        sock = conn.sock
+        if sock.fileno() < 0:
+            self._forget(sock)
+            return
+        registered = self._sel.get_map().get(sock.fileno())
+        if registered is not None and registered.data[1] is not conn:
+            self._sel.unregister(sock.fileno())  # fd number reused by a new connection
+            registered = None
+        if mask == 0:
+            if registered is not None:
+                self._sel.unregister(sock.fileno())
+        elif registered is None:
+            self._sel.register(sock, mask, ("conn", conn))
+        elif registered.events != mask:
+            self._sel.modify(sock, mask, ("conn", conn))
 
     def _forget(self, sock) -> None:
         for fd, key in list(self._sel.get_map().items()):

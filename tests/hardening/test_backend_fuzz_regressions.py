@@ -26,3 +26,50 @@ def test_gpu_fenced_command_refused_by_the_parser_still_echoes_its_fence():
         dev.close()
         memory.close()
         ram.close()
+
+
+
+def test_vsock_host_thread_survives_a_socket_closed_while_it_registers_it():
+    """Found by vsock-packet (60 s mutation run, the thread died with EBADF): the tx
+    worker closed a connection's socket between the host I/O thread's fileno check
+    and its selector register(); the exception killed the thread and the VM's host
+    side stopped for good. The close is placed at exactly that point here."""
+    import selectors
+    import socket
+    import threading
+    import time
+
+    from vhost_user.backends.vsock.device import VmOptions, VsockDevice
+
+    dev = VsockDevice(VmOptions(guest_cid=3, socket=None, uds_path=None))
+    host = dev.host
+    ours, peer = socket.socketpair()
+    applied = threading.Event()
+
+    class FakeConn:  # the fields the host thread reads
+        sock, interest = ours, 0
+
+        def describe(self):
+            return "conn under test"
+
+    conn = FakeConn()
+    dev.host_interest = lambda c: selectors.EVENT_READ
+    real_get_map = host._sel.get_map
+
+    def get_map():
+        if not applied.is_set():
+            ours.close()  # what the tx worker did, at the worst moment
+            applied.set()
+        return real_get_map()
+
+    host._sel.get_map = get_map
+    try:
+        host.update(conn)
+        assert applied.wait(10), "the host thread never applied the update"
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and host._thread.is_alive():
+            time.sleep(0.05)
+        assert host._thread.is_alive(), "the vsock host I/O thread died"
+    finally:
+        peer.close()
+        dev.close()

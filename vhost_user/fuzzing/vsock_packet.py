@@ -13,7 +13,9 @@ following RW/SHUTDOWN/CREDIT packets reach the connection state machine).
 The chains are handled exactly as the tx worker does (`_guest_packet`, then
 push) but without its catch-all, so an exception is a finding.
 
-Invariants: every chain is completed with used length 0; the device never
+Invariants: every chain is completed with used length 0; the host I/O
+thread stays alive (it once died of EBADF when the tx path closed a socket
+it was re-registering); the device never
 writes guest memory on tx (guard pages included); after the device's reset
 (a front-end leaving) it holds no connection and the process holds no more
 fds than before the input.
@@ -194,6 +196,7 @@ def run_one(data: bytes) -> None:
     for i in range(count):
         assert struct.unpack("<I", ram.read(RING.USED + 4 + 8 * i + 4, 4))[0] == 0
     assert not dev._conns, "connections survived the reset"
+    assert dev.host._thread.is_alive(), "the vsock host I/O thread died"
     deadline = time.monotonic() + 2  # the host I/O thread forgets closed sockets on its own time
     while _fd_count() > fds_before and time.monotonic() < deadline:
         time.sleep(0.001)
