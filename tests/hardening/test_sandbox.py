@@ -160,3 +160,21 @@ def test_sandboxed_backend_serves_refuses_and_dies_on_execve(name, sockdir, monk
         assert "ALLOWED" not in log and "execve ran" not in log
     finally:
         bp.stop()
+
+
+def test_gpu_virgl_runs_unconfined_and_says_so(sockdir):
+    from vhost_user.backends.gpu.virgl import virgl_unavailable_reason
+
+    reason = virgl_unavailable_reason()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"virgl unavailable in CI: {reason}")
+        pytest.skip(reason)
+    bp = _start(sockdir, "gpu", "--virgl")
+    try:
+        _negotiate_and_run_queue(bp.socket)
+        assert _status(bp.pid)["Seccomp"].strip() == "0"
+        assert "sandbox: --virgl runs unconfined" in bp.log()
+        assert "profile active" not in bp.log()
+    finally:
+        assert bp.stop() == 0, bp.log()[-3000:]
