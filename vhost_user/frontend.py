@@ -149,14 +149,19 @@ class QueueHandle:
 class Frontend:
     """Connects to one back-end socket and drives it like QEMU's vhost-user client."""
 
-    def __init__(self, path: str, ram: GuestRam | None = None, *, timeout: float = 30.0):
-        self.ram = ram or GuestRam()
+    def __init__(self, path: str, ram: GuestRam | None = None, *, ram_size: int = 64 << 20,
+                 timeout: float = 30.0):
+        """Connect to `path`. Without `ram`, one region of `ram_size` bytes at GPA 0
+        is made here and closed with the front-end; a given `ram` stays the caller's."""
         self._owns_ram = ram is None
+        self.ram = GuestRam([(0, ram_size)]) if ram is None else ram
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.connect(path)
         except OSError:
             sock.close()
+            if self._owns_ram:
+                self.ram.close()
             raise
         decoder = MessageDecoder(incoming_requests=BackendRequest, replies_to=R)
         self.channel = BlockingChannel(sock, decoder, timeout)

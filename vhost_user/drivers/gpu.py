@@ -60,7 +60,7 @@ from vhost_user.backends.gpu.display_protocol import (
 from vhost_user.backends.gpu.edid import build_edid
 from vhost_user.channel import close_fds
 from vhost_user.errors import VhostUserError
-from vhost_user.frontend import Frontend, GuestRam
+from vhost_user.frontend import Frontend
 from vhost_user.protocol import FrontendRequest as R, ProtocolFeature as PF, VirtioFeature
 
 __all__ = ["GpuDriver", "GpuDriverError", "DisplayListener", "CursorState", "Backing",
@@ -291,8 +291,7 @@ class GpuDriver:
     def connect(cls, path: str, *, outputs: list[tuple[int, int]] | None = None,
                 enabled: int | None = None, ram_size: int = 64 << 20, display: bool = True,
                 features: int = DRIVER_FEATURES, queue_size: int = 64) -> "GpuDriver":
-        fe = Frontend(path, GuestRam([(0, ram_size)]))
-        fe._owns_ram = True
+        fe = Frontend(path, ram_size=ram_size)
         listener = DisplayListener(outputs, enabled=enabled) if display else None
         try:
             fe.negotiate(features)

@@ -10,7 +10,7 @@ header's num_buffers says how many used elements belong to it.
 from __future__ import annotations
 
 from vhost_user.backends.net.header import OFFLOAD_FEATURES, NetFeature, NetHeader, header_size
-from vhost_user.frontend import FRONTEND_PROTOCOL_FEATURES, Frontend, GuestRam, QueueHandle
+from vhost_user.frontend import FRONTEND_PROTOCOL_FEATURES, Frontend, QueueHandle
 from vhost_user.protocol import U64, FrontendRequest, ProtocolFeature, VirtioFeature
 
 __all__ = ["NetDriver", "DRIVER_FEATURES", "MAX_FRAME"]
@@ -63,8 +63,7 @@ class NetDriver:
     @classmethod
     def connect(cls, path: str, *, features: int = DRIVER_FEATURES, num_pairs: int = 1,
                 queue_size: int = 256, ram_size: int = 64 << 20, **kw) -> "NetDriver":
-        fe = Frontend(path, GuestRam([(0, ram_size)]))
-        fe._owns_ram = True
+        fe = Frontend(path, ram_size=ram_size)
         try:
             # QEMU's net front-end also asks for RARP (announce after migration).
             fe.negotiate(features, protocol_features=FRONTEND_PROTOCOL_FEATURES

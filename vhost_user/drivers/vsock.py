@@ -22,7 +22,7 @@ from vhost_user.backends.vsock.packet import (
     unpack_config, unpack_event,
 )
 from vhost_user.errors import VhostUserError
-from vhost_user.frontend import Frontend, GuestRam
+from vhost_user.frontend import Frontend
 from vhost_user.protocol import ProtocolFeature as PF, VirtioFeature
 
 __all__ = ["VsockDriver", "DriverSocket", "DRIVER_FEATURES", "VsockReset"]
@@ -244,8 +244,7 @@ class VsockDriver:
     @classmethod
     def attach(cls, path: str, *, ram_size: int = 64 << 20, features: int = DRIVER_FEATURES,
                 **kwargs) -> "VsockDriver":
-        fe = Frontend(path, GuestRam([(0, ram_size)]))
-        fe._owns_ram = True
+        fe = Frontend(path, ram_size=ram_size)
         try:
             fe.negotiate(features)
             return cls(fe, **kwargs)
