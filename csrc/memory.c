@@ -24,6 +24,21 @@ static const struct vr_region *find_gpa(const struct vr_mem *m, uint64_t gpa)
 }
 
 /*
+ * The region holding gpa and how many of the len bytes from gpa it holds
+ * (the span stops at the region end).  NULL when gpa is in no region.
+ */
+static const struct vr_region *span_at(const struct vr_mem *m, uint64_t gpa, uint64_t len,
+                                       uint64_t *chunk)
+{
+    const struct vr_region *r = find_gpa(m, gpa);
+    if (r != NULL) {
+        uint64_t rest = r->size - (gpa - r->gpa);
+        *chunk = rest < len ? rest : len;
+    }
+    return r;
+}
+
+/*
  * Split [gpa, gpa+len) into segments at region ends.  A zero length gives
  * zero segments.  Returns VR_OK, VR_E_ADDRESS (outside every region or
  * addr+len overflows) or VR_E_CHAIN (more than cap segments).
@@ -39,13 +54,11 @@ int vr_mem_translate(const struct vr_mem *m, uint64_t gpa, uint64_t len,
     if (gpa + (len - 1) < gpa)
         return VR_E_ADDRESS;
     while (len > 0) {
-        const struct vr_region *r = find_gpa(m, gpa);
+        uint64_t chunk;
+        const struct vr_region *r = span_at(m, gpa, len, &chunk);
         if (r == NULL)
             return VR_E_ADDRESS;
         uint64_t off = gpa - r->gpa;
-        uint64_t chunk = r->size - off;
-        if (chunk > len)
-            chunk = len;
         if (chunk > UINT32_MAX)
             chunk = UINT32_MAX; /* a descriptor len is 32 bits anyway */
         if (n >= cap)
@@ -103,14 +116,11 @@ int vr_mem_read(const struct vr_mem *m, uint64_t gpa, void *dst, uint64_t len)
     if (gpa + (len - 1) < gpa)
         return VR_E_ADDRESS;
     while (len > 0) {
-        const struct vr_region *r = find_gpa(m, gpa);
+        uint64_t chunk;
+        const struct vr_region *r = span_at(m, gpa, len, &chunk);
         if (r == NULL)
             return VR_E_ADDRESS;
-        uint64_t off = gpa - r->gpa;
-        uint64_t chunk = r->size - off;
-        if (chunk > len)
-            chunk = len;
-        memcpy(out, r->host + off, chunk);
+        memcpy(out, r->host + (gpa - r->gpa), chunk);
         out += chunk;
         gpa += chunk;
         len -= chunk;
