@@ -76,14 +76,37 @@ struct drv_net_bench_params {
 struct drv_net_bench_stats { uint64_t sent; uint64_t received; uint64_t rx_bytes; uint64_t elapsed_ns; };
 int drv_net_bench(struct drv_queue *tx, struct drv_queue *rx,
                   const struct drv_net_bench_params *p, struct drv_net_bench_stats *s);
+#define DRV_VSOCK_HDR_SIZE ...
+#define DRV_VSOCK_NO_HEAD ...
+#define DRV_VSOCK_G2H ...
+#define DRV_VSOCK_H2G ...
+struct drv_vsock_slot { uint64_t gpa; uint32_t head; uint32_t len; };
+struct drv_vsock_conn {
+    uint64_t local_cid; uint64_t peer_cid; uint32_t local_port; uint32_t peer_port;
+    uint32_t buf_alloc; uint32_t peer_buf_alloc; uint32_t peer_fwd_cnt;
+    uint64_t tx_cnt; uint64_t rx_cnt; uint64_t fwd_cnt; uint64_t reported_fwd;
+};
+struct drv_vsock_bench_params {
+    int direction; uint32_t write_size; uint32_t tx_slot_size; uint32_t rx_buf_len; int rx_split;
+    uint64_t duration_ns; uint64_t stall_timeout_ns;
+};
+struct drv_vsock_bench_stats {
+    uint64_t tx_bytes; uint64_t tx_packets; uint64_t rx_bytes; uint64_t rx_packets;
+    uint64_t credit_updates; uint64_t credit_requests; uint64_t other; uint64_t errors;
+    uint64_t peer_credit_violations; uint64_t elapsed_ns; uint32_t end_op; uint32_t end_flags;
+};
+int drv_vsock_bench(struct drv_queue *tx, struct drv_queue *rx, struct drv_vsock_conn *c,
+                    struct drv_vsock_slot *tx_slots, uint32_t n_tx,
+                    struct drv_vsock_slot *rx_slots, uint32_t n_rx,
+                    const struct drv_vsock_bench_params *p, struct drv_vsock_bench_stats *s);
 """
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "vhost_user._driver",
-    '#include "driver.h"\n#include "drvnet.h"',
-    sources=["csrc/driver.c", "csrc/drvnet.c"],
+    '#include "driver.h"\n#include "drvnet.h"\n#include "drvvsock.h"',
+    sources=["csrc/driver.c", "csrc/drvnet.c", "csrc/drvvsock.c"],
     include_dirs=["csrc"],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
 )
