@@ -13,6 +13,7 @@ or its timeout passes. `send_packet` / `send_chain` let tests put any
 
 from __future__ import annotations
 
+import dataclasses
 import select
 import time
 from collections import deque
@@ -390,6 +391,76 @@ class VsockDriver:
     def forget(self, sock: DriverSocket) -> None:
         sock.state = "closed"
         self.sockets.pop(sock.key, None)
+
+    # -- C stream load (vhost-user-bench vsock) ------------------------------------------
+    def stream_bench(self, sock: DriverSocket, direction: str, *, payload: bytes = b"",
+                     duration: float = 0.0, stall_timeout: float = 10.0) -> "VsockBenchResult":
+        """Move bytes on an established STREAM connection with the C loop (csrc/drvvsock.c,
+        GIL released) instead of this model. "g2h": send `payload` (its length is the write
+        size, <= 64 KiB) over and over for `duration` s, within the peer's credit. "h2g":
+        consume what arrives (bytes already in `sock.rx` count too) until the peer shuts the
+        connection down (or `duration` s if not 0). Afterwards the socket's counters, the rx
+        buffers and the tx slots are back in this model, so `sock.close()` and new
+        connections work as before. Packets for other connections during the run are
+        dropped (counted in `other`). Raises TimeoutError when nothing moved for
+        `stall_timeout` s.
+        """
+        from vhost_user.driver_ring import VsockConnState, run_vsock_stream_bench
+
+        if sock.type != SockType.STREAM or sock.state != "established" or sock.reset:
+            raise ValueError(f"stream_bench needs an established stream socket, not {sock.state}")
+        if direction == "g2h" and not 0 < len(payload) <= MAX_PKT:
+            raise ValueError(f"payload of {len(payload)} bytes: must be 1..{MAX_PKT}")
+        deadline = time.monotonic() + stall_timeout
+        while True:  # the C loop starts with every tx slot free
+            self._reap_tx()
+            if not self._tx_busy:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError("tx queue: buffers did not come back before the stream load")
+            self.txq.ring.wait(0.05)
+        pre = 0
+        if direction == "h2g" and sock.rx:
+            pre = len(sock.rx)
+            sock.rx.clear()
+            sock.fwd_cnt += pre
+        ram = self.fe.ram
+        if direction == "g2h":
+            for gpa in self._tx_free:
+                ram.write(gpa + HEADER_SIZE, payload)
+        conn = VsockConnState(self.cid, sock.peer_cid, sock.local_port, sock.peer_port, sock.buf_alloc,
+                              sock.peer_buf_alloc, sock.peer_fwd_cnt & 0xFFFFFFFF, sock.tx_cnt,
+                              sock.rx_cnt, sock.fwd_cnt, sock.reported_fwd)
+        tx_slots = list(self._tx_free)
+        run = run_vsock_stream_bench(
+            self.txq.ring, self.rxq.ring, conn, direction=direction, tx_slots=tx_slots,
+            tx_slot_size=HEADER_SIZE + MAX_PKT, rx_posted=list(self._rx_slots.items()),
+            rx_buf_len=self._rx_size, rx_split=self._rx_split, write_size=len(payload),
+            duration_s=duration, stall_timeout_s=stall_timeout)
+        # Take everything back before looking at how the run ended.
+        self._rx_slots = {head: gpa for head, gpa in run.rx_posted if head >= 0}
+        for head, gpa in run.rx_posted:
+            if head < 0:
+                self._post_rx(gpa)
+        self.rxq.ring.kick()
+        busy = dict(run.tx_busy)
+        self._tx_free = [gpa for gpa in tx_slots if gpa not in busy.values()]
+        self._tx_busy.update(busy)
+        for name in ("peer_buf_alloc", "peer_fwd_cnt", "tx_cnt", "rx_cnt", "fwd_cnt", "reported_fwd"):
+            setattr(sock, name, getattr(conn, name))
+        r = run.result
+        sock.credit_violations += r.peer_credit_violations
+        if r.end_op:  # the SHUTDOWN / RST that ended the run, as the model would have seen it
+            sock.on_packet(Header(src_cid=sock.peer_cid, dst_cid=self.cid, src_port=sock.peer_port,
+                                  dst_port=sock.local_port, op=r.end_op, flags=r.end_flags,
+                                  buf_alloc=conn.peer_buf_alloc, fwd_cnt=conn.peer_fwd_cnt), b"")
+        if run.error is not None:
+            raise run.error
+        if r.timed_out:
+            raise TimeoutError(f"vsock stream load: nothing moved for {stall_timeout} s")
+        if pre:
+            r = dataclasses.replace(r, rx_bytes=r.rx_bytes + pre)
+        return r
 
     def close(self) -> None:
         self.fe.close()
