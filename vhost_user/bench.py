@@ -420,37 +420,41 @@ def run_vsock_bench(socket_path: str, uds_path: str, *, write_sizes=(4096, 65536
 
 
 def _vsock_g2h(drv, so, path: str, port: int, size: int, runtime: float) -> tuple[int, float]:
+    """The C loop sends `size`-byte packets for `runtime` s; a host program counts what
+    arrives. Bytes and time are the host's (first send to last byte received)."""
     if os.path.exists(path):
         os.unlink(path)
     listener = so.socket(so.AF_UNIX, so.SOCK_STREAM)
     listener.bind(path)
     listener.listen(1)
-    got = {"n": 0}
+    got = {"n": 0, "t": 0.0}
 
     def sink():
         conn, _ = listener.accept()
-        buf = bytearray(1 << 20)
+        buf = bytearray(4 << 20)
         with conn:
             while n := conn.recv_into(buf):
                 got["n"] += n
-        got["t"] = time.monotonic()
+                got["t"] = time.monotonic()
 
     t = threading.Thread(target=sink, daemon=True)
     t.start()
     sock = drv.connect(port)
-    data = os.urandom(size)
     t0 = time.monotonic()
-    while time.monotonic() - t0 < runtime:
-        for _ in range(16):
-            sock.send(data)
+    result = drv.stream_bench(sock, "g2h", payload=os.urandom(size), duration=runtime)
     sock.close()
     t.join(30)
     listener.close()
     os.unlink(path)
+    if got["n"] != result.tx_bytes:
+        print(f"vsock guest-to-host: host received {got['n']} bytes, driver sent {result.tx_bytes}",
+              file=sys.stderr)
     return got["n"], got["t"] - t0
 
 
 def _vsock_h2g(drv, so, uds_path: str, port: int, size: int, runtime: float) -> tuple[int, float]:
+    """A host program writes `size`-byte chunks for `runtime` s and closes; the C loop
+    consumes them. Bytes and time are the driver's (first to last byte received)."""
     drv.listen(port)
     stop = threading.Event()
 
@@ -468,18 +472,16 @@ def _vsock_h2g(drv, so, uds_path: str, port: int, size: int, runtime: float) -> 
     t = threading.Thread(target=source, daemon=True)
     t.start()
     sock = drv.accept(port)
-    moved, t0 = 0, time.monotonic()
-    while True:
-        if time.monotonic() - t0 >= runtime:
-            stop.set()
-        chunk = sock.recv(1 << 20, timeout=30)
-        if not chunk:
-            break
-        moved += len(chunk)
-    elapsed = time.monotonic() - t0
+    timer = threading.Timer(runtime, stop.set)
+    timer.start()
+    try:
+        result = drv.stream_bench(sock, "h2g", stall_timeout=30)
+    finally:
+        stop.set()
+        timer.cancel()
     t.join(30)
     sock.close()
-    return moved, elapsed
+    return result.rx_bytes, result.elapsed_s
 
 
 def _vsock_main(args) -> int:
