@@ -407,6 +407,8 @@ class VsockDriver:
         """
         from vhost_user.driver_ring import VsockConnState, run_vsock_stream_bench
 
+        if direction not in ("g2h", "h2g"):
+            raise ValueError(f"direction must be 'g2h' or 'h2g', got {direction!r}")
         if sock.type != SockType.STREAM or sock.state != "established" or sock.reset:
             raise ValueError(f"stream_bench needs an established stream socket, not {sock.state}")
         if direction == "g2h" and not 0 < len(payload) <= MAX_PKT:
