@@ -10,7 +10,7 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["csrc/memory.c", "csrc/vring.c", "csrc/inflight.c", "csrc/run.c", "csrc/blk.c", "csrc/net.c", "csrc/net_offload.c"]
+SOURCES = ["csrc/memory.c", "csrc/vring.c", "csrc/inflight.c", "csrc/run.c", "csrc/blk.c", "csrc/net.c", "csrc/net_offload.c", "csrc/vsock.c"]
 
 CDEF = """
 #define VR_MAX_REGIONS 32
@@ -109,6 +109,49 @@ int vr_net_tap_run(struct vr_net_switch *sw, int port, int ctl_fd);
 uint32_t vr_net_capture_read(struct vr_net_switch *sw, uint8_t *buf, uint32_t cap,
                              uint64_t *dropped);
 
+int vr_unpop(struct vr_queue *q);
+
+#define VS_TX_EMPTY ...
+#define VS_TX_MORE ...
+#define VS_TX_SLOW ...
+#define VS_TX_PARTIAL ...
+#define VS_TX_ATTENTION ...
+#define VS_RX_NO_BUFFER ...
+#define VS_RX_MORE ...
+#define VS_RX_DRAINED ...
+#define VS_RX_NO_CREDIT ...
+#define VS_RX_SLOW ...
+#define VS_RX_EOF ...
+#define VS_RX_ERROR ...
+#define VS_TABLE_MAX ...
+struct vs_conn {
+    uint64_t peer_cid;
+    uint32_t host_port, guest_port;
+    int32_t fd;
+    uint16_t type;
+    uint16_t state;
+    uint32_t buf_alloc;
+    uint32_t guest_shut_send;
+    uint64_t fwd_cnt, rx_total, reported_fwd, pending_bytes;
+    uint32_t peer_buf_alloc, peer_fwd_cnt;
+    uint64_t tx_cnt;
+    uint32_t readable;
+    uint32_t in_table;
+    uint64_t c_bytes_out, c_bytes_in;
+};
+struct vs_table { uint32_t count; ...; };
+struct vs_tx_result { uint32_t status; uint32_t packets; uint64_t bytes; uint64_t sent; struct vs_conn *conn; };
+struct vs_rx_result { uint32_t status; uint32_t packets; uint64_t bytes; int32_t err; };
+int vs_table_insert(struct vs_table *t, struct vs_conn *c);
+void vs_table_remove(struct vs_table *t, struct vs_conn *c);
+struct vs_conn *vs_table_lookup(const struct vs_table *t, uint64_t peer_cid,
+                                uint32_t host_port, uint32_t guest_port);
+uint32_t vs_credit(const struct vs_conn *c);
+int vs_tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid,
+                struct vr_chain *c, uint32_t max, struct vs_tx_result *res);
+int vs_rx_fill(struct vr_queue *q, struct vs_conn *conn, uint64_t guest_cid,
+               struct vr_chain *c, uint32_t max, struct vs_rx_result *res);
+
 extern "Python" int vr_py_handler(void *ctx, struct vr_queue *q);
 """
 
@@ -116,10 +159,10 @@ ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "vhost_user._native",
-    '#include "vring.h"\n#include "blk.h"\n#include "net.h"\n',
+    '#include "vring.h"\n#include "blk.h"\n#include "net.h"\n#include "vsock.h"\n',
     sources=SOURCES,
     include_dirs=[HERE],
-    depends=[os.path.join("csrc", f) for f in ("vring.h", "blk.h", "net.h", "net_offload.h")],
+    depends=[os.path.join("csrc", f) for f in ("vring.h", "blk.h", "net.h", "net_offload.h", "vsock.h")],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )
 

@@ -386,6 +386,19 @@ int vr_pop(struct vr_queue *q, struct vr_chain *c)
     return 1;
 }
 
+/* Give back the chain popped last, untouched, so the next pop returns it
+ * again (vsock rx: a buffer taken before knowing whether the host socket
+ * had data).  Only without inflight tracking, where a pop leaves no trace
+ * but last_avail_idx. */
+int vr_unpop(struct vr_queue *q)
+{
+    if (!q->started || q->inflight || q->resubmit_pos < q->nresubmit)
+        return -VR_E_STATE;
+    q->last_avail_idx--;
+    q->stats.requests--;
+    return 0;
+}
+
 /* Pop up to n chains (each with its own segs/cap); returns the count. */
 int vr_pop_batch(struct vr_queue *q, struct vr_chain *chains, uint32_t n)
 {

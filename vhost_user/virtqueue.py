@@ -1,4 +1,5 @@
-"""Virtqueues: the only caller of the private C module `vhost_user._native`.
+"""Virtqueues: the owner of the private C module `vhost_user._native`
+(vsock_fastpath.py beside it wraps the vsock data path on these queues).
 
 Theory of operation
 -------------------
@@ -709,9 +710,23 @@ class Virtqueue:
             _check(rc, f"queue {self.index}: pop", self._q)
         if rc == 0:
             return None
+        return self._popped()
+
+    def _popped(self) -> Chain:
+        """The chain a native pop left in the queue's chain buffer, as a Chain."""
         c = self._chain
         segs = [(s.region, s.offset, s.len) for s in (c.segs[k] for k in range(c.nseg))]
         return Chain(c.head, segs[:c.nread], segs[c.nread:], self._memory)
+
+    def unpop(self) -> None:
+        """Give the chain popped last back, unused: the next pop returns it again.
+
+        Only for queues without inflight tracking (a device that holds an rx
+        buffer it may not need, such as vsock waiting for host data).
+        """
+        if not self._started:
+            raise ValueError(f"queue {self.index} is not started")
+        _check(lib.vr_unpop(self._q), f"queue {self.index}: unpop")
 
     def push(self, head: int, length: int) -> None:
         """Return chain `head` to the driver with `length` bytes written."""

@@ -16,7 +16,11 @@ socket. Bytes flow two ways, each under the virtio-vsock credit rules
   host socket is not read, so a slow guest throttles the host writer
   through the kernel socket buffer, and we ask with CREDIT_REQUEST.
 
-The object holds no lock: the device serialises access with its own lock.
+The counters, the state and the flags the C data path reads live in a
+native record (`vhost_user.vsock_fastpath.ConnCounters`), exposed here as
+plain attributes: C (established stream RW packets) and Python (everything
+else) update one copy. The object holds no lock: the device serialises
+access with its own lock, also around the C calls.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from __future__ import annotations
 import enum
 import socket
 from collections import deque
+
+from vhost_user.vsock_fastpath import ConnCounters, credit as _native_credit
 
 from .packet import SockType
 
@@ -36,8 +42,33 @@ class ConnState(enum.Enum):
     CLOSED = "closed"
 
 
+_STATE_CODE = {ConnState.CONNECTING: 0, ConnState.ESTABLISHED: 1, ConnState.CLOSED: 2}
+_CODE_STATE = {v: k for k, v in _STATE_CODE.items()}
+
+
+def _native(name: str, kind=int):
+    """An attribute stored in the native record `self.rec`."""
+    def get(self):
+        return kind(getattr(self.rec, name))
+
+    def put(self, value):
+        setattr(self.rec, name, value)
+    return property(get, put)
+
+
 class Conn:
     """One host-side connection; `key` is (peer_cid, peer_port, guest_port)."""
+
+    buf_alloc = _native("buf_alloc")
+    fwd_cnt = _native("fwd_cnt")               # bytes written to the host socket
+    rx_total = _native("rx_total")             # bytes received from the guest
+    reported_fwd = _native("reported_fwd")     # fwd_cnt last told to the guest
+    pending_bytes = _native("pending_bytes")
+    guest_shut_send = _native("guest_shut_send", bool)
+    peer_buf_alloc = _native("peer_buf_alloc")
+    peer_fwd_cnt = _native("peer_fwd_cnt")
+    tx_cnt = _native("tx_cnt")                 # bytes sent to the guest
+    readable = _native("readable", bool)       # the host socket has data or EOF (selector said so)
 
     def __init__(self, sock: socket.socket, *, guest_port: int, host_port: int,
                  sock_type: int, buf_alloc: int, state: ConnState, peer_cid: int = 2):
@@ -46,28 +77,29 @@ class Conn:
         self.host_port = host_port
         self.peer_cid = peer_cid
         self.type = sock_type
+        self.rec = ConnCounters(peer_cid, host_port, guest_port, sock.fileno(), sock_type)
         self.state = state
         # guest -> host
         self.buf_alloc = buf_alloc
-        self.fwd_cnt = 0            # bytes written to the host socket
-        self.rx_total = 0           # bytes received from the guest
-        self.reported_fwd = 0       # fwd_cnt last told to the guest
         self.pending: deque[bytes] = deque()   # accepted, not yet written (records for SEQPACKET)
-        self.pending_bytes = 0
         self.message = bytearray()  # SEQPACKET message being assembled
-        self.guest_shut_send = False
         self.guest_shut_rcv = False
         self.host_shut_done = False
+        self.short_writes = 0       # RW packets the host socket took only part of at once
         # host -> guest
-        self.peer_buf_alloc = 0
-        self.peer_fwd_cnt = 0
-        self.tx_cnt = 0             # bytes sent to the guest
         self.prefix = bytearray()   # bytes read from the host, not yet sent (CONNECT leftovers, records)
         self.prefix_is_record = False
-        self.readable = False       # the host socket has data or EOF (selector said so)
         self.host_eof = False
         self.credit_requested = False
         self.interest = -1          # selector events last registered by the host thread
+
+    @property
+    def state(self) -> ConnState:
+        return _CODE_STATE[self.rec.state]
+
+    @state.setter
+    def state(self, value: ConnState) -> None:
+        self.rec.state = _STATE_CODE[value]
 
     @property
     def key(self) -> tuple[int, int, int]:
@@ -79,7 +111,7 @@ class Conn:
 
     def credit(self) -> int:
         """Bytes the guest can still take (5.10.6.3.1), never negative."""
-        return max(0, self.peer_buf_alloc - (self.tx_cnt - self.peer_fwd_cnt) % (1 << 32))
+        return _native_credit(self.rec)
 
     def update_peer(self, buf_alloc: int, fwd_cnt: int) -> None:
         self.peer_buf_alloc = buf_alloc

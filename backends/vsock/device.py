@@ -4,10 +4,11 @@ Theory of operation
 -------------------
 Three threads touch a VM's connections, under one device lock:
 
-* the tx queue's worker (`_tx_handler`, called on every guest kick) parses
-  each packet the guest sends and runs the connection state machine
-  (dispatch table `_HOST_OPS`); RW payloads go to the host socket with one
-  `sendmsg` over memoryviews of guest memory;
+* the tx queue's worker (`_tx_handler`, called on every guest kick) first
+  lets C (`vsock_fastpath.tx_burst`) write RW packets of established
+  stream connections to their host sockets, straight from guest memory,
+  in bursts; every other packet comes back to Python, which parses it and
+  runs the connection state machine (dispatch table `_HOST_OPS`);
 * the rx queue's worker (`_rx_handler`, rxpath.py) is the only code that
   fills guest rx buffers: queued control packets, then host socket data read
   straight into guest buffers within the guest's credit. Other threads wake
@@ -17,7 +18,8 @@ Three threads touch a VM's connections, under one device lock:
 * the host thread (host.py) only reports socket readiness.
 
 Guest memory is touched only by the two queue workers, so the session can
-pause and swap the memory table at any time.
+pause and swap the memory table at any time. With `--pcap` every packet
+takes the Python path, so the capture sees each one.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from vhost_user.device import VirtioDevice
 from vhost_user.errors import DeviceError
 from vhost_user.protocol import ProtocolFeature
+from vhost_user import vsock_fastpath as fast
 
 from . import guestio
 from .connection import Conn, ConnState
@@ -88,10 +91,10 @@ class VsockDevice(RxPath, VirtioDevice):
         self._lock = threading.RLock()
         self._vqs: list = [None, None, None]
         self._conns: dict[tuple[int, int, int], Conn] = {}
+        self._table = fast.ConnTable()       # the same connections, for C's tx path
         self._ctrl: deque = deque()          # (Header, payload, conn | None, capture?)
         self._ctrl_bytes = 0
         self._ready: dict[Conn, None] = {}   # connections with bytes for the guest (ordered set)
-        self._spare = None                   # an rx chain popped but not used yet
         self._next_port = _FIRST_HOST_PORT
         self._reset_pending = False
         self._had_traffic = False
@@ -121,8 +124,6 @@ class VsockDevice(RxPath, VirtioDevice):
     def queue_stopped(self, index: int) -> None:
         with self._lock:
             self._vqs[index] = None
-            if index == RX:
-                self._spare = None  # the ring is handed back; a held buffer is the front-end's again
 
     def reset(self) -> None:
         """A front-end left: every connection is gone; the next one gets a transport reset."""
@@ -133,7 +134,6 @@ class VsockDevice(RxPath, VirtioDevice):
             self._ctrl.clear()
             self._ctrl_bytes = 0
             self._ready.clear()
-            self._spare = None
             self._vqs = [None, None, None]
             self._new_session = True
 
@@ -196,7 +196,7 @@ class VsockDevice(RxPath, VirtioDevice):
     def _tx_handler(self, vq) -> None:
         if self._vqs[TX] is not vq:
             self._tx_started(vq)
-        while (chain := vq.pop()) is not None:
+        while (chain := self._tx_next(vq)) is not None:
             try:
                 self._guest_packet(chain)
             except Exception:
@@ -205,6 +205,34 @@ class VsockDevice(RxPath, VirtioDevice):
                 vq.push(chain.head, 0)
         with self._lock:
             self._flush_wake()
+
+    def _tx_next(self, vq):
+        """The next packet Python must handle; RW packets C can finish never come here."""
+        if self.capture is not None:
+            return vq.pop()
+        while True:
+            with self._lock:
+                out = fast.tx_burst(vq, self._table, self.guest_cid)
+                if out.packets:
+                    self._had_traffic = True
+                if out.status == fast.TX_EMPTY:
+                    return None
+                if out.status == fast.TX_SLOW:
+                    return out.chain
+                conn = self._conns.get(out.conn_key) if out.conn_key else None
+                if out.status == fast.TX_PARTIAL:
+                    try:
+                        self._partial_rw(conn, out.chain, out.sent)
+                    except Exception:
+                        log.exception("cid %d: tx packet handling failed", self.guest_cid)
+                    finally:
+                        vq.push(out.chain.head, 0)
+                elif out.status == fast.TX_ATTENTION and conn is not None:
+                    if conn.credit() > 0:
+                        conn.credit_requested = False
+                    self._flush(conn)
+                    self._after_guest_packet(conn)
+                self._flush_wake()
 
     def _tx_started(self, vq) -> None:
         """A new run of the tx queue: a guest that already talked to a back-end gets a
@@ -308,11 +336,32 @@ class VsockDevice(RxPath, VirtioDevice):
             return
         conn.update_peer(hdr.buf_alloc, hdr.fwd_cnt)
         self._HOST_OPS.get(hdr.op, VsockDevice._op_unexpected)(self, conn, hdr, chain)
+        self._after_guest_packet(conn)
+
+    def _after_guest_packet(self, conn: Conn) -> None:
+        """The guest's window may have opened: host bytes can flow again."""
         if conn.state is not ConnState.CLOSED:
             if conn.credit() > 0 and (conn.prefix or conn.readable):
                 self._ready[conn] = None
                 self._wake_needed = True
             self._refresh_interest(conn)
+
+    def _partial_rw(self, conn: Conn | None, chain, sent: int) -> None:
+        """An RW packet C began: the host socket took only `sent` bytes of it. The rest
+        waits in `pending` (within the credit C checked) until the socket is writable."""
+        hdr = Header.unpack(guestio.read_prefix(chain, HEADER_SIZE))
+        if conn is None:  # cannot happen: C found it under the same lock
+            log.error("cid %d: partial write on a vanished connection (%s)", self.guest_cid, hdr.describe())
+            return
+        conn.update_peer(hdr.buf_alloc, hdr.fwd_cnt)
+        conn.rx_total += hdr.len
+        conn.fwd_cnt += sent
+        conn.short_writes += 1
+        rest = self._payload(chain, hdr)[sent:]
+        conn.pending.append(rest)
+        conn.pending_bytes += len(rest)
+        self._flush(conn)
+        self._after_guest_packet(conn)
 
     def _guest_connect(self, hdr: Header) -> None:
         """Guest REQUEST to CID 2: connect to `<uds-path>_<port>`."""
@@ -334,7 +383,7 @@ class VsockDevice(RxPath, VirtioDevice):
         conn = Conn(sock, guest_port=hdr.src_port, host_port=hdr.dst_port, sock_type=hdr.type,
                     buf_alloc=self.opts.tx_buffer_size, state=ConnState.ESTABLISHED)
         conn.update_peer(hdr.buf_alloc, hdr.fwd_cnt)
-        self._conns[conn.key] = conn
+        self._add_conn(conn)
         self._queue_ctrl(self._host_header(conn, Op.RESPONSE), conn=conn)
         self.host.update(conn)
         log.info("cid %d: connected %s", self.guest_cid, conn.describe())
@@ -393,6 +442,7 @@ class VsockDevice(RxPath, VirtioDevice):
             try:
                 sent = _send_views(conn.sock, views)
                 if sent < hdr.len:
+                    conn.short_writes += 1
                     rest = b"".join(bytes(v) for v in views)[sent:]
                     conn.pending.append(rest)
                     conn.pending_bytes += len(rest)
@@ -465,7 +515,7 @@ class VsockDevice(RxPath, VirtioDevice):
             conn = Conn(sock, guest_port=port, host_port=host_port, sock_type=SockType.STREAM,
                         buf_alloc=self.opts.tx_buffer_size, state=ConnState.CONNECTING)
             conn.prefix += leftover
-            self._conns[conn.key] = conn
+            self._add_conn(conn)
             self._queue_ctrl(self._host_header(conn, Op.REQUEST), conn=conn)
             self._flush_wake()
         self.host.update(conn)
@@ -510,16 +560,27 @@ class VsockDevice(RxPath, VirtioDevice):
         self._queue_ctrl(self._host_header(conn, Op.RST))
         self._close_conn(conn)
 
+    def _add_conn(self, conn: Conn) -> None:
+        self._conns[conn.key] = conn
+        if not self._table.add(conn.rec):
+            log.info("cid %d: %s takes the Python data path (fast table full)", self.guest_cid,
+                     conn.describe())
+
     def _close_conn(self, conn: Conn) -> None:
         if conn.state is ConnState.CLOSED:
             return
         conn.state = ConnState.CLOSED
         self._conns.pop(conn.key, None)
+        self._table.remove(conn.rec)
+        conn.rec.fd = -1
         self._ready.pop(conn, None)
         conn.pending.clear()
         conn.sock.close()
         self.host.update(conn)
-        log.info("cid %d: closed %s", self.guest_cid, conn.describe())
+        rec = conn.rec
+        log.info("cid %d: closed %s: guest->host %d bytes (%d by C, %d short writes), "
+                 "host->guest %d bytes (%d by C)", self.guest_cid, conn.describe(), rec.fwd_cnt,
+                 rec.c_bytes_out, conn.short_writes, rec.tx_cnt, rec.c_bytes_in)
 
 
 def _interest(conn: Conn) -> int:

@@ -6,10 +6,13 @@ The rx queue's worker calls `_rx_handler` on every guest rx kick and
 whenever another thread wakes it. It sends, in order: queued control
 packets (RESPONSE, RST, SHUTDOWN, credit messages, sibling VMs' packets,
 cut to the size of each rx buffer), then data from host sockets that are
-readable, each read with one `recvmsg_into` straight into the guest
-buffer, never more than the guest's credit. When the ring has no buffer
-left the handler returns; the guest's next rx kick brings it back. A chain
-popped but not needed is kept for the next packet (`_spare`).
+readable, read straight into guest buffers, never more than the guest's
+credit: by C (`vsock_fastpath.rx_fill`, one readv per buffer, header
+written in place, a burst per call) for established stream connections,
+by one `recvmsg_into` per buffer otherwise (SEQPACKET records, CONNECT
+leftovers, `--pcap`). When the ring has no buffer left the handler
+returns; the guest's next rx kick brings it back. A chain popped but not
+needed goes back to the ring (`vq.unpop()`).
 
 A mixin of `VsockDevice`: it uses the device's lock, connection table and
 control queue.
@@ -20,6 +23,8 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import replace
+
+from vhost_user import vsock_fastpath as fast
 
 from . import guestio
 from .connection import Conn, ConnState
@@ -39,9 +44,7 @@ class RxPath:
 
     def _rx_handler(self, vq) -> None:
         with self._lock:
-            if self._vqs[RX] is not vq:  # a new run of the queue: a chain kept from before is void
-                self._spare = None
-                self._vqs[RX] = vq
+            self._vqs[RX] = vq
         while True:
             with self._lock:
                 if not self._ctrl and not self._ready:
@@ -49,18 +52,12 @@ class RxPath:
             if not self._rx_control(vq) or not self._rx_data(vq):
                 return  # out of rx buffers: the guest's next rx kick brings us back
 
-    def _take_chain(self, vq):
-        chain, self._spare = self._spare, None
-        if chain is None:
-            chain = vq.pop()
-        return chain
-
     def _rx_control(self, vq) -> bool:
         while True:
             with self._lock:
                 if not self._ctrl:
                     return True
-                chain = self._take_chain(vq)
+                chain = vq.pop()
                 if chain is None:
                     return False
                 hdr, payload, conn, capture = self._ctrl[0]
@@ -77,7 +74,7 @@ class RxPath:
                     self._ctrl_bytes -= len(payload) + HEADER_SIZE
                 if conn is not None:
                     if conn.state is ConnState.CLOSED:
-                        self._spare = chain
+                        vq.unpop()
                         continue  # a credit message for a connection that is gone
                     hdr = replace(hdr, buf_alloc=conn.buf_alloc, fwd_cnt=conn.fwd_cnt & 0xFFFFFFFF)
                     conn.reported_fwd = conn.fwd_cnt
@@ -101,17 +98,33 @@ class RxPath:
                 with self._lock:
                     if conn not in self._ready:
                         break
-                    chain = self._take_chain(vq)
+                    if self._fast_rx_ok(conn):
+                        out = fast.rx_fill(vq, conn.rec, self.guest_cid)
+                        if out.status == fast.RX_NO_BUFFER:
+                            return False
+                        if out.status == fast.RX_MORE:
+                            continue
+                        if out.status == fast.RX_DRAINED:
+                            self._ready.pop(conn, None)
+                            self.host.update(conn)
+                            break
+                        # no credit, EOF, an error or an odd buffer: one packet the slow way
+                    chain = vq.pop()
                     if chain is None:
                         return False
                     used = self._fill(conn, chain)
                     if used is None:
-                        self._spare = chain
+                        vq.unpop()
                         self._ready.pop(conn, None)
                         self.host.update(conn)
                         break
                 vq.push(chain.head, used)
         return True
+
+    def _fast_rx_ok(self, conn: Conn) -> bool:
+        """Whether C may move this connection's host bytes: a plain established stream."""
+        return (self.capture is None and not conn.seqpacket and not conn.prefix
+                and conn.state is ConnState.ESTABLISHED and not conn.guest_shut_rcv)
 
     def _fill(self, conn: Conn, chain) -> int | None:
         """Move host bytes into one rx buffer; returns the used length, None if nothing to send."""

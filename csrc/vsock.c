@@ -1,0 +1,310 @@
+/*
+ * vsock.c - RW packets between guest memory and host sockets (see vsock.h).
+ *
+ * Every guest value is copied to a local before it is checked; segments
+ * come from vr_pop(), which has already bounded them to guest memory.
+ * Host sockets are non-blocking: a short write or an empty read hands the
+ * chain back to Python (tx) or to the ring (rx, vr_unpop) without losing
+ * a byte.
+ */
+#include <errno.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "vsock.h"
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "vsock.c writes little-endian virtio headers in place: little-endian hosts only"
+#endif
+
+#define IOV_CAP 1024 /* IOV_MAX on Linux */
+
+/* struct virtio_vsock_hdr (virtio 1.2, 5.10.6), little-endian, packed. */
+struct vs_hdr {
+    uint64_t src_cid;
+    uint64_t dst_cid;
+    uint32_t src_port;
+    uint32_t dst_port;
+    uint32_t len;
+    uint16_t type;
+    uint16_t op;
+    uint32_t flags;
+    uint32_t buf_alloc;
+    uint32_t fwd_cnt;
+} __attribute__((packed));
+
+_Static_assert(sizeof(struct vs_hdr) == VS_HDR_SIZE, "virtio_vsock_hdr is 44 bytes");
+
+/* ---- connection table ---- */
+
+static uint32_t slot_of(uint64_t cid, uint32_t host_port, uint32_t guest_port)
+{
+    uint64_t h = cid * 0x9E3779B97F4A7C15ull;
+    h ^= (uint64_t)host_port * 0xC2B2AE3D27D4EB4Full;
+    h ^= (uint64_t)guest_port * 0x165667B19E3779F9ull;
+    return (uint32_t)(h >> 40) & (VS_TABLE_SLOTS - 1);
+}
+
+static int same(const struct vs_conn *c, uint64_t cid, uint32_t hp, uint32_t gp)
+{
+    return c->peer_cid == cid && c->host_port == hp && c->guest_port == gp;
+}
+
+struct vs_conn *vs_table_lookup(const struct vs_table *t, uint64_t peer_cid,
+                                uint32_t host_port, uint32_t guest_port)
+{
+    uint32_t i = slot_of(peer_cid, host_port, guest_port);
+    for (uint32_t n = 0; n < VS_TABLE_SLOTS; n++, i = (i + 1) & (VS_TABLE_SLOTS - 1)) {
+        struct vs_conn *c = t->slot[i];
+        if (!c)
+            return NULL;
+        if (same(c, peer_cid, host_port, guest_port))
+            return c;
+    }
+    return NULL;
+}
+
+/* 0 when inserted, -VR_E_NOMEM when full, -VR_E_INVAL for a duplicate key. */
+int vs_table_insert(struct vs_table *t, struct vs_conn *c)
+{
+    if (c->in_table)
+        return 0;
+    if (t->count >= VS_TABLE_MAX)
+        return -VR_E_NOMEM;
+    uint32_t i = slot_of(c->peer_cid, c->host_port, c->guest_port);
+    while (t->slot[i]) {
+        if (same(t->slot[i], c->peer_cid, c->host_port, c->guest_port))
+            return -VR_E_INVAL;
+        i = (i + 1) & (VS_TABLE_SLOTS - 1);
+    }
+    t->slot[i] = c;
+    t->count++;
+    c->in_table = 1;
+    return 0;
+}
+
+/* Backward-shift deletion keeps every probe sequence unbroken, so lookups
+ * never need tombstones. */
+void vs_table_remove(struct vs_table *t, struct vs_conn *c)
+{
+    const uint32_t mask = VS_TABLE_SLOTS - 1;
+    if (!c->in_table)
+        return;
+    uint32_t i = slot_of(c->peer_cid, c->host_port, c->guest_port);
+    while (t->slot[i] != c) {
+        if (!t->slot[i])
+            return; /* not reachable: in_table lied; nothing to undo */
+        i = (i + 1) & mask;
+    }
+    uint32_t hole = i;
+    for (uint32_t j = (hole + 1) & mask; t->slot[j]; j = (j + 1) & mask) {
+        struct vs_conn *e = t->slot[j];
+        uint32_t home = slot_of(e->peer_cid, e->host_port, e->guest_port);
+        /* e may move into the hole unless its home lies cyclically in (hole, j]. */
+        if (((j - home) & mask) >= ((j - hole) & mask)) {
+            t->slot[hole] = e;
+            hole = j;
+        }
+    }
+    t->slot[hole] = NULL;
+    t->count--;
+    c->in_table = 0;
+}
+
+/* ---- credit (virtio 1.2, 5.10.6.3) ---- */
+
+/* Bytes the guest can still take from us; 0 when it is over (a guest that
+ * shrank buf_alloc below what is in flight). */
+uint32_t vs_credit(const struct vs_conn *c)
+{
+    uint32_t in_flight = (uint32_t)(c->tx_cnt - c->peer_fwd_cnt);
+    return c->peer_buf_alloc > in_flight ? c->peer_buf_alloc - in_flight : 0;
+}
+
+/* The guest believes less than half our buffer is free and we freed some:
+ * a CREDIT_UPDATE is due (Python queues it). */
+static int credit_update_due(const struct vs_conn *c)
+{
+    if (c->fwd_cnt == c->reported_fwd)
+        return 0;
+    uint64_t in_flight = c->rx_total - c->reported_fwd;
+    return in_flight > c->buf_alloc || c->buf_alloc - in_flight < c->buf_alloc / 2;
+}
+
+/* ---- helpers over a popped chain ---- */
+
+/* iovecs over the chain's segments [first, last) from byte `skip` on, at
+ * most `limit` bytes; returns the count, or -1 when more than IOV_CAP. */
+static int chain_iov(struct vr_queue *q, const struct vr_chain *c, uint32_t first,
+                     uint32_t last, uint64_t skip, uint64_t limit, struct iovec *iov)
+{
+    int n = 0;
+    for (uint32_t k = first; k < last && limit; k++) {
+        const struct vr_seg *s = &c->segs[k];
+        if (skip >= s->len) {
+            skip -= s->len;
+            continue;
+        }
+        uint64_t take = s->len - skip;
+        if (take > limit)
+            take = limit;
+        if (n == IOV_CAP)
+            return -1;
+        iov[n].iov_base = vr_seg_host(q->mem, s) + skip;
+        iov[n].iov_len = (size_t)take;
+        n++;
+        limit -= take;
+        skip = 0;
+    }
+    return n;
+}
+
+/* ---- guest -> host ---- */
+
+/* Whether an RW packet from the guest is one C may finish: the header is
+ * whole in the first descriptor and sane, and its connection is an
+ * established stream with nothing queued before it.  Returns the
+ * connection, or NULL for Python. */
+static struct vs_conn *fast_rw(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid,
+                               const struct vr_chain *c, struct vs_hdr *h)
+{
+    if (c->nread == 0 || c->segs[0].len < VS_HDR_SIZE)
+        return NULL;
+    memcpy(h, vr_seg_host(q->mem, &c->segs[0]), VS_HDR_SIZE);
+    if (h->op != VS_OP_RW || h->type != VS_STREAM || h->len == 0 || h->len > VS_MAX_PKT)
+        return NULL;
+    if ((uint64_t)h->len > c->read_len - VS_HDR_SIZE)
+        return NULL;
+    if (h->src_cid != guest_cid || h->dst_cid != VS_HOST_CID)
+        return NULL;
+    struct vs_conn *conn = vs_table_lookup(t, h->dst_cid, h->dst_port, h->src_port);
+    if (!conn || conn->state != VS_ESTABLISHED || conn->type != VS_STREAM ||
+        conn->guest_shut_send || conn->pending_bytes || conn->fd < 0)
+        return NULL;
+    /* A guest over its credit is Python's to reset. */
+    if (conn->rx_total - conn->reported_fwd + h->len > conn->buf_alloc)
+        return NULL;
+    return conn;
+}
+
+int vs_tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid,
+                struct vr_chain *c, uint32_t max, struct vs_tx_result *res)
+{
+    struct iovec iov[IOV_CAP];
+    struct vs_hdr h;
+
+    memset(res, 0, sizeof(*res));
+    for (uint32_t done = 0; done < max; done++) {
+        int rc = vr_pop(q, c);
+        if (rc <= 0) {
+            res->status = VS_TX_EMPTY;
+            return 0;
+        }
+        struct vs_conn *conn = fast_rw(q, t, guest_cid, c, &h);
+        int n = conn ? chain_iov(q, c, 0, c->nread, VS_HDR_SIZE, h.len, iov) : -1;
+        if (n < 0) {
+            res->status = VS_TX_SLOW;
+            return 0;
+        }
+        ssize_t w;
+        do {
+            w = writev(conn->fd, iov, n);
+        } while (w < 0 && errno == EINTR);
+        if (w != (ssize_t)h.len) {
+            res->status = VS_TX_PARTIAL;
+            res->sent = w > 0 ? (uint64_t)w : 0;
+            res->conn = conn;
+            return 0;
+        }
+        int had_credit = vs_credit(conn) > 0;
+        conn->peer_buf_alloc = h.buf_alloc;
+        conn->peer_fwd_cnt = h.fwd_cnt;
+        conn->rx_total += h.len;
+        conn->fwd_cnt += h.len;
+        conn->c_bytes_out += h.len;
+        vr_push(q, c->head, 0);
+        res->packets++;
+        res->bytes += h.len;
+        if (had_credit != (vs_credit(conn) > 0) || credit_update_due(conn)) {
+            res->status = VS_TX_ATTENTION;
+            res->conn = conn;
+            return 0;
+        }
+    }
+    res->status = VS_TX_MORE;
+    return 0;
+}
+
+/* ---- host -> guest ---- */
+
+int vs_rx_fill(struct vr_queue *q, struct vs_conn *conn, uint64_t guest_cid,
+               struct vr_chain *c, uint32_t max, struct vs_rx_result *res)
+{
+    struct iovec iov[IOV_CAP];
+
+    memset(res, 0, sizeof(*res));
+    for (uint32_t done = 0; done < max; done++) {
+        uint32_t credit = vs_credit(conn);
+        if (credit == 0) {
+            res->status = VS_RX_NO_CREDIT;
+            return 0;
+        }
+        int rc = vr_pop(q, c);
+        if (rc <= 0) {
+            res->status = VS_RX_NO_BUFFER;
+            return 0;
+        }
+        /* The header goes whole into the first writable descriptor. */
+        const struct vr_seg *first = c->nseg > c->nread ? &c->segs[c->nread] : NULL;
+        uint64_t room = c->write_len > VS_HDR_SIZE ? c->write_len - VS_HDR_SIZE : 0;
+        if (!first || first->len < VS_HDR_SIZE || room == 0) {
+            vr_unpop(q);
+            res->status = VS_RX_SLOW;
+            return 0;
+        }
+        uint64_t limit = room;
+        if (limit > credit)
+            limit = credit;
+        if (limit > VS_MAX_PKT)
+            limit = VS_MAX_PKT;
+        int n = chain_iov(q, c, c->nread, c->nseg, VS_HDR_SIZE, limit, iov);
+        if (n <= 0) {
+            vr_unpop(q);
+            res->status = VS_RX_SLOW;
+            return 0;
+        }
+        ssize_t r;
+        do {
+            r = readv(conn->fd, iov, n);
+        } while (r < 0 && errno == EINTR);
+        if (r <= 0) {
+            vr_unpop(q);
+            if (r == 0) {
+                res->status = VS_RX_EOF;
+            } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                conn->readable = 0;
+                res->status = VS_RX_DRAINED;
+            } else {
+                res->status = VS_RX_ERROR;
+                res->err = errno;
+            }
+            return 0;
+        }
+        struct vs_hdr h = {
+            .src_cid = conn->peer_cid, .dst_cid = guest_cid,
+            .src_port = conn->host_port, .dst_port = conn->guest_port,
+            .len = (uint32_t)r, .type = conn->type, .op = VS_OP_RW, .flags = 0,
+            .buf_alloc = conn->buf_alloc, .fwd_cnt = (uint32_t)conn->fwd_cnt,
+        };
+        memcpy(vr_seg_host(q->mem, first), &h, VS_HDR_SIZE);
+        conn->reported_fwd = conn->fwd_cnt;
+        conn->tx_cnt += (uint64_t)r;
+        conn->c_bytes_in += (uint64_t)r;
+        vr_push(q, c->head, VS_HDR_SIZE + (uint32_t)r);
+        res->packets++;
+        res->bytes += (uint64_t)r;
+    }
+    res->status = VS_RX_MORE;
+    return 0;
+}

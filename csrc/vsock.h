@@ -1,0 +1,120 @@
+/*
+ * vsock.h - the vhost-user-vsock data path for established stream
+ * connections to host sockets.
+ *
+ * Theory of operation
+ * -------------------
+ * The connection state machine stays in Python (backends/vsock).  What
+ * crosses per packet is moved here: an RW packet from the guest on an
+ * established stream connection is written to the host socket with one
+ * writev() straight from guest memory, and host socket bytes are read with
+ * one readv() straight into a guest rx buffer behind a header written in
+ * place.  Python calls these functions from the queue workers' handlers,
+ * holding the device lock, so every field of a struct vs_conn has one
+ * writer at a time; the GIL is released (cffi).
+ *
+ * The counters of a connection live in struct vs_conn, and Python's Conn
+ * reads and writes them there, so there is one copy of the credit state
+ * (virtio 1.2, 5.10.6.3).  Anything unusual (another op, a bad header, a
+ * connection that has bytes queued or is shutting down, a short write, no
+ * room) is handed back to Python untouched, with a status that says why;
+ * only a fully done packet changes state here.
+ *
+ * struct vs_table maps (peer CID, host port, guest port) to connections
+ * for the tx side: open addressing with linear probing and backward-shift
+ * deletion, a fixed number of slots, no allocation.
+ */
+#ifndef VR_VSOCK_H
+#define VR_VSOCK_H
+
+#include <stdint.h>
+
+#include "vring.h"
+
+#define VS_HDR_SIZE 44
+#define VS_MAX_PKT (64u * 1024u)  /* Linux VIRTIO_VSOCK_MAX_PKT_BUF_SIZE */
+#define VS_TABLE_SLOTS 4096u      /* power of two */
+#define VS_TABLE_MAX 3072u        /* beyond this, connections stay on the Python path */
+#define VS_HOST_CID 2u
+
+enum vs_state { VS_CONNECTING = 0, VS_ESTABLISHED = 1, VS_CLOSED = 2 };
+enum vs_type { VS_STREAM = 1, VS_SEQPACKET = 5 };
+enum vs_op { VS_OP_RW = 5 };
+
+/* Statuses of vs_tx_burst(). */
+enum vs_tx_status {
+    VS_TX_EMPTY = 0,      /* no chain left (or the queue broke: vr_run reports it) */
+    VS_TX_MORE = 1,       /* `max` packets done; call again */
+    VS_TX_SLOW = 2,       /* chain left popped in *c, state untouched: Python handles it */
+    VS_TX_PARTIAL = 3,    /* chain left popped in *c: `sent` bytes of its payload already
+                             reached the host socket, nothing else changed */
+    VS_TX_ATTENTION = 4,  /* a packet was done; `conn` needs Python (credit update due,
+                             or the guest's credit for us opened or closed) */
+};
+
+/* Statuses of vs_rx_fill(). */
+enum vs_rx_status {
+    VS_RX_NO_BUFFER = 0,  /* the rx ring is empty (or broke) */
+    VS_RX_MORE = 1,       /* `max` packets done; call again */
+    VS_RX_DRAINED = 2,    /* the host socket has nothing now (readable cleared) */
+    VS_RX_NO_CREDIT = 3,  /* the guest cannot take more bytes */
+    VS_RX_SLOW = 4,       /* an rx buffer C does not fill (no room for header and data) */
+    VS_RX_EOF = 5,        /* the host socket reached EOF */
+    VS_RX_ERROR = 6,      /* the host socket failed; errno in `err` */
+};
+
+struct vs_conn {
+    uint64_t peer_cid;
+    uint32_t host_port, guest_port;
+    int32_t fd;
+    uint16_t type;
+    uint16_t state;            /* enum vs_state */
+    /* guest -> host (we advertise buf_alloc, count fwd_cnt) */
+    uint32_t buf_alloc;
+    uint32_t guest_shut_send;
+    uint64_t fwd_cnt;          /* bytes written to the host socket */
+    uint64_t rx_total;         /* bytes accepted from the guest */
+    uint64_t reported_fwd;     /* fwd_cnt last told to the guest */
+    uint64_t pending_bytes;    /* accepted, not yet written (Python holds the bytes) */
+    /* host -> guest (the guest's window) */
+    uint32_t peer_buf_alloc, peer_fwd_cnt;
+    uint64_t tx_cnt;           /* bytes sent to the guest */
+    uint32_t readable;         /* the host socket has data or EOF */
+    uint32_t in_table;
+    /* what C moved itself (for the close log line and tests) */
+    uint64_t c_bytes_out;      /* guest -> host */
+    uint64_t c_bytes_in;       /* host -> guest */
+};
+
+struct vs_table {
+    uint32_t count;
+    struct vs_conn *slot[VS_TABLE_SLOTS];
+};
+
+struct vs_tx_result {
+    uint32_t status;
+    uint32_t packets;          /* RW packets finished in C by this call */
+    uint64_t bytes;            /* their payload bytes */
+    uint64_t sent;             /* VS_TX_PARTIAL: payload bytes already written */
+    struct vs_conn *conn;      /* VS_TX_PARTIAL / VS_TX_ATTENTION */
+};
+
+struct vs_rx_result {
+    uint32_t status;
+    uint32_t packets;
+    uint64_t bytes;
+    int32_t err;
+};
+
+int vs_table_insert(struct vs_table *t, struct vs_conn *c);
+void vs_table_remove(struct vs_table *t, struct vs_conn *c);
+struct vs_conn *vs_table_lookup(const struct vs_table *t, uint64_t peer_cid,
+                                uint32_t host_port, uint32_t guest_port);
+uint32_t vs_credit(const struct vs_conn *c);
+
+int vs_tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid,
+                struct vr_chain *c, uint32_t max, struct vs_tx_result *res);
+int vs_rx_fill(struct vr_queue *q, struct vs_conn *conn, uint64_t guest_cid,
+               struct vr_chain *c, uint32_t max, struct vs_rx_result *res);
+
+#endif

@@ -1,0 +1,108 @@
+"""The vsock data path in C (csrc/vsock.c) for a device's Python handlers.
+
+Theory of operation
+-------------------
+The vsock device keeps its connection state machine in Python; the bytes
+of established stream connections move in C. `ConnCounters` is the native
+record of one connection (credit counters, state, fd) that the Python
+`Conn` reads and writes as its own attributes, so both sides see one copy.
+`ConnTable` indexes the records for the tx side. `tx_burst` and `rx_fill`
+run with the GIL released; the device calls them from its queue handlers
+while holding its own lock, which serialises every access to a record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vhost_user._native import ffi, lib
+from vhost_user.virtqueue import Chain, Virtqueue, _check
+
+__all__ = ["ConnCounters", "ConnTable", "TxOutcome", "RxOutcome", "tx_burst", "rx_fill",
+           "TX_EMPTY", "TX_MORE", "TX_SLOW", "TX_PARTIAL", "TX_ATTENTION",
+           "RX_NO_BUFFER", "RX_MORE", "RX_DRAINED", "RX_NO_CREDIT", "RX_SLOW", "RX_EOF", "RX_ERROR",
+           "credit", "BURST"]
+
+TX_EMPTY, TX_MORE, TX_SLOW = lib.VS_TX_EMPTY, lib.VS_TX_MORE, lib.VS_TX_SLOW
+TX_PARTIAL, TX_ATTENTION = lib.VS_TX_PARTIAL, lib.VS_TX_ATTENTION
+RX_NO_BUFFER, RX_MORE, RX_DRAINED = lib.VS_RX_NO_BUFFER, lib.VS_RX_MORE, lib.VS_RX_DRAINED
+RX_NO_CREDIT, RX_SLOW, RX_EOF, RX_ERROR = lib.VS_RX_NO_CREDIT, lib.VS_RX_SLOW, lib.VS_RX_EOF, lib.VS_RX_ERROR
+
+#: packets per call: bounds how long the device lock is held
+BURST = 64
+
+
+def ConnCounters(peer_cid: int, host_port: int, guest_port: int, fd: int, sock_type: int):
+    """A zeroed native connection record (struct vs_conn); freed with the object."""
+    rec = ffi.new("struct vs_conn *")
+    rec.peer_cid, rec.host_port, rec.guest_port = peer_cid, host_port, guest_port
+    rec.fd, rec.type = fd, sock_type
+    return rec
+
+
+class ConnTable:
+    """(peer CID, host port, guest port) -> record, for packets from the guest.
+
+    Holds Python references to the records it indexes, so C never sees a
+    freed one."""
+
+    def __init__(self) -> None:
+        self._t = ffi.new("struct vs_table *")
+        self._held: dict[int, object] = {}
+
+    def add(self, rec) -> bool:
+        """Index `rec`; False when the table is full (the connection stays on the Python path)."""
+        if lib.vs_table_insert(self._t, rec) != 0:
+            return False
+        self._held[id(rec)] = rec
+        return True
+
+    def remove(self, rec) -> None:
+        lib.vs_table_remove(self._t, rec)
+        self._held.pop(id(rec), None)
+
+    def __len__(self) -> int:
+        return self._t.count
+
+
+@dataclass
+class TxOutcome:
+    status: int
+    packets: int
+    bytes: int
+    sent: int = 0
+    conn_key: tuple[int, int, int] | None = None   # (peer CID, host port, guest port)
+    chain: Chain | None = None                      # TX_SLOW / TX_PARTIAL: popped, not pushed
+
+
+@dataclass
+class RxOutcome:
+    status: int
+    packets: int
+    bytes: int
+    err: int = 0
+
+
+def tx_burst(vq: Virtqueue, table: ConnTable, guest_cid: int, max_packets: int = BURST) -> TxOutcome:
+    """Finish up to `max_packets` RW packets from the guest in C; stop at the first one
+    Python must see (its chain comes back popped) or that needs Python afterwards."""
+    res = ffi.new("struct vs_tx_result *")
+    _check(lib.vs_tx_burst(vq._q, table._t, guest_cid, vq._chain, max_packets, res), "vsock tx")
+    out = TxOutcome(res.status, res.packets, res.bytes, res.sent)
+    if res.conn != ffi.NULL:
+        out.conn_key = (res.conn.peer_cid, res.conn.host_port, res.conn.guest_port)
+    if res.status in (TX_SLOW, TX_PARTIAL):
+        out.chain = vq._popped()
+    return out
+
+
+def rx_fill(vq: Virtqueue, rec, guest_cid: int, max_packets: int = BURST) -> RxOutcome:
+    """Read the host socket of `rec` straight into up to `max_packets` rx buffers."""
+    res = ffi.new("struct vs_rx_result *")
+    _check(lib.vs_rx_fill(vq._q, rec, guest_cid, vq._chain, max_packets, res), "vsock rx")
+    return RxOutcome(res.status, res.packets, res.bytes, res.err)
+
+
+def credit(rec) -> int:
+    """Bytes the guest can still take on this connection (virtio 1.2, 5.10.6.3.1)."""
+    return lib.vs_credit(rec)
