@@ -2,8 +2,9 @@
 
 tools/build-sanitized.sh builds them into an overlay (the in-tree build is
 left alone); these tests prove the overlay catches a real overflow (a
-canary), then run the ring, blk-engine and hostile tests, and the ring and
-blk fuzz targets, under it with zero reports. The back-end processes the
+canary), then run the ring, blk-engine and hostile tests, and the ring,
+blk, session, net-header and vsock-packet fuzz targets (the last one
+through the C vsock data path), under it with zero reports. The back-end processes the
 hostile tests start inherit the overlay and LD_PRELOAD, so the session and
 engines in them run sanitized too.
 """
@@ -79,7 +80,7 @@ def test_ring_engine_and_hostile_tests_pass_under_asan_ubsan_with_zero_reports(s
     assert not _reports(proc), _reports(proc)[:20]
 
 
-@pytest.mark.parametrize("target", ["ring", "blk", "session", "net-header"])
+@pytest.mark.parametrize("target", ["ring", "blk", "session", "net-header", "vsock-packet"])
 def test_fuzz_target_under_asan_ubsan_has_zero_reports(sanitized, target, tmp_path):
     proc = _run(sanitized, [sys.executable, "-m", "vhost_user.fuzzing", target, "--seconds", "3",
                             "--artifacts", str(tmp_path), "--corpus", os.path.join(REPO, "fuzz", "corpus", target)],
