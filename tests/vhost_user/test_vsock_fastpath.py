@@ -1,0 +1,55 @@
+"""The native pieces of the vsock data path that need no socket: the connection table
+(open addressing with backward-shift deletion) and the credit formula."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings, strategies as st
+
+from vhost_user.vsock_fastpath import ConnCounters, ConnTable, credit
+from vhost_user._native import ffi, lib
+
+_keys = st.tuples(st.sampled_from([2, 4, 2**32 - 2]), st.integers(0, 40), st.integers(0, 40))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), _keys), max_size=300))
+def test_vsock_conn_table_matches_a_dict_under_inserts_and_removals(ops):
+    table, model = ConnTable(), {}
+    for insert, key in ops:
+        if insert and key not in model:
+            rec = ConnCounters(*key, fd=-1, sock_type=1)
+            assert table.add(rec)
+            model[key] = rec
+        elif not insert and key in model:
+            table.remove(model.pop(key))
+        assert len(table) == len(model)
+    for cid in (2, 4, 2**32 - 2):
+        for hp in range(41):
+            for gp in range(41):
+                found = lib.vs_table_lookup(table._t, cid, hp, gp)
+                rec = model.get((cid, hp, gp))
+                assert (found == rec) if rec is not None else found == ffi.NULL
+
+
+def test_vsock_conn_table_refuses_a_duplicate_and_stops_at_its_limit():
+    table = ConnTable()
+    first = ConnCounters(2, 1, 1, -1, 1)
+    assert table.add(first)
+    assert not table.add(ConnCounters(2, 1, 1, -1, 1))  # the same key twice
+    recs = [ConnCounters(2, 100 + i, 7, -1, 1) for i in range(lib.VS_TABLE_MAX - 1)]
+    assert all(table.add(r) for r in recs)
+    assert len(table) == lib.VS_TABLE_MAX
+    assert not table.add(ConnCounters(2, 99999, 7, -1, 1))  # full: stays on the Python path
+    table.remove(first)
+    assert table.add(ConnCounters(2, 99999, 7, -1, 1))
+
+
+def test_vsock_credit_follows_the_spec_formula_and_never_goes_negative():
+    rec = ConnCounters(2, 1, 1, -1, 1)
+    rec.peer_buf_alloc, rec.peer_fwd_cnt, rec.tx_cnt = 65536, 0, 4096
+    assert credit(rec) == 65536 - 4096
+    rec.tx_cnt = (1 << 32) + 10  # the counters wrap at 32 bits on the wire (5.10.6.3.1)
+    rec.peer_fwd_cnt = 5
+    assert credit(rec) == 65536 - 5
+    rec.peer_buf_alloc = 2  # the guest shrank its buffer below what is in flight
+    assert credit(rec) == 0
