@@ -280,7 +280,7 @@ int drv_vsock_bench(struct drv_queue *tx, struct drv_queue *rx, struct drv_vsock
             break;
         progress |= rc > 0;
         rc = DRV_OK;
-        if (r.update_due && r.nfree && tx->num_free) {
+        if (r.update_due && !ended && r.nfree && tx->num_free) {
             if ((rc = send_packet(&r, OP_CREDIT_UPDATE, 0)) < 0)
                 break;
             r.update_due = 0;

@@ -163,3 +163,118 @@ def test_drvvsock_rejects_bad_arguments(vm):
         with pytest.raises(ValueError):
             drv.stream_bench(g, "g2h", payload=b"x", duration=0.1)
     listener.close()
+
+
+# -- a device that breaks the rules (no back-end: the rings in a memfd, used entries by hand) --
+
+GPA_BASE = 0x1000_0000
+RX_BUF = 44 + 4096
+
+
+class _Rings:
+    """tx and rx driver queues in one memfd region, rx buffers posted; the test plays device."""
+
+    def __init__(self, size: int = 16) -> None:
+        import mmap
+
+        from vhost_user.driver_ring import DriverQueue, ring_layout
+
+        self.fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, 1 << 20)
+        self.map = mmap.mmap(self.fd, 1 << 20)
+        self.fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(4)]
+        desc, avail, used, total = ring_layout(size)
+        self.q = []
+        for i in range(2):
+            base = i * total
+            self.q.append(DriverQueue(self.map, GPA_BASE, size, desc_offset=base + desc,
+                                      avail_offset=base + avail, used_offset=base + used,
+                                      kick_fd=self.fds[2 * i], call_fd=self.fds[2 * i + 1],
+                                      event_idx=False))
+        self.tx, self.rx = self.q
+        data = 2 * total
+        self.tx_slots = [GPA_BASE + data + k * (44 + 65536) for k in range(4)]
+        rx_base = data + 4 * (44 + 65536)
+        self.rx_posted = []
+        for k in range(8):
+            gpa = GPA_BASE + rx_base + k * RX_BUF
+            self.rx_posted.append((self.rx.add([(gpa, RX_BUF, True)]), gpa))
+
+    def publish_rx(self, entries: list[tuple[int, int, bytes]]) -> None:
+        """Device side: write each (slot, used_len, bytes) into the slot's buffer, then used->idx."""
+        import struct
+
+        used = self.rx.used_gpa - GPA_BASE
+        for k, (slot, used_len, raw) in enumerate(entries):
+            head, gpa = self.rx_posted[slot]
+            self.map[gpa - GPA_BASE:gpa - GPA_BASE + len(raw)] = raw
+            struct.pack_into("<II", self.map, used + 4 + 8 * k, head, used_len)
+        struct.pack_into("<H", self.map, used + 2, len(entries))
+
+    def close(self) -> None:
+        for q in self.q:
+            q.close()
+        self.map.close()
+        for fd in [self.fd, *self.fds]:
+            os.close(fd)
+
+
+def test_drvvsock_counts_malformed_and_foreign_packets_and_reposts_every_buffer():
+    from vhost_user.backends.vsock.packet import Header
+    from vhost_user.driver_ring import VsockConnState, run_vsock_stream_bench
+
+    r = _Rings()
+    try:
+        conn = VsockConnState(3, 2, 50000, 1234, 64 << 10, 64 << 10, 0, 0, 0, 0, 0)
+
+        def hdr(op, length=0, **kw):
+            fields = dict(src_cid=2, dst_cid=3, src_port=1234, dst_port=50000, op=op, len=length,
+                          buf_alloc=32768, fwd_cnt=0)
+            fields.update(kw)
+            return Header(**fields).pack()
+
+        r.publish_rx([
+            (0, 10, hdr(Op.RW, 0)),                      # used length shorter than a header
+            (1, RX_BUF + 1, hdr(Op.RW, 0)),              # used length beyond the buffer
+            (2, 44 + 10, hdr(Op.RW, 4000)),              # header claims more than was written
+            (3, 44 + 100, hdr(Op.RW, 100, dst_port=50001) + bytes(100)),  # another connection
+            (4, 44 + 100, hdr(Op.RW, 100) + bytes(100)),  # ours
+            (5, 44, hdr(Op.SHUTDOWN, flags=3)),           # ours: ends the run
+        ])
+        run = run_vsock_stream_bench(r.tx, r.rx, conn, direction="h2g", tx_slots=r.tx_slots,
+                                     tx_slot_size=44 + 65536, rx_posted=r.rx_posted,
+                                     rx_buf_len=RX_BUF, stall_timeout_s=5)
+        res = run.result
+        assert run.error is None and not res.timed_out
+        assert res.errors == 3 and res.other == 1
+        assert res.rx_bytes == 100 and conn.rx_cnt == conn.fwd_cnt == 100
+        assert (res.end_op, res.end_flags) == (Op.SHUTDOWN, 3)
+        assert conn.peer_buf_alloc == 32768
+        # every buffer is posted again, at a head the queue has in flight, same gpas
+        assert sorted(g for _, g in run.rx_posted) == sorted(g for _, g in r.rx_posted)
+        assert all(h >= 0 for h, _ in run.rx_posted)
+        assert len({h for h, _ in run.rx_posted}) == len(r.rx_posted) == r.rx.in_flight
+        assert run.tx_busy == [] and r.tx.in_flight == 0   # nothing to say back
+    finally:
+        r.close()
+
+
+def test_drvvsock_refuses_rx_heads_that_are_not_in_flight():
+    from vhost_user.driver_ring import VsockConnState, run_vsock_stream_bench
+
+    r = _Rings()
+    try:
+        conn = VsockConnState(3, 2, 50000, 1234, 64 << 10, 64 << 10, 0, 0, 0, 0, 0)
+        bad = [(r.rx_posted[0][0], gpa) for _, gpa in r.rx_posted]  # one head given for all
+        run = run_vsock_stream_bench(r.tx, r.rx, conn, direction="h2g", tx_slots=r.tx_slots,
+                                     tx_slot_size=44 + 65536, rx_posted=bad, rx_buf_len=RX_BUF,
+                                     stall_timeout_s=1)
+        assert isinstance(run.error, ValueError)
+        outside = [(h, GPA_BASE + (1 << 20)) for h, _ in r.rx_posted]   # buffers past the area
+        run = run_vsock_stream_bench(r.tx, r.rx, conn, direction="h2g", tx_slots=r.tx_slots,
+                                     tx_slot_size=44 + 65536, rx_posted=outside, rx_buf_len=RX_BUF,
+                                     stall_timeout_s=1)
+        assert isinstance(run.error, ValueError) and "outside" in str(run.error)
+        assert r.rx.in_flight == len(r.rx_posted) and not r.rx.broken
+    finally:
+        r.close()
