@@ -278,3 +278,16 @@ def test_drvvsock_refuses_rx_heads_that_are_not_in_flight():
         assert r.rx.in_flight == len(r.rx_posted) and not r.rx.broken
     finally:
         r.close()
+
+
+def test_vsock_bench_reports_both_directions_and_runs_twice_on_one_backend(vm):
+    from vhost_user.bench import run_vsock_bench
+
+    bp, sock, uds = vm()
+    for port in (5555, 5655):   # the second attach gets a TRANSPORT_RESET first
+        reports = run_vsock_bench(sock, uds, write_sizes=(4096,), runtime=0.3, port=port, pid=bp.pid)
+        assert [r["direction"] for r in reports] == ["guest-to-host", "host-to-guest"]
+        for r in reports:
+            assert r["bytes"] > 0 and r["elapsed_s"] > 0 and r["mb_s"] == r["bytes"] / r["elapsed_s"] / 1e6
+            assert r["backend_cpu_s"] is not None
+    assert "ignores credit" not in bp.log()
