@@ -22,6 +22,7 @@ from vhost_user.backends.vsock.packet import (
     HEADER_SIZE, HOST_CID, Header, Op, SeqFlag, ShutdownFlag, SockType, VsockFeature,
     unpack_config, unpack_event,
 )
+from vhost_user.driver_ring import VsockBenchResult, VsockConnState, run_vsock_stream_bench
 from vhost_user.errors import VhostUserError
 from vhost_user.frontend import Frontend
 from vhost_user.protocol import ProtocolFeature as PF, VirtioFeature
@@ -394,7 +395,7 @@ class VsockDriver:
 
     # -- C stream load (vhost-user-bench vsock) ------------------------------------------
     def stream_bench(self, sock: DriverSocket, direction: str, *, payload: bytes = b"",
-                     duration: float = 0.0, stall_timeout: float = 10.0) -> "VsockBenchResult":
+                     duration: float = 0.0, stall_timeout: float = 10.0) -> VsockBenchResult:
         """Move bytes on an established STREAM connection with the C loop (csrc/drvvsock.c,
         GIL released) instead of this model. "g2h": send `payload` (its length is the write
         size, <= 64 KiB) over and over for `duration` s, within the peer's credit. "h2g":
@@ -405,8 +406,6 @@ class VsockDriver:
         dropped (counted in `other`). Raises TimeoutError when nothing moved for
         `stall_timeout` s.
         """
-        from vhost_user.driver_ring import VsockConnState, run_vsock_stream_bench
-
         if direction not in ("g2h", "h2g"):
             raise ValueError(f"direction must be 'g2h' or 'h2g', got {direction!r}")
         if sock.type != SockType.STREAM or sock.state != "established" or sock.reset:
