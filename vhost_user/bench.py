@@ -401,11 +401,6 @@ def run_vsock_bench(socket_path: str, uds_path: str, *, write_sizes=(4096, 65536
     ceiling = memcpy_mb_s()
     reports = []
     with VsockDriver.attach(socket_path, tx_slots=128, buf_alloc=1 << 20, queue_size=256) as drv:
-        # A back-end that served an earlier front-end sends TRANSPORT_RESET once we attach;
-        # the model marks every socket reset when it sees it, so take it before connecting.
-        deadline = time.monotonic() + 0.5
-        while not drv.events and time.monotonic() < deadline:
-            drv.poll(0.05)
         for size in write_sizes:
             for direction in ("guest-to-host", "host-to-guest"):
                 cpu0 = process_cpu_seconds(pid) if pid else None

@@ -20,7 +20,7 @@ import sys
 
 from vhost_user.cli import Endpoint, base_parser, parse_size, print_info, serve_devices, setup_logging
 
-from .device import CAPABILITIES, VmOptions, VsockDevice
+from .device import CAPABILITIES, DEFAULT_TX_BUFFER, VmOptions, VsockDevice
 from .router import Router
 
 log = logging.getLogger("vhost_user.backends.vsock")
@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host Unix socket: host programs CONNECT here; guests reach PATH_<port>")
     p.add_argument("--groups", type=_groups, default=frozenset({"default"}),
                    help="sibling-VM groups, '+'-separated (default: default)")
-    p.add_argument("--tx-buffer-size", type=parse_size, default=64 << 10,
-                   help="per-connection buffer advertised to the guest (buf_alloc, default 64K)")
+    p.add_argument("--tx-buffer-size", type=parse_size, default=DEFAULT_TX_BUFFER,
+                   help="per-connection buffer advertised to the guest (buf_alloc, default 256K "
+                        "like Linux's vsock; rust-vmm's vhost-device-vsock uses 64K)")
     p.add_argument("--queue-size", type=int, default=1024, help="largest virtqueue size accepted")
     p.add_argument("--vm", type=parse_vm, action="append", default=[],
                    help="guest-cid=N,socket=PATH[,uds-path=PATH][,groups=a+b][,tx-buffer-size=N]"

@@ -46,7 +46,7 @@ from .packet import (
     VsockFeature, pack_config, pack_event,
 )
 
-__all__ = ["VsockDevice", "VmOptions", "CAPABILITIES", "MAX_PACKET"]
+__all__ = ["VsockDevice", "VmOptions", "CAPABILITIES", "MAX_PACKET", "DEFAULT_TX_BUFFER"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,10 @@ RX, TX, EVENT = 0, 1, 2
 #: bytes of relayed and control packets that may wait for a VM's rx buffers
 RELAY_LIMIT = 8 << 20
 _FIRST_HOST_PORT = 1 << 30
+#: buf_alloc we advertise: Linux's own vsock buffer size. The guest may have this much
+#: in flight to a host socket; a credit update goes out each half of it, so a window of
+#: one 64 KiB packet (rust-vmm's default) would stall the guest on every update.
+DEFAULT_TX_BUFFER = 256 << 10
 
 
 @dataclass
@@ -63,7 +67,7 @@ class VmOptions:
     socket: str | None = None
     uds_path: str | None = None
     groups: frozenset = field(default_factory=lambda: frozenset({"default"}))
-    tx_buffer_size: int = 64 << 10
+    tx_buffer_size: int = DEFAULT_TX_BUFFER
     queue_size: int = 1024
 
 

@@ -329,8 +329,11 @@ class VsockDriver:
             self._ev_slots[self.evq.ring.add([(gpa, 4, True)])] = gpa
         if done:
             self.evq.ring.kick()
-            for sock in list(self.sockets.values()):  # transport reset: every connection is gone
-                sock.reset = True
+            # Transport reset: every connected socket is gone (Linux resets the connected
+            # ones only; a connect in progress is answered by the new back-end).
+            for sock in list(self.sockets.values()):
+                if sock.state == "established":
+                    sock.reset = True
         return len(done)
 
     def _dispatch(self, hdr: Header, payload: bytes) -> None:
