@@ -289,4 +289,5 @@ def test_vsock_bench_reports_both_directions_and_runs_twice_on_one_backend(vm):
         for r in reports:
             assert r["bytes"] > 0 and r["elapsed_s"] > 0 and r["mb_s"] == r["bytes"] / r["elapsed_s"] / 1e6
             assert r["backend_cpu_s"] is not None
+            assert r["unix_socket_mb_s"] > 0 and r["ratio_to_unix_socket"] == r["mb_s"] / r["unix_socket_mb_s"]
     assert "ignores credit" not in bp.log()
