@@ -386,17 +386,22 @@ int vr_pop(struct vr_queue *q, struct vr_chain *c)
     return 1;
 }
 
-/* Give back the chain popped last, untouched, so the next pop returns it
- * again (vsock rx: a buffer taken before knowing whether the host socket
+/* Give back the chain(s) popped last, untouched, so the next pops return
+ * them again (vsock rx: a buffer taken before knowing whether the host socket
  * had data).  Only without inflight tracking, where a pop leaves no trace
  * but last_avail_idx. */
+int vr_unpop_n(struct vr_queue *q, uint32_t n)
+{
+    if (!q->started || q->inflight || q->resubmit_pos < q->nresubmit || n > q->num)
+        return -VR_E_STATE;
+    q->last_avail_idx = (uint16_t)(q->last_avail_idx - n);
+    q->stats.requests -= n;
+    return 0;
+}
+
 int vr_unpop(struct vr_queue *q)
 {
-    if (!q->started || q->inflight || q->resubmit_pos < q->nresubmit)
-        return -VR_E_STATE;
-    q->last_avail_idx--;
-    q->stats.requests--;
-    return 0;
+    return vr_unpop_n(q, 1);
 }
 
 /* Pop up to n chains (each with its own segs/cap); returns the count. */

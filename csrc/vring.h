@@ -184,6 +184,7 @@ int vr_queue_fail(struct vr_queue *q, int code, const char *fmt, ...)
 int vr_pop(struct vr_queue *q, struct vr_chain *c);
 int vr_pop_batch(struct vr_queue *q, struct vr_chain *chains, uint32_t n);
 int vr_unpop(struct vr_queue *q);
+int vr_unpop_n(struct vr_queue *q, uint32_t n);
 int vr_push(struct vr_queue *q, uint16_t head, uint32_t len);
 int vr_push_batch(struct vr_queue *q, const uint16_t *heads,
                   const uint32_t *lens, uint32_t n);

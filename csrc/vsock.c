@@ -164,10 +164,11 @@ static int chain_iov(struct vr_queue *q, const struct vr_chain *c, uint32_t firs
 
 /* Whether an RW packet from the guest is one C may finish: the header is
  * whole in the first descriptor and sane, and its connection is an
- * established stream with nothing queued before it.  Returns the
- * connection, or NULL for Python. */
+ * established stream with nothing queued before it and room for `extra`
+ * more bytes (packets of the same batch) plus this one within our credit.
+ * Returns the connection, or NULL for Python. */
 static struct vs_conn *fast_rw(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid,
-                               const struct vr_chain *c, struct vs_hdr *h)
+                               const struct vr_chain *c, struct vs_hdr *h, uint64_t extra)
 {
     if (c->nread == 0 || c->segs[0].len < VS_HDR_SIZE)
         return NULL;
@@ -183,49 +184,103 @@ static struct vs_conn *fast_rw(struct vr_queue *q, const struct vs_table *t, uin
         conn->guest_shut_send || conn->pending_bytes || conn->fd < 0)
         return NULL;
     /* A guest over its credit is Python's to reset. */
-    if (conn->rx_total - conn->reported_fwd + h->len > conn->buf_alloc)
+    if (conn->rx_total - conn->reported_fwd + extra + h->len > conn->buf_alloc)
         return NULL;
     return conn;
 }
 
+/* One packet of a tx batch: its chain head and the credit fields it carried. */
+struct tx_pkt {
+    uint16_t head;
+    uint32_t len, buf_alloc, fwd_cnt;
+};
+
+/* Account and complete packets [0, n) of a batch, all of `conn`, all written. */
+static void tx_done(struct vr_queue *q, struct vs_conn *conn, const struct tx_pkt *p, uint32_t n,
+                    struct vs_tx_result *res)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        conn->peer_buf_alloc = p[i].buf_alloc;
+        conn->peer_fwd_cnt = p[i].fwd_cnt;
+        conn->rx_total += p[i].len;
+        conn->fwd_cnt += p[i].len;
+        conn->c_bytes_out += p[i].len;
+        vr_push(q, p[i].head, 0);
+        res->packets++;
+        res->bytes += p[i].len;
+    }
+}
+
+/*
+ * Consecutive RW packets of one connection go to its host socket with one
+ * writev (a guest writing 4 KiB at a time sends 4 KiB packets).  A short
+ * write completes the packets it covered; the one it cut is popped again
+ * into *c and handed to Python with the bytes already sent; the ones after
+ * it go back to the ring.
+ */
+#define TX_BATCH 32
 int vs_tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid,
                 struct vr_chain *c, uint32_t max, struct vs_tx_result *res)
 {
     struct iovec iov[IOV_CAP];
+    struct tx_pkt pkt[TX_BATCH];
     struct vs_hdr h;
 
     memset(res, 0, sizeof(*res));
-    for (uint32_t done = 0; done < max; done++) {
-        int rc = vr_pop(q, c);
-        if (rc <= 0) {
-            res->status = VS_TX_EMPTY;
-            return 0;
+    while (res->packets < max) {
+        struct vs_conn *conn = NULL;
+        uint32_t n = 0;
+        int niov = 0;
+        uint64_t total = 0;
+        while (n < TX_BATCH) {
+            if (vr_pop(q, c) <= 0)
+                break;
+            struct vs_conn *cc = fast_rw(q, t, guest_cid, c, &h, total);
+            int k = -1;
+            if (cc && (conn == NULL || cc == conn))
+                k = chain_iov(q, c, 0, c->nread, VS_HDR_SIZE, h.len, iov + niov);
+            if (k < 0 || niov + k > IOV_CAP) {
+                /* Not for this batch: Python's if alone, else the next batch's. */
+                if (n == 0) {
+                    res->status = VS_TX_SLOW;
+                    return 0;
+                }
+                vr_unpop(q);
+                break;
+            }
+            conn = cc;
+            niov += k;
+            pkt[n++] = (struct tx_pkt){c->head, h.len, h.buf_alloc, h.fwd_cnt};
+            total += h.len;
         }
-        struct vs_conn *conn = fast_rw(q, t, guest_cid, c, &h);
-        int n = conn ? chain_iov(q, c, 0, c->nread, VS_HDR_SIZE, h.len, iov) : -1;
-        if (n < 0) {
-            res->status = VS_TX_SLOW;
+        if (n == 0) {
+            res->status = VS_TX_EMPTY;
             return 0;
         }
         ssize_t w;
         do {
-            w = writev(conn->fd, iov, n);
+            w = writev(conn->fd, iov, niov);
         } while (w < 0 && errno == EINTR);
-        if (w != (ssize_t)h.len) {
+        int had_credit = vs_credit(conn) > 0;
+        if (w != (ssize_t)total) {
+            uint64_t left = w > 0 ? (uint64_t)w : 0;
+            uint32_t whole = 0;
+            while (whole < n && left >= pkt[whole].len)
+                left -= pkt[whole++].len;
+            tx_done(q, conn, pkt, whole, res);
+            /* whole < n here: packet `whole` was cut after `left` bytes. */
+            vr_unpop_n(q, n - whole);
+            if (vr_pop(q, c) <= 0 || c->head != pkt[whole].head) {
+                vr_queue_fail(q, VR_E_MALFORMED, "vsock tx: avail ring changed under a popped chain");
+                res->status = VS_TX_EMPTY;
+                return 0;
+            }
             res->status = VS_TX_PARTIAL;
-            res->sent = w > 0 ? (uint64_t)w : 0;
+            res->sent = left;
             res->conn = conn;
             return 0;
         }
-        int had_credit = vs_credit(conn) > 0;
-        conn->peer_buf_alloc = h.buf_alloc;
-        conn->peer_fwd_cnt = h.fwd_cnt;
-        conn->rx_total += h.len;
-        conn->fwd_cnt += h.len;
-        conn->c_bytes_out += h.len;
-        vr_push(q, c->head, 0);
-        res->packets++;
-        res->bytes += h.len;
+        tx_done(q, conn, pkt, n, res);
         if (had_credit != (vs_credit(conn) > 0) || credit_update_due(conn)) {
             res->status = VS_TX_ATTENTION;
             res->conn = conn;
@@ -238,48 +293,70 @@ int vs_tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid
 
 /* ---- host -> guest ---- */
 
+/* One rx buffer of a batch: its head, where its header goes, how much it takes. */
+struct rx_buf {
+    uint16_t head;
+    uint8_t *hdr;
+    uint32_t take;
+};
+
+/*
+ * One readv fills up to RX_BATCH rx buffers (Linux posts 4 KiB ones) within
+ * the guest's credit; each filled buffer gets its header in place, buffers
+ * the read did not reach go back to the ring.
+ */
+#define RX_BATCH 16
 int vs_rx_fill(struct vr_queue *q, struct vs_conn *conn, uint64_t guest_cid,
                struct vr_chain *c, uint32_t max, struct vs_rx_result *res)
 {
     struct iovec iov[IOV_CAP];
+    struct rx_buf buf[RX_BATCH];
 
     memset(res, 0, sizeof(*res));
-    for (uint32_t done = 0; done < max; done++) {
+    while (res->packets < max) {
         uint32_t credit = vs_credit(conn);
         if (credit == 0) {
             res->status = VS_RX_NO_CREDIT;
             return 0;
         }
-        int rc = vr_pop(q, c);
-        if (rc <= 0) {
+        uint32_t n = 0;
+        int niov = 0;
+        uint64_t want = 0;
+        while (n < RX_BATCH && want < credit) {
+            if (vr_pop(q, c) <= 0)
+                break;
+            /* The header goes whole into the first writable descriptor. */
+            const struct vr_seg *first = c->nseg > c->nread ? &c->segs[c->nread] : NULL;
+            uint64_t room = c->write_len > VS_HDR_SIZE ? c->write_len - VS_HDR_SIZE : 0;
+            uint64_t take = room;
+            if (take > credit - want)
+                take = credit - want;
+            if (take > VS_MAX_PKT)
+                take = VS_MAX_PKT;
+            int k = (first && first->len >= VS_HDR_SIZE && take)
+                        ? chain_iov(q, c, c->nread, c->nseg, VS_HDR_SIZE, take, iov + niov) : -1;
+            if (k <= 0 || niov + k > IOV_CAP) {
+                vr_unpop(q);
+                if (n == 0) {
+                    res->status = VS_RX_SLOW;
+                    return 0;
+                }
+                break;
+            }
+            niov += k;
+            buf[n++] = (struct rx_buf){c->head, vr_seg_host(q->mem, first), (uint32_t)take};
+            want += take;
+        }
+        if (n == 0) {
             res->status = VS_RX_NO_BUFFER;
-            return 0;
-        }
-        /* The header goes whole into the first writable descriptor. */
-        const struct vr_seg *first = c->nseg > c->nread ? &c->segs[c->nread] : NULL;
-        uint64_t room = c->write_len > VS_HDR_SIZE ? c->write_len - VS_HDR_SIZE : 0;
-        if (!first || first->len < VS_HDR_SIZE || room == 0) {
-            vr_unpop(q);
-            res->status = VS_RX_SLOW;
-            return 0;
-        }
-        uint64_t limit = room;
-        if (limit > credit)
-            limit = credit;
-        if (limit > VS_MAX_PKT)
-            limit = VS_MAX_PKT;
-        int n = chain_iov(q, c, c->nread, c->nseg, VS_HDR_SIZE, limit, iov);
-        if (n <= 0) {
-            vr_unpop(q);
-            res->status = VS_RX_SLOW;
             return 0;
         }
         ssize_t r;
         do {
-            r = readv(conn->fd, iov, n);
+            r = readv(conn->fd, iov, niov);
         } while (r < 0 && errno == EINTR);
         if (r <= 0) {
-            vr_unpop(q);
+            vr_unpop_n(q, n);
             if (r == 0) {
                 res->status = VS_RX_EOF;
             } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
@@ -291,19 +368,27 @@ int vs_rx_fill(struct vr_queue *q, struct vs_conn *conn, uint64_t guest_cid,
             }
             return 0;
         }
-        struct vs_hdr h = {
-            .src_cid = conn->peer_cid, .dst_cid = guest_cid,
-            .src_port = conn->host_port, .dst_port = conn->guest_port,
-            .len = (uint32_t)r, .type = conn->type, .op = VS_OP_RW, .flags = 0,
-            .buf_alloc = conn->buf_alloc, .fwd_cnt = (uint32_t)conn->fwd_cnt,
-        };
-        memcpy(vr_seg_host(q->mem, first), &h, VS_HDR_SIZE);
+        uint64_t left = (uint64_t)r;
+        uint32_t used = 0;
+        for (; used < n && left; used++) {
+            uint32_t got = left < buf[used].take ? (uint32_t)left : buf[used].take;
+            struct vs_hdr h = {
+                .src_cid = conn->peer_cid, .dst_cid = guest_cid,
+                .src_port = conn->host_port, .dst_port = conn->guest_port,
+                .len = got, .type = conn->type, .op = VS_OP_RW, .flags = 0,
+                .buf_alloc = conn->buf_alloc, .fwd_cnt = (uint32_t)conn->fwd_cnt,
+            };
+            memcpy(buf[used].hdr, &h, VS_HDR_SIZE);
+            conn->tx_cnt += got;
+            conn->c_bytes_in += got;
+            vr_push(q, buf[used].head, VS_HDR_SIZE + got);
+            res->packets++;
+            res->bytes += got;
+            left -= got;
+        }
         conn->reported_fwd = conn->fwd_cnt;
-        conn->tx_cnt += (uint64_t)r;
-        conn->c_bytes_in += (uint64_t)r;
-        vr_push(q, c->head, VS_HDR_SIZE + (uint32_t)r);
-        res->packets++;
-        res->bytes += (uint64_t)r;
+        if (used < n)
+            vr_unpop_n(q, n - used);
     }
     res->status = VS_RX_MORE;
     return 0;
