@@ -147,6 +147,7 @@ void vs_table_remove(struct vs_table *t, struct vs_conn *c);
 struct vs_conn *vs_table_lookup(const struct vs_table *t, uint64_t peer_cid,
                                 uint32_t host_port, uint32_t guest_port);
 uint32_t vs_credit(const struct vs_conn *c);
+int vs_credit_update_due(const struct vs_conn *c);
 int vs_tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid,
                 struct vr_chain *c, uint32_t max, struct vs_tx_result *res);
 int vs_rx_fill(struct vr_queue *q, struct vs_conn *conn, uint64_t guest_cid,

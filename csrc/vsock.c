@@ -122,14 +122,17 @@ uint32_t vs_credit(const struct vs_conn *c)
     return c->peer_buf_alloc > in_flight ? c->peer_buf_alloc - in_flight : 0;
 }
 
-/* The guest believes less than half our buffer is free and we freed some:
- * a CREDIT_UPDATE is due (Python queues it). */
-static int credit_update_due(const struct vs_conn *c)
+/* We freed some of our buffer and the guest believes less than half of it
+ * is free, or none with nothing of it still queued: a CREDIT_UPDATE is due
+ * (Python queues it).  The one rule for both paths. */
+int vs_credit_update_due(const struct vs_conn *c)
 {
     if (c->fwd_cnt == c->reported_fwd)
         return 0;
     uint64_t in_flight = c->rx_total - c->reported_fwd;
-    return in_flight > c->buf_alloc || c->buf_alloc - in_flight < c->buf_alloc / 2;
+    if (in_flight >= c->buf_alloc)  /* the guest is blocked */
+        return in_flight > c->buf_alloc || c->buf_alloc / 2 > 0 || c->pending_bytes == 0;
+    return c->buf_alloc - in_flight < c->buf_alloc / 2;
 }
 
 /* ---- helpers over a popped chain ---- */
@@ -281,7 +284,7 @@ int vs_tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid
             return 0;
         }
         tx_done(q, conn, pkt, n, res);
-        if (had_credit != (vs_credit(conn) > 0) || credit_update_due(conn)) {
+        if (had_credit != (vs_credit(conn) > 0) || vs_credit_update_due(conn)) {
             res->status = VS_TX_ATTENTION;
             res->conn = conn;
             return 0;

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import sys
+import time
 
 from backends_proc import BackendProcess, spawn
 
-__all__ = ["start_vsock", "host_listener", "host_connect", "read_line"]
+__all__ = ["start_vsock", "host_listener", "host_connect", "read_line", "recv_all", "sha"]
 
 
 def start_vsock(workdir: str, *args: str, wait_for: str, name: str = "vsock") -> BackendProcess:
@@ -43,3 +45,19 @@ def read_line(s: socket.socket) -> bytes:
             break
         out += chunk
     return out
+
+
+def recv_all(s: socket.socket, n: int, delay: float = 0.0) -> bytes:
+    """Up to `n` bytes (fewer at EOF), after waiting `delay` s (a host reader that starts late)."""
+    time.sleep(delay)
+    out = bytearray()
+    while len(out) < n:
+        chunk = s.recv(min(1 << 20, n - len(out)))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

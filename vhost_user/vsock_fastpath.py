@@ -21,7 +21,7 @@ from vhost_user.virtqueue import Chain, Virtqueue, _check
 __all__ = ["ConnCounters", "ConnTable", "TxOutcome", "RxOutcome", "tx_burst", "rx_fill",
            "TX_EMPTY", "TX_MORE", "TX_SLOW", "TX_PARTIAL", "TX_ATTENTION",
            "RX_NO_BUFFER", "RX_MORE", "RX_DRAINED", "RX_NO_CREDIT", "RX_SLOW", "RX_EOF", "RX_ERROR",
-           "credit", "BURST"]
+           "credit", "credit_update_due", "BURST"]
 
 TX_EMPTY, TX_MORE, TX_SLOW = lib.VS_TX_EMPTY, lib.VS_TX_MORE, lib.VS_TX_SLOW
 TX_PARTIAL, TX_ATTENTION = lib.VS_TX_PARTIAL, lib.VS_TX_ATTENTION
@@ -106,3 +106,9 @@ def rx_fill(vq: Virtqueue, rec, guest_cid: int, max_packets: int = BURST) -> RxO
 def credit(rec) -> int:
     """Bytes the guest can still take on this connection (virtio 1.2, 5.10.6.3.1)."""
     return lib.vs_credit(rec)
+
+
+def credit_update_due(rec) -> bool:
+    """Whether the guest must be told how much of our buffer is free again (the rule
+    C applies after every packet it finishes)."""
+    return bool(lib.vs_credit_update_due(rec))

@@ -29,7 +29,7 @@ import enum
 import socket
 from collections import deque
 
-from vhost_user.vsock_fastpath import ConnCounters, credit as _native_credit
+from vhost_user.vsock_fastpath import ConnCounters, credit as _native_credit, credit_update_due
 
 from .packet import SockType
 
@@ -116,6 +116,10 @@ class Conn:
     def update_peer(self, buf_alloc: int, fwd_cnt: int) -> None:
         self.peer_buf_alloc = buf_alloc
         self.peer_fwd_cnt = fwd_cnt
+        self.peer_credit_changed()
+
+    def peer_credit_changed(self) -> None:
+        """The guest's window moved (here or in C): a CREDIT_REQUEST may be sent again."""
         if self.credit() > 0:
             self.credit_requested = False
 
@@ -126,13 +130,7 @@ class Conn:
 
     def needs_credit_update(self) -> bool:
         """True when the guest believes less than half our buffer is free and we freed some."""
-        if self.fwd_cnt == self.reported_fwd:
-            return False
-        guest_view_free = self.buf_alloc - (self.rx_total - self.reported_fwd)
-        return guest_view_free < self.buf_alloc // 2 or self.pending_bytes == 0 and self.guest_blocked()
-
-    def guest_blocked(self) -> bool:
-        return self.buf_alloc - (self.rx_total - self.reported_fwd) <= 0
+        return credit_update_due(self.rec)
 
     def wants_host_read(self) -> bool:
         """Read interest in the host socket: established, guest can take bytes, none queued."""

@@ -232,8 +232,7 @@ class VsockDevice(RxPath, VirtioDevice):
                     finally:
                         vq.push(out.chain.head, 0)
                 elif out.status == fast.TX_ATTENTION and conn is not None:
-                    if conn.credit() > 0:
-                        conn.credit_requested = False
+                    conn.peer_credit_changed()
                     self._flush(conn)
                     self._after_guest_packet(conn)
                 self._flush_wake()
@@ -360,12 +359,16 @@ class VsockDevice(RxPath, VirtioDevice):
         conn.update_peer(hdr.buf_alloc, hdr.fwd_cnt)
         conn.rx_total += hdr.len
         conn.fwd_cnt += sent
-        conn.short_writes += 1
-        rest = self._payload(chain, hdr)[sent:]
-        conn.pending.append(rest)
-        conn.pending_bytes += len(rest)
+        self._hold_back(conn, self._payload(chain, hdr)[sent:])
         self._flush(conn)
         self._after_guest_packet(conn)
+
+    @staticmethod
+    def _hold_back(conn: Conn, rest: bytes) -> None:
+        """The part of a packet the full host socket did not take: it waits in order."""
+        conn.short_writes += 1
+        conn.pending.append(rest)
+        conn.pending_bytes += len(rest)
 
     def _guest_connect(self, hdr: Header) -> None:
         """Guest REQUEST to CID 2: connect to `<uds-path>_<port>`."""
@@ -446,10 +449,7 @@ class VsockDevice(RxPath, VirtioDevice):
             try:
                 sent = _send_views(conn.sock, views)
                 if sent < hdr.len:
-                    conn.short_writes += 1
-                    rest = b"".join(bytes(v) for v in views)[sent:]
-                    conn.pending.append(rest)
-                    conn.pending_bytes += len(rest)
+                    self._hold_back(conn, b"".join(bytes(v) for v in views)[sent:])
             except OSError as exc:
                 log.info("cid %d: host side of %s failed (%s); reset", self.guest_cid,
                          conn.describe(), exc.strerror)

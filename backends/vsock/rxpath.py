@@ -7,8 +7,8 @@ whenever another thread wakes it. It sends, in order: queued control
 packets (RESPONSE, RST, SHUTDOWN, credit messages, sibling VMs' packets,
 cut to the size of each rx buffer), then data from host sockets that are
 readable, read straight into guest buffers, never more than the guest's
-credit: by C (`vsock_fastpath.rx_fill`, one readv per buffer, header
-written in place, a burst per call) for established stream connections,
+credit: by C (`vsock_fastpath.rx_fill`, one readv across up to 16
+buffers, headers written in place) for established stream connections,
 by one `recvmsg_into` per buffer otherwise (SEQPACKET records, CONNECT
 leftovers, `--pcap`). When the ring has no buffer left the handler
 returns; the guest's next rx kick brings it back. A chain popped but not

@@ -7,23 +7,18 @@ read it to prove which path carried the bytes."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import socket
 import threading
 import time
 
-from vsock_proc import host_connect, host_listener, read_line
+from vsock_proc import host_connect, host_listener, read_line, recv_all, sha
 from vhost_user.drivers.vsock import VsockDriver
 
 MiB = 1 << 20
 _CLOSED = re.compile(r"closed stream guest port (\d+) .*: guest->host (\d+) bytes \((\d+) by C, (\d+) short "
                      r"writes\), host->guest (\d+) bytes \((\d+) by C\)")
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _close_line(bp, guest_port: int, timeout: float = 10.0) -> dict:
@@ -37,17 +32,6 @@ def _close_line(bp, guest_port: int, timeout: float = 10.0) -> dict:
     raise AssertionError(f"no close line for guest port {guest_port}:\n{bp.log()[-3000:]}")
 
 
-def _recv_all(s: socket.socket, n: int, delay: float = 0.0) -> bytes:
-    time.sleep(delay)
-    out = bytearray()
-    while len(out) < n:
-        chunk = s.recv(min(1 << 20, n - len(out)))
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
-
-
 def test_vsock_stream_bytes_move_in_c_both_ways(one_vm):
     bp, sock, uds = one_vm
     listener = host_listener(uds + "_7000")
@@ -57,7 +41,7 @@ def test_vsock_stream_bytes_move_in_c_both_ways(one_vm):
         h, _ = listener.accept()
         h.settimeout(20)
         got: list[bytes] = []
-        reader = threading.Thread(target=lambda: got.append(_recv_all(h, len(up))))
+        reader = threading.Thread(target=lambda: got.append(recv_all(h, len(up))))
         reader.start()
         g.send(up, timeout=30)
         reader.join(30)
@@ -67,8 +51,8 @@ def test_vsock_stream_bytes_move_in_c_both_ways(one_vm):
         writer.join(30)
         g.close()
         port = g.local_port
-    assert _sha(got[0]) == _sha(up)
-    assert _sha(back) == _sha(down)
+    assert sha(got[0]) == sha(up)
+    assert sha(back) == sha(down)
     line = _close_line(bp, port)
     assert line["out"] == len(up) and line["in"] == len(down)
     # Most bytes went through C; Python takes only the rest of a packet the full host
@@ -91,14 +75,14 @@ def test_vsock_full_host_socket_gives_short_writes_and_keeps_every_byte_in_order
         h.settimeout(30)
         h.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         got: list[bytes] = []
-        reader = threading.Thread(target=lambda: got.append(_recv_all(h, len(data), delay=1.0)))
+        reader = threading.Thread(target=lambda: got.append(recv_all(h, len(data), delay=1.0)))
         reader.start()
         g.send(data, timeout=60)
         reader.join(60)
         assert g.tx_cnt - g.peer_fwd_cnt <= g.peer_buf_alloc
         g.close()
         port = g.local_port
-    assert _sha(got[0]) == _sha(data)
+    assert sha(got[0]) == sha(data)
     line = _close_line(bp, port)
     assert line["out"] == len(data)
     assert line["short"] >= 1, line
@@ -141,7 +125,7 @@ def test_vsock_pcap_keeps_every_packet_on_the_python_path(sockdir, vsock_proc):
         h, _ = listener.accept()
         h.settimeout(10)
         g.send(data)
-        assert _recv_all(h, len(data)) == data
+        assert recv_all(h, len(data)) == data
         h.sendall(data)
         assert g.recv_exact(len(data)) == data
         g.close()
@@ -166,7 +150,7 @@ def test_vsock_small_packets_in_flight_with_a_slow_reader_arrive_in_order(sockdi
         h.settimeout(30)
         h.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         got: list[bytes] = []
-        reader = threading.Thread(target=lambda: got.append(_recv_all(h, len(data), delay=0.5)))
+        reader = threading.Thread(target=lambda: got.append(recv_all(h, len(data), delay=0.5)))
         reader.start()
         view = memoryview(data)
         for off in range(0, len(data), 4096):
@@ -174,6 +158,6 @@ def test_vsock_small_packets_in_flight_with_a_slow_reader_arrive_in_order(sockdi
         reader.join(60)
         g.close()
         port = g.local_port
-    assert _sha(got[0]) == _sha(data)
+    assert sha(got[0]) == sha(data)
     line = _close_line(bp, port)
     assert line["out"] == len(data) and line["short"] >= 1 and line["c_out"] > 0, line

@@ -3,7 +3,6 @@ virtio-vsock driver model, with real host programs on Unix sockets."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import threading
@@ -11,25 +10,11 @@ import time
 
 import pytest
 
-from vsock_proc import host_connect, host_listener, read_line
+from vsock_proc import host_connect, host_listener, read_line, recv_all, sha
 from vhost_user.backends.vsock.packet import Op, SockType, VsockFeature
 from vhost_user.drivers.vsock import VsockDriver, VsockReset
 
 MiB = 1 << 20
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _recv_all(s: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = s.recv(min(1 << 20, n - len(out)))
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
 
 
 def test_vsock_config_space_gives_guest_cid_and_seqpacket(one_vm):
@@ -48,14 +33,14 @@ def test_vsock_guest_to_host_connection_carries_data_both_ways(one_vm):
         h, _ = listener.accept()
         h.settimeout(10)
         got_up: list[bytes] = []
-        reader = threading.Thread(target=lambda: got_up.append(_recv_all(h, len(up))))
+        reader = threading.Thread(target=lambda: got_up.append(recv_all(h, len(up))))
         reader.start()
         g.send(up)
         reader.join(20)
-        assert _sha(got_up[0]) == _sha(up)
+        assert sha(got_up[0]) == sha(up)
         writer = threading.Thread(target=h.sendall, args=(down,))
         writer.start()
-        assert _sha(g.recv_exact(len(down))) == _sha(down)
+        assert sha(g.recv_exact(len(down))) == sha(down)
         writer.join(20)
         g.close()
         assert h.recv(1) == b""  # the guest's close reached the host program
@@ -101,7 +86,7 @@ def test_vsock_half_close_both_directions(one_vm):
         h, _ = listener.accept()
         g.send(b"last words")
         g.shutdown(2)  # SHUTDOWN(SEND): the guest is done sending, still receives
-        assert _recv_all(h, 100) == b"last words"  # then EOF
+        assert recv_all(h, 100) == b"last words"  # then EOF
         h.sendall(b"still flowing")
         assert g.recv_exact(13) == b"still flowing"
         h.shutdown(socket.SHUT_WR)
@@ -125,11 +110,11 @@ def test_vsock_credit_guest_to_host_throttles_and_recovers(sockdir, vsock_proc):
         assert 0 < stalled_at < len(data)
         assert g.tx_cnt - g.peer_fwd_cnt <= g.peer_buf_alloc
         got: list[bytes] = []
-        reader = threading.Thread(target=lambda: got.append(_recv_all(h, len(data))))
+        reader = threading.Thread(target=lambda: got.append(recv_all(h, len(data))))
         reader.start()
         g.send(data[stalled_at:], timeout=30)
         reader.join(30)
-        assert _sha(got[0]) == _sha(data)
+        assert sha(got[0]) == sha(data)
 
 
 def test_vsock_credit_host_to_guest_respects_guest_buffer_and_recovers(one_vm):
@@ -148,7 +133,7 @@ def test_vsock_credit_host_to_guest_respects_guest_buffer_and_recovers(one_vm):
         assert len(g.rx) == 64 << 10  # exactly the window, no more
         assert g.credit_violations == 0
         assert writer.is_alive()  # the host writer is throttled
-        assert _sha(g.recv_exact(len(data), timeout=30)) == _sha(data)
+        assert sha(g.recv_exact(len(data), timeout=30)) == sha(data)
         writer.join(10)
 
 
@@ -183,7 +168,7 @@ def test_vsock_several_connections_at_once_stay_separate(one_vm):
             g.send(payload[:50_000])
         for g, h, payload in pairs:
             g.send(payload[50_000:])
-            assert _recv_all(h, len(payload)) == payload
+            assert recv_all(h, len(payload)) == payload
         for g, h, payload in reversed(pairs):
             h.sendall(payload[::-1])
         for g, h, payload in pairs:
@@ -275,8 +260,8 @@ def test_vsock_vms_in_one_group_exchange_data_both_ways_at_once(sockdir, vsock_p
         finally:
             t.join(40)
         assert seen["peer"] == (3, ga.local_port)
-        assert _sha(seen["data"]) == _sha(a_to_b)
-        assert _sha(got) == _sha(b_to_a)
+        assert sha(seen["data"]) == sha(a_to_b)
+        assert sha(got) == sha(b_to_a)
 
 
 def test_vsock_vms_in_different_groups_cannot_connect(sockdir, vsock_proc):
@@ -301,7 +286,7 @@ def test_vsock_rx_buffers_split_into_header_and_payload_descriptors(one_vm):
         h, _ = listener.accept()
         writer = threading.Thread(target=h.sendall, args=(down,))
         writer.start()
-        assert _sha(g.recv_exact(len(down))) == _sha(down)
+        assert sha(g.recv_exact(len(down))) == sha(down)
         writer.join(10)
         g.send(b"and back")
         assert h.recv(100) == b"and back"
