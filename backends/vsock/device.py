@@ -17,6 +17,18 @@ Three threads touch a VM's connections, under one device lock:
   as well, so a full rx ring never stalls a connection;
 * the host thread (host.py) only reports socket readiness.
 
+Packets for a sibling VM (same process, shared group) are copied into that
+VM's control queue (`deliver`), after the router checked them against the
+credit the receiver advertised (router.py). Back-pressure, not drops: while
+the receiver's queue holds `RELAY_LIMIT` bytes or more, the sender's packet
+waits in the sender's device (`_parked`) and its tx ring is not read; the
+receiver's rx worker wakes the sender once its queue drained below half.
+A sender that respects credit is therefore never refused, and the memory a
+VM's relay queue holds is bounded: at most RELAY_LIMIT plus one packet
+(64 KiB + header) queued, plus one parked packet per sibling VM sending to
+it. A sender that ignores credit has that connection reset at both ends,
+and no later packet of it is delivered.
+
 Guest memory is touched only by the two queue workers, so the session can
 pause and swap the memory table at any time. With `--pcap` every packet
 takes the Python path, so the capture sees each one.
@@ -30,7 +42,7 @@ import selectors
 import socket
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from vhost_user.device import VirtioDevice
 from vhost_user.errors import DeviceError
@@ -40,6 +52,7 @@ from vhost_user import vsock_fastpath as fast
 from . import guestio
 from .connection import Conn, ConnState
 from .host import HostSide
+from .router import Verdict
 from .rxpath import MAX_PACKET, RxPath
 from .packet import (
     HEADER_SIZE, HOST_CID, Header, Op, SeqFlag, ShutdownFlag, SockType,
@@ -52,8 +65,9 @@ log = logging.getLogger(__name__)
 
 CAPABILITIES = {"type": "vsock", "features": []}
 RX, TX, EVENT = 0, 1, 2
-#: bytes of relayed and control packets that may wait for a VM's rx buffers
+#: queued bytes (relayed and control packets) above which senders toward a VM wait
 RELAY_LIMIT = 8 << 20
+DELIVERED, FULL, GONE = "delivered", "full", "gone"
 _FIRST_HOST_PORT = 1 << 30
 #: buf_alloc we advertise: Linux's own vsock buffer size. The guest may have this much
 #: in flight to a host socket; a credit update goes out each half of it, so a window of
@@ -104,7 +118,10 @@ class VsockDevice(RxPath, VirtioDevice):
         self._had_traffic = False
         self._new_session = True
         self._wake_needed = False
-        self.stats = {"rst_sent": 0, "dropped": 0, "credit_violations": 0}
+        self._parked = None                  # (dest, Header, payload) waiting for room at dest
+        self._waiters: dict = {}             # sibling devices parked on our full queue
+        self.stats = {"rst_sent": 0, "dropped": 0, "credit_violations": 0, "relay_waits": 0,
+                      "relay_unknown": 0, "rx_bad_buffers": 0, "host_records_too_large": 0}
         self.host = HostSide(self, opts.uds_path)
         if router is not None:
             try:
@@ -130,7 +147,8 @@ class VsockDevice(RxPath, VirtioDevice):
             self._vqs[index] = None
 
     def reset(self) -> None:
-        """A front-end left: every connection is gone; the next one gets a transport reset."""
+        """A front-end left: every connection is gone; the next one gets a transport reset.
+        Sibling VMs' ends of our connections get an RST; senders waiting on us go on."""
         super().reset()
         with self._lock:
             for conn in list(self._conns.values()):
@@ -140,6 +158,30 @@ class VsockDevice(RxPath, VirtioDevice):
             self._ready.clear()
             self._vqs = [None, None, None]
             self._new_session = True
+            self._parked = None
+            waiters, self._waiters = list(self._waiters), {}
+        for sender in waiters:
+            sender._wake(TX)
+        if self.router is not None:
+            self._reset_sibling_ends()
+
+    def _reset_sibling_ends(self) -> None:
+        """Our connections with sibling VMs died with our state: RST their other ends."""
+        for (cid, port), (peer_cid, peer_port), kind in self.router.forget_vm(self.guest_cid):
+            peer = self.router.lookup(self, peer_cid)
+            if peer is not None:
+                peer.deliver(Header(src_cid=cid, dst_cid=peer_cid, src_port=port, dst_port=peer_port,
+                                    type=kind, op=Op.RST), b"", force=True)
+
+    def counters(self) -> dict:
+        """The SIGUSR1 counters: drops, resets, back-pressure, queue fill."""
+        with self._lock:
+            out = dict(self.stats)
+            out.update(connections=len(self._conns), queued_bytes=self._ctrl_bytes,
+                       parked=int(self._parked is not None))
+        if self.router is not None:
+            out.update(self.router.stats, relay_flows=self.router.flow_count())
+        return out
 
     def close(self) -> None:
         self.reset()
@@ -200,6 +242,8 @@ class VsockDevice(RxPath, VirtioDevice):
     def _tx_handler(self, vq) -> None:
         if self._vqs[TX] is not vq:
             self._tx_started(vq)
+        if self._parked is not None and not self._retry_parked():
+            return  # the sibling is still full: its rx worker wakes us when it drained
         while (chain := self._tx_next(vq)) is not None:
             try:
                 self._guest_packet(chain)
@@ -207,6 +251,8 @@ class VsockDevice(RxPath, VirtioDevice):
                 log.exception("cid %d: tx packet handling failed", self.guest_cid)
             finally:
                 vq.push(chain.head, 0)
+            if self._parked is not None:
+                break  # back-pressure: leave the rest of the ring to the guest
         with self._lock:
             self._flush_wake()
 
@@ -295,27 +341,77 @@ class VsockDevice(RxPath, VirtioDevice):
         """Hand a packet to a sibling VM. Called without our lock: two VMs relaying to
         each other at once would otherwise each hold one lock and wait for the other."""
         dest = self.router.lookup(self, hdr.dst_cid) if self.router is not None else None
+        if dest is None:
+            log.info("cid %d: no VM with CID %d in groups %s; %s reset", self.guest_cid,
+                     hdr.dst_cid, ",".join(sorted(self.groups)), hdr.op_name)
+            self._rst_locked(hdr)
+            return
+        verdict = self.router.track(hdr)
+        if verdict is Verdict.IGNORE:
+            return
+        if verdict is Verdict.UNKNOWN:
+            log.info("cid %d: %s for no open sibling connection; reset", self.guest_cid, hdr.describe())
+            self.stats["relay_unknown"] += 1
+            self._rst_locked(hdr)
+            return
+        if verdict is Verdict.VIOLATION:
+            log.warning("cid %d: %s breaks the credit (or socket type) cid %d gave; connection "
+                        "reset at both ends", self.guest_cid, hdr.describe(), hdr.dst_cid)
+            self.stats["credit_violations"] += 1
+            dest.deliver(replace(hdr, op=Op.RST, len=0, flags=0, buf_alloc=0, fwd_cnt=0), b"", force=True)
+            self._rst_locked(hdr)
+            return
         payload = memoryview(self._payload(chain, hdr)) if hdr.len else b""
-        if dest is None or not dest.deliver(hdr, payload):
-            if dest is None:
-                log.info("cid %d: no VM with CID %d in groups %s; %s reset", self.guest_cid,
-                         hdr.dst_cid, ",".join(sorted(self.groups)), hdr.op_name)
-            with self._lock:
-                self._send_rst(hdr)
+        self._hand_over(dest, hdr, payload)
 
-    def deliver(self, hdr: Header, payload: bytes) -> bool:
-        """A sibling VM's packet for this guest; False when it cannot be queued."""
+    def _hand_over(self, dest: "VsockDevice", hdr: Header, payload) -> bool:
+        """Queue at `dest`; park the packet if it is full. False while parked."""
+        state = dest.deliver(hdr, payload, waiter=self)
+        if state == FULL:
+            if self._parked is None:
+                self.stats["relay_waits"] += 1
+            self._parked = (dest, hdr, payload)
+            return False
+        self._parked = None
+        if state == GONE:
+            log.info("cid %d: VM %d is not running; %s reset", self.guest_cid, hdr.dst_cid, hdr.op_name)
+            self.router.forget(hdr)
+            self._rst_locked(hdr)
+        return True
+
+    def _retry_parked(self) -> bool:
+        """The parked packet again (the sibling drained); True once it left."""
+        if not self._hand_over(*self._parked):
+            return False
         with self._lock:
-            if self._vqs[RX] is None and not self.acked_features:
-                return False
-            if self._ctrl_bytes + HEADER_SIZE + len(payload) > RELAY_LIMIT:
-                log.warning("cid %d: relay queue full (%d bytes): sender %d ignores credit?",
-                            self.guest_cid, self._ctrl_bytes, hdr.src_cid)
-                self.stats["credit_violations"] += 1
-                return False
-            self._queue_ctrl(hdr, payload, capture=False)
             self._flush_wake()
         return True
+
+    def _rst_locked(self, hdr: Header) -> None:
+        with self._lock:
+            self._send_rst(hdr)
+
+    def deliver(self, hdr: Header, payload, waiter: "VsockDevice | None" = None,
+                force: bool = False) -> str:
+        """A sibling VM's packet for this guest: DELIVERED, FULL (over RELAY_LIMIT; `waiter`
+        is woken once we drained) or GONE (no driver). `force` queues regardless (RSTs)."""
+        with self._lock:
+            if self._vqs[RX] is None and not self.acked_features:
+                return GONE
+            if not force and self._ctrl_bytes >= RELAY_LIMIT:
+                if waiter is not None:
+                    self._waiters[waiter] = None
+                return FULL
+            self._queue_ctrl(hdr, payload, capture=False)
+            self._flush_wake()
+        return DELIVERED
+
+    def _wake_senders(self) -> None:
+        """Called with our lock by the rx worker: wake the parked senders once half drained."""
+        if self._waiters and self._ctrl_bytes < RELAY_LIMIT // 2:
+            waiters, self._waiters = list(self._waiters), {}
+            for sender in waiters:
+                sender._wake(TX)
 
     # -- host connections: guest side ----------------------------------------------
     def _drop_conn_of(self, hdr: Header) -> None:

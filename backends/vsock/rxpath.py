@@ -62,6 +62,15 @@ class RxPath:
                     return False
                 hdr, payload, conn, capture = self._ctrl[0]
                 space = chain.write_len - HEADER_SIZE
+                if space < 0 or (space == 0 and payload):
+                    # No room for the header (and a first byte): the buffer goes back
+                    # empty, the packet waits for the next one (nothing is lost).
+                    self.stats["rx_bad_buffers"] += 1
+                    if self.stats["rx_bad_buffers"] == 1:
+                        log.warning("cid %d: rx buffer of %d bytes cannot hold a packet; returned "
+                                    "empty (counted in rx_bad_buffers)", self.guest_cid, chain.write_len)
+                    vq.push(chain.head, 0)
+                    continue
                 if hdr.op == Op.RW and 0 < space < len(payload):
                     # A relayed packet larger than this rx buffer goes in pieces; message
                     # flags (EOM/EOR) stay with the last piece.
@@ -72,6 +81,7 @@ class RxPath:
                 else:
                     self._ctrl.popleft()
                     self._ctrl_bytes -= len(payload) + HEADER_SIZE
+                self._wake_senders()
                 if conn is not None:
                     if conn.state is ConnState.CLOSED:
                         vq.unpop()
@@ -80,11 +90,6 @@ class RxPath:
                     conn.reported_fwd = conn.fwd_cnt
                 if capture and self.capture is not None:
                     self.capture.write(hdr, payload)
-            if space < len(payload):
-                log.warning("cid %d: rx buffer of %d bytes too small for %s; dropped", self.guest_cid,
-                            chain.write_len, hdr.describe())
-                vq.push(chain.head, 0)
-                continue
             chain.write(hdr.pack())
             if payload:
                 chain.write(payload, HEADER_SIZE)
@@ -143,8 +148,9 @@ class RxPath:
         limit = min(space, credit, MAX_PACKET)
         flags = 0
         if not conn.prefix and conn.seqpacket:
-            if not self._read_record(conn):
-                return self._host_gone(conn, chain)
+            got = self._read_record(conn)
+            if not got:
+                return self._host_gone(conn, chain, reset=got is None)
             if not conn.prefix:
                 return None  # no whole record yet
         if conn.prefix:
@@ -203,7 +209,8 @@ class RxPath:
         return HEADER_SIZE + n
 
     def _read_record(self, conn: Conn) -> bool:
-        """SEQPACKET: read one host record into the prefix; False on EOF/error."""
+        """SEQPACKET: read one host record into the prefix; False on EOF/error, None when
+        the record is larger than the guest's buffer (the connection must be reset)."""
         try:
             data, _, msg_flags, _ = conn.sock.recvmsg(conn.peer_buf_alloc or MAX_PACKET, 0, socket.MSG_TRUNC)
         except (BlockingIOError, InterruptedError):
@@ -214,8 +221,11 @@ class RxPath:
         if not data:
             return False
         if msg_flags & socket.MSG_TRUNC:
-            log.warning("cid %d: host record on %s larger than the guest's buffer; truncated",
-                        self.guest_cid, conn.describe())
+            # A cut record would be a corrupt message: end the connection instead.
+            log.warning("cid %d: host record on %s larger than the guest's buffer (%d bytes); reset",
+                        self.guest_cid, conn.describe(), conn.peer_buf_alloc or MAX_PACKET)
+            self.stats["host_records_too_large"] += 1
+            return None
         conn.prefix += data
         conn.prefix_is_record = True
         return True
