@@ -17,7 +17,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-from vhost_user.cli import parse_size
+from vhost_user.cli import report_error, parse_size, version
+from vhost_user.errors import VhostUserError
 from vhost_user.driver_ring import bench_area_size
 from vhost_user.drivers.blk import BlkDriver
 
@@ -132,6 +133,7 @@ def run_blk_bench(spec: BlkBenchSpec) -> BlkBenchReport:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vhost-user-bench", description=__doc__.splitlines()[0])
+    p.add_argument("-V", "--version", action="version", version=f"vhost-user-bench {version()}")
     sub = p.add_subparsers(dest="device", required=True)
     b = sub.add_parser("blk", help="benchmark a vhost-user-blk back-end")
     b.add_argument("--socket", "-s", required=True, help="back-end socket path")
@@ -360,7 +362,19 @@ def _gpu_main(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one benchmark; a back-end that is missing or misbehaves is one error line (exit 1)."""
     args = _parser().parse_args(argv)
+    try:
+        return _main(args)
+    except (OSError, VhostUserError) as exc:
+        if isinstance(exc, OSError) and exc.filename is None and isinstance(args.socket, str):
+            exc = OSError(exc.errno, exc.strerror or str(exc), args.socket)
+        elif not isinstance(exc, OSError) and isinstance(getattr(args, "socket", None), str):
+            exc = f"{args.socket}: {exc}"
+        return report_error("vhost-user-bench", exc)
+
+
+def _main(args) -> int:
     if args.device == "gpu":
         return _gpu_main(args)
     if args.device == "net":

@@ -1,9 +1,24 @@
 """Conventions every back-end program shares.
 
-`--socket PATH` (alias `--socket-path`) or `--fd N` (an inherited listening
-socket, as systemd socket activation hands over), `--print-capabilities`,
-logging to stderr with `-v`/`--log-level`, no daemonizing, and a clean stop on
-SIGTERM/SIGINT that removes the socket file.
+Options: `--socket PATH` (alias `--socket-path`) or `--fd N`, an inherited
+Unix socket that is either listening (serve front-ends in turn, as systemd
+socket activation hands over) or already connected (one front-end, as
+libvirt and crosvm hand over: serve that session, exit 0 when it ends);
+`--print-capabilities`, `--print-description`, `-V/--version`, `--pidfile`,
+logging to stderr with `-v`/`--log-level`, no daemonizing.
+
+Signals: SIGTERM, SIGINT and SIGHUP stop cleanly and remove the socket files
+that are still ours; SIGUSR1 logs one `stats {...}` JSON line of counters.
+
+systemd: with LISTEN_FDS, an endpoint given as `--socket PATH` (or vsock's
+`socket=PATH`) is served on the inherited socket whose FileDescriptorName is
+PATH or that is bound to PATH; `--fd NAME` (vsock `fd=NAME`) picks the one
+named NAME; with no endpoint on the command line every inherited socket is
+one (net: one port each). READY=1 goes to NOTIFY_SOCKET once all listen.
+
+Errors: bad input after parsing is one line `PROGRAM: error: WHAT: reason`
+and exit status 1, WHAT being the path (or fd) at fault; usage errors,
+including an option value a device rejects, go through argparse (exit 2).
 """
 
 from __future__ import annotations
@@ -13,25 +28,77 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
+import stat
 import sys
-from importlib import resources
+import sysconfig
+from importlib import metadata, resources
 from typing import Callable
 
+from vhost_user import daemon
 from vhost_user.device import VirtioDevice
 from vhost_user.errors import VhostUserError
 from vhost_user.server import DeviceServer, listen_unix
 
 __all__ = [
-    "base_parser", "run_backend", "serve_devices", "Endpoint", "endpoints", "parse_size",
-    "inherited_listener", "description", "print_info", "setup_logging", "systemd_listen_fd",
+    "base_parser", "run_main", "run_backend", "serve_devices", "Endpoint", "endpoints", "endpoint_for",
+    "parse_size", "adopt_fd", "description", "print_info", "setup_logging", "CliError", "UsageError",
+    "error_text", "report_error", "version",
 ]
 
 log = logging.getLogger("vhost_user")
+PACKAGE = "vhost-user-backends"
 
 
+# -- errors ---------------------------------------------------------------------------
+class CliError(Exception):
+    """Bad input found after parsing: `WHAT: reason`, exit status 1."""
+
+    def __init__(self, what: str, reason: str):
+        super().__init__(f"{what}: {reason}")
+        self.what, self.reason = what, reason
+
+
+class UsageError(Exception):
+    """A command-line mistake found after parsing; run_main hands it to parser.error (exit 2)."""
+
+
+def error_text(exc: BaseException) -> str:
+    """The `WHAT: reason` part of an error line (an OSError names its file)."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
+def report_error(prog: str, exc: BaseException | str) -> int:
+    """Print `PROG: error: WHAT: reason` to stderr; return 1 (the exit status)."""
+    text = exc if isinstance(exc, str) else error_text(exc)
+    print(f"{prog}: error: {text}", file=sys.stderr)
+    return 1
+
+
+def run_main(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int],
+             argv: list[str] | None = None) -> int:
+    """Parse `argv`, run `body(args)`, and turn every expected failure into one line.
+
+    UsageError goes through parser.error (usage and exit 2); CliError,
+    OSError and VhostUserError become `PROG: error: ...` and exit 1.
+    """
+    args = parser.parse_args(argv)
+    try:
+        return body(args)
+    except UsageError as exc:
+        parser.error(str(exc))
+    except (CliError, OSError, VhostUserError) as exc:
+        log.debug("failed", exc_info=True)
+        return report_error(parser.prog, exc)
+    return 2  # not reached: parser.error exits
+
+
+# -- parsing ----------------------------------------------------------------------------
 def parse_size(text: str) -> int:
     """'1G', '512M', '4096' -> bytes (binary units)."""
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -47,6 +114,23 @@ def parse_size(text: str) -> int:
     return value
 
 
+def parse_fd(text: str) -> int | str:
+    """`--fd` value: a file descriptor number, or the name of a systemd-passed socket."""
+    if text.isdigit():
+        return int(text)
+    if not text or text.lstrip("-").isdigit() or ":" in text:
+        raise argparse.ArgumentTypeError(f"not a file descriptor or socket name: {text!r}")
+    return text
+
+
+def version() -> str:
+    """The installed distribution's version."""
+    try:
+        return metadata.version(PACKAGE)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def base_parser(prog: str, description: str, *, verbose_flag: bool = True,
                 repeatable_endpoints: bool = False) -> argparse.ArgumentParser:
     """The shared options.
@@ -56,18 +140,24 @@ def base_parser(prog: str, description: str, *, verbose_flag: bool = True,
     (vhost-user-net's ports); `endpoints(args)` reads them either way.
     """
     p = argparse.ArgumentParser(prog=prog, description=description)
+    p.set_defaults(prog_name=prog)
     if repeatable_endpoints:
         where, action = p.add_argument_group("endpoints (repeatable)"), "append"
     else:
         where, action = p.add_mutually_exclusive_group(), "store"
     where.add_argument("-s", "--socket", "--socket-path", dest="socket", metavar="PATH",
                        action=action, help="listen on this Unix socket path")
-    where.add_argument("-f", "--fd", type=int, metavar="N", action=action,
-                       help="serve on an inherited listening socket fd (socket activation)")
+    where.add_argument("-f", "--fd", type=parse_fd, metavar="N", action=action,
+                       help="serve on an inherited Unix socket: listening (serve front-ends in turn) "
+                            "or connected (serve that one, then exit); or the LISTEN_FDNAMES name "
+                            "of a systemd-passed socket")
     p.add_argument("-c", "--print-capabilities", action="store_true",
                    help="print the back-end capabilities as JSON and exit")
     p.add_argument("--print-description", action="store_true",
                    help="print a vhost-user.json description file (for /usr/share/qemu/vhost-user/) and exit")
+    p.add_argument("-V", "--version", action="version", version=f"{prog} {version()}")
+    p.add_argument("--pidfile", metavar="PATH",
+                   help="create and lock PATH, write our pid once serving, remove it on stop")
     verbose = ("-v", "--verbose") if verbose_flag else ("--verbose",)
     p.add_argument(*verbose, action="count", default=0, help="more logging (repeatable)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
@@ -75,22 +165,6 @@ def base_parser(prog: str, description: str, *, verbose_flag: bool = True,
     p.add_argument("--sandbox", action=argparse.BooleanOptionalAction, default=True,
                    help="after set-up, confine the process (no_new_privs + seccomp; default on)")
     return p
-
-
-def inherited_listener(fd: int) -> socket.socket:
-    """Adopt fd N as a listening Unix stream socket, refusing anything else."""
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError as exc:
-        raise VhostUserError(f"--fd {fd}: not a socket ({exc.strerror})") from None
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-        sock.detach()
-        raise VhostUserError(f"--fd {fd}: not a Unix stream socket")
-    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        sock.detach()
-        raise VhostUserError(f"--fd {fd}: socket is not listening")
-    os.set_inheritable(fd, False)
-    return sock
 
 
 def setup_logging(args) -> None:
@@ -102,50 +176,170 @@ def setup_logging(args) -> None:
     )
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
+# -- endpoints ------------------------------------------------------------------------------
+def adopt_fd(fd: int) -> tuple[socket.socket, bool]:
+    """Adopt inherited fd N as a Unix stream socket: (socket, connected).
 
-
-def description(name: str) -> dict:
-    """The shipped description file of back-end `name`, with its binary's real path.
-
-    libvirt discovers back-ends through these files (QEMU's
-    docs/interop/vhost-user.json); the path is only known once installed.
+    A listening socket serves front-ends in turn; a connected one (a socket
+    pair end, as libvirt and crosvm pass) is one front-end. Anything else is
+    refused with a CliError naming the fd.
     """
-    with resources.files("vhost_user.data").joinpath(f"{name}.json").open() as f:
-        desc = json.load(f)
-    found = shutil.which(desc["binary"])
-    if found:
-        desc["binary"] = os.path.abspath(found)
-    return desc
+    what = f"--fd {fd}"
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise CliError(what, f"not an open file descriptor ({exc.strerror})") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise CliError(what, "not a socket")
+    sock = socket.socket(fileno=fd)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise CliError(what, "not a Unix stream socket")
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        connected = False
+    else:
+        try:
+            sock.getpeername()
+        except OSError:
+            sock.detach()
+            raise CliError(what, "socket is neither listening nor connected") from None
+        connected = True
+    os.set_inheritable(fd, False)
+    return sock, connected
 
 
-def systemd_listen_fd() -> int | None:
-    """fd 3 when systemd socket activation handed us exactly one socket."""
-    if os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS") == "1":
-        return 3
-    return None
+class Endpoint:
+    """Where one device serves: a socket path we bind, or an inherited fd.
+
+    `label` names an fd endpoint in logs and stats (the path systemd bound
+    for us, or the fd's name).
+    """
+
+    def __init__(self, path: str | None = None, fd: int | None = None, label: str | None = None):
+        if (path is None) == (fd is None):
+            raise ValueError("an endpoint is a path or an fd")
+        self.path, self.fd, self.label = path, fd, label
+
+    def listen(self) -> tuple[socket.socket, bool]:
+        """The socket to serve and whether it is one connected front-end."""
+        if self.fd is not None:
+            return adopt_fd(self.fd)
+        return listen_unix(self.path), False
+
+    def __str__(self) -> str:
+        return self.path or self.label or f"fd {self.fd}"
 
 
-def endpoints(args) -> list["Endpoint"]:
-    """The endpoints the command line names (paths, then fds), or systemd's socket.
+_claimed: set[int] = set()
 
-    Empty when none is given: the caller prints its usage error.
+
+def _bound_path(fd: int) -> str | None:
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        name = sock.getsockname()
+    except OSError:
+        name = None
+    finally:
+        sock.detach()
+    return name if isinstance(name, str) and name else None
+
+
+def endpoint_for(path: str | None = None, fd: int | str | None = None) -> Endpoint:
+    """An Endpoint for `--socket PATH` or `--fd N|NAME`, taking systemd's sockets into account.
+
+    A PATH that systemd already listens on (an inherited socket named PATH,
+    or bound to PATH) is served on that socket; it is systemd's file, so we
+    never unlink it. `--fd NAME` selects the inherited socket named NAME.
+    """
+    passed = [(f, n) for f, n in daemon.listen_fds() if f not in _claimed]
+    if path is not None:
+        for f, name in passed:
+            bound = _bound_path(f)
+            if name == path or (bound and os.path.abspath(bound) == os.path.abspath(path)):
+                _claimed.add(f)
+                return Endpoint(fd=f, label=path)
+        return Endpoint(path=path)
+    if isinstance(fd, str):
+        for f, name in passed:
+            if name == fd:
+                _claimed.add(f)
+                return Endpoint(fd=f, label=name)
+        raise UsageError(f"--fd {fd}: no socket of that name in LISTEN_FDNAMES")
+    if fd is None:
+        raise ValueError("endpoint_for needs a path or an fd")
+    _claimed.add(fd)
+    return Endpoint(fd=fd)
+
+
+def activated_endpoints() -> list[Endpoint]:
+    """Every systemd-passed socket not claimed yet, in fd order."""
+    found = []
+    for f, name in daemon.listen_fds():
+        if f not in _claimed:
+            _claimed.add(f)
+            found.append(Endpoint(fd=f, label=_bound_path(f) or (name if name != "unknown" else None)))
+    return found
+
+
+def endpoints(args, *, single: bool = False) -> list[Endpoint]:
+    """The endpoints the command line names (paths, then fds), or systemd's sockets.
+
+    Empty when none is given: the caller reports its usage error. `single`:
+    the back-end serves one device, so several systemd sockets are a usage error.
     """
     def listed(value):
         return [] if value is None else value if isinstance(value, list) else [value]
 
-    found = [Endpoint(path=p) for p in listed(args.socket)]
-    found += [Endpoint(fd=f) for f in listed(args.fd)]
+    found = [endpoint_for(path=p) for p in listed(args.socket)]
+    found += [endpoint_for(fd=f) for f in listed(args.fd)]
     if not found:
-        fd = systemd_listen_fd()
-        if fd is not None:
-            found.append(Endpoint(fd=fd))
+        found = activated_endpoints()
+        if single and len(found) > 1:
+            raise UsageError(f"LISTEN_FDS: {len(found)} sockets passed, this back-end serves one "
+                             "(select one with --fd NAME or --socket PATH)")
+    for f, name in daemon.listen_fds():
+        if f not in _claimed:
+            log.warning("LISTEN_FDS: fd %d (%s) is not used by any endpoint", f, name)
     return found
+
+
+# -- information --------------------------------------------------------------------------
+def _program_path(name: str) -> str | None:
+    """The absolute path of the program running now, as a VMM can start it.
+
+    The console script we run as (sys.argv[0]); under `python -m`, the
+    console script this interpreter's installation put in its scripts
+    directory. Never a PATH lookup, which may find another install.
+    """
+    argv0 = sys.argv[0] if sys.argv else ""
+    if argv0 and not argv0.endswith(".py") and argv0 != "-c" and os.access(argv0, os.X_OK) \
+            and os.path.isfile(argv0):
+        return os.path.realpath(argv0)
+    for where in (sysconfig.get_path("scripts"), os.path.dirname(sys.executable)):
+        candidate = os.path.join(where, name) if where else ""
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return os.path.realpath(candidate)
+    return None
+
+
+def description(name: str) -> dict:
+    """The shipped description file of back-end `name`, with the running program's path.
+
+    libvirt starts vhost-user-gpu (and virtiofsd) from these files (QEMU's
+    docs/interop/vhost-user.json); the path is only known at run time.
+    """
+    with resources.files("vhost_user.data").joinpath(f"{name}.json").open() as f:
+        desc = json.load(f)
+    found = _program_path(desc["binary"])
+    if found is None:
+        print(f"{name}: warning: cannot tell this program's absolute path; "
+              f"\"binary\" left as {desc['binary']!r}", file=sys.stderr)
+    else:
+        desc["binary"] = found
+    return desc
 
 
 def print_info(args, capabilities: dict, name: str) -> int | None:
@@ -159,9 +353,10 @@ def print_info(args, capabilities: dict, name: str) -> int | None:
     return None
 
 
+# -- serving ----------------------------------------------------------------------------------
 def run_backend(args, make_device: Callable[[], VirtioDevice], capabilities: dict,
                 name: str) -> int:
-    """Print capabilities or serve one device until SIGTERM/SIGINT; return the exit code.
+    """Print capabilities or serve one device until stopped; return the exit code.
 
     Capabilities are static so that printing them opens no image.
     """
@@ -169,13 +364,11 @@ def run_backend(args, make_device: Callable[[], VirtioDevice], capabilities: dic
     if done is not None:
         return done
     setup_logging(args)
-    found = endpoints(args)
+    found = endpoints(args, single=True)
     if not found:
-        print("error: one of --socket PATH or --fd N is required", file=sys.stderr)
-        return 2
-    endpoint = found[0]
+        raise UsageError("one of --socket PATH or --fd N is required")
     sandbox = name.removeprefix("vhost-user-") if getattr(args, "sandbox", False) else None
-    return serve_devices([(endpoint, make_device)], sandbox=sandbox)
+    return serve_devices([(found[0], make_device)], sandbox=sandbox, args=args)
 
 
 def _confine(profile: str, loop: asyncio.AbstractEventLoop | None) -> str | None:
@@ -191,36 +384,49 @@ def _confine(profile: str, loop: asyncio.AbstractEventLoop | None) -> str | None
     return profile
 
 
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _make(make_device: Callable[[], VirtioDevice]) -> VirtioDevice:
+    """make_device(), with a rejected option value (message naming `--option`) a usage error."""
+    try:
+        return make_device()
+    except VhostUserError as exc:
+        if str(exc).startswith("--"):
+            raise UsageError(str(exc)) from None
+        raise
+
+
 async def _serve_all(servers: list[DeviceServer]) -> None:
     await asyncio.gather(*(s.serve_forever() for s in servers))
 
 
-class Endpoint:
-    """Where one device listens: a socket path or an inherited fd."""
-
-    def __init__(self, path: str | None = None, fd: int | None = None):
-        if (path is None) == (fd is None):
-            raise ValueError("an endpoint is a path or an fd")
-        self.path, self.fd = path, fd
-
-    def listen(self) -> socket.socket:
-        return inherited_listener(self.fd) if self.fd is not None else listen_unix(self.path)
-
-    def __str__(self) -> str:
-        return self.path or f"fd {self.fd}"
+StatsLabel = Callable[[VirtioDevice, Endpoint], str]
 
 
 def serve_devices(entries: list[tuple[Endpoint, Callable[[], VirtioDevice]]],
                   on_loop: Callable[[asyncio.AbstractEventLoop], None] | None = None,
-                  sandbox: str | None = None) -> int:
-    """Serve several devices in one process (net ports, vsock VMs) until SIGTERM/SIGINT.
+                  sandbox: str | None = None, *, args=None, label: StatsLabel | None = None,
+                  extra_counters: Callable[[], dict] | None = None) -> int:
+    """Serve several devices in one process (net ports, vsock VMs) until stopped.
 
-    Any set-up error is printed as one line and gives exit code 1, after
-    closing whatever was already opened. `on_loop` lets a back-end add its own
-    tasks (a TAP reader, a capture writer) to the loop before serving.
+    A set-up error is one line and exit code 1, after closing whatever was
+    already opened; an option a device rejects raises UsageError. `on_loop`
+    lets a back-end add its own tasks (a TAP reader, a capture writer) before
+    serving. `args` gives the program name and `--pidfile`; `label` names a
+    device in the SIGUSR1 line (default: its endpoint) and `extra_counters`
+    adds entries to it. Returns 0 once every server is done: stopped by a
+    signal, or each connected `--fd` front-end gone.
     """
+    prog = getattr(args, "prog_name", None) or "vhost-user"
     servers: list[DeviceServer] = []
     devices: list[VirtioDevice] = []
+    pidfile: daemon.PidFile | None = None
     if sandbox is not None:
         sandbox = _confine(sandbox, None)  # before the loop exists: keeps libuv off io_uring
     # Signal handlers go in before any socket appears: a SIGTERM that arrives
@@ -234,33 +440,58 @@ def serve_devices(entries: list[tuple[Endpoint, Callable[[], VirtioDevice]]],
         for server in servers:
             server.stop()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    def dump() -> None:
+        out: dict = {}
+        for (endpoint, _), device, server in zip(entries, devices, servers):
+            entry = dict(device.counters())
+            entry.update(server.counters())
+            out[label(device, endpoint) if label else str(endpoint)] = entry
+        if extra_counters is not None:
+            out.update(extra_counters())
+        log.warning("stats %s", json.dumps(out, default=str))
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop)
-    try:
-        for endpoint, make_device in entries:
-            device = make_device()
-            devices.append(device)
-            servers.append(DeviceServer(device, endpoint.listen(), path=endpoint.path))
-            log.info("serving %s on %s", device.device_type, endpoint)
-    except (VhostUserError, OSError, ValueError) as exc:
+    loop.add_signal_handler(signal.SIGUSR1, dump)
+
+    def close_all() -> None:
         for server in servers:
             server.close()
         for device in devices:
             device.close()
+        if pidfile is not None:
+            pidfile.remove()
         loop.close()
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+
+    try:
+        pidfile = daemon.PidFile(args.pidfile) if getattr(args, "pidfile", None) else None
+        for endpoint, make_device in entries:
+            device = _make(make_device)
+            devices.append(device)
+            sock, connected = endpoint.listen()
+            servers.append(DeviceServer(device, sock, path=endpoint.path, connected=connected))
+            log.info("serving %s on %s%s", device.device_type, endpoint,
+                     " (one connected front-end)" if connected else "")
+        if on_loop is not None:
+            on_loop(loop)
+    except UsageError:
+        close_all()
+        raise
+    except (CliError, VhostUserError, OSError, ValueError) as exc:
+        close_all()
+        return report_error(prog, exc)
     if stop_requested:
         stop()
     try:
-        if on_loop is not None:
-            on_loop(loop)
+        if pidfile is not None:
+            pidfile.write()
+        daemon.notify("READY=1")
+        log.info("ready")
         if sandbox is not None:
             _confine(sandbox, loop)
         loop.run_until_complete(_serve_all(servers))
     finally:
-        loop.close()
-        for device in devices:
-            device.close()
+        daemon.notify("STOPPING=1")
+        close_all()
     log.info("stopped")
     return 0

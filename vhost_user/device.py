@@ -108,6 +108,14 @@ class VirtioDevice:
     def close(self) -> None:
         """Release everything at process exit."""
 
+    def counters(self) -> dict:
+        """The device's counters for the SIGUSR1 stats line (drops, errors, ...).
+
+        Default: a copy of the device's `stats` mapping, if it has one; the
+        server adds sessions and per-queue counters beside these.
+        """
+        return dict(getattr(self, "stats", None) or {})
+
     def capabilities(self) -> dict:
         """The --print-capabilities JSON (docs/interop/vhost-user.json)."""
         return {"type": self.device_type, "features": []}

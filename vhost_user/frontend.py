@@ -149,20 +149,26 @@ class QueueHandle:
 class Frontend:
     """Connects to one back-end socket and drives it like QEMU's vhost-user client."""
 
-    def __init__(self, path: str, ram: GuestRam | None = None, *, ram_size: int = 64 << 20,
-                 timeout: float = 30.0):
-        """Connect to `path`. Without `ram`, one region of `ram_size` bytes at GPA 0
-        is made here and closed with the front-end; a given `ram` stays the caller's."""
+    def __init__(self, path: "str | socket.socket", ram: GuestRam | None = None, *,
+                 ram_size: int = 64 << 20, timeout: float = 30.0):
+        """Connect to `path`, or drive an already connected socket (one end of a
+        socket pair whose other end the back-end got as `--fd`; the front-end
+        owns it from now on). Without `ram`, one region of `ram_size` bytes at
+        GPA 0 is made here and closed with the front-end; a given `ram` stays
+        the caller's. A failed connect names `path`."""
         self._owns_ram = ram is None
         self.ram = GuestRam([(0, ram_size)]) if ram is None else ram
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.connect(path)
-        except OSError:
-            sock.close()
-            if self._owns_ram:
-                self.ram.close()
-            raise
+        if isinstance(path, socket.socket):
+            sock = path
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                sock.connect(path)
+            except OSError as exc:
+                sock.close()
+                if self._owns_ram:
+                    self.ram.close()
+                raise OSError(exc.errno, exc.strerror, path) from None
         decoder = MessageDecoder(incoming_requests=BackendRequest, replies_to=R)
         self.channel = BlockingChannel(sock, decoder, timeout)
         self.features = 0

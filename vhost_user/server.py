@@ -10,6 +10,7 @@ session goes on; one that breaks the framing ends that connection only.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -29,47 +30,119 @@ from vhost_user.protocol import (
 )
 from vhost_user.session import Session
 
-__all__ = ["DeviceServer", "listen_unix"]
+__all__ = ["DeviceServer", "listen_unix", "unlink_if_ours"]
 
 log = logging.getLogger(__name__)
+
+
+# path -> (st_dev, st_ino) of the socket file this process bound there; a
+# back-end unlinks a socket path on stop only while it is still that file.
+_BOUND: dict[str, tuple[int, int]] = {}
+
+
+def _path_error(exc: OSError, path: str, reason: str | None = None) -> OSError:
+    """`exc` again, naming `path` (bind/connect errors carry no file name)."""
+    err = OSError(exc.errno, reason or exc.strerror or str(exc), path)
+    err.__suppress_context__ = True
+    return err
+
+
+def _probe_live(path: str) -> bool:
+    """True when something accepts connections on the socket file at `path`.
+
+    A non-blocking connect: a live back-end whose backlog is full (it is busy
+    with one front-end) answers EAGAIN, which counts as live too; only
+    ECONNREFUSED (no listener bound to the file) means a stale file.
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    try:
+        probe.connect(path)
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def listen_unix(path: str, backlog: int = 4) -> socket.socket:
     """Listen on `path`, replacing a stale socket file only.
 
-    The socket is bound under a temporary name and renamed into place once it
-    listens, so a front-end that sees the path can always connect.
+    An existing socket file that something still accepts on is never taken
+    over (FileExistsError "another back-end is serving PATH"); anything that
+    is not a socket is left alone. The socket is bound under a temporary name
+    and renamed into place once it listens, so a front-end that sees the path
+    can always connect. Every error names `path`.
     """
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         pass
+    except OSError as exc:
+        raise _path_error(exc, path) from None
     else:
         if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(f"{path} exists and is not a socket")
-    tmp = f"{path}.{os.getpid()}.tmp"
+            raise OSError(errno.EEXIST, "exists and is not a socket", path)
+        if _probe_live(path):
+            raise OSError(errno.EADDRINUSE, f"another back-end is serving {path}", path)
+    tmp = os.path.join(os.path.dirname(path), f".vhu{os.getpid()}.tmp")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.bind(tmp)
         sock.listen(backlog)
+        st = os.lstat(tmp)
         os.rename(tmp, path)
-    except OSError:
+    except OSError as exc:
         sock.close()
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:
             pass
-        raise
+        if exc.errno is None:  # "AF_UNIX path too long" has no errno
+            raise OSError(errno.ENAMETOOLONG, "socket path too long (at most 107 bytes)", path) from None
+        raise _path_error(exc, path) from None
+    _BOUND[path] = (st.st_dev, st.st_ino)
     return sock
 
 
-class DeviceServer:
-    """Serves `device` on a listening socket until `stop()`."""
+def unlink_if_ours(path: str) -> bool:
+    """Remove the socket file at `path` if it is still the one we bound.
 
-    def __init__(self, device: VirtioDevice, listener: socket.socket, *, path: str | None = None):
+    Another back-end may have replaced a file we left behind (after we were
+    told to stop, or when ours went stale); its socket is not ours to remove.
+    """
+    ours = _BOUND.pop(path, None)
+    if ours is None:
+        return False
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if (st.st_dev, st.st_ino) != ours:
+        log.info("%s: the socket file is no longer ours; left in place", path)
+        return False
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+class DeviceServer:
+    """Serves `device` on a listening socket until `stop()`.
+
+    With `connected=True` the socket is one already connected front-end (a
+    socket pair end that libvirt or crosvm hands over as `--fd`): that one
+    session is served and serve_forever returns when the front-end hangs up.
+    """
+
+    def __init__(self, device: VirtioDevice, listener: socket.socket, *, path: str | None = None,
+                 connected: bool = False):
         self.device = device
         self.listener = listener
         self.path = path
+        self.connected = connected
         self.sessions_served = 0
         self._stop_requested = False
         self._stopping: asyncio.Event | None = None
@@ -90,6 +163,9 @@ class DeviceServer:
         self.listener.setblocking(False)
         stop_task = asyncio.ensure_future(self._stopping.wait())
         try:
+            if self.connected:
+                await self._serve_until_stopped(self.listener, stop_task)
+                return
             while not self._stopping.is_set():
                 accept = asyncio.ensure_future(loop.sock_accept(self.listener))
                 done, _ = await asyncio.wait({accept, stop_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -98,18 +174,29 @@ class DeviceServer:
                     break
                 conn, _ = accept.result()
                 log.info("front-end connected")
-                serve = asyncio.ensure_future(self._serve_connection(conn))
-                await asyncio.wait({serve, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-                if not serve.done():
-                    serve.cancel()
-                    try:
-                        await serve
-                    except asyncio.CancelledError:
-                        pass
-                self.sessions_served += 1
+                await self._serve_until_stopped(conn, stop_task)
         finally:
             stop_task.cancel()
             self.close()
+
+    async def _serve_until_stopped(self, conn: socket.socket, stop_task: asyncio.Future) -> None:
+        serve = asyncio.ensure_future(self._serve_connection(conn))
+        await asyncio.wait({serve, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        if not serve.done():
+            serve.cancel()
+            try:
+                await serve
+            except asyncio.CancelledError:
+                pass
+        self.sessions_served += 1
+
+    def counters(self) -> dict:
+        """Sessions served so far and, per running queue, its counters (SIGUSR1)."""
+        out: dict = {"sessions": self.sessions_served, "connected": self._session is not None}
+        session = self._session
+        if session is not None:
+            out["queues"] = {str(q.index): q.stats for q in session.queues if q.started}
+        return out
 
     async def _serve_connection(self, conn: socket.socket) -> None:
         decoder = MessageDecoder(incoming_requests=FrontendRequest, replies_to=BackendRequest)
@@ -148,16 +235,13 @@ class DeviceServer:
             self._session = None
 
     def close(self) -> None:
-        """Stop serving; remove the socket file we created."""
+        """Stop serving; remove the socket file we created if it is still ours."""
         try:
             self.listener.close()
         except OSError:
             pass
         if self.path:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            unlink_if_ours(self.path)
 
 
 def _close_error_fds(exc: RemoteProtocolError) -> None:

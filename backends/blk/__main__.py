@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import sys
 
-from vhost_user.cli import base_parser, parse_size, run_backend
+from vhost_user.cli import UsageError, base_parser, parse_size, run_backend, run_main
 
 from .device import CAPABILITIES, BlkDevice, BlkOptions
+from .request import SECTOR_SIZE
+
+DEFAULT_SIZE = 1 << 30
 
 
 def build_parser():
     p = base_parser("vhost-user-blk", "vhost-user virtio-blk back-end")
     p.add_argument("--image", "--blk-file", "-b", dest="image", metavar="PATH",
                    help="raw image file or block device (default: an in-memory disk)")
-    p.add_argument("--size", type=parse_size, default=1 << 30,
-                   help="size of the in-memory disk (default 1G)")
+    p.add_argument("--size", type=parse_size,
+                   help="size of the in-memory disk (default 1G; a multiple of 512; not with --image)")
     p.add_argument("--num-queues", type=int, default=1, help="number of request queues")
     p.add_argument("--queue-size", type=int, default=256, help="largest queue size accepted")
     p.add_argument("--read-only", "-r", action="store_true", help="serve the disk read-only")
@@ -24,17 +27,32 @@ def build_parser():
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _disk_size(args) -> int:
+    """--size: the in-memory disk only, whole sectors."""
+    if args.size is None:
+        return DEFAULT_SIZE
+    if args.image is not None:
+        raise UsageError("--size sets the in-memory disk's size; with --image the image's size is used")
+    if args.size < SECTOR_SIZE or args.size % SECTOR_SIZE:
+        raise UsageError(f"--size {args.size}: not a whole number of {SECTOR_SIZE}-byte sectors")
+    return args.size
+
+
+def _main(args) -> int:
+    size = _disk_size(args)
 
     def make_device() -> BlkDevice:
         return BlkDevice(BlkOptions(
-            image=args.image, size=args.size, num_queues=args.num_queues,
+            image=args.image, size=size, num_queues=args.num_queues,
             queue_size=args.queue_size, read_only=args.read_only, serial=args.serial,
             logical_block_size=args.logical_block_size, direct=args.direct,
         ))
 
     return run_backend(args, make_device, CAPABILITIES, "vhost-user-blk")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(build_parser(), _main, argv)
 
 
 if __name__ == "__main__":

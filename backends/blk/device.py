@@ -71,7 +71,7 @@ def open_backing(opts: BlkOptions) -> tuple[int, int]:
             raise DeviceError(
                 f"{opts.image}: the file system does not support O_DIRECT (--direct)"
             ) from None
-        raise DeviceError(f"cannot open image {opts.image}: {exc.strerror}") from None
+        raise DeviceError(f"{opts.image}: cannot open image: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
         if stat.S_ISBLK(st.st_mode):
@@ -80,13 +80,13 @@ def open_backing(opts: BlkOptions) -> tuple[int, int]:
         elif stat.S_ISREG(st.st_mode):
             size = st.st_size
         else:
-            raise DeviceError(f"{opts.image} is neither a regular file nor a block device")
+            raise DeviceError(f"{opts.image}: neither a regular file nor a block device")
     except BaseException:
         os.close(fd)
         raise
     if size < SECTOR_SIZE:
         os.close(fd)
-        raise DeviceError(f"{opts.image} is smaller than one sector ({size} bytes)")
+        raise DeviceError(f"{opts.image}: smaller than one sector ({size} bytes)")
     return fd, size
 
 

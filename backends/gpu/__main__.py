@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vhost_user.cli import base_parser, parse_size, print_info, run_backend
+from vhost_user.cli import CliError, UsageError, base_parser, parse_size, print_info, run_backend, run_main
+from vhost_user.errors import VhostUserError
 
 from .device import CAPABILITIES, GpuDevice, GpuOptions
 from .virgl import VirglError, virgl_unavailable_reason
@@ -37,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_main(build_parser(), _main, argv)
+
+
+def _main(args) -> int:
     if args.render_node and not args.print_capabilities:
         print("warning: --render-node is not used (3D renders on Mesa's surfaceless EGL); "
               "ignored", file=sys.stderr)
@@ -57,11 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             device = GpuDevice(opts)
     except VirglError as exc:
-        print(f"error: --virgl: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # DeviceError and friends: one line, exit 1
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        raise CliError("--virgl", str(exc)) from None
+    except OSError as exc:  # --display png:DIR that cannot be made or opened
+        raise CliError(exc.filename or str(args.display), exc.strerror or str(exc)) from None
+    except VhostUserError as exc:  # DeviceError: an option value the device rejects
+        if str(exc).startswith("--"):
+            raise UsageError(str(exc)) from None
+        raise
     _sandbox_setup(args, device)
     return run_backend(args, lambda: device, capabilities, "vhost-user-gpu")
 

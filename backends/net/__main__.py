@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from vhost_user import cli
-from vhost_user.cli import base_parser, parse_size, serve_devices
-from vhost_user.errors import VhostUserError
+from vhost_user.cli import CliError, UsageError, base_parser, parse_size, run_main, serve_devices
 
 from .capture import PcapWriter
 from .device import CAPABILITIES, NetOptions, NetSwitchPorts
 from .monitor import StatsMonitor
 from .tap import TapPort
+
+
+MAX_AGEING_S = 10 * 365 * 86400
+
+
+def _ageing(text: str) -> float:
+    """--mac-ageing: seconds, 0 to ten years (the switch keeps nanoseconds in 64 bits)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or not 0 <= value <= MAX_AGEING_S:
+        raise argparse.ArgumentTypeError(f"{text}: must be 0..{MAX_AGEING_S} seconds")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,58 +40,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pcap", metavar="FILE", help="capture every switched frame ('-' = stdout)")
     p.add_argument("--capture-buffer", type=parse_size, default=16 << 20,
                    help="capture ring size; frames are dropped from the capture when full")
-    p.add_argument("--mac-ageing", type=float, default=300.0, metavar="SECONDS",
+    p.add_argument("--mac-ageing", type=_ageing, default=300.0, metavar="SECONDS",
                    help="forget a learnt MAC address after this long (default 300)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_main(build_parser(), _main, argv)
+
+
+def _open_capture(path: str):
+    """--pcap FILE: open it and write the pcap header now, so a bad path fails at start."""
+    try:
+        return sys.stdout.buffer if path == "-" else open(path, "wb")
+    except OSError as exc:
+        raise CliError(path, exc.strerror or str(exc)) from None
+
+
+def _main(args) -> int:
     done = cli.print_info(args, CAPABILITIES, "vhost-user-net")
     if done is not None:
         return done
     cli.setup_logging(args)
     endpoints = cli.endpoints(args)
     if not endpoints:
-        print("error: give --socket PATH or --fd N (repeatable)", file=sys.stderr)
-        return 2
+        raise UsageError("give --socket PATH or --fd N (repeatable)")
     if args.pcap == "-" and sys.stdout.isatty():
-        print("error: --pcap - needs stdout to be a pipe or file", file=sys.stderr)
-        return 2
+        raise UsageError("--pcap - needs stdout to be a pipe or file")
     ports = NetSwitchPorts(capture_bytes=args.capture_buffer if args.pcap else 0,
                            ageing_s=args.mac_ageing)
     opts = NetOptions(num_queue_pairs=args.num_queues, queue_size=args.queue_size)
     taps: list[TapPort] = []
     writer = None
+    monitor: list[StatsMonitor] = []
     try:
         for name in args.tap:
             taps.append(TapPort(ports.switch, name))
         if args.pcap:
-            out = sys.stdout.buffer if args.pcap == "-" else open(args.pcap, "wb")
-            writer = PcapWriter(ports.switch, out)
-    except (VhostUserError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+            writer = PcapWriter(ports.switch, _open_capture(args.pcap))
+            try:
+                writer.start()  # the header: /proc/version and full disks fail here, not later
+            except OSError as exc:
+                raise CliError(args.pcap, exc.strerror or str(exc)) from None
 
-    def on_loop(loop) -> None:
-        named = [(f"port {d.port} ({e})", (lambda d=d: d.stats)) for d, e in zip(ports.devices, endpoints)]
-        named += [(f"tap {t.name}", (lambda t=t: t.stats)) for t in taps]
-        StatsMonitor(named, [d.check_queues for d in ports.devices]).attach(loop)
-        if writer is not None:
-            writer.start()
-        for tap in taps:
-            tap.start()
+        def on_loop(loop) -> None:
+            named = [(f"port {d.port} ({e})", (lambda d=d: d.stats)) for d, e in zip(ports.devices, endpoints)]
+            named += [(f"tap {t.name}", (lambda t=t: t.stats)) for t in taps]
+            monitor.append(StatsMonitor(named, [d.check_queues for d in ports.devices]))
+            monitor[0].attach(loop)
+            for tap in taps:
+                tap.start()
 
-    try:
+        def tap_counters() -> dict:
+            # SIGUSR1 (one handler, serve_devices'): log drop increases first, then the line.
+            if monitor:
+                monitor[0].check()
+            return {f"tap {t.name}": t.stats for t in taps}
+
         return serve_devices([(e, lambda: ports.new_device(opts)) for e in endpoints], on_loop=on_loop,
-                             sandbox="net" if args.sandbox else None)
+                             sandbox="net" if args.sandbox else None, args=args,
+                             label=lambda d, e: f"port {d.port} ({e})", extra_counters=tap_counters)
     finally:
         for tap in taps:
             tap.close()
         if writer is not None:
             writer.stop()
             if writer.out is not sys.stdout.buffer:
-                writer.out.close()
+                try:
+                    writer.out.close()
+                except OSError:
+                    pass
 
 
 if __name__ == "__main__":

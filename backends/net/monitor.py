@@ -2,8 +2,8 @@
 
 The C data path only counts (it must not log per frame); this checks the
 counters twice a second from the event loop and logs each increase once,
-so a hostile or misconfigured guest shows up in the log. SIGUSR1 dumps
-every port's counters as one JSON line.
+so a hostile or misconfigured guest shows up in the log. The SIGUSR1
+line of every port's counters is vhost_user.cli's (serve_devices).
 """
 
 from __future__ import annotations
@@ -49,12 +49,11 @@ class StatsMonitor:
         log.warning("stats %s", json.dumps({name: stats() for name, stats in self.ports}))
 
     def attach(self, loop, interval: float = 0.5) -> None:
-        """Check periodically on `loop`; dump on SIGUSR1."""
-        import signal
+        """Check periodically on `loop`. SIGUSR1 is serve_devices' one handler
+        (vhost_user.cli), which calls check() before it logs the stats line."""
 
         def tick() -> None:
             self.check()
             loop.call_later(interval, tick)
 
         loop.call_later(interval, tick)
-        loop.add_signal_handler(signal.SIGUSR1, self.dump)

@@ -40,11 +40,11 @@ _VERSION_1 = 1 << 32
 def open_tap(name: str) -> int:
     """Open (or create) TAP `name` with a virtio-net header; returns a non-blocking fd."""
     if not name or len(name.encode()) >= 16:
-        raise DeviceError(f"bad TAP name {name!r} (1..15 bytes)")
+        raise DeviceError(f"--tap {name!r}: a TAP name is 1..15 bytes")
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
-        raise DeviceError(f"cannot open /dev/net/tun: {exc.strerror}") from None
+        raise DeviceError(f"/dev/net/tun: {exc.strerror}") from None
     try:
         ifr = struct.pack("16sH22x", name.encode(), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR)
         fcntl.ioctl(fd, _TUNSETIFF, ifr)
@@ -53,7 +53,7 @@ def open_tap(name: str) -> int:
         _link_up(name)
     except OSError as exc:
         os.close(fd)
-        raise DeviceError(f"cannot set up TAP {name}: {exc.strerror}") from None
+        raise DeviceError(f"TAP {name}: cannot set it up: {exc.strerror}") from None
     return fd
 
 

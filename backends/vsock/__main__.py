@@ -18,14 +18,29 @@ import argparse
 import logging
 import sys
 
-from vhost_user.cli import Endpoint, base_parser, parse_size, print_info, serve_devices, setup_logging
+from vhost_user.cli import (
+    CliError, UsageError, activated_endpoints, base_parser, endpoint_for, parse_fd, parse_size, print_info,
+    run_main, serve_devices, setup_logging,
+)
 
 from .device import CAPABILITIES, DEFAULT_TX_BUFFER, VmOptions, VsockDevice
 from .router import Router
 
 log = logging.getLogger("vhost_user.backends.vsock")
 
-_VM_KEYS = {"guest-cid", "socket", "uds-path", "groups", "tx-buffer-size", "queue-size"}
+_VM_KEYS = {"guest-cid", "socket", "fd", "uds-path", "groups", "tx-buffer-size", "queue-size"}
+MAX_CID = 0xFFFFFFFE
+
+
+def _cid(text: str) -> int:
+    """A guest CID: 3..2^32-2 (0-2 are reserved, 2^32-1 is VMADDR_CID_ANY)."""
+    try:
+        cid = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"guest CID {text!r} is not a number") from None
+    if not 3 <= cid <= MAX_CID:
+        raise argparse.ArgumentTypeError(f"guest CID {cid} must be 3..{MAX_CID}")
+    return cid
 
 
 def _groups(text: str) -> frozenset:
@@ -45,16 +60,19 @@ def parse_vm(text: str) -> dict:
             raise argparse.ArgumentTypeError(f"--vm: unknown or malformed item {item!r} "
                                              f"(keys: {', '.join(sorted(_VM_KEYS))})")
         if key == "guest-cid":
-            out[key] = int(value, 0)
+            out[key] = _cid(value)
+        elif key == "fd":
+            out[key] = parse_fd(value)
         elif key == "groups":
             out[key] = _groups(value)
         elif key in ("tx-buffer-size", "queue-size"):
             out[key] = parse_size(value)
         else:
             out[key] = value
-    for required in ("guest-cid", "socket"):
-        if required not in out:
-            raise argparse.ArgumentTypeError(f"--vm needs {required}=")
+    if "guest-cid" not in out:
+        raise argparse.ArgumentTypeError("--vm needs guest-cid=")
+    if ("socket" in out) == ("fd" in out):
+        raise argparse.ArgumentTypeError("--vm needs one of socket= or fd=")
     return out
 
 
@@ -62,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = base_parser("vhost-user-vsock", "vhost-user virtio-vsock back-end (hybrid vsock over Unix sockets)")
     p.epilog = ("Host programs connect to --uds-path and write 'CONNECT <port>\\n' (answer 'OK <host port>\\n'); "
                 "a guest connecting to CID 2 port P reaches a program listening on <uds-path>_P.")
-    p.add_argument("--guest-cid", type=lambda s: int(s, 0), help="the guest's context ID (>= 3)")
+    p.add_argument("--guest-cid", type=_cid, help="the guest's context ID (>= 3)")
     p.add_argument("--uds-path", metavar="PATH",
                    help="host Unix socket: host programs CONNECT here; guests reach PATH_<port>")
     p.add_argument("--groups", type=_groups, default=frozenset({"default"}),
@@ -72,38 +90,47 @@ def build_parser() -> argparse.ArgumentParser:
                         "like Linux's vsock; rust-vmm's vhost-device-vsock uses 64K)")
     p.add_argument("--queue-size", type=int, default=1024, help="largest virtqueue size accepted")
     p.add_argument("--vm", type=parse_vm, action="append", default=[],
-                   help="guest-cid=N,socket=PATH[,uds-path=PATH][,groups=a+b][,tx-buffer-size=N]"
-                        "[,queue-size=N]; repeat for several VMs")
+                   help="guest-cid=N,socket=PATH|fd=N|fd=NAME[,uds-path=PATH][,groups=a+b]"
+                        "[,tx-buffer-size=N][,queue-size=N]; repeat for several VMs")
     p.add_argument("--pcap", metavar="FILE", help="capture every vsock packet (vsockmon pcap; '-' = stdout)")
     return p
 
 
-def _vm_options(args) -> list[tuple[Endpoint, VmOptions]]:
+def _vm_options(args) -> list[tuple]:
+    """(Endpoint, VmOptions) per VM; usage errors raise UsageError."""
     vms = []
     if args.guest_cid is not None:
-        if args.socket is None and args.fd is None:
-            raise SystemExit("error: --guest-cid needs --socket PATH or --fd N")
-        vms.append((Endpoint(path=args.socket, fd=args.fd), VmOptions(
+        if args.socket is not None or args.fd is not None:
+            endpoint = endpoint_for(path=args.socket, fd=args.fd)
+        else:
+            passed = activated_endpoints()  # systemd socket activation: exactly one socket
+            if len(passed) != 1:
+                raise UsageError("--guest-cid needs --socket PATH or --fd N")
+            endpoint = passed[0]
+        vms.append((endpoint, VmOptions(
             guest_cid=args.guest_cid, socket=args.socket, uds_path=args.uds_path, groups=args.groups,
             tx_buffer_size=args.tx_buffer_size, queue_size=args.queue_size)))
     elif args.socket is not None or args.fd is not None:
-        raise SystemExit("error: --socket/--fd need --guest-cid")
+        raise UsageError("--socket/--fd need --guest-cid")
     for vm in args.vm:
-        vms.append((Endpoint(path=vm["socket"]), VmOptions(
-            guest_cid=vm["guest-cid"], socket=vm["socket"], uds_path=vm.get("uds-path"),
+        vms.append((endpoint_for(path=vm.get("socket"), fd=vm.get("fd")), VmOptions(
+            guest_cid=vm["guest-cid"], socket=vm.get("socket"), uds_path=vm.get("uds-path"),
             groups=vm.get("groups", args.groups),
             tx_buffer_size=vm.get("tx-buffer-size", args.tx_buffer_size),
             queue_size=vm.get("queue-size", args.queue_size))))
     if not vms:
-        raise SystemExit("error: give --guest-cid with --socket, or one or more --vm")
+        raise UsageError("give --guest-cid with --socket, or one or more --vm")
     cids = [o.guest_cid for _, o in vms]
     if len(set(cids)) != len(cids):
-        raise SystemExit("error: two VMs share a guest CID")
+        raise UsageError("two VMs share a guest CID")
     return vms
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_main(build_parser(), _main, argv)
+
+
+def _main(args) -> int:
     done = print_info(args, CAPABILITIES, "vhost-user-vsock")
     if done is not None:
         return done
@@ -112,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     capture = None
     if args.pcap:
         from .pcap import Capture
-        capture = Capture(args.pcap)
+        try:
+            capture = Capture(args.pcap)
+        except OSError as exc:
+            raise CliError(args.pcap, exc.strerror or str(exc)) from None
     router = Router()
 
     def factory(opts: VmOptions):
@@ -120,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return serve_devices([(endpoint, factory(opts)) for endpoint, opts in vms],
-                             sandbox="vsock" if args.sandbox else None)
+                             sandbox="vsock" if args.sandbox else None, args=args,
+                             label=lambda d, e: f"cid {d.guest_cid} ({e})")
     finally:
         if capture is not None:
             capture.close()

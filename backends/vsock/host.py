@@ -20,6 +20,8 @@ import selectors
 import socket
 import threading
 
+from vhost_user.server import listen_unix, unlink_if_ours
+
 from .connection import Conn
 
 __all__ = ["HostSide", "parse_connect", "MAX_CONNECT_LINE"]
@@ -90,10 +92,7 @@ class HostSide:
         os.close(self._wake)
         if self._listener is not None:
             self._listener.close()
-            try:
-                os.unlink(self.uds_path)
-            except OSError:
-                pass
+            unlink_if_ours(self.uds_path)
 
     # -- loop ------------------------------------------------------------------
     def _run(self) -> None:
@@ -200,16 +199,8 @@ class HostSide:
 
 
 def _listen(path: str) -> socket.socket:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(path)
-        sock.listen(64)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
+    """The --uds-path listener: like the vhost-user socket, a live one is never taken
+    over, only a stale socket file is replaced, and errors name the path."""
+    sock = listen_unix(path, 64)
+    sock.setblocking(False)
     return sock

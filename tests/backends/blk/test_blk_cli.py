@@ -36,10 +36,10 @@ def test_missing_socket_is_a_usage_error():
     assert out.returncode == 2 and "--socket" in out.stderr
 
 
-def test_direct_without_image_is_a_clear_error(sockdir):
+def test_direct_without_image_is_a_usage_error(sockdir):
     out = subprocess.run(BLK + ["--socket", os.path.join(sockdir, "s"), "--direct"],
                          capture_output=True, text=True)
-    assert out.returncode == 1 and "O_DIRECT" in out.stderr
+    assert out.returncode == 2 and "O_DIRECT" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_missing_image_is_a_clear_error(sockdir):
