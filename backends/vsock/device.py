@@ -350,7 +350,9 @@ class VsockDevice(RxPath, VirtioDevice):
         if verdict is Verdict.IGNORE:
             return
         if verdict is Verdict.UNKNOWN:
-            log.info("cid %d: %s for no open sibling connection; reset", self.guest_cid, hdr.describe())
+            # After a peer's RST its partner may still send SHUTDOWN or credit updates: normal.
+            log.log(logging.INFO if hdr.op == Op.RW else logging.DEBUG,
+                    "cid %d: %s for no open sibling connection; reset", self.guest_cid, hdr.describe())
             self.stats["relay_unknown"] += 1
             self._rst_locked(hdr)
             return
@@ -370,6 +372,9 @@ class VsockDevice(RxPath, VirtioDevice):
         if state == FULL:
             if self._parked is None:
                 self.stats["relay_waits"] += 1
+                if self.stats["relay_waits"] == 1:
+                    log.info("cid %d: VM %d has %d bytes queued; its senders wait (back-pressure, "
+                             "counted in relay_waits)", self.guest_cid, hdr.dst_cid, RELAY_LIMIT)
             self._parked = (dest, hdr, payload)
             return False
         self._parked = None
