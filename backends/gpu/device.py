@@ -104,6 +104,7 @@ class GpuDevice(VirtioDevice):
             raise DeviceError(f"bad resolution {opts.width}x{opts.height}")
         self.opts = opts
         self.modes = default_modes(opts.outputs, opts.width, opts.height)
+        self._display_totals: dict[str, int] = {}
         self.fallback = self._make_fallback(opts.display)
         self.display: Display = self.fallback
         self.resources = ResourceTable(opts.max_hostmem)
@@ -144,7 +145,7 @@ class GpuDevice(VirtioDevice):
         new = SocketDisplay(fd, self.modes)
         old, self.display = self.display, new
         if old is not self.fallback:
-            old.close()
+            self._retire(old)
         log.info("display socket set (fd %d)", fd)
 
     def queue_handler(self, index: int):
@@ -167,10 +168,25 @@ class GpuDevice(VirtioDevice):
     def _drop_display(self) -> None:
         old, self.display = self.display, self.fallback
         if old is not self.fallback:
-            old.close()
+            self._retire(old)
 
     def close(self) -> None:
         self._drop_display()
+
+    def counters(self) -> dict:
+        """SIGUSR1: the current display's counters (QEMU's socket, when one is set)."""
+        out = super().counters()
+        totals = dict(self._display_totals)
+        for key, value in getattr(self.display, "stats", {}).items():
+            totals[key] = totals.get(key, 0) + value
+        out.update(totals)
+        return out
+
+    def _retire(self, display) -> None:
+        """Keep a replaced display's counters in the device's totals."""
+        for key, value in getattr(display, "stats", {}).items():
+            self._display_totals[key] = self._display_totals.get(key, 0) + value
+        display.close()
 
     def capabilities(self) -> dict:
         return CAPABILITIES

@@ -109,11 +109,21 @@ class SocketDisplay(Display):
         self._lock = threading.Lock()
         self._features: int | None = None
         self.alive = True
+        #: the SIGUSR1 counters: a dead display drops what the guest shows, never the guest
+        self.stats = {"display_failures": 0, "display_messages_dropped": 0}
 
     # -- plumbing --------------------------------------------------------------
     def _fail(self, why: str) -> None:
+        """The display is off from here on. The socket is shut down at once, so the
+        peer sees an end of stream rather than the start of a message cut short."""
         if self.alive:
-            log.warning("display socket: %s; display disabled", why)
+            log.warning("display socket: %s; display disabled (later updates counted in "
+                        "display_messages_dropped)", why)
+            self.stats["display_failures"] += 1
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self.alive = False
 
     def _send(self, request: int, payload: bytes = b"", pixels=None) -> None:
@@ -152,6 +162,7 @@ class SocketDisplay(Display):
     def _call(self, request: int, payload: bytes, reply_size: int) -> bytes | None:
         with self._lock:
             if not self.alive:
+                self.stats["display_messages_dropped"] += 1
                 return None
             try:
                 self._handshake()
@@ -167,6 +178,7 @@ class SocketDisplay(Display):
     def _post(self, request: int, payload: bytes, pixels=None) -> None:
         with self._lock:
             if not self.alive:
+                self.stats["display_messages_dropped"] += 1
                 return
             try:
                 self._handshake()

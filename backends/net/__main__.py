@@ -95,7 +95,10 @@ def _main(args) -> int:
             # SIGUSR1 (one handler, serve_devices'): log drop increases first, then the line.
             if monitor:
                 monitor[0].check()
-            return {f"tap {t.name}": t.stats for t in taps}
+            out = {f"tap {t.name}": t.stats for t in taps}
+            if writer is not None:  # frames the capture ring had no room for (the switch never waits)
+                out["capture"] = {"frames_dropped": writer.dropped}
+            return out
 
         return serve_devices([(e, lambda: ports.new_device(opts)) for e in endpoints], on_loop=on_loop,
                              sandbox="net" if args.sandbox else None, args=args,

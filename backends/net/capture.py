@@ -60,7 +60,11 @@ class PcapWriter:
         except (BrokenPipeError, OSError) as exc:
             log.error("capture stopped: %s", exc)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
+        """Write what is left; a reader that stopped reading does not hold up the exit."""
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("capture: the reader of the capture stopped reading; exiting without "
+                            "the rest (%d frame(s) dropped)", self.dropped)

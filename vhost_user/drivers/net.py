@@ -9,6 +9,8 @@ header's num_buffers says how many used elements belong to it.
 
 from __future__ import annotations
 
+import time
+
 from vhost_user.backends.net.header import OFFLOAD_FEATURES, NetFeature, NetHeader, header_size
 from vhost_user.frontend import FRONTEND_PROTOCOL_FEATURES, Frontend, QueueHandle
 from vhost_user.protocol import U64, FrontendRequest, ProtocolFeature, VirtioFeature
@@ -133,11 +135,12 @@ class NetDriver:
         """Send one frame behind `header` (raw: exact chain bytes, for hostile tests)."""
         self.reap_tx(pair)
         free = self._tx_free[pair]
-        if not free:
-            self.tx[pair].ring.wait(5.0)
-            self.reap_tx(pair)
-            if not free:
+        deadline = time.monotonic() + 5.0
+        while not free:  # a wake-up can come before the used entry it announces
+            if time.monotonic() > deadline:
                 raise TimeoutError(f"pair {pair}: tx buffers are not coming back")
+            self.tx[pair].ring.wait(max(0.0, deadline - time.monotonic()))
+            self.reap_tx(pair)
         data = raw if raw is not None else (header or NetHeader()).pack(self.hdr_size) + frame
         if len(data) > _TX_BUF:
             raise ValueError("frame too large for the driver's tx buffers")

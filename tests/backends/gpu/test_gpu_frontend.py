@@ -212,3 +212,29 @@ def test_gpu_unaligned_backing_entries_gather_like_whole_pages(gpu_backend):
         assert drv.flush(1, Rect(0, 0, w, h)) == T.RESP_OK_NODATA
         assert drv.listener.wait_for(G.UPDATE, 2)
         assert np.array_equal(drv.listener.rgb(0), img.reshape(h, w, 4)[:, :, [2, 1, 0]])
+
+
+def test_gpu_display_that_goes_away_is_counted_and_the_guest_keeps_working(gpu_backend):
+    """QEMU's display socket closing is a drop of pixels, never of guest work: the
+    commands still succeed, the failure and every message not shown are counted in
+    the SIGUSR1 stats line."""
+    import json
+    import signal
+
+    bp = gpu_backend("ours")
+    with GpuDriver.connect(bp.socket) as drv:
+        _show(drv, 1, 8, 8, b"\x02" * 256)
+        assert drv.listener.wait_for(G.UPDATE, 1)
+        drv.listener.close()  # the display peer is gone
+        for _ in range(3):
+            assert drv.transfer(1, Rect(0, 0, 8, 8)) == T.RESP_OK_NODATA
+            assert drv.flush(1, Rect(0, 0, 8, 8)) == T.RESP_OK_NODATA
+        os.kill(bp.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while " stats {" not in bp.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        line = next(l for l in bp.log().splitlines() if " stats {" in l)
+        (entry,) = json.loads(line.split(" stats ", 1)[1]).values()
+        assert entry["display_failures"] == 1
+        assert entry["display_messages_dropped"] >= 2  # the first failing flush is the failure itself
+        assert "display disabled" in bp.log()

@@ -13,7 +13,9 @@ ends, with no later byte of that connection delivered.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -29,6 +31,20 @@ PAUSE_S = 1.5
 
 def _pattern(i: int, n: int) -> bytes:
     return hashlib.shake_256(b"stream %d" % i).digest(n)
+
+
+def _counters(bp, cid: int) -> dict:
+    """VM `cid`'s entry of the SIGUSR1 stats line (the line every back-end logs)."""
+    before = bp.log().count(" stats {")
+    os.kill(bp.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        lines = [l for l in bp.log().splitlines() if " stats {" in l]
+        if len(lines) > before:
+            stats = json.loads(lines[-1].split(" stats ", 1)[1])
+            return next(v for k, v in stats.items() if f"vm{cid}.sock" in k)
+        time.sleep(0.05)
+    raise AssertionError("no stats line")
 
 
 def _two_vms(sockdir, vsock_proc):
@@ -105,6 +121,10 @@ def test_vsock_64_sibling_streams_to_a_paused_receiver_arrive_intact(sockdir, vs
             got = bytes(out["got"][port])
             assert len(got) == len(payload), f"stream {port}: {len(got)} of {len(payload)} bytes"
             assert hashlib.sha256(got).hexdigest() == hashlib.sha256(payload).hexdigest(), port
+        sender, receiver = _counters(bp, 4), _counters(bp, 3)
+        assert sender["relay_waits"] > 0, sender  # the senders were held back, not refused
+        assert sender["credit_violations"] == receiver["credit_violations"] == 0
+        assert sender["rst_sent"] == 0 and receiver["queued_bytes"] == 0
     log = bp.log()
     assert "relay queue full" not in log and "ignores credit" not in log and "breaks the credit" not in log
 
@@ -142,6 +162,7 @@ def test_vsock_sibling_ignoring_credit_is_reset_at_both_ends_without_a_hole(sock
         rw_after = [h for h in list(a.received)[rst_at[0]:] if h.op == Op.RW and h.src_port == s.local_port]
         assert rw_after == [], "a packet of the reset connection was delivered after its RST"
         assert "breaks the credit" in bp.log()
+        assert _counters(bp, 4)["credit_violations"] == 1
         # the VMs still talk: a new connection works
         a.listen(7002)
         done = {}
