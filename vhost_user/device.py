@@ -34,7 +34,7 @@ class VirtioDevice:
     #: queues the device exposes (GET_QUEUE_NUM)
     num_queues: int = 1
     #: largest queue size the device accepts (SET_VRING_NUM)
-    max_queue_size: int = 1024
+    max_queue_size: int = 32768  # crosvm offers every queue at 32768 unless told otherwise
     #: device-specific virtio feature bits, in addition to COMMON_FEATURES
     device_features: int = 0
     #: protocol features the device adds to the server's own set

@@ -19,7 +19,8 @@ def build_parser():
     p.add_argument("--size", type=parse_size,
                    help="size of the in-memory disk (default 1G; a multiple of 512; not with --image)")
     p.add_argument("--num-queues", type=int, default=1, help="number of request queues")
-    p.add_argument("--queue-size", type=int, default=256, help="largest queue size accepted")
+    p.add_argument("--queue-size", type=int, default=32768,
+                   help="largest virtqueue size accepted, a power of two in 4..32768 (default 32768)")
     p.add_argument("--read-only", "-r", action="store_true", help="serve the disk read-only")
     p.add_argument("--serial", default="", help="serial number returned by GET_ID (≤ 20 bytes)")
     p.add_argument("--logical-block-size", type=int, default=512, help="logical block size in bytes")

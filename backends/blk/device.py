@@ -43,7 +43,7 @@ class BlkOptions:
     image: str | None = None
     size: int = _DEFAULT_SIZE
     num_queues: int = 1
-    queue_size: int = 256
+    queue_size: int = 32768
     read_only: bool = False
     serial: str = ""
     logical_block_size: int = 512
@@ -101,8 +101,8 @@ class BlkDevice(VirtioDevice):
             raise DeviceError(f"logical block size {lbs} must be a power of two from 512 to 65536")
         if not 1 <= opts.num_queues <= 256:
             raise DeviceError(f"--num-queues {opts.num_queues} must be 1..256")
-        if not 4 <= opts.queue_size <= 32768:
-            raise DeviceError(f"--queue-size {opts.queue_size} must be 4..32768")
+        if not 4 <= opts.queue_size <= 32768 or opts.queue_size & (opts.queue_size - 1):
+            raise DeviceError(f"--queue-size {opts.queue_size} must be a power of two in 4..32768")
         if len(opts.serial.encode()) > ID_BYTES:
             raise DeviceError(f"--serial is longer than {ID_BYTES} bytes")
         self.opts = opts
@@ -131,7 +131,7 @@ class BlkDevice(VirtioDevice):
         writable = not self.opts.read_only
         return BlkConfig(
             capacity=self.capacity,
-            seg_max=self.max_queue_size - 2,
+            seg_max=min(self.max_queue_size, 256) - 2,  # what QEMU's default queues carry
             blk_size=lbs,
             num_queues=self.num_queues,
             min_io_size=1,

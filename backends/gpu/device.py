@@ -88,7 +88,7 @@ class GpuDevice(VirtioDevice):
     device_type = "gpu"
     virtio_id = 16
     num_queues = 2
-    max_queue_size = 1024
+    max_queue_size = 32768
     device_features = 1 << GpuFeature.VIRTIO_GPU_F_EDID
     device_protocol_features = 1 << ProtocolFeature.CONFIG
     # QEMU 10's vhost-user-gpu-pci passes the guest's VIRTIO_F_RING_RESET (bit 40) through

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import math
 import sys
 
@@ -10,7 +11,7 @@ from vhost_user import cli
 from vhost_user.cli import CliError, UsageError, base_parser, parse_size, run_main, serve_devices
 
 from .capture import PcapWriter
-from .device import CAPABILITIES, NetOptions, NetSwitchPorts
+from .device import CAPABILITIES, NetOptions, NetSwitchPorts, default_mac
 from .monitor import StatsMonitor
 from .tap import TapPort
 
@@ -34,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = base_parser("vhost-user-net", "vhost-user virtio-net back-end with a built-in L2 switch",
                     repeatable_endpoints=True)
     p.add_argument("--num-queues", type=int, default=1, help="rx/tx queue pairs per port (default 1)")
-    p.add_argument("--queue-size", type=int, default=1024, help="largest queue size accepted")
+    p.add_argument("--queue-size", type=int, default=32768,
+                   help="largest virtqueue size accepted, a power of two in 4..32768 (default 32768)")
     p.add_argument("--tap", action="append", default=[], metavar="NAME",
                    help="add a TAP port (created when missing); repeatable")
     p.add_argument("--pcap", metavar="FILE", help="capture every switched frame ('-' = stdout)")
@@ -100,7 +102,8 @@ def _main(args) -> int:
                 out["capture"] = {"frames_dropped": writer.dropped}
             return out
 
-        return serve_devices([(e, lambda: ports.new_device(opts)) for e in endpoints], on_loop=on_loop,
+        return serve_devices([(e, lambda e=e: ports.new_device(replace(opts, mac=default_mac(str(e)))))
+                              for e in endpoints], on_loop=on_loop,
                              sandbox="net" if args.sandbox else None, args=args,
                              label=lambda d, e: f"port {d.port} ({e})", extra_counters=tap_counters)
     finally:

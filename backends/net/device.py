@@ -10,10 +10,12 @@ into the rx queues of the destination ports.
 from __future__ import annotations
 
 import logging
+import hashlib
 import struct
 from dataclasses import dataclass
 
 from vhost_user.device import VirtioDevice
+from vhost_user.errors import DeviceError
 from vhost_user.protocol import ProtocolFeature
 from vhost_user.virtqueue import NetRxQueue, NetSwitch, NetTxEngine
 
@@ -32,7 +34,21 @@ _MAX_PAIRS = 16
 @dataclass
 class NetOptions:
     num_queue_pairs: int = 1
-    queue_size: int = 1024
+    queue_size: int = 32768
+    mac: bytes | None = None      # None: derived from the port's endpoint (stable, not random)
+
+
+#: virtio_net_config as far as we serve it (virtio 1.2, 5.1.4); later fields read as zero
+_CONFIG = struct.Struct("<6sHHH")
+_CONFIG_SPACE = 64
+_STATUS_LINK_UP = 1
+
+
+def default_mac(endpoint: str) -> bytes:
+    """A locally administered unicast MAC from a hash of the endpoint (socket path or fd):
+    the same port gets the same address on every start."""
+    digest = hashlib.sha256(endpoint.encode()).digest()
+    return bytes([(digest[0] & 0xFC) | 0x02]) + digest[1:6]
 
 
 def rarp_frame(mac: bytes) -> bytes:
@@ -66,13 +82,27 @@ class NetDevice(VirtioDevice):
         super().__init__()
         if not 1 <= opts.num_queue_pairs <= _MAX_PAIRS:
             raise ValueError(f"--num-queues must be 1..{_MAX_PAIRS}")
+        if not 4 <= opts.queue_size <= 32768 or opts.queue_size & (opts.queue_size - 1):
+            raise ValueError(f"--queue-size {opts.queue_size} must be a power of two in 4..32768")
         self.switch, self.port, self.opts = switch, port, opts
         self.num_queues = 2 * opts.num_queue_pairs
         self.max_queue_size = opts.queue_size
-        self.device_features = OFFLOAD_FEATURES | (1 << NetFeature.MRG_RXBUF)
+        self.mac = opts.mac or default_mac(f"port {port}")
+        # MAC and STATUS for front-ends that read our config space (crosvm); QEMU keeps both
+        # itself and masks these bits out of what it asks us for.
+        self.device_features = (OFFLOAD_FEATURES | (1 << NetFeature.MRG_RXBUF)
+                                | (1 << NetFeature.MAC) | (1 << NetFeature.STATUS))
         if opts.num_queue_pairs > 1:
             self.device_features |= 1 << NetFeature.MQ
         self._handlers: dict[int, NetRxQueue | NetTxEngine] = {}
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        """virtio_net_config: mac, status (link up), max_virtqueue_pairs, mtu; any slice."""
+        space = _CONFIG.pack(self.mac, _STATUS_LINK_UP, self.opts.num_queue_pairs, 1500)
+        space = space.ljust(_CONFIG_SPACE, b"\0")
+        if offset < 0 or size < 0 or offset + size > len(space):
+            raise DeviceError(f"config read {offset}+{size} beyond {len(space)} bytes")
+        return space[offset:offset + size]
 
     def set_features(self, features: int) -> None:
         super().set_features(features)

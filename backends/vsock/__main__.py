@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tx-buffer-size", type=parse_size, default=DEFAULT_TX_BUFFER,
                    help="per-connection buffer advertised to the guest (buf_alloc, default 256K "
                         "like Linux's vsock; rust-vmm's vhost-device-vsock uses 64K)")
-    p.add_argument("--queue-size", type=int, default=1024, help="largest virtqueue size accepted")
+    p.add_argument("--queue-size", type=int, default=32768,
+                   help="largest virtqueue size accepted, a power of two in 4..32768 (default 32768)")
     p.add_argument("--vm", type=parse_vm, action="append", default=[],
                    help="guest-cid=N,socket=PATH|fd=N|fd=NAME[,uds-path=PATH][,groups=a+b]"
                         "[,tx-buffer-size=N][,queue-size=N]; repeat for several VMs")
@@ -154,7 +155,10 @@ def _main(args) -> int:
                              label=lambda d, e: f"cid {d.guest_cid} ({e})")
     finally:
         if capture is not None:
-            capture.close()
+            try:
+                capture.close()
+            except OSError as exc:
+                log.error("--pcap %s: %s", args.pcap, exc.strerror or exc)
 
 
 if __name__ == "__main__":

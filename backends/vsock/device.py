@@ -82,7 +82,7 @@ class VmOptions:
     uds_path: str | None = None
     groups: frozenset = field(default_factory=lambda: frozenset({"default"}))
     tx_buffer_size: int = DEFAULT_TX_BUFFER
-    queue_size: int = 1024
+    queue_size: int = 32768
 
 
 class VsockDevice(RxPath, VirtioDevice):
