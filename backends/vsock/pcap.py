@@ -4,8 +4,9 @@ Each record is the 32-byte af_vsockmon header (source and destination
 CID/port, a coarse op, the transport = virtio, the transport header length),
 then the 44-byte virtio vsock header and the payload, exactly what Linux's
 vsockmon device hands to tcpdump, so Wireshark and tshark dissect it with
-their vsock dissector. Records go through scapy's PcapWriter; one lock
-serialises the writers of all VMs in the process.
+their vsock dissector. The file is classic pcap (microsecond stamps),
+written here with no third-party module, so `--pcap` works on a plain
+install; one lock serialises the writers of all VMs in the process.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import struct
 import sys
 import threading
+import time
 
 from .packet import HEADER_SIZE, Header, Op
 
@@ -22,6 +24,8 @@ LINKTYPE_VSOCK = 271
 _MON = struct.Struct("<QQIIHHH2x")
 MON_HEADER_SIZE = _MON.size  # 32
 _TRANSPORT_VIRTIO = 2
+_PCAP_HEADER = struct.Struct("=IHHiIII")   # magic, version 2.4, zone, sigfigs, snaplen, linktype
+_RECORD_HEADER = struct.Struct("=IIII")    # seconds, microseconds, captured length, original length
 
 
 class MonOp:
@@ -53,27 +57,33 @@ class Capture:
     """Writes vsockmon frames to a pcap file (or stdout for "-")."""
 
     def __init__(self, path: str, snaplen: int = 65536 + HEADER_SIZE + MON_HEADER_SIZE):
-        from scapy.utils import PcapWriter
-
+        """Open `path` (OSError names it) and write the pcap file header."""
         self._file = sys.stdout.buffer if path == "-" else open(path, "wb")
         self._own = path != "-"
-        self._writer = PcapWriter(self._file, linktype=LINKTYPE_VSOCK, sync=True, snaplen=snaplen)
+        self._snaplen = snaplen
         self._lock = threading.Lock()
         self.packets = 0
+        self._file.write(_PCAP_HEADER.pack(0xA1B2C3D4, 2, 4, 0, 0, snaplen, LINKTYPE_VSOCK))
+        self._file.flush()
 
     def write(self, hdr: Header, payload: bytes = b"") -> None:
+        """One record; flushed at once, so a reader (tshark -r, Wireshark) sees it now."""
         frame = vsockmon_record(hdr, payload)
+        now = time.time()
+        kept = frame[:self._snaplen]
+        record = _RECORD_HEADER.pack(int(now), int(now % 1 * 1e6), len(kept), len(frame)) + kept
         with self._lock:
-            if self._writer is None:
+            if self._file is None:
                 return
-            self._writer.write(frame)
+            self._file.write(record)
+            self._file.flush()
             self.packets += 1
 
     def close(self) -> None:
         with self._lock:
-            if self._writer is None:
+            if self._file is None:
                 return
-            self._writer.flush()
+            self._file.flush()
             if self._own:
-                self._writer.close()
-            self._writer = None
+                self._file.close()
+            self._file = None
