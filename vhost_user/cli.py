@@ -402,7 +402,8 @@ def _make(make_device: Callable[[], VirtioDevice]) -> VirtioDevice:
         raise
 
 
-async def _serve_all(servers: list[DeviceServer]) -> None:
+async def _serve_all(servers: list[DeviceServer], arm: Callable[[], None]) -> None:
+    arm()
     await asyncio.gather(*(s.serve_forever() for s in servers))
 
 
@@ -432,11 +433,8 @@ def serve_devices(entries: list[tuple[Endpoint, Callable[[], VirtioDevice]]],
     # Signal handlers go in before any socket appears: a SIGTERM that arrives
     # while we set up must still stop us cleanly (and remove the sockets).
     loop = _new_loop()
-    stop_requested = False
 
     def stop() -> None:
-        nonlocal stop_requested
-        stop_requested = True
         for server in servers:
             server.stop()
 
@@ -450,9 +448,19 @@ def serve_devices(entries: list[tuple[Endpoint, Callable[[], VirtioDevice]]],
             out.update(extra_counters())
         log.warning("stats %s", json.dumps(out, default=str))
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(sig, stop)
-    loop.add_signal_handler(signal.SIGUSR1, dump)
+    # uvloop drops a signal that arrives before the loop runs, so until then plain
+    # handlers note it; arm() hands the signals to the loop once it runs.
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    early: list[int] = []
+    for sig in (*stops, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, _frame: early.append(signum))
+
+    def arm() -> None:
+        for sig in stops:
+            loop.add_signal_handler(sig, stop)
+        loop.add_signal_handler(signal.SIGUSR1, dump)
+        for signum in early:
+            dump() if signum == signal.SIGUSR1 else stop()
 
     def close_all() -> None:
         for server in servers:
@@ -480,8 +488,6 @@ def serve_devices(entries: list[tuple[Endpoint, Callable[[], VirtioDevice]]],
     except (CliError, VhostUserError, OSError, ValueError) as exc:
         close_all()
         return report_error(prog, exc)
-    if stop_requested:
-        stop()
     try:
         if pidfile is not None:
             pidfile.write()
@@ -489,7 +495,7 @@ def serve_devices(entries: list[tuple[Endpoint, Callable[[], VirtioDevice]]],
         log.info("ready")
         if sandbox is not None:
             _confine(sandbox, loop)
-        loop.run_until_complete(_serve_all(servers))
+        loop.run_until_complete(_serve_all(servers, arm))
     finally:
         daemon.notify("STOPPING=1")
         close_all()
