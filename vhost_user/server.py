@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 # path -> (st_dev, st_ino) of the socket file this process bound there; a
 # back-end unlinks a socket path on stop only while it is still that file.
 _BOUND: dict[str, tuple[int, int]] = {}
+_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1: what a front-end can connect to
 
 
 def _path_error(exc: OSError, path: str, reason: str | None = None) -> OSError:
@@ -75,6 +76,8 @@ def listen_unix(path: str, backlog: int = 4) -> socket.socket:
     and renamed into place once it listens, so a front-end that sees the path
     can always connect. Every error names `path`.
     """
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:  # binding under a short name and renaming would "work"
+        raise OSError(errno.ENAMETOOLONG, f"socket path too long (at most {_SUN_PATH_MAX} bytes)", path)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -100,7 +103,8 @@ def listen_unix(path: str, backlog: int = 4) -> socket.socket:
         except OSError:
             pass
         if exc.errno is None:  # "AF_UNIX path too long" has no errno
-            raise OSError(errno.ENAMETOOLONG, "socket path too long (at most 107 bytes)", path) from None
+            raise OSError(errno.ENAMETOOLONG, f"socket path too long (at most {_SUN_PATH_MAX} bytes)",
+                          path) from None
         raise _path_error(exc, path) from None
     _BOUND[path] = (st.st_dev, st.st_ino)
     return sock

@@ -9,6 +9,7 @@ import sys
 
 from vhost_user import cli
 from vhost_user.cli import CliError, UsageError, base_parser, parse_size, run_main, serve_devices
+from vhost_user.errors import VhostUserError
 
 from .capture import PcapWriter
 from .device import CAPABILITIES, NetOptions, NetSwitchPorts, default_mac
@@ -77,7 +78,12 @@ def _main(args) -> int:
     monitor: list[StatsMonitor] = []
     try:
         for name in args.tap:
-            taps.append(TapPort(ports.switch, name))
+            try:
+                taps.append(TapPort(ports.switch, name))
+            except VhostUserError as exc:  # a bad name is a usage error; a failed set-up is not
+                if str(exc).startswith("--"):
+                    raise UsageError(str(exc)) from None
+                raise
         if args.pcap:
             writer = PcapWriter(ports.switch, _open_capture(args.pcap))
             try:
