@@ -44,6 +44,8 @@ $SUDO apt-get install -y -q -t bookworm-backports \
 $SUDO apt-get install -y -q \
     busybox-static fio socat e2fsprogs util-linux kmod cpio zstd xz-utils \
     iproute2 tshark dpdk-dev libvirglrenderer1 libegl-mesa0 libgl1-mesa-dri libseccomp2 gcc
+# The native libFuzzer harnesses (csrc/fuzz/, tools/fuzz-native.sh).
+$SUDO apt-get install -y -q clang-16
 
 # The real-guest harness (tests/harness/) boots Debian's linux-image-amd64
 # (fetched with apt-get download, never installed) with a busybox initramfs.
