@@ -14,8 +14,10 @@ directories under one test-owned root:
 /etc/libvirt               libvirtd.conf and qemu.conf written here (below)
 /run/libvirt               its sockets and pid files (so ``libvirt-sock`` is
                            reachable from outside at ``ROOT/run/libvirt-sock``)
-/var/lib/libvirt, /var/log/libvirt, /var/cache/libvirt   state, QEMU logs,
-                           the capabilities cache
+/var/lib/libvirt, /var/log/libvirt   its state, QEMU's logs
+/var/cache/libvirt         the QEMU capabilities cache, kept in the harness
+                           cache (libvirt re-probes when QEMU or itself
+                           changed; probing costs ~8 s under TCG)
 /usr/share/qemu/vhost-user, /etc/qemu/vhost-user   the description files
                            libvirt reads for ``<driver name='vhostuser'/>``
 /etc/passwd, /etc/group    copies with the ``libvirt-qemu`` user added when the
@@ -48,6 +50,7 @@ import time
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
+from .cache import cache_root
 from .initramfs import Initramfs, boot_initrd
 from .kernel import GuestKernel
 from .qemu import GuestVM, _pick_firmware, kvm_usable
@@ -121,8 +124,9 @@ class LibvirtDaemon:
     """
 
     def __init__(self, root: str | Path, libvirtd: str = "libvirtd", virsh: str = "virsh",
-                 unshare: str = "unshare") -> None:
+                 unshare: str = "unshare", cache: str | Path | None = None) -> None:
         self.root = Path(root)
+        self.cache = Path(cache) if cache else cache_root() / "libvirt-cache"
         self.libvirtd, self.virsh_path, self.unshare = libvirtd, virsh, unshare
         self._proc: subprocess.Popen | None = None
         self._out = None
@@ -154,7 +158,8 @@ class LibvirtDaemon:
 
     def _prepare(self) -> str:
         for sub in BINDS.values():
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            if sub != "cache":
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
         (self.root / "etc" / "libvirtd.conf").write_text(LIBVIRTD_CONF)
         (self.root / "etc" / "qemu.conf").write_text(QEMU_CONF)
         # The host's own description files stay visible (as on a real host),
@@ -172,8 +177,10 @@ class LibvirtDaemon:
         # The other mount points are libvirt's and QEMU's own directories
         # (empty or absent where no libvirtd ever ran): created if missing.
         lines = ["set -e", "mount --make-rprivate /"]
+        self.cache.mkdir(parents=True, exist_ok=True)
         for target, sub in BINDS.items():
-            bind = f"mount --bind {self.root / sub} {target}"
+            source = self.cache if sub == "cache" else self.root / sub
+            bind = f"mount --bind {source} {target}"
             if target in OPTIONAL_BINDS:
                 lines.append(f"if [ -d {target} ]; then {bind}; fi")
             else:

@@ -143,6 +143,7 @@ def test_libvirt_starts_our_gpu_backend_and_its_scanout_is_the_screenshot(
     argv = process_cmdline(helper_pid)
     assert gpu in argv[:2], argv  # the console script (argv[0] is its interpreter)
     assert any(re.fullmatch(r"--fd=\d+", arg) for arg in argv), argv
+    assert vm.command[0] == vm.qemu  # our <emulator> (QEMU 10), not libvirt's pick
     qemu_argv = " ".join(vm.command)
     assert re.search(r'"driver":"vhost-user-(vga|gpu-pci)"', qemu_argv), qemu_argv
     assert re.search(r"-chardev socket,id=chr-vu-video0,fd=\d+", qemu_argv), qemu_argv
@@ -216,11 +217,12 @@ def test_libvirt_vhostuser_disk_survives_a_backend_restart(libvirt_guest, short_
             handle.flush()
             os.fsync(handle.fileno())
         backend.start()
-        qemu_argv = " ".join(vm.command)
+        emulator, qemu_argv = vm.command[0], " ".join(vm.command)
         result = vm.wait(timeout=90)
     finally:
         backend.stop()
     assert f"sectors {IMAGE_MB * MiB // 512}" in result.lines, result.output
+    assert emulator == vm.qemu
     assert re.search(r'"driver":"vhost-user-blk-pci"', qemu_argv), qemu_argv
     pattern = _guest_sha(result, "pattern")
     assert _guest_sha(result, "readback") == pattern, result.output
