@@ -24,7 +24,8 @@ from vhost_user.drivers.vsock import VsockDriver
 from vsock_proc import host_listener
 
 REPO = Path(__file__).resolve().parents[1]
-PROGRAMS = ["vhost-user-blk", "vhost-user-net", "vhost-user-vsock", "vhost-user-gpu", "vhost-user-bench"]
+BACKENDS = ["vhost-user-blk", "vhost-user-net", "vhost-user-vsock", "vhost-user-gpu", "vhost-user-rng"]
+PROGRAMS = [*BACKENDS, "vhost-user-bench"]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_plain_install_every_program_answers_help_and_version(clean_venv, prog):
     assert out.stdout.strip() == f"{prog} 0.1.0" or out.stdout.startswith(prog), out.stdout
 
 
-@pytest.mark.parametrize("prog", PROGRAMS[:4])
+@pytest.mark.parametrize("prog", BACKENDS)
 def test_plain_install_every_back_end_prints_capabilities(clean_venv, prog):
     out = subprocess.run([str(clean_venv / prog), "--print-capabilities"], capture_output=True,
                          text=True, timeout=60)

@@ -64,6 +64,7 @@ GUEST_MODULES = (
     ("virtio_net", 1),
     ("vmw_vsock_virtio_transport", 19),
     ("virtio_gpu", 16),
+    ("virtio_rng", 4),
     ("crc32c_generic", None),  # ext4/jbd2 softdep "crypto-crc32c"; not in modules.dep
     ("ext4", None),
 )

@@ -33,10 +33,11 @@ PROGRAMS = {
     "vhost-user-net": "vhost_user.backends.net",
     "vhost-user-vsock": "vhost_user.backends.vsock",
     "vhost-user-gpu": "vhost_user.backends.gpu",
+    "vhost-user-rng": "vhost_user.backends.rng",
 }
 # What each back-end needs besides its endpoint.
 EXTRA = {"vhost-user-blk": ["--size", "8M"], "vhost-user-net": [], "vhost-user-vsock": ["--guest-cid", "3"],
-         "vhost-user-gpu": []}
+         "vhost-user-gpu": [], "vhost-user-rng": []}
 VERBOSE = {"vhost-user-gpu": "--verbose"}
 
 
