@@ -43,7 +43,7 @@ $SUDO apt-get install -y -q -t bookworm-backports \
     qemu-system-x86 qemu-system-gui qemu-utils
 $SUDO apt-get install -y -q \
     busybox-static fio socat e2fsprogs util-linux kmod cpio zstd xz-utils \
-    iproute2 tshark dpdk-dev libvirglrenderer1 libegl-mesa0 libgl1-mesa-dri libseccomp2 gcc
+    iproute2 ethtool tshark dpdk-dev libvirglrenderer1 libegl-mesa0 libgl1-mesa-dri libseccomp2 gcc
 
 # The real-guest harness (tests/harness/) boots Debian's linux-image-amd64
 # (fetched with apt-get download, never installed) with a busybox initramfs.
