@@ -131,7 +131,7 @@ def _main(args) -> int:
         endpoints.append(endpoint_for(path=spec.get("socket"), fd=spec.get("fd")))
         port_opts.append(dict(mtu=spec.get("mtu", args.mtu), mac=spec.get("mac")))
     if not endpoints:
-        raise UsageError("give --socket PATH, --fd N or --port socket=PATH (repeatable)")
+        raise UsageError("give --socket PATH or --fd N (repeatable)")
     if args.mac is not None:
         if len(endpoints) != 1:
             raise UsageError("--mac names one port's MAC; use --port socket=PATH,mac=MAC for several")

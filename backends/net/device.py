@@ -19,7 +19,7 @@ import struct
 from dataclasses import dataclass
 
 from vhost_user.device import VirtioDevice
-from vhost_user.errors import DeviceError, UnsupportedRequest
+from vhost_user.errors import DeviceError
 from vhost_user.protocol import ProtocolFeature
 from vhost_user.virtqueue import NetRxQueue, NetSwitch, NetTxEngine
 
@@ -174,7 +174,10 @@ class NetDevice(VirtioDevice):
         if self.has_feature(NetFeature.CTRL_VQ) and index == self.ctrl_index:
             return self.control
         if index >= 2 * self.opts.num_queue_pairs:
-            raise UnsupportedRequest(f"queue {index}: no control queue negotiated")
+            # A front-end that starts every queue although the driver did not take
+            # CTRL_VQ: the queue stays idle (no worker), as the driver never uses it.
+            log.info("port %d: queue %d idle (VIRTIO_NET_F_CTRL_VQ not negotiated)", self.port, index)
+            return None
         h = self._handlers.get(index)
         if h is None:
             pair = index // 2

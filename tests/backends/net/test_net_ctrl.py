@@ -292,3 +292,19 @@ def test_parse_mac_table_splits_unicast_and_multicast():
     for bad in (b"", data[:-1], data + b"\0", struct.pack("<I", 2) + u):
         with pytest.raises(ValueError):
             parse_mac_table(bad)
+
+
+def test_control_queue_started_without_ctrl_vq_stays_idle(net_backend):
+    """A front-end that starts every queue (crosvm) for a driver that did not take
+    CTRL_VQ: the last queue is accepted and left alone."""
+    bp = net_backend(2, "--num-queues", "2")
+    a = NetDriver.connect(bp.socks[0], num_pairs=2)
+    b = NetDriver.connect(bp.socks[1], num_pairs=2)
+    b.fe.setup_queue(4, 64)                       # REPLY_ACK: a refusal would raise here
+    b.fill_rx()
+    frame = _frame(BCAST, b"idle ctrl")
+    a.send(frame)
+    assert [f for _, f in b.recv()] == [frame]
+    bp.wait_log("queue 4 idle (VIRTIO_NET_F_CTRL_VQ not negotiated)")
+    a.close()
+    b.close()
