@@ -215,6 +215,7 @@ def test_mtu_drops_longer_frames_and_counts_them(net_backend, sockdir):
     a.send(tagged)                       # an 802.1Q tag does not count against the MTU
     _only(b, [fits, tagged])
     assert bp.stats()[1]["rx_over_mtu"] == 1
+    bp.wait_log("longer than the port's MTU dropped")     # the monitor logs the increase
     # The other way: port a has no MTU, a 9000-byte frame is delivered whole.
     a.fill_rx()
     jumbo = _frame(BCAST, size=9014)
