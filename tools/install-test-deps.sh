@@ -39,11 +39,13 @@ elif [ ! -e /var/lib/apt/lists/lock ] || [ -z "$(ls /var/lib/apt/lists/ 2>/dev/n
 fi
 
 export DEBIAN_FRONTEND=noninteractive
+# ethtool goes into the guest (optional initramfs layer): ethtool -L / -S in the net multiqueue test.
+$SUDO apt-get install -y -q ethtool
 $SUDO apt-get install -y -q -t bookworm-backports \
     qemu-system-x86 qemu-system-gui qemu-utils
 $SUDO apt-get install -y -q \
     busybox-static fio socat e2fsprogs util-linux kmod cpio zstd xz-utils \
-    iproute2 ethtool tshark dpdk-dev libvirglrenderer1 libegl-mesa0 libgl1-mesa-dri libseccomp2 gcc
+    iproute2 tshark dpdk-dev libvirglrenderer1 libegl-mesa0 libgl1-mesa-dri libseccomp2 gcc
 
 # The real-guest harness (tests/harness/) boots Debian's linux-image-amd64
 # (fetched with apt-get download, never installed) with a busybox initramfs.
