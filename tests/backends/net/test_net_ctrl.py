@@ -309,3 +309,18 @@ def test_control_queue_started_without_ctrl_vq_stays_idle(net_backend):
     bp.wait_log("queue 4 idle (VIRTIO_NET_F_CTRL_VQ not negotiated)")
     a.close()
     b.close()
+
+
+def test_without_mq_the_control_queue_is_queue_2(net_backend):
+    bp = net_backend(2, "--num-queues", "4")
+    a = NetDriver.connect(bp.socks[0])
+    b = NetDriver.connect(bp.socks[1], features=CTRL & ~(1 << NetFeature.MQ))
+    assert b.ctrl is not None and b.ctrl.index == 2     # 5.1.2: N = 1 without MQ
+    assert b.set_pairs(2) == ERR                        # VQ_PAIRS_SET needs MQ
+    assert b.rx_mode(PROMISC, False) == OK
+    b.fill_rx()
+    a.send(_frame("02:00:00:00:77:01", b"no"))
+    a.send(_frame(BCAST, b"yes"))
+    _only(b, [_frame(BCAST, b"yes")])
+    a.close()
+    b.close()
