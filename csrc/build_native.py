@@ -10,7 +10,7 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["csrc/memory.c", "csrc/vring.c", "csrc/inflight.c", "csrc/run.c", "csrc/blk.c", "csrc/net.c", "csrc/net_offload.c", "csrc/vsock.c"]
+SOURCES = ["csrc/memory.c", "csrc/vring.c", "csrc/inflight.c", "csrc/run.c", "csrc/blk.c", "csrc/net.c", "csrc/net_offload.c", "csrc/net_filter.c", "csrc/vsock.c"]
 
 CDEF = """
 #define VR_MAX_REGIONS 32
@@ -87,6 +87,7 @@ struct vr_net_stats {
     uint64_t tx_runt, tx_oversize, tx_bad_header, tx_malformed;
     uint64_t rx_no_room, rx_not_ready;
     uint64_t csum_resolved, segmented, flooded;
+    uint64_t rx_filtered, rx_over_mtu;
 };
 struct vr_net_switch;
 struct vr_net_tx;
@@ -96,6 +97,19 @@ int vr_net_port_add(struct vr_net_switch *sw, int tap_fd, uint64_t tap_features)
 void vr_net_port_set_features(struct vr_net_switch *sw, int port, uint64_t features);
 void vr_net_port_get_stats(struct vr_net_switch *sw, int port, struct vr_net_stats *out);
 void vr_net_port_forget(struct vr_net_switch *sw, int port);
+void vr_net_port_set_mtu(struct vr_net_switch *sw, int port, uint32_t mtu);
+void vr_net_port_set_pairs(struct vr_net_switch *sw, int port, uint32_t pairs);
+int vr_net_port_set_filter(struct vr_net_switch *sw, int port, uint32_t flags,
+                           const uint8_t *own_mac, const uint8_t *macs, uint32_t n_uni,
+                           uint32_t n_multi);
+#define VR_NET_RX_FILTER 1
+#define VR_NET_RX_PROMISC 2
+#define VR_NET_RX_ALLMULTI 4
+#define VR_NET_RX_ALLUNI 8
+#define VR_NET_RX_NOMULTI 16
+#define VR_NET_RX_NOUNI 32
+#define VR_NET_RX_NOBCAST 64
+#define VR_NET_MAX_MACS 64
 int vr_net_mac_lookup(struct vr_net_switch *sw, const uint8_t *mac);
 int vr_net_rx_attach(struct vr_net_switch *sw, int port, uint32_t qp, struct vr_queue *q);
 void vr_net_rx_detach(struct vr_net_switch *sw, int port, uint32_t qp);
@@ -163,7 +177,7 @@ ffibuilder.set_source(
     '#include "vring.h"\n#include "blk.h"\n#include "net.h"\n#include "vsock.h"\n',
     sources=SOURCES,
     include_dirs=[HERE],
-    depends=[os.path.join("csrc", f) for f in ("vring.h", "blk.h", "net.h", "net_offload.h", "vsock.h")],
+    depends=[os.path.join("csrc", f) for f in ("vring.h", "blk.h", "net.h", "net_offload.h", "net_filter.h", "vsock.h")],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )
 

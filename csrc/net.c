@@ -13,12 +13,12 @@
 #include <unistd.h>
 
 #include "net.h"
+#include "net_filter.h"
 #include "net_offload.h"
 #define BATCH 64
 #define MAX_MERGE 256        /* rx chains one frame may span */
 #define MAC_BUCKETS 4096
 #define MAC_PROBE 8
-#define ETH_HLEN 14
 
 struct rxq {
     pthread_mutex_t lock;
@@ -35,6 +35,9 @@ struct port {
      * pair k; the last slot is vr_net_inject's), so plain adds suffice */
     struct vr_net_stats txst[VR_NET_MAX_QP + 1];
     struct vr_net_stats stats;   /* rare-path counters, __atomic adds */
+    uint32_t mtu;            /* 0: no limit; else the longest L3 payload delivered */
+    uint32_t pairs;          /* rx queue pairs in use (VQ_PAIRS_SET); 0: all */
+    struct vr_net_filter filter;
 };
 
 struct mac_entry {
@@ -70,6 +73,7 @@ struct vr_net_tx {
     struct rxq *dirty[VR_NET_MAX_PORTS * VR_NET_MAX_QP];
     uint32_t ndirty;
     struct vr_net_stats *st;     /* this context's tx counter slot */
+    uint32_t rxsel;              /* rx pair choice for the frame being switched */
 };
 
 #define STAT(p, field, n) __atomic_fetch_add(&(p)->stats.field, (n), __ATOMIC_RELAXED)
@@ -111,9 +115,11 @@ struct vr_net_switch *vr_net_switch_new(uint32_t capture_bytes, uint64_t ageing_
     sw->ageing_ns = ageing_ns;
     pthread_mutex_init(&sw->mac_lock, NULL);
     pthread_mutex_init(&sw->cap_lock, NULL);
-    for (int i = 0; i < VR_NET_MAX_PORTS; i++)
+    for (int i = 0; i < VR_NET_MAX_PORTS; i++) {
+        vr_net_filter_init(&sw->ports[i].filter);
         for (int k = 0; k < VR_NET_MAX_QP; k++)
             pthread_mutex_init(&sw->ports[i].rxq[k].lock, NULL);
+    }
     return sw;
 }
 
@@ -146,6 +152,29 @@ void vr_net_port_set_features(struct vr_net_switch *sw, int port, uint64_t featu
     struct port *p = port_of(sw, port);
     if (p)
         __atomic_store_n(&p->features, features, __ATOMIC_RELEASE);
+}
+
+void vr_net_port_set_mtu(struct vr_net_switch *sw, int port, uint32_t mtu)
+{
+    struct port *p = port_of(sw, port);
+    if (p)
+        __atomic_store_n(&p->mtu, mtu, __ATOMIC_RELEASE);
+}
+
+void vr_net_port_set_pairs(struct vr_net_switch *sw, int port, uint32_t pairs)
+{
+    struct port *p = port_of(sw, port);
+    if (p)
+        __atomic_store_n(&p->pairs, pairs > VR_NET_MAX_QP ? VR_NET_MAX_QP : pairs,
+                         __ATOMIC_RELEASE);
+}
+
+int vr_net_port_set_filter(struct vr_net_switch *sw, int port, uint32_t flags,
+                           const uint8_t *own_mac, const uint8_t *macs, uint32_t n_uni,
+                           uint32_t n_multi)
+{
+    struct port *p = port_of(sw, port);
+    return p ? vr_net_filter_set(&p->filter, flags, own_mac, macs, n_uni, n_multi) : -VR_E_INVAL;
 }
 
 static void add_stats(struct vr_net_stats *out, const struct vr_net_stats *in)
@@ -458,6 +487,10 @@ static int deliver_one(struct vr_net_tx *t, struct port *dst, const struct vr_ne
                        const uint8_t *f, uint32_t len)
 {
     uint8_t hb[12];
+    if ((h->gso_type & ~GSO_ECN) == GSO_NONE && vr_net_over_mtu(__atomic_load_n(&dst->mtu, __ATOMIC_ACQUIRE), f, len)) {
+        STAT(dst, rx_over_mtu, 1);   /* dropped whole, never cut to size */
+        return -1;
+    }
     pack_hdr(hb, h);
     if (dst->tap_fd >= 0) {
         struct iovec iov[2] = {{hb, 12}, {(void *)f, len}};
@@ -475,8 +508,12 @@ static int deliver_one(struct vr_net_tx *t, struct port *dst, const struct vr_ne
     }
     uint64_t feat = __atomic_load_n(&dst->features, __ATOMIC_ACQUIRE);
     uint32_t hl = hdr_len_of(feat);
-    for (uint32_t k = 0; k < VR_NET_MAX_QP; k++) {
-        struct rxq *r = &dst->rxq[(t->qp + k) % VR_NET_MAX_QP];
+    /* 5.1.6.5.5: only the first `pairs` rx queues take frames. */
+    uint32_t nq = __atomic_load_n(&dst->pairs, __ATOMIC_ACQUIRE);
+    if (nq == 0 || nq > VR_NET_MAX_QP)
+        nq = VR_NET_MAX_QP;
+    for (uint32_t k = 0; k < nq; k++) {
+        struct rxq *r = &dst->rxq[(t->rxsel + k) % nq];
         if (!__atomic_load_n(&r->q, __ATOMIC_ACQUIRE))
             continue;
         pthread_mutex_lock(&r->lock);
@@ -542,6 +579,16 @@ static void deliver(struct vr_net_tx *t, struct port *dst, struct vr_net_hdr *h,
     deliver_one(t, dst, h, f, len);
 }
 
+static void deliver_filtered(struct vr_net_tx *t, struct port *dst, struct vr_net_hdr *h,
+                             uint8_t *f, uint32_t len)
+{
+    if (!vr_net_filter_accepts(&dst->filter, f)) {
+        STAT(dst, rx_filtered, 1);
+        return;
+    }
+    deliver(t, dst, h, f, len);
+}
+
 /* One frame from port `src` (header of hl bytes + frame in t->frame). */
 static void switch_frame(struct vr_net_tx *t, uint32_t hl, uint32_t total)
 {
@@ -562,16 +609,17 @@ static void switch_frame(struct vr_net_tx *t, uint32_t hl, uint32_t total)
     TXSTAT(t, tx_frames, 1);
     TXSTAT(t, tx_bytes, len);
     capture(sw, f, len);
+    t->rxsel = sp->tap_fd >= 0 || t->qp >= VR_NET_MAX_QP ? vr_net_flow_hash(f, len) : t->qp;
     int dst = switch_lookup(sw, f, t->port, t->now);
     if (dst >= 0) {
         if (dst != t->port)
-            deliver(t, &sw->ports[dst], &h, f, len);
+            deliver_filtered(t, &sw->ports[dst], &h, f, len);
         return;
     }
     TXSTAT(t, flooded, 1);
     for (int i = 0; i < sw->nports; i++)
         if (i != t->port && sw->ports[i].used)
-            deliver(t, &sw->ports[i], &h, f, len);
+            deliver_filtered(t, &sw->ports[i], &h, f, len);
 }
 
 /* ---- tx workers ---- */

@@ -17,8 +17,18 @@
  * An rx queue has no worker.  It is reachable only while attached
  * (vr_net_rx_attach), and every access (pop, copy, push, notify, and every
  * control-plane change of the queue) happens under that rx queue's mutex.
- * No thread ever holds two rx mutexes, the MAC-table mutex or the capture
- * mutex at once, so there is no lock order to get wrong.
+ * No thread ever holds two rx mutexes, the MAC-table mutex, a port's
+ * receive-filter mutex or the capture mutex at once, so there is no lock
+ * order to get wrong.
+ *
+ * Per-port delivery rules, set from the control plane (the device's control
+ * queue or NET_SET_MTU): an MTU (a frame longer than the MTU plus its L2
+ * header is dropped and counted, never truncated), the number of rx queue
+ * pairs in use (VQ_PAIRS_SET), and a receive filter (promisc, allmulti,
+ * alluni, nomulti, nouni, nobcast, the port's own MAC and a MAC table), all
+ * checked before a frame is copied.  The rx queue of a frame is the sender's
+ * tx pair for a virtio sender (its guest already spread flows) and a hash of
+ * the L3/L4 addresses for a TAP sender.
  *
  * Offloads: a frame keeps its header (partial checksum, GSO) when the
  * destination negotiated the matching GUEST_* feature; otherwise the switch
@@ -49,6 +59,17 @@
 #define VR_NET_F_MRG_RXBUF 15
 #define VR_NET_F_VERSION_1 32
 
+/* Receive filter flags (vr_net_port_set_filter); VIRTIO_NET_CTRL_RX, 5.1.6.5.1. */
+#define VR_NET_RX_FILTER 1u      /* the filter applies (the port serves CTRL_RX) */
+#define VR_NET_RX_PROMISC 2u
+#define VR_NET_RX_ALLMULTI 4u
+#define VR_NET_RX_ALLUNI 8u
+#define VR_NET_RX_NOMULTI 16u
+#define VR_NET_RX_NOUNI 32u
+#define VR_NET_RX_NOBCAST 64u
+/* MAC table entries per port (QEMU's virtio-net keeps 64 as well). */
+#define VR_NET_MAX_MACS 64
+
 struct vr_net_stats {
     uint64_t tx_frames, tx_bytes;        /* accepted from the port */
     uint64_t rx_frames, rx_bytes;        /* delivered to the port */
@@ -56,6 +77,8 @@ struct vr_net_stats {
     uint64_t rx_no_room;                 /* no (or too small) rx buffers */
     uint64_t rx_not_ready;               /* no rx queue attached */
     uint64_t csum_resolved, segmented, flooded;
+    uint64_t rx_filtered;                /* refused by the port's receive filter */
+    uint64_t rx_over_mtu;                /* longer than the port's MTU allows */
 };
 
 struct vr_net_switch;
@@ -67,6 +90,11 @@ int vr_net_port_add(struct vr_net_switch *sw, int tap_fd, uint64_t tap_features)
 void vr_net_port_set_features(struct vr_net_switch *sw, int port, uint64_t features);
 void vr_net_port_get_stats(struct vr_net_switch *sw, int port, struct vr_net_stats *out);
 void vr_net_port_forget(struct vr_net_switch *sw, int port);
+void vr_net_port_set_mtu(struct vr_net_switch *sw, int port, uint32_t mtu);
+void vr_net_port_set_pairs(struct vr_net_switch *sw, int port, uint32_t pairs);
+int vr_net_port_set_filter(struct vr_net_switch *sw, int port, uint32_t flags,
+                           const uint8_t *own_mac, const uint8_t *macs, uint32_t n_uni,
+                           uint32_t n_multi);
 int vr_net_mac_lookup(struct vr_net_switch *sw, const uint8_t *mac);
 
 int vr_net_rx_attach(struct vr_net_switch *sw, int port, uint32_t qp, struct vr_queue *q);

@@ -39,6 +39,8 @@ elif [ ! -e /var/lib/apt/lists/lock ] || [ -z "$(ls /var/lib/apt/lists/ 2>/dev/n
 fi
 
 export DEBIAN_FRONTEND=noninteractive
+# ethtool goes into the guest (optional initramfs layer): ethtool -L / -S in the net multiqueue test.
+$SUDO apt-get install -y -q ethtool
 $SUDO apt-get install -y -q -t bookworm-backports \
     qemu-system-x86 qemu-system-gui qemu-utils
 $SUDO apt-get install -y -q \

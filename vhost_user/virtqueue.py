@@ -244,7 +244,7 @@ class NetSwitch:
 
     STATS = ("tx_frames", "tx_bytes", "rx_frames", "rx_bytes", "tx_runt", "tx_oversize",
              "tx_bad_header", "tx_malformed", "rx_no_room", "rx_not_ready",
-             "csum_resolved", "segmented", "flooded")
+             "csum_resolved", "segmented", "flooded", "rx_filtered", "rx_over_mtu")
 
     def __init__(self, *, capture_bytes: int = 0, ageing_s: float = 300.0) -> None:
         sw = lib.vr_net_switch_new(capture_bytes, int(ageing_s * 1e9))
@@ -264,6 +264,23 @@ class NetSwitch:
     def forget(self, port: int) -> None:
         """Drop the MAC entries learnt on `port` (its front-end went away)."""
         lib.vr_net_port_forget(self._sw, port)
+
+    def set_mtu(self, port: int, mtu: int) -> None:
+        """Frames longer than `mtu` plus their L2 header are not delivered to `port` (0: no limit)."""
+        lib.vr_net_port_set_mtu(self._sw, port, mtu)
+
+    def set_pairs(self, port: int, pairs: int) -> None:
+        """Deliver to the first `pairs` rx queues of `port` only (0: every attached one)."""
+        lib.vr_net_port_set_pairs(self._sw, port, pairs)
+
+    def set_filter(self, port: int, flags: int, own_mac: bytes, unicast: list[bytes],
+                   multicast: list[bytes]) -> None:
+        """The receive filter of `port` (flags: lib.VR_NET_RX_*), replaced as a whole."""
+        macs = b"".join(bytes(m) for m in (*unicast, *multicast))
+        if len(own_mac) != 6 or len(macs) != 6 * (len(unicast) + len(multicast)):
+            raise ValueError("MAC addresses are 6 bytes")
+        _check(lib.vr_net_port_set_filter(self._sw, port, flags, bytes(own_mac), macs or b"\0",
+                                          len(unicast), len(multicast)), "set filter")
 
     def lookup(self, mac: bytes) -> int | None:
         """The port a MAC was learnt on (and not aged out), or None."""

@@ -1,4 +1,11 @@
-"""`vhost-user-net`: vhost-user-net ports joined by a learning switch, plus TAP and pcap."""
+"""`vhost-user-net`: vhost-user-net ports joined by a learning switch, plus TAP and pcap.
+
+Ports: `--socket PATH` / `--fd N` (repeatable) with the global `--mtu`, and
+`--port socket=PATH|fd=N[,mac=MAC][,mtu=N]` (repeatable) for a port of its
+own. `--mac` names the MAC of the one port given. A port's default MAC is
+derived from its socket path (stable across restarts, locally administered,
+unicast).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,13 @@ import math
 import sys
 
 from vhost_user import cli
-from vhost_user.cli import CliError, UsageError, base_parser, parse_size, run_main, serve_devices
+from vhost_user.cli import (
+    CliError, UsageError, base_parser, endpoint_for, parse_fd, parse_size, run_main, serve_devices,
+)
 from vhost_user.errors import VhostUserError
 
 from .capture import PcapWriter
-from .device import CAPABILITIES, NetOptions, NetSwitchPorts, default_mac
+from .device import CAPABILITIES, MAX_MTU, MIN_MTU, NetOptions, NetSwitchPorts, default_mac
 from .monitor import StatsMonitor
 from .tap import TapPort
 
@@ -31,6 +40,48 @@ def _ageing(text: str) -> float:
     return value
 
 
+def parse_mac(text: str) -> bytes:
+    """--mac / mac=: six hex octets separated by ':' or '-', a unicast address."""
+    parts = text.replace("-", ":").split(":")
+    try:
+        if len(parts) != 6 or not all(1 <= len(x) <= 2 for x in parts):
+            raise ValueError
+        mac = bytes(int(x, 16) for x in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a MAC address: {text!r}") from None
+    if mac[0] & 1:
+        raise argparse.ArgumentTypeError(f"{text}: a port's MAC must be unicast")
+    return mac
+
+
+def parse_mtu(text: str) -> int:
+    try:
+        mtu = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"MTU {text!r} is not a number") from None
+    if not MIN_MTU <= mtu <= MAX_MTU:
+        raise argparse.ArgumentTypeError(f"MTU {mtu} must be {MIN_MTU}..{MAX_MTU}")
+    return mtu
+
+
+_PORT_KEYS = {"socket": str, "fd": parse_fd, "mac": parse_mac, "mtu": parse_mtu}
+
+
+def parse_port(text: str) -> dict:
+    """`socket=/x,mac=02:..,mtu=9000` (or fd=N) -> dict of typed values."""
+    out: dict = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in _PORT_KEYS:
+            raise argparse.ArgumentTypeError(f"--port: unknown or malformed item {item!r} "
+                                             f"(keys: {', '.join(sorted(_PORT_KEYS))})")
+        out[key] = _PORT_KEYS[key](value)
+    if ("socket" in out) == ("fd" in out):
+        raise argparse.ArgumentTypeError("--port needs one of socket= or fd=")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     # One process serves several ports: --socket and --fd may repeat.
     p = base_parser("vhost-user-net", "vhost-user virtio-net back-end with a built-in L2 switch",
@@ -38,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-queues", type=int, default=1, help="rx/tx queue pairs per port (default 1)")
     p.add_argument("--queue-size", type=int, default=32768,
                    help="largest virtqueue size accepted, a power of two in 4..32768 (default 32768)")
+    p.add_argument("--port", type=parse_port, action="append", default=[],
+                   metavar="socket=PATH|fd=N[,mac=MAC][,mtu=N]",
+                   help="a port with its own MAC and MTU; repeatable")
+    p.add_argument("--mac", type=parse_mac,
+                   help="MAC address of the port (one port only; else --port ...,mac=); "
+                        "default: derived from the socket path")
+    p.add_argument("--mtu", type=parse_mtu,
+                   help=f"MTU of every port without its own ({MIN_MTU}..{MAX_MTU}; offered as "
+                        "VIRTIO_NET_F_MTU, enforced by the switch; default 1500 once negotiated)")
     p.add_argument("--tap", action="append", default=[], metavar="NAME",
                    help="add a TAP port (created when missing); repeatable")
     p.add_argument("--pcap", metavar="FILE", help="capture every switched frame ('-' = stdout)")
@@ -65,9 +125,20 @@ def _main(args) -> int:
     if done is not None:
         return done
     cli.setup_logging(args)
-    endpoints = cli.endpoints(args)
+    endpoints = cli.endpoints(args) if (args.socket or args.fd or not args.port) else []
+    port_opts = [dict(mtu=args.mtu) for _ in endpoints]
+    for spec in args.port:
+        endpoints.append(endpoint_for(path=spec.get("socket"), fd=spec.get("fd")))
+        port_opts.append(dict(mtu=spec.get("mtu", args.mtu), mac=spec.get("mac")))
     if not endpoints:
         raise UsageError("give --socket PATH or --fd N (repeatable)")
+    if args.mac is not None:
+        if len(endpoints) != 1:
+            raise UsageError("--mac names one port's MAC; use --port socket=PATH,mac=MAC for several")
+        port_opts[0]["mac"] = args.mac
+    macs = [o.get("mac") or default_mac(str(e)) for o, e in zip(port_opts, endpoints)]
+    if len(set(macs)) != len(macs):
+        raise UsageError("two ports have the same MAC address")
     if args.pcap == "-" and sys.stdout.isatty():
         raise UsageError("--pcap - needs stdout to be a pipe or file")
     ports = NetSwitchPorts(capture_bytes=args.capture_buffer if args.pcap else 0,
@@ -108,8 +179,8 @@ def _main(args) -> int:
                 out["capture"] = {"frames_dropped": writer.dropped}
             return out
 
-        return serve_devices([(e, lambda e=e: ports.new_device(replace(opts, mac=default_mac(str(e)))))
-                              for e in endpoints], on_loop=on_loop,
+        return serve_devices([(e, lambda m=m, o=o: ports.new_device(replace(opts, mac=m, mtu=o["mtu"])))
+                              for e, m, o in zip(endpoints, macs, port_opts)], on_loop=on_loop,
                              sandbox="net" if args.sandbox else None, args=args,
                              label=lambda d, e: f"port {d.port} ({e})", extra_counters=tap_counters)
     finally:

@@ -37,7 +37,12 @@ class NetFeature(enum.IntEnum):
     MRG_RXBUF = 15
     STATUS = 16
     CTRL_VQ = 17
+    CTRL_RX = 18
+    CTRL_VLAN = 19
+    CTRL_RX_EXTRA = 20
+    GUEST_ANNOUNCE = 21
     MQ = 22
+    CTRL_MAC_ADDR = 23
 
 
 # The offloads the switch carries between ports (and resolves in software).

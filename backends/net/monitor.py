@@ -23,6 +23,7 @@ DROP_COUNTERS = {
     "tx_malformed": "tx chain(s) with device-writable buffers dropped",
     "rx_no_room": "frame(s) dropped: no (or too small) rx buffers posted",
     "rx_not_ready": "frame(s) dropped: no rx queue running",
+    "rx_over_mtu": "frame(s) longer than the port's MTU dropped",
 }
 
 

@@ -70,10 +70,10 @@ GUEST_MODULES = (
 )
 
 #: Host programs copied into the guest (first directory on PATH that has them).
-GUEST_TOOLS = ("fio", "socat", "mkfs.ext4", "mke2fs", "e2fsck", "blkdiscard")
+GUEST_TOOLS = ("fio", "socat", "mkfs.ext4", "mke2fs", "e2fsck", "blkdiscard", "ethtool")
 
 #: Optional archives: layer name -> the tools it carries (with their libraries).
-LAYERS = {"fio": ("fio",)}
+LAYERS = {"fio": ("fio",), "ethtool": ("ethtool",)}
 
 INIT = r"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /run /mnt /sbin /usr/bin /usr/sbin

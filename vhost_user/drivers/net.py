@@ -5,17 +5,22 @@ queues filled with buffers (one descriptor each, or cut into several) and
 sends frames as readable chains behind a virtio-net header. With
 VIRTIO_NET_F_MRG_RXBUF a received frame may span several buffers: the
 header's num_buffers says how many used elements belong to it.
+
+With VIRTIO_NET_F_CTRL_VQ negotiated the driver also sets up the control
+queue (the last queue with MQ, queue 2 without) and `command()` sends one
+control command and returns the device's ack byte.
 """
 
 from __future__ import annotations
 
+import struct
 import time
 
 from vhost_user.backends.net.header import OFFLOAD_FEATURES, NetFeature, NetHeader, header_size
 from vhost_user.frontend import FRONTEND_PROTOCOL_FEATURES, Frontend, QueueHandle
 from vhost_user.protocol import U64, FrontendRequest, ProtocolFeature, VirtioFeature
 
-__all__ = ["NetDriver", "DRIVER_FEATURES", "MAX_FRAME"]
+__all__ = ["NetDriver", "DRIVER_FEATURES", "CTRL_FEATURES", "MAX_FRAME"]
 
 MAX_FRAME = 65550
 _DRIVER_OK_STATUS = 1 | 2 | 8 | 4   # ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
@@ -28,6 +33,10 @@ DRIVER_FEATURES = (
     | (1 << NetFeature.MQ)
     | OFFLOAD_FEATURES
 )
+#: what a driver that uses the control queue adds (crosvm's guests: Linux virtio_net)
+CTRL_FEATURES = sum(1 << b for b in (NetFeature.CTRL_VQ, NetFeature.CTRL_RX, NetFeature.CTRL_RX_EXTRA,
+                                     NetFeature.CTRL_MAC_ADDR, NetFeature.MTU))
+_CTRL_QUEUE_SIZE = 64
 
 
 class NetDriver:
@@ -58,18 +67,25 @@ class NetDriver:
             self._tx_slot.append({})
             self._tx_free.append([ram.alloc(_TX_BUF, 64)
                                   for _ in range(min(queue_size, 64))])
+        self.ctrl: QueueHandle | None = None
+        if frontend.has_feature(NetFeature.CTRL_VQ):
+            # 5.1.2: the control queue follows the last pair the device has (with MQ)
+            index = frontend.num_queues - 1 if frontend.has_feature(NetFeature.MQ) else 2
+            self.ctrl = frontend.setup_queue(index, _CTRL_QUEUE_SIZE)
+            self._ctrl_buf = ram.alloc(4096, 64)
         if frontend.has_protocol_feature(ProtocolFeature.STATUS):
             # As QEMU does; DPDK's vhost waits for DRIVER_OK before it serves the rings.
             frontend.call(FrontendRequest.SET_STATUS, U64(_DRIVER_OK_STATUS))
 
     @classmethod
     def connect(cls, path: str, *, features: int = DRIVER_FEATURES, num_pairs: int = 1,
-                queue_size: int = 256, ram_size: int = 64 << 20, **kw) -> "NetDriver":
+                queue_size: int = 256, ram_size: int = 64 << 20, extra_protocol_features: int = 0,
+                **kw) -> "NetDriver":
         fe = Frontend(path, ram_size=ram_size)
         try:
             # QEMU's net front-end also asks for RARP (announce after migration).
             fe.negotiate(features, protocol_features=FRONTEND_PROTOCOL_FEATURES
-                         | (1 << ProtocolFeature.RARP))
+                         | (1 << ProtocolFeature.RARP) | extra_protocol_features)
             return cls(fe, num_pairs=num_pairs, queue_size=queue_size, **kw)
         except BaseException:
             fe.close()
@@ -165,6 +181,40 @@ class NetDriver:
             self.reap_tx(pair)
             if self._tx_slot[pair] and not ring.wait(timeout):
                 raise TimeoutError(f"pair {pair}: tx not consumed within {timeout} s")
+
+    # -- control queue ----------------------------------------------------------------
+    def command(self, cls: int, cmd: int, data: bytes = b"", timeout: float = 5.0) -> int:
+        """One control command (5.1.6.5): readable class, command, data; one writable ack
+        byte. Returns the ack (0 = VIRTIO_NET_OK)."""
+        if self.ctrl is None:
+            raise ValueError("VIRTIO_NET_F_CTRL_VQ was not negotiated")
+        body = bytes([cls, cmd]) + data
+        if len(body) + 1 > 4096:
+            raise ValueError("control command too large for the driver's buffer")
+        ram, ring = self.fe.ram, self.ctrl.ring
+        ack_gpa = self._ctrl_buf + len(body)
+        ram.write(self._ctrl_buf, body)
+        ram.write(ack_gpa, b"\xff")
+        ring.add([(self._ctrl_buf, len(body), False), (ack_gpa, 1, True)])
+        ring.kick()
+        deadline = time.monotonic() + timeout
+        while not ring.reap():
+            if not ring.wait(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError("control command not answered")
+        return ram.read(ack_gpa, 1)[0]
+
+    def set_pairs(self, n: int) -> int:
+        """VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET n."""
+        return self.command(4, 0, struct.pack("<H", n))
+
+    def rx_mode(self, cmd: int, on: bool) -> int:
+        """VIRTIO_NET_CTRL_RX: 0 PROMISC, 1 ALLMULTI, 2 ALLUNI, 3 NOMULTI, 4 NOUNI, 5 NOBCAST."""
+        return self.command(0, cmd, bytes([int(on)]))
+
+    def mac_table(self, unicast: list[bytes], multicast: list[bytes]) -> int:
+        """VIRTIO_NET_CTRL_MAC_TABLE_SET."""
+        data = b"".join(struct.pack("<I", len(t)) + b"".join(t) for t in (unicast, multicast))
+        return self.command(1, 0, data)
 
     def close(self) -> None:
         self.fe.close()

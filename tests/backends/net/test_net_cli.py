@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import ARP, Ether
 from scapy.utils import rdpcap
@@ -166,3 +168,39 @@ def test_inherited_listening_fds_serve_ports(sockdir):
         b.close()
     finally:
         assert bp.stop() == 0
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--mac", "zz:00:00:00:00:01"], "not a MAC address"),
+    (["--mac", "02:00:00:00:01"], "not a MAC address"),
+    (["--mac", "01:00:5e:00:00:01"], "must be unicast"),
+    (["--mtu", "67"], "MTU 67 must be 68..65535"),
+    (["--mtu", "65536"], "must be 68..65535"),
+    (["--mtu", "big"], "is not a number"),
+    (["--port", "socket=/tmp/x,colour=red"], "unknown or malformed item"),
+    (["--port", "mac=02:00:00:00:00:01"], "needs one of socket= or fd="),
+    (["--port", "socket=/tmp/x,mtu=10"], "must be 68..65535"),
+])
+def test_bad_mac_or_mtu_is_a_one_line_usage_error(args, needle):
+    out = subprocess.run(NET + ["--socket", "/tmp/never.sock"] + args, capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("vhost-user-net: error: ") and needle in last, out.stderr
+
+
+def test_mac_for_several_ports_and_duplicate_macs_are_usage_errors(tmp_path):
+    a, b = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
+    for extra in (["--socket", a, "--socket", b, "--mac", A],
+                  ["--port", f"socket={a},mac={A}", "--port", f"socket={b},mac={A}"]):
+        out = subprocess.run(NET + extra, capture_output=True, text=True)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert out.stderr.strip().splitlines()[-1].startswith("vhost-user-net: error: ")
+    assert not os.path.exists(a) and not os.path.exists(b)
+
+
+def test_mac_option_names_the_one_port_and_mtu_applies_to_it(net_backend):
+    bp = net_backend(1, "--mac", "02-00-00-00-00-c7", "--mtu", "4000")
+    with NetDriver.connect(bp.socks[0]) as d:
+        assert d.fe.get_config(12) == bytes.fromhex("0200000000c7") + bytes([1, 0, 1, 0]) \
+            + (4000).to_bytes(2, "little")

@@ -223,7 +223,7 @@ def test_mq_pairs_deliver_on_every_pair(net_backend):
     bp = net_backend(2, "--num-queues", "2")
     a = NetDriver.connect(bp.socks[0], num_pairs=2)
     b = NetDriver.connect(bp.socks[1], num_pairs=2)
-    assert a.fe.num_queues == 4 and a.fe.has_feature(NetFeature.MQ)
+    assert a.fe.num_queues == 5 and a.fe.has_feature(NetFeature.MQ)   # 2 pairs + control
     for p in (0, 1):
         b.fill_rx(p)
     frame0, frame1 = _udp(0, BCAST, b"pair0"), _udp(0, BCAST, b"pair1")
