@@ -164,6 +164,7 @@ class QueueHandle:
     err_fd: int
     region: int = 0
     extra: dict = field(default_factory=dict)
+    base: int = 0      # the avail index SET_VRING_BASE hands over (non-zero on a resume)
 
 
 class Frontend:
@@ -409,7 +410,7 @@ class Frontend:
         self.call(R.SET_VRING_NUM, VringState(q.index, q.size))
 
     def _vring_base(self, q: QueueHandle) -> None:
-        self.call(R.SET_VRING_BASE, VringState(q.index, 0))
+        self.call(R.SET_VRING_BASE, VringState(q.index, q.base))
 
     def _vring_addr(self, q: QueueHandle) -> None:
         ring = q.ring
@@ -433,6 +434,20 @@ class Frontend:
             self.call(R.SET_VRING_ENABLE, VringState(index, 0))
         reply = self.call(R.GET_VRING_BASE, VringState(index, 0))
         return reply.payload.num
+
+    def suspend(self) -> dict[int, int]:
+        """Stop every queue (crosvm's `virtio_sleep` and `reset`); returns each base."""
+        return {i: self.stop_queue(i) for i in sorted(self.queues)}
+
+    def resume(self, bases: dict[int, int]) -> None:
+        """Activate again with the same rings from `bases` (crosvm's `virtio_wake`):
+        SET_FEATURES if changed, the memory table, then each queue's set-up."""
+        self.set_mem_table()
+        for index, base in sorted(bases.items()):
+            q = self.queues[index]
+            q.base = base
+            for step in self.profile.vring_setup:
+                _VRING_STEPS[step](self, q)
 
     def reset_device(self) -> None:
         self.call(R.RESET_DEVICE)
