@@ -32,19 +32,17 @@ import zlib
 import numpy as np
 import pytest
 
+from backends_proc import open_fds
+from vhost_user.backends.blk.request import RequestType
 from vhost_user.backends.gpu.commands import CtrlType as T, Format, Rect
 from vhost_user.channel import BlockingChannel, close_fds
-from vhost_user.backends.blk.request import RequestType
 from vhost_user.drivers.blk import BlkDriver, BlkRequest, DRIVER_FEATURES as BLK_FEATURES
 from vhost_user.drivers.gpu import DRIVER_FEATURES as GPU_FEATURES, GpuDriver
 from vhost_user.drivers.net import DRIVER_FEATURES as NET_FEATURES, NetDriver
 from vhost_user.drivers.vsock import DRIVER_FEATURES as VSOCK_FEATURES, VsockDriver
 from vhost_user.frontend import CROSVM, QEMU, Frontend, GuestRam
 from vhost_user.profiles import crosvm_ram_layout
-from vhost_user.protocol import (
-    VHOST_USER_F_PROTOCOL_FEATURES, FrontendRequest as R, MessageDecoder, ProtocolFeature as PF,
-    VirtioFeature as VF,
-)
+from vhost_user.protocol import FrontendRequest as R, MessageDecoder, ProtocolFeature as PF, VirtioFeature as VF
 from vhost_user.protocol.constants import HeaderFlag
 from vsock_proc import host_connect, host_listener, read_line, recv_all
 
@@ -95,6 +93,9 @@ class Connected:
         return text
 
     def kill(self) -> None:
+        """Clean-up: our socket ends (if no front-end took them) and the process."""
+        for s in self.socks:
+            s.close()
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
@@ -114,6 +115,7 @@ def _close(fe: Frontend) -> None:
 
 # -- blk -----------------------------------------------------------------------------------
 def test_blk_under_crosvm_writes_reads_and_survives_a_guest_reboot(sockdir):
+    fds_before = open_fds()
     be = Connected(sockdir, "blk", "--size", "64M")
     try:
         fe = _crosvm(be.socks[0], BLK_FEATURES)
@@ -137,6 +139,7 @@ def test_blk_under_crosvm_writes_reads_and_survives_a_guest_reboot(sockdir):
         be.finish()
     finally:
         be.kill()
+    assert open_fds() == fds_before
 
 
 def test_blk_under_crosvm_sleep_and_wake_with_requests_in_flight_lose_none(sockdir):
@@ -461,6 +464,7 @@ def _crosvm_violations(messages, num_queues_used: int) -> list[str]:
 
 @pytest.mark.parametrize("device", ["blk", "vsock", "gpu", "net"])
 def test_the_crosvm_profile_sends_what_crosvm_sends_in_its_order(sockdir, device):
+    fds_before = open_fds()
     args = {"blk": ("--size", "8M"), "vsock": ("--guest-cid", "3"), "gpu": (), "net": ()}[device]
     be = Connected(sockdir, device, *args, verbose="--verbose" if device == "gpu" else "-v")
     rec = Recorder(be.socks[0])
@@ -494,6 +498,7 @@ def test_the_crosvm_profile_sends_what_crosvm_sends_in_its_order(sockdir, device
         be.finish()
     finally:
         be.kill()
+    assert open_fds() == fds_before
     msgs = rec.messages
     assert _crosvm_violations(msgs, used) == []
     agreed = next(m[2].value for m in msgs if m[0] == R.SET_PROTOCOL_FEATURES)
@@ -554,4 +559,3 @@ def test_crosvm_ram_layout_matches_its_x86_64_regions():
     assert crosvm_ram_layout(4 << 30) == [(0, 640 << 10), (640 << 10, 384 << 10),
                                           (MB, 0xD000_0000 - MB), (1 << 32, (4 << 30) - 0xD000_0000)]
     assert CROSVM.with_max_queue_size(1000).queue_size == 512
-    assert VHOST_USER_F_PROTOCOL_FEATURES == 30
