@@ -337,6 +337,10 @@ class Frontend:
             out += p.payload
         return out
 
+    def set_config(self, offset: int, data: bytes) -> None:
+        """A guest's config write (flags 0 on both VMMs: crosvm's empty set, QEMU's FRONTEND)."""
+        self.call(R.SET_CONFIG, ConfigSpace(offset, len(data), 0, bytes(data)))
+
     def set_mem_table(self) -> None:
         """Announce guest RAM: ADD_MEM_REG per region (QEMU 10's way) or SET_MEM_TABLE.
 

@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 
 from backends_proc import open_fds
+from vhost_user.backends.blk.config import CONFIG_SPACE_SIZE, BlkConfig
 from vhost_user.backends.blk.request import RequestType
 from vhost_user.backends.gpu.commands import CtrlType as T, Format, Rect
 from vhost_user.channel import BlockingChannel, close_fds
@@ -142,6 +143,29 @@ def test_blk_under_crosvm_writes_reads_and_survives_a_guest_reboot(sockdir):
     assert open_fds() == fds_before
 
 
+def test_blk_under_crosvm_makes_as_many_queues_as_get_queue_num_says(sockdir):
+    """With MQ crosvm creates GET_QUEUE_NUM queues, the guest reads num_queues from config
+    and uses them all, each at 32768 entries."""
+    be = Connected(sockdir, "blk", "--size", "16M", "--num-queues", "3")
+    try:
+        fe = _crosvm(be.socks[0], BLK_FEATURES)
+        try:
+            assert fe.num_queues == 3
+            config = BlkConfig.unpack(fe.get_config(CONFIG_SPACE_SIZE))   # the guest's probe
+            assert config.num_queues == 3
+            drv = BlkDriver(fe, num_queues=config.num_queues, slots_per_queue=2, max_io=64 << 10)
+            assert [q.size for q in drv.queues] == [BIG] * 3
+            for q in range(3):
+                drv.write(100 * q, bytes([q + 1]) * 4096, queue=q)
+            for q in range(3):
+                assert drv.read(100 * q, 4096, queue=(q + 1) % 3) == bytes([q + 1]) * 4096
+        finally:
+            _close(fe)
+        be.finish()
+    finally:
+        be.kill()
+
+
 def test_blk_under_crosvm_sleep_and_wake_with_requests_in_flight_lose_none(sockdir):
     """crosvm's virtio_sleep / virtio_wake (suspend, snapshot): every queue disabled and its
     base fetched while requests are still queued, then the same rings handed back from
@@ -232,6 +256,12 @@ def test_net_under_crosvm_passes_frames_both_ways_between_two_ports(sockdir):
                          / (b"reply" * 100))
             db.send(back)
             assert [f for _, f in da.recv()] == [back]
+            # crosvm suspends the VM (virtio_sleep, virtio_wake): posted rx buffers stay posted
+            a.resume(a.suspend())
+            b.resume(b.suspend())
+            for f in frames:
+                db.send(f)
+            assert [f for _, f in da.recv(count=len(frames))] == frames
         finally:
             _close(a)
             _close(b)
@@ -368,6 +398,10 @@ def test_gpu_under_crosvm_shows_the_guest_frame_in_the_png_display(sockdir):
             while not os.path.exists(path) and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert np.array_equal(_read_png(path), img.reshape(h, w, 4)[:, :, [2, 1, 0]])
+            # the guest's config-changed handler clears events_read (offset 4) by a write
+            assert fe.get_config(4) == bytes(4)
+            fe.set_config(4, (1).to_bytes(4, "little"))   # refused, it would be a log line
+            assert drv.display_info().pmodes[0].enabled == 1
         finally:
             _close(fe)
         be.finish()
