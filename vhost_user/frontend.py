@@ -1,13 +1,15 @@
 """The built-in front-end: a minimal VMM without a CPU.
 
 Theory of operation: `GuestRam` owns guest memory as memfd regions (the same
-kind of memory QEMU's memory-backend-memfd passes); `Frontend` connects to any
-vhost-user back-end socket and negotiates as QEMU does (features, protocol
-features, owner, memory table through ADD_MEM_REG when CONFIGURE_MEM_SLOTS is
-offered, else SET_MEM_TABLE, then per queue call/num/base/addr/kick/enable);
-`DriverQueue` (C, vhost_user.driver_ring) is the guest-side ring. Device driver
-models (`vhost_user.drivers`) sit on top. Nothing here knows which back-end it
-talks to: tests drive qemu-storage-daemon exactly as they drive ours.
+kind of memory QEMU's memory-backend-memfd passes, or crosvm's one memfd with
+every region at its own offset); `Frontend` connects to any vhost-user
+back-end socket and speaks as one VMM does, following a `Profile`
+(`vhost_user.profiles`: QEMU by default, or CROSVM): which messages, in which
+order, with or without NEED_REPLY, the memory table's shape, the queue set-up
+order and size. `DriverQueue` (C, vhost_user.driver_ring) is the guest-side
+ring. Device driver models (`vhost_user.drivers`) sit on top and run unchanged
+under every profile. Nothing here knows which back-end it talks to: tests
+drive qemu-storage-daemon exactly as they drive ours.
 
 Front-end virtual addresses are synthetic: each region gets a distinct fake
 `userspace_addr`, which is all the protocol needs (the back-end only uses
@@ -25,7 +27,8 @@ from dataclasses import dataclass, field
 
 from vhost_user.channel import BlockingChannel, close_fds
 from vhost_user.driver_ring import DriverQueue, ring_layout
-from vhost_user.errors import RemoteProtocolError, VhostUserError
+from vhost_user.errors import LocalProtocolError, RemoteProtocolError, VhostUserError
+from vhost_user.profiles import CROSVM, QEMU, Profile, crosvm_ram_layout
 from vhost_user.protocol import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     BackendRequest,
@@ -47,19 +50,15 @@ from vhost_user.protocol import (
     spec_for,
 )
 
-__all__ = ["GuestRam", "RamRegion", "Frontend", "FrontendError", "QueueHandle"]
+__all__ = ["GuestRam", "RamRegion", "Frontend", "FrontendError", "QueueHandle", "Profile", "QEMU", "CROSVM"]
 
 log = logging.getLogger(__name__)
 
 _FAKE_UADDR_BASE = 0x7F00_0000_0000
 _PAGE = 4096
 
-# What the built-in front-end understands, like QEMU's vhost-user client.
-FRONTEND_PROTOCOL_FEATURES = (
-    (1 << PF.MQ) | (1 << PF.REPLY_ACK) | (1 << PF.BACKEND_REQ) | (1 << PF.CONFIG)
-    | (1 << PF.INFLIGHT_SHMFD) | (1 << PF.RESET_DEVICE) | (1 << PF.CONFIGURE_MEM_SLOTS)
-    | (1 << PF.STATUS)
-)
+# What the built-in front-end asks for by default, like QEMU's vhost-user client.
+FRONTEND_PROTOCOL_FEATURES = QEMU.protocol_features
 
 
 class FrontendError(VhostUserError):
@@ -73,6 +72,7 @@ class RamRegion:
     fd: int
     mem: mmap.mmap
     uaddr: int
+    offset: int = 0      # where the region starts in its fd (mmap_offset)
 
     def contains(self, gpa: int, length: int = 1) -> bool:
         return self.gpa <= gpa and gpa + length <= self.gpa + self.size
@@ -81,16 +81,36 @@ class RamRegion:
 class GuestRam:
     """Guest memory as memfd regions, with a bump allocator for rings and buffers."""
 
-    def __init__(self, layout: list[tuple[int, int]] | None = None):
-        """`layout` is a list of (gpa, size); default one 64 MiB region at GPA 0."""
+    def __init__(self, layout: list[tuple[int, int]] | None = None, *, single_fd: bool = False,
+                 alloc_region: int = 0):
+        """`layout` is a list of (gpa, size); default one 64 MiB region at GPA 0.
+
+        With `single_fd` every region lives in one memfd, one after the other
+        (crosvm's guest memory); else each region has its own memfd at offset
+        0 (QEMU's memory backends). `alloc_region` is the region `alloc` uses
+        unless told otherwise.
+        """
         self.regions: list[RamRegion] = []
-        for i, (gpa, size) in enumerate(layout or [(0, 64 << 20)]):
-            if size % _PAGE or gpa % _PAGE:
-                raise ValueError("regions must be page aligned")
-            fd = os.memfd_create(f"guest-ram-{i}", os.MFD_CLOEXEC)
-            os.ftruncate(fd, size)
-            mem = mmap.mmap(fd, size, mmap.MAP_SHARED)
-            self.regions.append(RamRegion(gpa, size, fd, mem, _FAKE_UADDR_BASE + (i << 40) + gpa))
+        layout = layout or [(0, 64 << 20)]
+        if any(size % _PAGE or gpa % _PAGE for gpa, size in layout):
+            raise ValueError("regions must be page aligned")
+        if not 0 <= alloc_region < len(layout):
+            raise ValueError(f"alloc_region {alloc_region} is not one of {len(layout)} regions")
+        shared = -1
+        if single_fd:
+            shared = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+            os.ftruncate(shared, sum(size for _, size in layout))
+        offset = 0
+        for i, (gpa, size) in enumerate(layout):
+            fd = shared
+            if not single_fd:
+                fd = os.memfd_create(f"guest-ram-{i}", os.MFD_CLOEXEC)
+                os.ftruncate(fd, size)
+            mem = mmap.mmap(fd, size, mmap.MAP_SHARED, offset=offset if single_fd else 0)
+            self.regions.append(RamRegion(gpa, size, fd, mem, _FAKE_UADDR_BASE + (i << 40) + gpa,
+                                          offset if single_fd else 0))
+            offset += size
+        self.alloc_region = alloc_region
         self._next = {id(r): 0 for r in self.regions}
 
     def region_of(self, gpa: int, length: int = 1) -> RamRegion:
@@ -103,9 +123,9 @@ class GuestRam:
         r = self.region_of(gpa)
         return r.uaddr + gpa - r.gpa
 
-    def alloc(self, size: int, align: int = 64, region: int = 0) -> int:
-        """Allocate `size` bytes in region `region`; returns the GPA."""
-        r = self.regions[region]
+    def alloc(self, size: int, align: int = 64, region: int | None = None) -> int:
+        """Allocate `size` bytes in region `region` (default `alloc_region`); returns the GPA."""
+        r = self.regions[self.alloc_region if region is None else region]
         off = -(-self._next[id(r)] // align) * align
         if off + size > r.size:
             raise MemoryError(f"guest RAM region {region} exhausted")
@@ -123,12 +143,12 @@ class GuestRam:
         r.mem[off: off + len(data)] = data
 
     def memory_regions(self) -> list[MemoryRegion]:
-        return [MemoryRegion(r.gpa, r.size, r.uaddr, 0) for r in self.regions]
+        return [MemoryRegion(r.gpa, r.size, r.uaddr, r.offset) for r in self.regions]
 
     def close(self) -> None:
         for r in self.regions:
             r.mem.close()
-            os.close(r.fd)
+        close_fds(sorted({r.fd for r in self.regions}))
         self.regions = []
 
 
@@ -144,20 +164,24 @@ class QueueHandle:
     err_fd: int
     region: int = 0
     extra: dict = field(default_factory=dict)
+    base: int = 0      # the avail index SET_VRING_BASE hands over (non-zero on a resume)
 
 
 class Frontend:
-    """Connects to one back-end socket and drives it like QEMU's vhost-user client."""
+    """Connects to one back-end socket and drives it as one VMM does (`profile`)."""
 
     def __init__(self, path: "str | socket.socket", ram: GuestRam | None = None, *,
-                 ram_size: int = 64 << 20, timeout: float = 30.0):
+                 ram_size: int = 64 << 20, timeout: float = 30.0, profile: Profile = QEMU):
         """Connect to `path`, or drive an already connected socket (one end of a
         socket pair whose other end the back-end got as `--fd`; the front-end
-        owns it from now on). Without `ram`, one region of `ram_size` bytes at
-        GPA 0 is made here and closed with the front-end; a given `ram` stays
-        the caller's. A failed connect names `path`."""
+        owns it from now on). Without `ram`, guest RAM of `ram_size` bytes is
+        made here as the profile's VMM lays it out (QEMU: one region at GPA 0;
+        crosvm: its x86-64 regions in one memfd) and closed with the
+        front-end; a given `ram` stays the caller's. A failed connect names
+        `path`."""
+        self.profile = profile
         self._owns_ram = ram is None
-        self.ram = GuestRam([(0, ram_size)]) if ram is None else ram
+        self.ram = _default_ram(profile, ram_size) if ram is None else ram
         if isinstance(path, socket.socket):
             sock = path
         else:
@@ -177,9 +201,13 @@ class Frontend:
         self.backend_protocol_features = 0
         self.num_queues = 1
         self.max_mem_slots = 0
+        self.shmem_config = None
         self.queues: dict[int, QueueHandle] = {}
         self._backend_req: socket.socket | None = None
         self.inflight: tuple[int, InflightDescription] | None = None
+        self._driver_features = 0
+        self._wanted_protocol = profile.protocol_features
+        self._sent_features: int | None = None
 
     # -- plumbing -----------------------------------------------------------
     def has_protocol_feature(self, bit: int) -> bool:
@@ -188,11 +216,16 @@ class Frontend:
     def call(self, request: R, payload=None, *, fds=(), ack: bool = True):
         """Send one request; return the reply payload (or None for acked/unacked sets).
 
-        Set-type requests ask for REPLY_ACK when it was negotiated, so a
-        back-end's refusal becomes a FrontendError right here.
+        Set-type requests ask for REPLY_ACK when it was negotiated and the
+        profile's VMM does so (QEMU; crosvm never does), so a back-end's
+        refusal becomes a FrontendError right here. A request the profile's
+        VMM never sends is a LocalProtocolError: the test would not be faithful.
         """
+        if self.profile.sends is not None and request not in self.profile.sends:
+            raise LocalProtocolError(f"{self.profile.name} never sends {request.name}")
         spec = spec_for(request)
-        want_ack = ack and spec.reply is None and self.has_protocol_feature(PF.REPLY_ACK)
+        want_ack = (ack and self.profile.need_reply and spec.reply is None
+                    and self.has_protocol_feature(PF.REPLY_ACK))
         msg = Message.make(request, payload if payload is not None else Empty(), fds=tuple(fds),
                            need_reply=want_ack)
         self.channel.send(msg)
@@ -218,22 +251,56 @@ class Frontend:
         return self.call(request, payload).payload.value
 
     # -- negotiation --------------------------------------------------------------
-    def negotiate(self, driver_features: int, *, protocol_features: int = FRONTEND_PROTOCOL_FEATURES,
+    def negotiate(self, driver_features: int, *, protocol_features: int | None = None,
                   use_mem_slots: bool = True) -> None:
-        """The opening QEMU sends, up to SET_OWNER and SET_FEATURES."""
+        """The profile's opening, up to the point the guest could run.
+
+        `driver_features` are what the guest driver would ack; the profile's
+        feature mask and the back-end's offer cut them down. QEMU sends
+        SET_FEATURES here; crosvm only at activation (`set_mem_table`).
+        `protocol_features` overrides what the profile asks for.
+        """
+        self._driver_features = driver_features
+        wanted = self.profile.protocol_features if protocol_features is None else protocol_features
+        if not use_mem_slots:
+            wanted &= ~(1 << PF.CONFIGURE_MEM_SLOTS)
+        self._wanted_protocol = wanted
+        for step in self.profile.opening:
+            _OPENING[step](self)
+        if self.profile.defer_set_features:
+            self.features = self._guest_features()
+
+    def _guest_features(self) -> int:
+        offered = self.backend_features
+        if self.profile.feature_mask is not None:
+            offered &= self.profile.feature_mask
+        return (self._driver_features & offered) | (offered & (1 << VHOST_USER_F_PROTOCOL_FEATURES))
+
+    def _open_owner(self) -> None:
+        self.call(R.SET_OWNER)
+
+    def _open_features(self) -> None:
         self.backend_features = self._value(R.GET_FEATURES)
+        # crosvm acks bit 30 at once, so its first SET_FEATURES is "a change"
+        # only when the guest acked something.
+        self._sent_features = self.backend_features & (1 << VHOST_USER_F_PROTOCOL_FEATURES)
+
+    def _open_protocol_features(self) -> None:
         if self.backend_features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
             self.backend_protocol_features = self._value(R.GET_PROTOCOL_FEATURES)
-            wanted = protocol_features
-            if not use_mem_slots:
-                wanted &= ~(1 << PF.CONFIGURE_MEM_SLOTS)
-            agreed = self.backend_protocol_features & wanted
+            agreed = self.backend_protocol_features & self._wanted_protocol
             self.call(R.SET_PROTOCOL_FEATURES, U64(agreed), ack=False)
             self.protocol_features = agreed
+
+    def _open_queue_num(self) -> None:
         if self.has_protocol_feature(PF.MQ):
             self.num_queues = self._value(R.GET_QUEUE_NUM)
+
+    def _open_max_mem_slots(self) -> None:
         if self.has_protocol_feature(PF.CONFIGURE_MEM_SLOTS):
             self.max_mem_slots = self._value(R.GET_MAX_MEM_SLOTS)
+
+    def _open_backend_req(self) -> None:
         if self.has_protocol_feature(PF.BACKEND_REQ):
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -241,25 +308,51 @@ class Frontend:
             finally:
                 theirs.close()
             self._backend_req = ours
-        self.call(R.SET_OWNER)
-        features = driver_features & self.backend_features
-        features |= self.backend_features & (1 << VHOST_USER_F_PROTOCOL_FEATURES)
-        self.call(R.SET_FEATURES, U64(features))
-        self.features = features
+
+    def _open_shmem_config(self) -> None:
+        if self.has_protocol_feature(PF.SHMEM):
+            self.shmem_config = self.call(R.GET_SHMEM_CONFIG).payload
+
+    def _open_set_features(self) -> None:
+        self.features = self._guest_features()
+        self.call(R.SET_FEATURES, U64(self.features))
+        self._sent_features = self.features
 
     def has_feature(self, bit: int) -> bool:
         return bool(self.features & (1 << bit))
 
     def get_config(self, size: int, offset: int = 0) -> bytes:
-        reply = self.call(R.GET_CONFIG, ConfigSpace(offset, size, 0, bytes(size)))
-        if reply.payload.size == 0:
-            raise FrontendError("back-end refused GET_CONFIG")
-        return reply.payload.payload
+        """Read config space as the profile's VMM does (crosvm: in 4-byte pieces)."""
+        piece = self.profile.config_piece or size
+        out = b""
+        for off in range(offset, offset + size, piece):
+            n = min(piece, offset + size - off)
+            reply = self.call(R.GET_CONFIG, ConfigSpace(off, n, self.profile.config_flags, bytes(n)))
+            p = reply.payload
+            if p.size == 0:
+                raise FrontendError("back-end refused GET_CONFIG")
+            if self.profile.config_piece and (p.size != n or p.offset != off or len(p.payload) != n):
+                # vmm_vhost's get_config takes nothing else (crosvm logs and the guest reads zeros)
+                raise FrontendError(f"GET_CONFIG reply for {p.size} bytes at {p.offset}, asked {n} at {off}")
+            out += p.payload
+        return out
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        """A guest's config write (flags 0 on both VMMs: crosvm's empty set, QEMU's FRONTEND)."""
+        self.call(R.SET_CONFIG, ConfigSpace(offset, len(data), 0, bytes(data)))
 
     def set_mem_table(self) -> None:
-        """Announce guest RAM: ADD_MEM_REG per region (QEMU 10's way) or SET_MEM_TABLE."""
+        """Announce guest RAM: ADD_MEM_REG per region (QEMU 10's way) or SET_MEM_TABLE.
+
+        Under a profile that defers SET_FEATURES (crosvm's `activate`), this
+        is the device's activation: SET_FEATURES first, if the acked set
+        changed since it was last sent.
+        """
+        if self.profile.defer_set_features and self.features != self._sent_features:
+            self.call(R.SET_FEATURES, U64(self.features))
+            self._sent_features = self.features
         regions = self.ram.memory_regions()
-        if self.has_protocol_feature(PF.CONFIGURE_MEM_SLOTS):
+        if self.profile.mem_slots and self.has_protocol_feature(PF.CONFIGURE_MEM_SLOTS):
             for region, ram in zip(regions, self.ram.regions):
                 self.call(R.ADD_MEM_REG, SingleMemoryRegion(region), fds=(ram.fd,))
         else:
@@ -279,8 +372,15 @@ class Frontend:
         self.call(R.SET_INFLIGHT_FD, desc, fds=(fd,))
 
     # -- queues -------------------------------------------------------------------
-    def setup_queue(self, index: int, size: int, *, region: int = 0) -> QueueHandle:
-        """Lay out a split ring in guest RAM and hand it to the back-end, enabled."""
+    def setup_queue(self, index: int, size: int, *, region: int | None = None) -> QueueHandle:
+        """Lay out a split ring in guest RAM and hand it to the back-end, enabled.
+
+        The profile fixes the order of the messages and may fix the size
+        (crosvm offers 32768 and a Linux guest takes it, whatever the driver
+        model would have chosen). A queue set up again (after a stop) gets a
+        new ring.
+        """
+        size = self.profile.queue_size or size
         desc_off, avail_off, used_off, total = ring_layout(size)
         gpa = self.ram.alloc(total, align=_PAGE, region=region)
         ram_region = self.ram.region_of(gpa, total)
@@ -294,24 +394,64 @@ class Frontend:
             kick_fd=kick, call_fd=call,
             event_idx=self.has_feature(VirtioFeature.VIRTIO_RING_F_EVENT_IDX),
         )
-        handle = QueueHandle(index, size, ring, kick, call, err, region)
+        old = self.queues.pop(index, None)
+        if old is not None:
+            old.ring.close()
+            close_fds((old.kick_fd, old.call_fd, old.err_fd))
+        handle = QueueHandle(index, size, ring, kick, call, err, _region_index(self.ram, ram_region))
         self.queues[index] = handle
-        self.call(R.SET_VRING_CALL, VringFdRequest.for_queue(index), fds=(call,))
-        self.call(R.SET_VRING_ERR, VringFdRequest.for_queue(index), fds=(err,))
-        self.call(R.SET_VRING_NUM, VringState(index, size))
-        self.call(R.SET_VRING_BASE, VringState(index, 0))
-        self.call(R.SET_VRING_ADDR, VringAddress(
-            index, 0, self.ram.uaddr(ring.desc_gpa), self.ram.uaddr(ring.used_gpa),
-            self.ram.uaddr(ring.avail_gpa), 0))
-        self.call(R.SET_VRING_KICK, VringFdRequest.for_queue(index), fds=(kick,))
-        if self.features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
-            self.call(R.SET_VRING_ENABLE, VringState(index, 1))
+        for step in self.profile.vring_setup:
+            _VRING_STEPS[step](self, handle)
         return handle
 
+    def _vring_call(self, q: QueueHandle) -> None:
+        self.call(R.SET_VRING_CALL, VringFdRequest.for_queue(q.index), fds=(q.call_fd,))
+
+    def _vring_err(self, q: QueueHandle) -> None:
+        self.call(R.SET_VRING_ERR, VringFdRequest.for_queue(q.index), fds=(q.err_fd,))
+
+    def _vring_num(self, q: QueueHandle) -> None:
+        self.call(R.SET_VRING_NUM, VringState(q.index, q.size))
+
+    def _vring_base(self, q: QueueHandle) -> None:
+        self.call(R.SET_VRING_BASE, VringState(q.index, q.base))
+
+    def _vring_addr(self, q: QueueHandle) -> None:
+        ring = q.ring
+        self.call(R.SET_VRING_ADDR, VringAddress(
+            q.index, 0, self.ram.uaddr(ring.desc_gpa), self.ram.uaddr(ring.used_gpa),
+            self.ram.uaddr(ring.avail_gpa), 0))
+
+    def _vring_kick(self, q: QueueHandle) -> None:
+        self.call(R.SET_VRING_KICK, VringFdRequest.for_queue(q.index), fds=(q.kick_fd,))
+
+    def _vring_enable(self, q: QueueHandle) -> None:
+        if self.features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
+            self.call(R.SET_VRING_ENABLE, VringState(q.index, 1))
+
     def stop_queue(self, index: int) -> int:
-        """GET_VRING_BASE: the back-end stops the ring and tells where it was."""
+        """GET_VRING_BASE: the back-end stops the ring and tells where it was.
+
+        crosvm (`deactivate_vring`) disables the ring first when bit 30 was acked.
+        """
+        if self.profile.disable_before_stop and self.features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
+            self.call(R.SET_VRING_ENABLE, VringState(index, 0))
         reply = self.call(R.GET_VRING_BASE, VringState(index, 0))
         return reply.payload.num
+
+    def suspend(self) -> dict[int, int]:
+        """Stop every queue (crosvm's `virtio_sleep` and `reset`); returns each base."""
+        return {i: self.stop_queue(i) for i in sorted(self.queues)}
+
+    def resume(self, bases: dict[int, int]) -> None:
+        """Activate again with the same rings from `bases` (crosvm's `virtio_wake`):
+        SET_FEATURES if changed, the memory table, then each queue's set-up."""
+        self.set_mem_table()
+        for index, base in sorted(bases.items()):
+            q = self.queues[index]
+            q.base = base
+            for step in self.profile.vring_setup:
+                _VRING_STEPS[step](self, q)
 
     def reset_device(self) -> None:
         self.call(R.RESET_DEVICE)
@@ -337,3 +477,39 @@ class Frontend:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_OPENING = {
+    "owner": Frontend._open_owner,
+    "features": Frontend._open_features,
+    "protocol_features": Frontend._open_protocol_features,
+    "queue_num": Frontend._open_queue_num,
+    "max_mem_slots": Frontend._open_max_mem_slots,
+    "backend_req": Frontend._open_backend_req,
+    "shmem_config": Frontend._open_shmem_config,
+    "set_features": Frontend._open_set_features,
+}
+
+_VRING_STEPS = {
+    "call": Frontend._vring_call,
+    "err": Frontend._vring_err,
+    "num": Frontend._vring_num,
+    "base": Frontend._vring_base,
+    "addr": Frontend._vring_addr,
+    "kick": Frontend._vring_kick,
+    "enable": Frontend._vring_enable,
+}
+
+
+def _region_index(ram: GuestRam, region: RamRegion) -> int:
+    """The index of `region` in `ram` (for QueueHandle.region)."""
+    return next(i for i, r in enumerate(ram.regions) if r is region)
+
+
+def _default_ram(profile: Profile, size: int) -> GuestRam:
+    """Guest RAM as the profile's VMM makes it; allocations go to the largest region."""
+    if not profile.single_memfd:
+        return GuestRam([(0, size)])
+    layout = crosvm_ram_layout(size)
+    largest = max(range(len(layout)), key=lambda i: layout[i][1])
+    return GuestRam(layout, single_fd=True, alloc_region=largest)

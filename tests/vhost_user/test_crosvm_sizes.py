@@ -5,8 +5,10 @@ crosvm offers every virtqueue at 32768 entries unless the user passes
 Linux guest takes that size; it reads config space in 4-byte pieces at any
 offset, before SET_FEATURES and before any memory table, on every device
 type, and takes `hdr.size - 12` bytes of the reply. Each back-end here runs
-with its defaults and is driven through real I/O on 32768-entry queues.
-(The message-order profile of crosvm is not modelled here; see issue 15.)
+with its defaults and is driven through real I/O on 32768-entry queues; the
+config reads go through the front-end's CROSVM profile. The whole crosvm
+message profile (order, memory table, no NEED_REPLY, sleep/wake) is tested
+in test_crosvm_profile.py.
 """
 
 from __future__ import annotations
@@ -21,9 +23,7 @@ from vhost_user.drivers.blk import BlkDriver
 from vhost_user.drivers.gpu import GpuDriver
 from vhost_user.drivers.net import NetDriver
 from vhost_user.drivers.vsock import VsockDriver
-from vhost_user.frontend import Frontend
-from vhost_user.protocol import FrontendRequest as R
-from vhost_user.protocol.messages import ConfigSpace
+from vhost_user.frontend import CROSVM, Frontend
 from vsock_proc import host_listener
 
 BIG = 32768
@@ -36,16 +36,12 @@ def _start(sockdir, module: str, *args: str, name: str):
 
 
 def _config_like_crosvm(sock: str, length: int) -> bytes:
-    """4-byte GET_CONFIG reads at every offset, first thing after SET_OWNER."""
-    fe = Frontend(sock)
+    """crosvm's opening, then 4-byte GET_CONFIG reads at every offset (the profile
+    checks that each reply echoes offset and size), before any SET_FEATURES."""
+    fe = Frontend(sock, profile=CROSVM)
     try:
-        fe.call(R.SET_OWNER)  # crosvm's first message
-        out = b""
-        for off in range(0, length, 4):
-            reply = fe.call(R.GET_CONFIG, ConfigSpace(off, 4, 0, bytes(4)))
-            assert reply.payload.size == 4 and reply.payload.offset == off, reply.payload
-            out += reply.payload.payload
-        return out
+        fe.negotiate(0)
+        return fe.get_config(length)
     finally:
         fe.close()
 

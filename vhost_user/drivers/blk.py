@@ -22,7 +22,7 @@ from vhost_user.backends.blk.request import (
     Status,
 )
 from vhost_user.errors import VhostUserError
-from vhost_user.frontend import Frontend, QueueHandle
+from vhost_user.frontend import QEMU, Frontend, Profile, QueueHandle
 from vhost_user.protocol import ProtocolFeature as PF, VirtioFeature
 
 __all__ = ["BlkDriver", "BlkIOError", "BlkRequest", "DRIVER_FEATURES"]
@@ -91,8 +91,9 @@ class BlkDriver:
     @classmethod
     def connect(cls, path: str, *, num_queues: int = 1, queue_size: int = 128,
                 ram_size: int = 256 << 20, max_io: int = 1 << 20, slots_per_queue: int = 16,
-                features: int = DRIVER_FEATURES, use_mem_slots: bool = True) -> "BlkDriver":
-        fe = Frontend(path, ram_size=ram_size)
+                features: int = DRIVER_FEATURES, use_mem_slots: bool = True,
+                profile: Profile = QEMU) -> "BlkDriver":
+        fe = Frontend(path, ram_size=ram_size, profile=profile)
         try:
             fe.negotiate(features, use_mem_slots=use_mem_slots)
             return cls(fe, num_queues=num_queues, queue_size=queue_size, max_io=max_io,

@@ -60,7 +60,7 @@ from vhost_user.backends.gpu.display_protocol import (
 from vhost_user.backends.gpu.edid import build_edid
 from vhost_user.channel import close_fds
 from vhost_user.errors import VhostUserError
-from vhost_user.frontend import Frontend
+from vhost_user.frontend import QEMU, Frontend, Profile
 from vhost_user.protocol import FrontendRequest as R, ProtocolFeature as PF, VirtioFeature
 
 __all__ = ["GpuDriver", "GpuDriverError", "DisplayListener", "CursorState", "Backing",
@@ -289,9 +289,14 @@ class GpuDriver:
 
     @classmethod
     def connect(cls, path: str, *, outputs: list[tuple[int, int]] | None = None,
-                enabled: int | None = None, ram_size: int = 64 << 20, display: bool = True,
-                features: int = DRIVER_FEATURES, queue_size: int = 64) -> "GpuDriver":
-        fe = Frontend(path, ram_size=ram_size)
+                enabled: int | None = None, ram_size: int = 64 << 20, display: bool | None = None,
+                features: int = DRIVER_FEATURES, queue_size: int = 64,
+                profile: Profile = QEMU) -> "GpuDriver":
+        """`display`: hand the back-end a display socket (default: when the
+        profile's VMM sends GPU_SET_SOCKET, i.e. QEMU and not crosvm)."""
+        if display is None:
+            display = profile.sends is None or R.GPU_SET_SOCKET in profile.sends
+        fe = Frontend(path, ram_size=ram_size, profile=profile)
         listener = DisplayListener(outputs, enabled=enabled) if display else None
         try:
             fe.negotiate(features)

@@ -17,7 +17,7 @@ import struct
 import time
 
 from vhost_user.backends.net.header import OFFLOAD_FEATURES, NetFeature, NetHeader, header_size
-from vhost_user.frontend import FRONTEND_PROTOCOL_FEATURES, Frontend, QueueHandle
+from vhost_user.frontend import QEMU, Frontend, Profile, QueueHandle
 from vhost_user.protocol import U64, FrontendRequest, ProtocolFeature, VirtioFeature
 
 __all__ = ["NetDriver", "DRIVER_FEATURES", "CTRL_FEATURES", "MAX_FRAME"]
@@ -80,12 +80,12 @@ class NetDriver:
     @classmethod
     def connect(cls, path: str, *, features: int = DRIVER_FEATURES, num_pairs: int = 1,
                 queue_size: int = 256, ram_size: int = 64 << 20, extra_protocol_features: int = 0,
-                **kw) -> "NetDriver":
-        fe = Frontend(path, ram_size=ram_size)
+                profile: Profile = QEMU, **kw) -> "NetDriver":
+        fe = Frontend(path, ram_size=ram_size, profile=profile)
         try:
             # QEMU's net front-end also asks for RARP (announce after migration).
-            fe.negotiate(features, protocol_features=FRONTEND_PROTOCOL_FEATURES
-                         | (1 << ProtocolFeature.RARP) | extra_protocol_features)
+            fe.negotiate(features, protocol_features=profile.protocol_features
+                         | profile.net_protocol_features | extra_protocol_features)
             return cls(fe, num_pairs=num_pairs, queue_size=queue_size, **kw)
         except BaseException:
             fe.close()

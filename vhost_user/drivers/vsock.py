@@ -24,7 +24,7 @@ from vhost_user.backends.vsock.packet import (
 )
 from vhost_user.driver_ring import VsockBenchResult, VsockConnState, run_vsock_stream_bench
 from vhost_user.errors import VhostUserError
-from vhost_user.frontend import Frontend
+from vhost_user.frontend import QEMU, Frontend, Profile
 from vhost_user.protocol import ProtocolFeature as PF, VirtioFeature
 
 __all__ = ["VsockDriver", "DriverSocket", "DRIVER_FEATURES", "VsockReset"]
@@ -245,8 +245,8 @@ class VsockDriver:
 
     @classmethod
     def attach(cls, path: str, *, ram_size: int = 64 << 20, features: int = DRIVER_FEATURES,
-                **kwargs) -> "VsockDriver":
-        fe = Frontend(path, ram_size=ram_size)
+                profile: Profile = QEMU, **kwargs) -> "VsockDriver":
+        fe = Frontend(path, ram_size=ram_size, profile=profile)
         try:
             fe.negotiate(features)
             return cls(fe, **kwargs)
