@@ -44,13 +44,20 @@ $SUDO apt-get install -y -q -t bookworm-backports \
 $SUDO apt-get install -y -q \
     busybox-static fio socat e2fsprogs util-linux kmod cpio zstd xz-utils \
     iproute2 tshark dpdk-dev libvirglrenderer1 libegl-mesa0 libgl1-mesa-dri libseccomp2 gcc
+# The native libFuzzer harnesses (csrc/fuzz/, tools/fuzz-native.sh).
+$SUDO apt-get install -y -q clang-16
+# libvirt (bookworm's 9.0; it drives the QEMU 10 above through <emulator>).
+# tests/integration/test_libvirt.py runs its own libvirtd in a private mount
+# namespace: no libvirt-daemon-system (no system service, users or config).
+$SUDO apt-get install -y -q --no-install-recommends \
+    libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
 
 # The real-guest harness (tests/harness/) boots Debian's linux-image-amd64
 # (fetched with apt-get download, never installed) with a busybox initramfs.
 # Check that everything it copies into the guest or runs on the host exists.
 missing=""
 for tool in qemu-system-x86_64 qemu-storage-daemon busybox fio socat mke2fs e2fsck \
-            debugfs blkdiscard depmod dpkg-deb ldd zstd; do
+            debugfs blkdiscard depmod dpkg-deb ldd zstd libvirtd virsh unshare; do
     PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null || missing="$missing $tool"
 done
 [ -e /usr/share/qemu/qboot.rom ] || echo "install-test-deps: note: no qboot.rom, guests boot with SeaBIOS (slower)"

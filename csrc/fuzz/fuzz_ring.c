@@ -1,0 +1,131 @@
+/*
+ * fuzz_ring.c - libFuzzer harness for the split-ring walker (vring.c,
+ * memory.c, inflight.c): direct and indirect chains, event idx, and
+ * inflight recovery from a region the (hostile) front-end filled.
+ *
+ * Checks, beyond AddressSanitizer/UBSan:
+ *   - every segment a pop returns lies inside its region, readable first;
+ *   - a broken queue stays broken and pops nothing more;
+ *   - the device writes no guest byte outside the used ring (this harness
+ *     never writes into buffers itself).
+ */
+#include "fuzz_guest.h"
+
+#define MAX_POPPED 512
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    struct fg_reader r = {data, size, 0};
+    struct fg_guest g;
+    struct vr_queue q;
+    struct vr_seg segs[VR_MAX_SEGS];
+    struct vr_chain chains[8];
+    struct vr_seg bsegs[8][64];
+    uint16_t popped[MAX_POPPED];
+    uint32_t npopped = 0, num = 0;
+    struct fg_snapshot snap;
+    void *inflight = NULL;
+
+    fg_guest_init(&g);
+    int with_inflight = fg_u8(&r) % 4 == 0;
+    if (with_inflight) {
+        uint64_t isize = sizeof(struct vr_inflight_region) + FG_MAX_NUM * sizeof(struct vr_inflight_desc);
+        inflight = calloc(1, isize);
+        if (!inflight)
+            abort();
+        if (fg_u8(&r) & 1) /* left over from before a crash, as the front-end claims */
+            fg_take(&r, inflight, isize);
+    }
+    int started = fg_ring(&g, &r, &q, 0, &num, inflight) == 0;
+    if (!started)
+        goto out;
+
+    fg_snapshot_take(&g, &snap);
+
+    for (int step = 0; step < 64 && r.pos < r.size; step++) {
+        int was_broken = vr_queue_broken(&q);
+        switch (fg_u8(&r) % 8) {
+        case 0:
+        case 1: {
+            struct vr_chain c = {.cap = (fg_u8(&r) & 1) ? VR_MAX_SEGS : 1u + fg_u8(&r) % 8, .segs = segs};
+            int rc = vr_pop(&q, &c);
+            if (rc == 1) {
+                if (was_broken)
+                    __builtin_trap();
+                fg_check_chain(&g, &c);
+                if (c.head >= num)
+                    __builtin_trap();
+                if (npopped < MAX_POPPED)
+                    popped[npopped++] = c.head;
+            }
+            break;
+        }
+        case 2: {
+            uint32_t n = 1 + fg_u8(&r) % 8;
+            for (uint32_t i = 0; i < n; i++)
+                chains[i] = (struct vr_chain){.cap = 64, .segs = bsegs[i]};
+            int got = vr_pop_batch(&q, chains, n);
+            if (got > 0 && was_broken)
+                __builtin_trap();
+            for (int i = 0; i < got; i++) {
+                fg_check_chain(&g, &chains[i]);
+                if (npopped < MAX_POPPED)
+                    popped[npopped++] = chains[i].head;
+            }
+            break;
+        }
+        case 3: { /* complete some popped chains, in any order, any length */
+            uint32_t n = npopped ? 1 + fg_u8(&r) % npopped : 0;
+            uint16_t heads[MAX_POPPED];
+            uint32_t lens[MAX_POPPED];
+            for (uint32_t i = 0; i < n; i++) {
+                uint32_t k = fg_u8(&r) % npopped;
+                heads[i] = popped[k];
+                popped[k] = popped[--npopped];
+                lens[i] = fg_u32(&r);
+                if (!npopped) {
+                    n = i + 1;
+                    break;
+                }
+            }
+            if (n)
+                vr_push_batch(&q, heads, lens, n);
+            break;
+        }
+        case 4:
+            vr_push(&q, fg_u16(&r), fg_u32(&r)); /* a head never popped: caller misuse */
+            break;
+        case 5: {
+            uint32_t n = fg_u8(&r) % 4;
+            if (vr_unpop_n(&q, n) == VR_OK)
+                npopped = npopped > n ? npopped - n : 0;
+            break;
+        }
+        case 6:
+            if (vr_should_notify(&q))
+                vr_notify(&q);
+            break;
+        default:
+            if (fg_u8(&r) & 1)
+                vr_disable_notify(&q);
+            else
+                vr_enable_notify(&q);
+            (void)vr_avail_pending(&q);
+            break;
+        }
+        if (was_broken && !vr_queue_broken(&q))
+            __builtin_trap();
+    }
+
+    /* Only the used ring (flags, idx, ring, avail_event) may have changed. */
+    {
+        const uint64_t used[1][2] = {{FG_USED, FG_USED + vr_used_size(num)}};
+        fg_snapshot_check(&g, &snap, 0, used, 1);
+        fg_snapshot_check(&g, &snap, 1, used, 0);
+    }
+out:
+    vr_queue_fini(&q);
+    free(inflight);
+    fg_guest_free(&g);
+    return 0;
+}

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Builds the native libFuzzer harnesses (csrc/fuzz/) with clang's libFuzzer,
+# AddressSanitizer and UndefinedBehaviorSanitizer, and optionally runs one.
+#
+#   tools/fuzz-native.sh build [OUTDIR]              # every harness into OUTDIR (build/fuzz)
+#   tools/fuzz-native.sh run TARGET [LIBFUZZER ARGS] # build, then run TARGET from its corpus
+#
+# Targets: ring, blk, net, vsock.  `run` keeps new inputs in
+# build/fuzz/corpus/TARGET (not committed) and starts from them and from
+# fuzz/regressions/native-TARGET/, e.g.
+#   tools/fuzz-native.sh run blk -runs=10000000 -print_final_stats=1
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cc=${CC:-$(command -v clang-16 || command -v clang || true)}
+[ -n "$cc" ] || { echo "fuzz-native.sh: error: clang (clang-16) is not installed" >&2; exit 1; }
+
+core="csrc/vring.c csrc/memory.c csrc/inflight.c"
+trace="csrc/fuzz/fuzz_trace.c -Wl,--wrap=vr_pop,--wrap=vr_pop_batch"
+declare -A sources=(
+  [ring]="csrc/fuzz/fuzz_ring.c $core"
+  [blk]="csrc/fuzz/fuzz_blk.c csrc/blk.c $core $trace"
+  [net]="csrc/fuzz/fuzz_net.c csrc/net.c csrc/net_offload.c $core $trace -lpthread"
+  [vsock]="csrc/fuzz/fuzz_vsock.c csrc/vsock.c $core $trace"
+)
+flags="-g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
+       -fsanitize-coverage-ignorelist=csrc/fuzz/coverage-ignore.txt -Icsrc"
+
+build() {  # build OUTDIR TARGET...
+  local out=$1; shift
+  mkdir -p "$out"
+  for t in "$@"; do
+    [ -n "${sources[$t]:-}" ] || { echo "fuzz-native.sh: error: $t: no such target (ring blk net vsock)" >&2; exit 2; }
+    (cd "$repo" && $cc $flags ${sources[$t]} -o "$out/$t")
+  done
+}
+
+case "${1:-}" in
+  build)
+    build "${2:-$repo/build/fuzz}" ring blk net vsock ;;
+  run)
+    t=${2:?usage: fuzz-native.sh run TARGET [ARGS]}; shift 2
+    build "$repo/build/fuzz" "$t"
+    corpus="$repo/build/fuzz/corpus/$t"; mkdir -p "$corpus"
+    seeds=()
+    [ -d "$repo/fuzz/regressions/native-$t" ] && seeds+=("$repo/fuzz/regressions/native-$t")
+    exec "$repo/build/fuzz/$t" "$@" "$corpus" "${seeds[@]}" ;;
+  *)
+    echo "usage: fuzz-native.sh build [OUTDIR] | run TARGET [LIBFUZZER ARGS]" >&2; exit 2 ;;
+esac
