@@ -102,10 +102,12 @@ class CaptureRing:
         """One frame from the Python path (cut to the snap length in C)."""
         lib.vr_capture_put(self._ring, frame, len(frame))
 
-    def read(self) -> bytes:
-        """Whole records waiting in the ring (up to 1 MiB); b"" when empty."""
+    def read(self) -> memoryview:
+        """Whole records waiting in the ring (up to 1 MiB; empty when none), as a view of
+        this object's buffer: valid until the next read (the writer writes it at once,
+        so the bytes are copied once out of the ring and once into the file)."""
         n = lib.vr_capture_read(self._ring, self._buf, len(self._buf), self._dropped)
-        return bytes(ffi.buffer(self._buf, n))
+        return memoryview(ffi.buffer(self._buf, n))
 
     def stats(self) -> dict[str, int]:
         """frames appended, frames dropped (no room), record bytes appended."""
