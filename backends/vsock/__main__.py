@@ -168,9 +168,10 @@ def _main(args) -> int:
         return lambda: VsockDevice(opts, router, capture)
 
     try:
-        if capture is not None:
-            capture.start()
         return serve_devices([(endpoint, factory(opts)) for endpoint, opts in vms],
+                             # the writer thread starts once the sandbox is on (it holds no
+                             # path: the file was opened above)
+                             on_loop=(lambda loop: capture.start()) if capture else None,
                              sandbox="vsock" if args.sandbox else None, args=args,
                              label=lambda d, e: f"cid {d.guest_cid} ({e})",
                              extra_counters=(lambda: {"capture": capture.stats()}) if capture else None)
