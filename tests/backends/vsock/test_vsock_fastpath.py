@@ -133,7 +133,7 @@ def test_vsock_pcap_leaves_the_bytes_on_the_c_path(sockdir, vsock_proc):
         port = g.local_port
     line = _close_line(bp, port)
     assert line["out"] == line["in"] == len(data)
-    assert line["c_out"] >= len(data) // 2 and line["c_in"] >= len(data) // 2, line
+    assert line["c_out"] >= len(data) // 4 and line["c_in"] >= len(data) // 2, line
 
 
 def test_vsock_small_packets_in_flight_with_a_slow_reader_arrive_in_order(sockdir, vsock_proc):

