@@ -53,10 +53,16 @@ class RngDriver:
 
     def reap(self, timeout: float = 5.0) -> list[bytes]:
         """Wait up to `timeout` for completions; the bytes each buffer got, in order."""
+        import time
+
         ring = self.queue.ring
+        deadline = time.monotonic() + timeout
         done = ring.reap()
-        if not done and ring.wait(timeout):
+        # a call may be left over from entries already reaped: wait again until one brings some
+        while not done and ring.wait(max(0.0, deadline - time.monotonic())):
             done = ring.reap()
+            if time.monotonic() >= deadline:
+                break
         out = []
         for head, length in done:
             i = self._posted.pop(head)
