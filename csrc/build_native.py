@@ -10,7 +10,7 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["csrc/memory.c", "csrc/vring.c", "csrc/inflight.c", "csrc/run.c", "csrc/blk.c", "csrc/net.c", "csrc/net_offload.c", "csrc/net_filter.c", "csrc/vsock.c"]
+SOURCES = ["csrc/memory.c", "csrc/vring.c", "csrc/inflight.c", "csrc/run.c", "csrc/blk.c", "csrc/net.c", "csrc/net_offload.c", "csrc/net_filter.c", "csrc/vsock.c", "csrc/capture.c"]
 
 CDEF = """
 #define VR_MAX_REGIONS 32
@@ -125,6 +125,17 @@ uint32_t vr_net_capture_read(struct vr_net_switch *sw, uint8_t *buf, uint32_t ca
 
 int vr_unpop(struct vr_queue *q);
 
+#define VR_CAPTURE_RECORD_HDR ...
+#define VR_CAPTURE_MAX_SNAPLEN ...
+struct vr_capture;
+struct vr_capture_stats { uint64_t frames; uint64_t dropped; uint64_t bytes; };
+struct vr_capture *vr_capture_new(uint32_t bytes, uint32_t snaplen);
+void vr_capture_free(struct vr_capture *cap);
+void vr_capture_put(struct vr_capture *cap, const uint8_t *frame, uint32_t len);
+uint32_t vr_capture_read(struct vr_capture *cap, uint8_t *buf, uint32_t bufcap,
+                         uint64_t *dropped);
+void vr_capture_get_stats(struct vr_capture *cap, struct vr_capture_stats *out);
+
 #define VS_TX_EMPTY ...
 #define VS_TX_MORE ...
 #define VS_TX_SLOW ...
@@ -163,9 +174,11 @@ struct vs_conn *vs_table_lookup(const struct vs_table *t, uint64_t peer_cid,
 uint32_t vs_credit(const struct vs_conn *c);
 int vs_credit_update_due(const struct vs_conn *c);
 int vs_tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid,
-                struct vr_chain *c, uint32_t max, struct vs_tx_result *res);
+                struct vr_chain *c, uint32_t max, struct vr_capture *cap,
+                struct vs_tx_result *res);
 int vs_rx_fill(struct vr_queue *q, struct vs_conn *conn, uint64_t guest_cid,
-               struct vr_chain *c, uint32_t max, struct vs_rx_result *res);
+               struct vr_chain *c, uint32_t max, struct vr_capture *cap,
+               struct vs_rx_result *res);
 
 extern "Python" int vr_py_handler(void *ctx, struct vr_queue *q);
 """
@@ -174,10 +187,10 @@ ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "vhost_user._native",
-    '#include "vring.h"\n#include "blk.h"\n#include "net.h"\n#include "vsock.h"\n',
+    '#include "vring.h"\n#include "blk.h"\n#include "net.h"\n#include "vsock.h"\n#include "capture.h"\n',
     sources=SOURCES,
     include_dirs=[HERE],
-    depends=[os.path.join("csrc", f) for f in ("vring.h", "blk.h", "net.h", "net_offload.h", "net_filter.h", "vsock.h")],
+    depends=[os.path.join("csrc", f) for f in ("vring.h", "blk.h", "net.h", "net_offload.h", "net_filter.h", "vsock.h", "capture.h")],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )
 

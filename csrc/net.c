@@ -12,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "capture.h"
 #include "net.h"
 #include "net_filter.h"
 #include "net_offload.h"
@@ -52,10 +53,7 @@ struct vr_net_switch {
     uint64_t ageing_ns;
     pthread_mutex_t mac_lock;
     struct mac_entry macs[MAC_BUCKETS];
-    pthread_mutex_t cap_lock;
-    uint8_t *cap;            /* byte ring of pcap records */
-    uint32_t cap_size;
-    uint64_t cap_head, cap_tail, cap_dropped;
+    struct vr_capture *cap;  /* ring of pcap records (capture.c), NULL without --pcap */
 };
 
 /* Per-worker context: buffers allocated once. */
@@ -105,16 +103,14 @@ struct vr_net_switch *vr_net_switch_new(uint32_t capture_bytes, uint64_t ageing_
     if (!sw)
         return NULL;
     if (capture_bytes) {
-        sw->cap = malloc(capture_bytes);
+        sw->cap = vr_capture_new(capture_bytes, VR_CAPTURE_MAX_SNAPLEN);
         if (!sw->cap) {
             free(sw);
             return NULL;
         }
-        sw->cap_size = capture_bytes;
     }
     sw->ageing_ns = ageing_ns;
     pthread_mutex_init(&sw->mac_lock, NULL);
-    pthread_mutex_init(&sw->cap_lock, NULL);
     for (int i = 0; i < VR_NET_MAX_PORTS; i++) {
         vr_net_filter_init(&sw->ports[i].filter);
         for (int k = 0; k < VR_NET_MAX_QP; k++)
@@ -126,7 +122,7 @@ struct vr_net_switch *vr_net_switch_new(uint32_t capture_bytes, uint64_t ageing_
 void vr_net_switch_free(struct vr_net_switch *sw)
 {
     if (sw) {
-        free(sw->cap);
+        vr_capture_free(sw->cap);
         free(sw);
     }
 }
@@ -316,59 +312,21 @@ void vr_net_port_forget(struct vr_net_switch *sw, int port)
     pthread_mutex_unlock(&sw->mac_lock);
 }
 
-/* ---- capture ---- */
+/* ---- capture (the shared ring: capture.c) ---- */
 
-static void ring_put(struct vr_net_switch *sw, const void *src, uint32_t len)
-{
-    uint32_t off = (uint32_t)(sw->cap_head % sw->cap_size);
-    uint32_t first = sw->cap_size - off < len ? sw->cap_size - off : len;
-    memcpy(sw->cap + off, src, first);
-    memcpy(sw->cap, (const uint8_t *)src + first, len - first);
-    sw->cap_head += len;
-}
-
-/* Append one pcap record (never blocks on the reader: drops when full). */
+/* Append one frame (never blocks on the reader: the ring drops when full). */
 static void capture(struct vr_net_switch *sw, const uint8_t *frame, uint32_t len)
 {
-    if (!sw->cap)
-        return;
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    uint32_t rec[4] = {(uint32_t)ts.tv_sec, (uint32_t)(ts.tv_nsec / 1000), len, len};
-    pthread_mutex_lock(&sw->cap_lock);
-    if (sw->cap_size - (sw->cap_head - sw->cap_tail) < sizeof(rec) + len) {
-        sw->cap_dropped++;
-    } else {
-        ring_put(sw, rec, sizeof(rec));
-        ring_put(sw, frame, len);
-    }
-    pthread_mutex_unlock(&sw->cap_lock);
+    if (sw->cap)
+        vr_capture_put(sw->cap, frame, len);
 }
 
 uint32_t vr_net_capture_read(struct vr_net_switch *sw, uint8_t *buf, uint32_t cap,
                              uint64_t *dropped)
 {
-    uint32_t n = 0;
     if (!sw->cap)
         return 0;
-    pthread_mutex_lock(&sw->cap_lock);
-    /* Whole records only, so the stream stays valid pcap. */
-    while (sw->cap_tail < sw->cap_head) {
-        uint32_t rec[4];
-        uint64_t t = sw->cap_tail;
-        for (uint32_t i = 0; i < sizeof(rec); i++)
-            ((uint8_t *)rec)[i] = sw->cap[(t + i) % sw->cap_size];
-        uint32_t total = sizeof(rec) + rec[2];
-        if (n + total > cap)
-            break;
-        for (uint32_t i = 0; i < total; i++)
-            buf[n + i] = sw->cap[(t + i) % sw->cap_size];
-        n += total;
-        sw->cap_tail += total;
-    }
-    *dropped = sw->cap_dropped;
-    pthread_mutex_unlock(&sw->cap_lock);
-    return n;
+    return vr_capture_read(sw->cap, buf, cap, dropped);
 }
 
 /* ---- delivery ---- */

@@ -12,6 +12,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "capture.h"
 #include "vsock.h"
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -35,6 +36,37 @@ struct vs_hdr {
 } __attribute__((packed));
 
 _Static_assert(sizeof(struct vs_hdr) == VS_HDR_SIZE, "virtio_vsock_hdr is 44 bytes");
+
+/* ---- capture (Linux vsockmon, pcap LINKTYPE_VSOCK 271) ---- */
+
+/* struct af_vsockmon_hdr (include/uapi/linux/vsockmon.h), then the virtio header. */
+struct vs_mon_frame {
+    uint64_t src_cid;
+    uint64_t dst_cid;
+    uint32_t src_port;
+    uint32_t dst_port;
+    uint16_t op;          /* AF_VSOCK_OP_PAYLOAD: only RW packets are captured here */
+    uint16_t transport;   /* AF_VSOCK_TRANSPORT_VIRTIO */
+    uint16_t len;         /* the transport header's length */
+    uint8_t reserved[2];
+    struct vs_hdr hdr;
+} __attribute__((packed));
+
+_Static_assert(sizeof(struct vs_mon_frame) == 32 + VS_HDR_SIZE, "af_vsockmon_hdr is 32 bytes");
+
+/* One RW packet, header and payload (where `iov` points), into the capture
+ * ring: called before the chain is pushed, while the guest cannot reuse it. */
+static void capture_rw(struct vr_capture *cap, const struct vs_hdr *h,
+                       const struct iovec *iov, int niov)
+{
+    struct vs_mon_frame f = {
+        .src_cid = h->src_cid, .dst_cid = h->dst_cid,
+        .src_port = h->src_port, .dst_port = h->dst_port,
+        .op = VS_MON_OP_PAYLOAD, .transport = VS_MON_TRANSPORT_VIRTIO, .len = VS_HDR_SIZE,
+        .hdr = *h,
+    };
+    vr_capture_putv(cap, &f, sizeof(f), iov, niov, h->len);
+}
 
 /* ---- connection table ---- */
 
@@ -192,25 +224,29 @@ static struct vs_conn *fast_rw(struct vr_queue *q, const struct vs_table *t, uin
     return conn;
 }
 
-/* One packet of a tx batch: its chain head and the credit fields it carried. */
+/* One packet of a tx batch: its chain head, its header, its payload iovecs. */
 struct tx_pkt {
     uint16_t head;
-    uint32_t len, buf_alloc, fwd_cnt;
+    int iov0, niov;
+    struct vs_hdr h;
 };
 
 /* Account and complete packets [0, n) of a batch, all of `conn`, all written. */
 static void tx_done(struct vr_queue *q, struct vs_conn *conn, const struct tx_pkt *p, uint32_t n,
-                    struct vs_tx_result *res)
+                    const struct iovec *iov, struct vr_capture *cap, struct vs_tx_result *res)
 {
     for (uint32_t i = 0; i < n; i++) {
-        conn->peer_buf_alloc = p[i].buf_alloc;
-        conn->peer_fwd_cnt = p[i].fwd_cnt;
-        conn->rx_total += p[i].len;
-        conn->fwd_cnt += p[i].len;
-        conn->c_bytes_out += p[i].len;
+        uint32_t len = p[i].h.len;
+        conn->peer_buf_alloc = p[i].h.buf_alloc;
+        conn->peer_fwd_cnt = p[i].h.fwd_cnt;
+        conn->rx_total += len;
+        conn->fwd_cnt += len;
+        conn->c_bytes_out += len;
+        if (cap)
+            capture_rw(cap, &p[i].h, iov + p[i].iov0, p[i].niov);
         vr_push(q, p[i].head, 0);
         res->packets++;
-        res->bytes += p[i].len;
+        res->bytes += len;
     }
 }
 
@@ -223,7 +259,8 @@ static void tx_done(struct vr_queue *q, struct vs_conn *conn, const struct tx_pk
  */
 #define TX_BATCH 32
 int vs_tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid,
-                struct vr_chain *c, uint32_t max, struct vs_tx_result *res)
+                struct vr_chain *c, uint32_t max, struct vr_capture *cap,
+                struct vs_tx_result *res)
 {
     struct iovec iov[IOV_CAP];
     struct tx_pkt pkt[TX_BATCH];
@@ -252,8 +289,8 @@ int vs_tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid
                 break;
             }
             conn = cc;
+            pkt[n++] = (struct tx_pkt){c->head, niov, k, h};
             niov += k;
-            pkt[n++] = (struct tx_pkt){c->head, h.len, h.buf_alloc, h.fwd_cnt};
             total += h.len;
         }
         if (n == 0) {
@@ -268,9 +305,9 @@ int vs_tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid
         if (w != (ssize_t)total) {
             uint64_t left = w > 0 ? (uint64_t)w : 0;
             uint32_t whole = 0;
-            while (whole < n && left >= pkt[whole].len)
-                left -= pkt[whole++].len;
-            tx_done(q, conn, pkt, whole, res);
+            while (whole < n && left >= pkt[whole].h.len)
+                left -= pkt[whole++].h.len;
+            tx_done(q, conn, pkt, whole, iov, cap, res);
             /* whole < n here: packet `whole` was cut after `left` bytes. */
             vr_unpop_n(q, n - whole);
             if (vr_pop(q, c) <= 0 || c->head != pkt[whole].head) {
@@ -283,7 +320,7 @@ int vs_tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid
             res->conn = conn;
             return 0;
         }
-        tx_done(q, conn, pkt, n, res);
+        tx_done(q, conn, pkt, n, iov, cap, res);
         if (had_credit != (vs_credit(conn) > 0) || vs_credit_update_due(conn)) {
             res->status = VS_TX_ATTENTION;
             res->conn = conn;
@@ -301,6 +338,7 @@ struct rx_buf {
     uint16_t head;
     uint8_t *hdr;
     uint32_t take;
+    int iov0, niov;
 };
 
 /*
@@ -310,7 +348,8 @@ struct rx_buf {
  */
 #define RX_BATCH 16
 int vs_rx_fill(struct vr_queue *q, struct vs_conn *conn, uint64_t guest_cid,
-               struct vr_chain *c, uint32_t max, struct vs_rx_result *res)
+               struct vr_chain *c, uint32_t max, struct vr_capture *cap,
+               struct vs_rx_result *res)
 {
     struct iovec iov[IOV_CAP];
     struct rx_buf buf[RX_BATCH];
@@ -346,8 +385,8 @@ int vs_rx_fill(struct vr_queue *q, struct vs_conn *conn, uint64_t guest_cid,
                 }
                 break;
             }
+            buf[n++] = (struct rx_buf){c->head, vr_seg_host(q->mem, first), (uint32_t)take, niov, k};
             niov += k;
-            buf[n++] = (struct rx_buf){c->head, vr_seg_host(q->mem, first), (uint32_t)take};
             want += take;
         }
         if (n == 0) {
@@ -382,6 +421,8 @@ int vs_rx_fill(struct vr_queue *q, struct vs_conn *conn, uint64_t guest_cid,
                 .buf_alloc = conn->buf_alloc, .fwd_cnt = (uint32_t)conn->fwd_cnt,
             };
             memcpy(buf[used].hdr, &h, VS_HDR_SIZE);
+            if (cap)
+                capture_rw(cap, &h, iov + buf[used].iov0, buf[used].niov);
             conn->tx_cnt += got;
             conn->c_bytes_in += got;
             vr_push(q, buf[used].head, VS_HDR_SIZE + got);

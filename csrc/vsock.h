@@ -20,6 +20,12 @@
  * room) is handed back to Python untouched, with a status that says why;
  * only a fully done packet changes state here.
  *
+ * With --pcap the capture stays here too: every RW packet C finishes, in
+ * either direction, is appended to a capture ring (capture.h) as a
+ * vsockmon frame before its chain is pushed; a full ring drops the frame
+ * from the capture only.  Python appends the packets it handles to the
+ * same ring, so one file holds both paths in order.
+ *
  * struct vs_table maps (peer CID, host port, guest port) to connections
  * for the tx side: open addressing with linear probing and backward-shift
  * deletion, a fixed number of slots, no allocation.
@@ -31,6 +37,8 @@
 
 #include "vring.h"
 
+struct vr_capture;
+
 #define VS_HDR_SIZE 44
 #define VS_MAX_PKT (64u * 1024u)  /* Linux VIRTIO_VSOCK_MAX_PKT_BUF_SIZE */
 #define VS_TABLE_SLOTS 4096u      /* power of two */
@@ -40,6 +48,7 @@
 enum vs_state { VS_CONNECTING = 0, VS_ESTABLISHED = 1, VS_CLOSED = 2 };
 enum vs_type { VS_STREAM = 1, VS_SEQPACKET = 5 };
 enum vs_op { VS_OP_RW = 5 };
+enum { VS_MON_OP_PAYLOAD = 4, VS_MON_TRANSPORT_VIRTIO = 2 };  /* linux/vsockmon.h */
 
 /* Statuses of vs_tx_burst(). */
 enum vs_tx_status {
@@ -113,9 +122,13 @@ struct vs_conn *vs_table_lookup(const struct vs_table *t, uint64_t peer_cid,
 uint32_t vs_credit(const struct vs_conn *c);
 int vs_credit_update_due(const struct vs_conn *c);
 
+/* `cap` (may be NULL): every RW packet finished here is appended to that
+ * capture ring as a vsockmon frame, before its chain is pushed. */
 int vs_tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid,
-                struct vr_chain *c, uint32_t max, struct vs_tx_result *res);
+                struct vr_chain *c, uint32_t max, struct vr_capture *cap,
+                struct vs_tx_result *res);
 int vs_rx_fill(struct vr_queue *q, struct vs_conn *conn, uint64_t guest_cid,
-               struct vr_chain *c, uint32_t max, struct vs_rx_result *res);
+               struct vr_chain *c, uint32_t max, struct vr_capture *cap,
+               struct vs_rx_result *res);
 
 #endif

@@ -7,7 +7,9 @@ rust-vmm's vhost-device-vsock where installed. All are driven by the same
 built-in front-end (`vhost-user-bench vsock`, C driver loop) and host
 programs; runs alternate (A, B, A, B, ...) with a fresh back-end each, so
 drift on the machine hits all alike. The report gives MB/s per round and
-each back-end's ratio to the first one.
+each back-end's ratio to the first one. For a back-end that logs the
+SIGUSR1 stats line (ours), a run under `--pcap` also reports how many
+frames the capture kept and dropped (`capture` entry).
 
     python3 tools/bench_vsock_backends.py --backend new=vhost-user-vsock \\
         --backend old=/tmp/oldvenv/bin/vhost-user-vsock [--runtime 3] [--rounds 2] [--markdown]
@@ -16,6 +18,7 @@ each back-end's ratio to the first one.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import signal
@@ -32,14 +35,28 @@ def _start(cmd: list[str], workdir: str) -> tuple[subprocess.Popen, str, str]:
     for path in (sock, uds):
         if os.path.exists(path):
             os.unlink(path)
-    proc = subprocess.Popen(cmd + ["--guest-cid", "3", "--socket", sock, "--uds-path", uds],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(os.path.join(workdir, "backend.log"), "wb") as log:
+        proc = subprocess.Popen(cmd + ["--guest-cid", "3", "--socket", sock, "--uds-path", uds],
+                                stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 20
     while not (os.path.exists(sock) and os.path.exists(uds)):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"{shlex.join(cmd)} did not come up")
         time.sleep(0.05)
     return proc, sock, uds
+
+
+def _capture_stats(proc: subprocess.Popen, workdir: str) -> dict | None:
+    """The `capture` entry of the back-end's SIGUSR1 stats line, None without one."""
+    proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        with open(os.path.join(workdir, "backend.log"), errors="replace") as f:
+            lines = [line for line in f if " stats {" in line]
+        if lines:
+            return json.loads(lines[-1].split(" stats ", 1)[1]).get("capture")
+        time.sleep(0.05)
+    return None
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -70,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     reports = run_vsock_bench(sock, uds, write_sizes=sizes, runtime=args.runtime,
                                               pid=proc.pid)
+                    cap = _capture_stats(proc, workdir)
+                    if cap:
+                        print(f"round {rnd + 1} {label:8} capture: {cap['frames']} frames kept, "
+                              f"{cap['frames_dropped']} dropped", file=sys.stderr)
                 finally:
                     _stop(proc)
                 for r in reports:

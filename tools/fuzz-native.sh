@@ -20,8 +20,8 @@ trace="csrc/fuzz/fuzz_trace.c -Wl,--wrap=vr_pop,--wrap=vr_pop_batch"
 declare -A sources=(
   [ring]="csrc/fuzz/fuzz_ring.c $core"
   [blk]="csrc/fuzz/fuzz_blk.c csrc/blk.c $core $trace"
-  [net]="csrc/fuzz/fuzz_net.c csrc/net.c csrc/net_offload.c $core $trace -lpthread"
-  [vsock]="csrc/fuzz/fuzz_vsock.c csrc/vsock.c $core $trace"
+  [net]="csrc/fuzz/fuzz_net.c csrc/net.c csrc/net_offload.c csrc/net_filter.c csrc/capture.c $core $trace -lpthread"
+  [vsock]="csrc/fuzz/fuzz_vsock.c csrc/vsock.c csrc/capture.c $core $trace -lpthread"
 )
 flags="-g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
        -fsanitize-coverage-ignorelist=csrc/fuzz/coverage-ignore.txt -Icsrc"

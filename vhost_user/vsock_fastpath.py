@@ -9,6 +9,8 @@ record of one connection (credit counters, state, fd) that the Python
 `ConnTable` indexes the records for the tx side. `tx_burst` and `rx_fill`
 run with the GIL released; the device calls them from its queue handlers
 while holding its own lock, which serialises every access to a record.
+`CaptureRing` is the bounded C ring (csrc/capture.c) both paths append
+vsockmon frames to under `--pcap`, so capturing keeps the bytes in C.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from vhost_user.virtqueue import Chain, Virtqueue, _check
 __all__ = ["ConnCounters", "ConnTable", "TxOutcome", "RxOutcome", "tx_burst", "rx_fill",
            "TX_EMPTY", "TX_MORE", "TX_SLOW", "TX_PARTIAL", "TX_ATTENTION",
            "RX_NO_BUFFER", "RX_MORE", "RX_DRAINED", "RX_NO_CREDIT", "RX_SLOW", "RX_EOF", "RX_ERROR",
-           "credit", "credit_update_due", "BURST"]
+           "credit", "credit_update_due", "BURST", "CaptureRing"]
 
 TX_EMPTY, TX_MORE, TX_SLOW = lib.VS_TX_EMPTY, lib.VS_TX_MORE, lib.VS_TX_SLOW
 TX_PARTIAL, TX_ATTENTION = lib.VS_TX_PARTIAL, lib.VS_TX_ATTENTION
@@ -83,11 +85,49 @@ class RxOutcome:
     err: int = 0
 
 
-def tx_burst(vq: Virtqueue, table: ConnTable, guest_cid: int, max_packets: int = BURST) -> TxOutcome:
+class CaptureRing:
+    """A bounded ring of pcap records in C (csrc/capture.c): appending never waits for
+    the reader; a frame the ring has no room for is dropped from the capture and counted."""
+
+    def __init__(self, size: int, snaplen: int) -> None:
+        ring = lib.vr_capture_new(size, snaplen)
+        if ring == ffi.NULL:
+            raise ValueError(f"capture ring of {size} bytes, snaplen {snaplen}: refused "
+                             f"(snaplen must be 1..{lib.VR_CAPTURE_MAX_SNAPLEN})")
+        self._ring = ffi.gc(ring, lib.vr_capture_free)
+        self._buf = ffi.new("uint8_t[]", max(1 << 20, snaplen + lib.VR_CAPTURE_RECORD_HDR))
+        self._dropped = ffi.new("uint64_t *")
+
+    def append(self, frame: bytes) -> None:
+        """One frame from the Python path (cut to the snap length in C)."""
+        lib.vr_capture_put(self._ring, frame, len(frame))
+
+    def read(self) -> memoryview:
+        """Whole records waiting in the ring (up to 1 MiB; empty when none), as a view of
+        this object's buffer: valid until the next read (the writer writes it at once,
+        so the bytes are copied once out of the ring and once into the file)."""
+        n = lib.vr_capture_read(self._ring, self._buf, len(self._buf), self._dropped)
+        return memoryview(ffi.buffer(self._buf, n))
+
+    def stats(self) -> dict[str, int]:
+        """frames appended, frames dropped (no room), record bytes appended."""
+        st = ffi.new("struct vr_capture_stats *")
+        lib.vr_capture_get_stats(self._ring, st)
+        return {"frames": st.frames, "frames_dropped": st.dropped, "bytes": st.bytes}
+
+
+def _ring(capture: CaptureRing | None):
+    return ffi.NULL if capture is None else capture._ring
+
+
+def tx_burst(vq: Virtqueue, table: ConnTable, guest_cid: int, max_packets: int = BURST,
+             capture: CaptureRing | None = None) -> TxOutcome:
     """Finish up to `max_packets` RW packets from the guest in C; stop at the first one
-    Python must see (its chain comes back popped) or that needs Python afterwards."""
+    Python must see (its chain comes back popped) or that needs Python afterwards.
+    With `capture`, C appends each packet it finishes to that ring."""
     res = ffi.new("struct vs_tx_result *")
-    _check(lib.vs_tx_burst(vq._q, table._t, guest_cid, vq._chain, max_packets, res), "vsock tx")
+    _check(lib.vs_tx_burst(vq._q, table._t, guest_cid, vq._chain, max_packets, _ring(capture), res),
+           "vsock tx")
     out = TxOutcome(res.status, res.packets, res.bytes, res.sent)
     if res.conn != ffi.NULL:
         out.conn_key = (res.conn.peer_cid, res.conn.host_port, res.conn.guest_port)
@@ -96,10 +136,13 @@ def tx_burst(vq: Virtqueue, table: ConnTable, guest_cid: int, max_packets: int =
     return out
 
 
-def rx_fill(vq: Virtqueue, rec, guest_cid: int, max_packets: int = BURST) -> RxOutcome:
-    """Read the host socket of `rec` straight into up to `max_packets` rx buffers."""
+def rx_fill(vq: Virtqueue, rec, guest_cid: int, max_packets: int = BURST,
+            capture: CaptureRing | None = None) -> RxOutcome:
+    """Read the host socket of `rec` straight into up to `max_packets` rx buffers
+    (each filled one appended to `capture`, when given)."""
     res = ffi.new("struct vs_rx_result *")
-    _check(lib.vs_rx_fill(vq._q, rec, guest_cid, vq._chain, max_packets, res), "vsock rx")
+    _check(lib.vs_rx_fill(vq._q, rec, guest_cid, vq._chain, max_packets, _ring(capture), res),
+           "vsock rx")
     return RxOutcome(res.status, res.packets, res.bytes, res.err)
 
 

@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guest-cid=N,socket=PATH|fd=N|fd=NAME[,uds-path=PATH][,groups=a+b]"
                         "[,tx-buffer-size=N][,queue-size=N]; repeat for several VMs")
     p.add_argument("--pcap", metavar="FILE", help="capture every vsock packet (vsockmon pcap; '-' = stdout)")
+    p.add_argument("--capture-buffer", type=parse_size, default=16 << 20, metavar="BYTES",
+                   help="capture ring size (default 16M); when the writer falls behind, packets are "
+                        "dropped from the capture, never from the data path")
+    p.add_argument("--capture-snaplen", type=parse_size, default=None, metavar="BYTES",
+                   help="bytes kept of each captured frame, headers included (default: all; "
+                        "the original length is recorded)")
     return p
 
 
@@ -127,6 +133,24 @@ def _vm_options(args) -> list[tuple]:
     return vms
 
 
+def _open_capture(args):
+    """--pcap: the capture ring and its file (header written now, so a bad path fails at start)."""
+    if not args.pcap:
+        return None
+    from .pcap import DEFAULT_SNAPLEN, Capture
+    snaplen = DEFAULT_SNAPLEN if args.capture_snaplen is None else args.capture_snaplen
+    if not 1 <= snaplen <= 262144:
+        raise UsageError(f"--capture-snaplen {snaplen} must be 1..256K")
+    if not 64 << 10 <= args.capture_buffer <= 1 << 30:
+        raise UsageError(f"--capture-buffer {args.capture_buffer} must be 64K..1G")
+    if args.pcap == "-" and sys.stdout.isatty():
+        raise UsageError("--pcap - needs stdout to be a pipe or file")
+    try:
+        return Capture(args.pcap, ring_size=args.capture_buffer, snaplen=snaplen)
+    except OSError as exc:
+        raise CliError(args.pcap, exc.strerror or str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_main(build_parser(), _main, argv)
 
@@ -137,13 +161,7 @@ def _main(args) -> int:
         return done
     setup_logging(args)
     vms = _vm_options(args)
-    capture = None
-    if args.pcap:
-        from .pcap import Capture
-        try:
-            capture = Capture(args.pcap)
-        except OSError as exc:
-            raise CliError(args.pcap, exc.strerror or str(exc)) from None
+    capture = _open_capture(args)
     router = Router()
 
     def factory(opts: VmOptions):
@@ -151,8 +169,12 @@ def _main(args) -> int:
 
     try:
         return serve_devices([(endpoint, factory(opts)) for endpoint, opts in vms],
+                             # the writer thread starts once the sandbox is on (it holds no
+                             # path: the file was opened above)
+                             on_loop=(lambda loop: capture.start()) if capture else None,
                              sandbox="vsock" if args.sandbox else None, args=args,
-                             label=lambda d, e: f"cid {d.guest_cid} ({e})")
+                             label=lambda d, e: f"cid {d.guest_cid} ({e})",
+                             extra_counters=(lambda: {"capture": capture.stats()}) if capture else None)
     finally:
         if capture is not None:
             try:

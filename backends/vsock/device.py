@@ -30,8 +30,10 @@ it. A sender that ignores credit has that connection reset at both ends,
 and no later packet of it is delivered.
 
 Guest memory is touched only by the two queue workers, so the session can
-pause and swap the memory table at any time. With `--pcap` every packet
-takes the Python path, so the capture sees each one.
+pause and swap the memory table at any time. `--pcap` does not change the
+paths: C appends the packets it moves to the capture ring (pcap.py), Python
+the ones it handles; the SIGUSR1 counters `c_*`/`py_*` say which path
+carried how many.
 """
 
 from __future__ import annotations
@@ -121,7 +123,11 @@ class VsockDevice(RxPath, VirtioDevice):
         self._parked = None                  # (dest, Header, payload) waiting for room at dest
         self._waiters: dict = {}             # sibling devices parked on our full queue
         self.stats = {"rst_sent": 0, "dropped": 0, "credit_violations": 0, "relay_waits": 0,
-                      "relay_unknown": 0, "rx_bad_buffers": 0, "host_records_too_large": 0}
+                      "relay_unknown": 0, "rx_bad_buffers": 0, "host_records_too_large": 0,
+                      # which path moved the packets: C (vsock.c) or the Python handlers
+                      "c_tx_packets": 0, "c_tx_bytes": 0, "c_rx_packets": 0, "c_rx_bytes": 0,
+                      "py_tx_packets": 0, "py_rx_packets": 0}
+        self._ring = capture.ring if capture is not None else None
         self.host = HostSide(self, opts.uds_path)
         if router is not None:
             try:
@@ -245,6 +251,7 @@ class VsockDevice(RxPath, VirtioDevice):
         if self._parked is not None and not self._retry_parked():
             return  # the sibling is still full: its rx worker wakes us when it drained
         while (chain := self._tx_next(vq)) is not None:
+            self.stats["py_tx_packets"] += 1
             try:
                 self._guest_packet(chain)
             except Exception:
@@ -258,19 +265,20 @@ class VsockDevice(RxPath, VirtioDevice):
 
     def _tx_next(self, vq):
         """The next packet Python must handle; RW packets C can finish never come here."""
-        if self.capture is not None:
-            return vq.pop()
         while True:
             with self._lock:
-                out = fast.tx_burst(vq, self._table, self.guest_cid)
+                out = fast.tx_burst(vq, self._table, self.guest_cid, capture=self._ring)
                 if out.packets:
                     self._had_traffic = True
+                    self.stats["c_tx_packets"] += out.packets
+                    self.stats["c_tx_bytes"] += out.bytes
                 if out.status == fast.TX_EMPTY:
                     return None
                 if out.status == fast.TX_SLOW:
                     return out.chain
                 conn = self._conns.get(out.conn_key) if out.conn_key else None
                 if out.status == fast.TX_PARTIAL:
+                    self.stats["py_tx_packets"] += 1
                     try:
                         self._partial_rw(conn, out.chain, out.sent)
                     except Exception:
@@ -454,13 +462,16 @@ class VsockDevice(RxPath, VirtioDevice):
         """An RW packet C began: the host socket took only `sent` bytes of it. The rest
         waits in `pending` (within the credit C checked) until the socket is writable."""
         hdr = Header.unpack(guestio.read_prefix(chain, HEADER_SIZE))
+        payload = self._payload(chain, hdr)
+        if self.capture is not None:
+            self.capture.write(hdr, payload)
         if conn is None:  # cannot happen: C found it under the same lock
             log.error("cid %d: partial write on a vanished connection (%s)", self.guest_cid, hdr.describe())
             return
         conn.update_peer(hdr.buf_alloc, hdr.fwd_cnt)
         conn.rx_total += hdr.len
         conn.fwd_cnt += sent
-        self._hold_back(conn, self._payload(chain, hdr)[sent:])
+        self._hold_back(conn, payload[sent:])
         self._flush(conn)
         self._after_guest_packet(conn)
 

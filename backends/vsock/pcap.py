@@ -5,27 +5,47 @@ CID/port, a coarse op, the transport = virtio, the transport header length),
 then the 44-byte virtio vsock header and the payload, exactly what Linux's
 vsockmon device hands to tcpdump, so Wireshark and tshark dissect it with
 their vsock dissector. The file is classic pcap (microsecond stamps),
-written here with no third-party module, so `--pcap` works on a plain
-install; one lock serialises the writers of all VMs in the process.
+written with no third-party module, so `--pcap` works on a plain install.
+
+Theory of operation
+-------------------
+Capturing must not move the data path back to Python. The C engine
+(csrc/vsock.c) appends every RW packet it moves, both directions, to a
+bounded ring of ready-made pcap records in C (csrc/capture.c, the ring
+net's switch uses too); the packets Python handles (control packets,
+SEQPACKET, sibling VMs, leftovers) go into the same ring through `write`,
+so the one file keeps their order. A writer thread drains the ring into
+the file. Nobody waits for the writer: when it falls behind (a slow disk, a
+pipe nobody reads) the ring fills and further frames are dropped from the
+capture only, counted in `frames_dropped` (SIGUSR1 line, `capture` entry);
+records are whole, so the file stays valid pcap. One ring serves every VM
+of the process.
 """
 
 from __future__ import annotations
 
+import logging
 import struct
 import sys
 import threading
-import time
+
+from vhost_user.vsock_fastpath import CaptureRing
 
 from .packet import HEADER_SIZE, Header, Op
 
-__all__ = ["Capture", "LINKTYPE_VSOCK", "vsockmon_record", "MonOp"]
+__all__ = ["Capture", "LINKTYPE_VSOCK", "vsockmon_record", "MonOp", "DEFAULT_SNAPLEN",
+           "DEFAULT_RING"]
+
+log = logging.getLogger(__name__)
 
 LINKTYPE_VSOCK = 271
 _MON = struct.Struct("<QQIIHHH2x")
 MON_HEADER_SIZE = _MON.size  # 32
 _TRANSPORT_VIRTIO = 2
 _PCAP_HEADER = struct.Struct("=IHHiIII")   # magic, version 2.4, zone, sigfigs, snaplen, linktype
-_RECORD_HEADER = struct.Struct("=IIII")    # seconds, microseconds, captured length, original length
+#: the largest frame: both headers and a 64 KiB payload (nothing is cut by default)
+DEFAULT_SNAPLEN = 65536 + HEADER_SIZE + MON_HEADER_SIZE
+DEFAULT_RING = 16 << 20
 
 
 class MonOp:
@@ -54,36 +74,69 @@ def vsockmon_record(hdr: Header, payload: bytes = b"") -> bytes:
 
 
 class Capture:
-    """Writes vsockmon frames to a pcap file (or stdout for "-")."""
+    """The capture ring of a process and the thread that writes it to a pcap file
+    (or stdout for "-")."""
 
-    def __init__(self, path: str, snaplen: int = 65536 + HEADER_SIZE + MON_HEADER_SIZE):
-        """Open `path` (OSError names it) and write the pcap file header."""
+    def __init__(self, path: str, *, ring_size: int = DEFAULT_RING, snaplen: int = DEFAULT_SNAPLEN,
+                 interval: float = 0.005):
+        """Open `path` (OSError names it) and write the pcap file header; `start` begins
+        draining. ValueError for a ring or snap length C refuses."""
+        self.ring = CaptureRing(ring_size, snaplen)
         self._file = sys.stdout.buffer if path == "-" else open(path, "wb")
         self._own = path != "-"
-        self._snaplen = snaplen
-        self._lock = threading.Lock()
-        self.packets = 0
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pcap", daemon=True)
+        self._dropped = 0
+        self.written = 0  # record bytes written to the file
         self._file.write(_PCAP_HEADER.pack(0xA1B2C3D4, 2, 4, 0, 0, snaplen, LINKTYPE_VSOCK))
         self._file.flush()
 
-    def write(self, hdr: Header, payload: bytes = b"") -> None:
-        """One record; flushed at once, so a reader (tshark -r, Wireshark) sees it now."""
-        frame = vsockmon_record(hdr, payload)
-        now = time.time()
-        kept = frame[:self._snaplen]
-        record = _RECORD_HEADER.pack(int(now), int(now % 1 * 1e6), len(kept), len(frame)) + kept
-        with self._lock:
-            if self._file is None:
-                return
-            self._file.write(record)
-            self._file.flush()
-            self.packets += 1
+    def start(self) -> None:
+        self._thread.start()
 
-    def close(self) -> None:
-        with self._lock:
-            if self._file is None:
-                return
-            self._file.flush()
-            if self._own:
-                self._file.close()
-            self._file = None
+    def write(self, hdr: Header, payload: bytes = b"") -> None:
+        """One packet the Python path handled, into the ring (in order with C's)."""
+        self.ring.append(vsockmon_record(hdr, payload))
+
+    def stats(self) -> dict[str, int]:
+        """For the SIGUSR1 line: frames captured, frames dropped (ring full)."""
+        st = self.ring.stats()
+        return {"frames": st["frames"], "frames_dropped": st["frames_dropped"]}
+
+    def _drain(self) -> bool:
+        data = self.ring.read()
+        if data:
+            self._file.write(data)
+            self._file.flush()  # a reader (tshark -r, Wireshark) sees it now
+            self.written += len(data)
+        dropped = self.ring.stats()["frames_dropped"]
+        if dropped != self._dropped:
+            log.warning("capture: %d frame(s) dropped so far (the writer fell behind)", dropped)
+            self._dropped = dropped
+        return bool(data)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self._drain():
+                    self._stop.wait(self._interval)
+            while self._drain():
+                pass
+        except (BrokenPipeError, OSError) as exc:
+            log.error("capture stopped: %s", exc.strerror or exc)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what is left and close; a reader that stopped reading does not hold up
+        the exit (the writer thread is given `timeout` seconds)."""
+        self._stop.set()
+        if self._thread.ident is None:
+            self._thread.start()  # never started: what was appended still goes out
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("capture: the reader of the capture stopped reading; exiting without "
+                        "the rest")
+            return
+        if self._file is not None and self._own:
+            self._file.close()
+        self._file = None

@@ -10,7 +10,8 @@ readable, read straight into guest buffers, never more than the guest's
 credit: by C (`vsock_fastpath.rx_fill`, one readv across up to 16
 buffers, headers written in place) for established stream connections,
 by one `recvmsg_into` per buffer otherwise (SEQPACKET records, CONNECT
-leftovers, `--pcap`). When the ring has no buffer left the handler
+leftovers, no credit). Under `--pcap` C appends what it fills to the
+capture ring itself. When the ring has no buffer left the handler
 returns; the guest's next rx kick brings it back. A chain popped but not
 needed goes back to the ring (`vq.unpop()`).
 
@@ -94,6 +95,7 @@ class RxPath:
             if payload:
                 chain.write(payload, HEADER_SIZE)
             vq.push(chain.head, HEADER_SIZE + len(payload))
+            self.stats["py_rx_packets"] += 1
 
     def _rx_data(self, vq) -> bool:
         with self._lock:
@@ -104,7 +106,10 @@ class RxPath:
                     if conn not in self._ready:
                         break
                     if self._fast_rx_ok(conn):
-                        out = fast.rx_fill(vq, conn.rec, self.guest_cid)
+                        out = fast.rx_fill(vq, conn.rec, self.guest_cid, capture=self._ring)
+                        if out.packets:
+                            self.stats["c_rx_packets"] += out.packets
+                            self.stats["c_rx_bytes"] += out.bytes
                         if out.status == fast.RX_NO_BUFFER:
                             return False
                         if out.status == fast.RX_MORE:
@@ -124,11 +129,12 @@ class RxPath:
                         self.host.update(conn)
                         break
                 vq.push(chain.head, used)
+                self.stats["py_rx_packets"] += 1
         return True
 
     def _fast_rx_ok(self, conn: Conn) -> bool:
         """Whether C may move this connection's host bytes: a plain established stream."""
-        return (self.capture is None and not conn.seqpacket and not conn.prefix
+        return (not conn.seqpacket and not conn.prefix
                 and conn.state is ConnState.ESTABLISHED and not conn.guest_shut_rcv)
 
     def _fill(self, conn: Conn, chain) -> int | None:

@@ -13,7 +13,10 @@
  *   - tx: the host socket received exactly the payload bytes the engine
  *     reports (completed packets plus the `sent` part of a cut one);
  *   - rx: the guest gets no more bytes than the credit it offered, and
- *     every byte the engine reports was taken from the host socket.
+ *     every byte the engine reports was taken from the host socket;
+ *   - capture (both directions run with a capture ring): one whole,
+ *     consistent vsockmon record per packet finished in C, whose payload
+ *     lengths add up to the bytes the engine reports as done.
  */
 #define _GNU_SOURCE
 #include <signal.h>
@@ -21,6 +24,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "../capture.h"
 #include "../vsock.h"
 #include "fuzz_guest.h"
 
@@ -30,6 +34,7 @@
 static struct vs_table table;
 static struct vs_conn conns[NCONN];
 static int peer[NCONN]; /* the host program's end of each connection */
+static struct vr_capture *cap;
 
 static void rig_init(void)
 {
@@ -38,6 +43,9 @@ static void rig_init(void)
         return;
     done = 1;
     signal(SIGPIPE, SIG_IGN); /* as in the back-end (Python ignores it): EPIPE comes back instead */
+    cap = vr_capture_new(4u << 20, VR_CAPTURE_MAX_SNAPLEN);
+    if (!cap)
+        abort();
     for (int i = 0; i < NCONN; i++) {
         int sp[2];
         if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sp))
@@ -115,6 +123,36 @@ static void plant_headers(struct fg_guest *g, struct fg_reader *r, uint32_t num)
     }
 }
 
+/* Take every record out of the capture ring; each must be a whole vsockmon
+ * RW frame (af_vsockmon header consistent with the virtio header, nothing
+ * cut, nothing dropped).  Returns the payload bytes they hold. */
+static uint64_t captured_payload(void)
+{
+    static uint8_t buf[1 << 20];
+    uint64_t total = 0, dropped = 0;
+    uint32_t n;
+    while ((n = vr_capture_read(cap, buf, sizeof(buf), &dropped)) > 0) {
+        for (uint32_t off = 0; off < n;) {
+            uint32_t rec[4], hlen, mon_op, vlen;
+            memcpy(rec, buf + off, 16);
+            const uint8_t *f = buf + off + 16;
+            if (rec[2] != rec[3] || rec[2] < 76 || off + 16 + rec[2] > n)
+                __builtin_trap();
+            memcpy(&vlen, f + 32 + 24, 4);
+            mon_op = f[24] | f[25] << 8;
+            hlen = f[28] | f[29] << 8;
+            if (mon_op != VS_MON_OP_PAYLOAD || hlen != VS_HDR_SIZE || vlen != rec[2] - 76 ||
+                memcmp(f, f + 32, 24)) /* CIDs and ports: both headers agree */
+                __builtin_trap();
+            total += vlen;
+            off += 16 + rec[2];
+        }
+    }
+    if (dropped)
+        __builtin_trap();
+    return total;
+}
+
 static void guest_to_host(struct vr_queue *q, struct fg_reader *r)
 {
     struct vr_seg segs[VR_MAX_SEGS];
@@ -122,7 +160,9 @@ static void guest_to_host(struct vr_queue *q, struct fg_reader *r)
     uint64_t reported = 0, received = 0;
     for (int call = 0; call < 16; call++) {
         struct vs_tx_result res;
-        vs_tx_burst(q, &table, GUEST_CID, &c, 1 + fg_u8(r) % 64, &res);
+        vs_tx_burst(q, &table, GUEST_CID, &c, 1 + fg_u8(r) % 64, cap, &res);
+        if (captured_payload() != res.bytes) /* the cut packet is Python's to capture */
+            __builtin_trap();
         reported += res.bytes;
         if (res.status == VS_TX_PARTIAL)
             reported += res.sent;
@@ -156,7 +196,9 @@ static void host_to_guest(struct vr_queue *q, struct fg_reader *r)
     conn->readable = 1;
     for (int call = 0; call < 8; call++) {
         struct vs_rx_result res;
-        vs_rx_fill(q, conn, GUEST_CID, &c, 1 + fg_u8(r) % 32, &res);
+        vs_rx_fill(q, conn, GUEST_CID, &c, 1 + fg_u8(r) % 32, cap, &res);
+        if (captured_payload() != res.bytes)
+            __builtin_trap();
         delivered += res.bytes;
         if (res.status != VS_RX_MORE || vr_queue_broken(q))
             break;

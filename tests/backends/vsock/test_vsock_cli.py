@@ -45,6 +45,18 @@ def test_vsock_bad_command_lines_fail_with_a_message(args, needle):
     assert needle in out.stderr
 
 
+@pytest.mark.parametrize("option,value,needle", [
+    ("--capture-buffer", "4K", "--capture-buffer 4096 must be 64K..1G"),
+    ("--capture-snaplen", "0", "size must be positive"),
+    ("--capture-snaplen", "1M", "must be 1..256K"),
+])
+def test_vsock_bad_capture_sizes_are_usage_errors(sockdir, option, value, needle):
+    out = _run("--guest-cid", "3", "--socket", os.path.join(sockdir, "s"), "--pcap",
+               os.path.join(sockdir, "x.pcap"), option, value)
+    assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not os.path.exists(os.path.join(sockdir, "x.pcap"))  # refused before anything was opened
+
+
 def test_vsock_two_vms_with_one_cid_are_refused(sockdir):
     a, b = os.path.join(sockdir, "a.sock"), os.path.join(sockdir, "b.sock")
     out = _run("--vm", f"guest-cid=3,socket={a}", "--vm", f"guest-cid=3,socket={b}")

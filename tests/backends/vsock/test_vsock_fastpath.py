@@ -113,8 +113,9 @@ def test_vsock_host_data_after_connect_line_keeps_order_before_c_takes_over(one_
     assert len(body) // 2 <= line["c_in"] <= len(body)
 
 
-def test_vsock_pcap_keeps_every_packet_on_the_python_path(sockdir, vsock_proc):
-    """With --pcap, C moves nothing: the capture must see each packet."""
+def test_vsock_pcap_leaves_the_bytes_on_the_c_path(sockdir, vsock_proc):
+    """With --pcap, C still moves the stream (it appends each packet to the capture ring
+    itself; test_vsock_pcap.py reads the file)."""
     sock, uds = os.path.join(sockdir, "vm.sock"), os.path.join(sockdir, "vm.vsock")
     pcap = os.path.join(sockdir, "cap.pcap")
     bp = vsock_proc("--guest-cid", "3", "--socket", sock, "--uds-path", uds, "--pcap", pcap, wait_for=sock)
@@ -132,7 +133,7 @@ def test_vsock_pcap_keeps_every_packet_on_the_python_path(sockdir, vsock_proc):
         port = g.local_port
     line = _close_line(bp, port)
     assert line["out"] == line["in"] == len(data)
-    assert line["c_out"] == line["c_in"] == 0
+    assert line["c_out"] >= len(data) // 4 and line["c_in"] >= len(data) // 2, line
 
 
 def test_vsock_small_packets_in_flight_with_a_slow_reader_arrive_in_order(sockdir, vsock_proc):
