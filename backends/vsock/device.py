@@ -609,6 +609,9 @@ class VsockDevice(RxPath, VirtioDevice):
             self._reset_conn(conn)
             return
         if conn.pending:
+            # What the socket took is free again: say so now, or a guest that used all
+            # its credit waits for a host reader that may wait for the guest.
+            self._credit_update_if_due(conn)
             return
         if conn.guest_shut_send and conn.guest_shut_rcv:
             self._queue_ctrl(self._host_header(conn, Op.RST))
@@ -620,6 +623,9 @@ class VsockDevice(RxPath, VirtioDevice):
                 conn.sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
+        self._credit_update_if_due(conn)
+
+    def _credit_update_if_due(self, conn: Conn) -> None:
         if conn.needs_credit_update():
             self._queue_ctrl(self._host_header(conn, Op.CREDIT_UPDATE), conn=conn)
             conn.reported_fwd = conn.fwd_cnt  # stamped again when written

@@ -324,6 +324,41 @@ def test_vsock_under_crosvm_streams_to_a_host_listener_with_intact_data(sockdir)
         be.kill()
 
 
+def test_vsock_gives_credit_back_for_what_a_full_host_socket_took(sockdir):
+    """The guest sends its whole credit to a host program that does not read yet: the
+    host socket fills and the rest waits in the back-end. What the socket took is free
+    again, so a CREDIT_UPDATE must reach the guest without it asking (a host that reads
+    only after the guest's write finished would otherwise wait for ever: it did, until
+    the driver's CREDIT_REQUEST, before _flush reported credit with bytes pending)."""
+    uds = os.path.join(sockdir, "vm.vsock")
+    # 4 MiB of credit: more than a Unix socket can hold (wmem_max), so the socket fills
+    be = Connected(sockdir, "vsock", "--guest-cid", "9", "--uds-path", uds, "--tx-buffer-size", "4M")
+    listener = host_listener(uds + "_6000")
+    try:
+        fe = _crosvm(be.socks[0], VSOCK_FEATURES)
+        try:
+            drv = VsockDriver(fe)
+            g = drv.connect(6000)
+            h, _ = listener.accept()
+            first = os.urandom(g.credit())
+            assert len(first) == 4 * MB
+            g.send(first)                         # within credit: never waits, never asks
+            drv.wait_for(lambda: g.credit() > 0, 10, "a CREDIT_UPDATE while the host socket is full")
+            second = os.urandom(g.credit())
+            g.send(second)
+            assert recv_all(h, len(first) + len(second)) == first + second
+            h.close()
+        finally:
+            _close(fe)
+        text = be.finish()
+        short = [int(x.split(" short writes")[0].rsplit(" ", 1)[1]) for x in text.splitlines()
+                 if "short writes" in x]
+        assert short and short[0] > 0, "the host socket never filled: this test proved nothing"
+    finally:
+        listener.close()
+        be.kill()
+
+
 # -- gpu -----------------------------------------------------------------------------------
 def _read_png(path: str) -> np.ndarray:
     """Decode our 8-bit RGB PNG (filter 0 rows) with zlib only."""
