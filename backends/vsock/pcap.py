@@ -24,11 +24,10 @@ of the process.
 
 from __future__ import annotations
 
-import logging
 import struct
 import sys
-import threading
 
+from vhost_user.pcap import RingDrainer, pcap_header
 from vhost_user.vsock_fastpath import CaptureRing
 
 from .packet import HEADER_SIZE, Header, Op
@@ -36,13 +35,10 @@ from .packet import HEADER_SIZE, Header, Op
 __all__ = ["Capture", "LINKTYPE_VSOCK", "vsockmon_record", "MonOp", "DEFAULT_SNAPLEN",
            "DEFAULT_RING"]
 
-log = logging.getLogger(__name__)
-
 LINKTYPE_VSOCK = 271
 _MON = struct.Struct("<QQIIHHH2x")
 MON_HEADER_SIZE = _MON.size  # 32
 _TRANSPORT_VIRTIO = 2
-_PCAP_HEADER = struct.Struct("=IHHiIII")   # magic, version 2.4, zone, sigfigs, snaplen, linktype
 #: the largest frame: both headers and a 64 KiB payload (nothing is cut by default)
 DEFAULT_SNAPLEN = 65536 + HEADER_SIZE + MON_HEADER_SIZE
 DEFAULT_RING = 16 << 20
@@ -84,16 +80,18 @@ class Capture:
         self.ring = CaptureRing(ring_size, snaplen)
         self._file = sys.stdout.buffer if path == "-" else open(path, "wb")
         self._own = path != "-"
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="pcap", daemon=True)
-        self._dropped = 0
-        self.written = 0  # record bytes written to the file
-        self._file.write(_PCAP_HEADER.pack(0xA1B2C3D4, 2, 4, 0, 0, snaplen, LINKTYPE_VSOCK))
+        self._drainer = RingDrainer(lambda: (self.ring.read(), self.ring.stats()["frames_dropped"]),
+                                    self._file, interval=interval)
+        self._file.write(pcap_header(snaplen, LINKTYPE_VSOCK))
         self._file.flush()
 
+    @property
+    def written(self) -> int:
+        """Record bytes written to the file."""
+        return self._drainer.written
+
     def start(self) -> None:
-        self._thread.start()
+        self._drainer.start()
 
     def write(self, hdr: Header, payload: bytes = b"") -> None:
         """One packet the Python path handled, into the ring (in order with C's)."""
@@ -104,38 +102,12 @@ class Capture:
         st = self.ring.stats()
         return {"frames": st["frames"], "frames_dropped": st["frames_dropped"]}
 
-    def _drain(self) -> bool:
-        data = self.ring.read()
-        if data:
-            self._file.write(data)
-            self._file.flush()  # a reader (tshark -r, Wireshark) sees it now
-            self.written += len(data)
-        dropped = self.ring.stats()["frames_dropped"]
-        if dropped != self._dropped:
-            log.warning("capture: %d frame(s) dropped so far (the writer fell behind)", dropped)
-            self._dropped = dropped
-        return bool(data)
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                if not self._drain():
-                    self._stop.wait(self._interval)
-            while self._drain():
-                pass
-        except (BrokenPipeError, OSError) as exc:
-            log.error("capture stopped: %s", exc.strerror or exc)
-
     def close(self, timeout: float = 2.0) -> None:
         """Write what is left and close; a reader that stopped reading does not hold up
         the exit (the writer thread is given `timeout` seconds)."""
-        self._stop.set()
-        if self._thread.ident is None:
-            self._thread.start()  # never started: what was appended still goes out
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.warning("capture: the reader of the capture stopped reading; exiting without "
-                        "the rest")
+        if not self._drainer.started:
+            self._drainer.start()  # never started: what was appended still goes out
+        if not self._drainer.stop(timeout):
             return
         if self._file is not None and self._own:
             self._file.close()
