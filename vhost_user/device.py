@@ -14,7 +14,7 @@ from typing import Any
 from vhost_user.errors import UnsupportedRequest
 from vhost_user.protocol import VirtioFeature
 
-__all__ = ["VirtioDevice", "COMMON_FEATURES"]
+__all__ = ["VirtioDevice", "COMMON_FEATURES", "MAX_QUEUE_SIZE", "queue_size_problem"]
 
 # Ring features every device here supports through the shared virtqueue code.
 COMMON_FEATURES = (
@@ -22,6 +22,16 @@ COMMON_FEATURES = (
     | (1 << VirtioFeature.VIRTIO_RING_F_INDIRECT_DESC)
     | (1 << VirtioFeature.VIRTIO_RING_F_EVENT_IDX)
 )
+
+#: virtio 1.2, 2.7: a split queue's size is a power of two, at most 32768 (crosvm's default)
+MAX_QUEUE_SIZE = 32768
+
+
+def queue_size_problem(size: int) -> str | None:
+    """Why `--queue-size size` is refused (the one rule every back-end applies), or None."""
+    if not 4 <= size <= MAX_QUEUE_SIZE or size & (size - 1):
+        return f"--queue-size {size} must be a power of two in 4..{MAX_QUEUE_SIZE}"
+    return None
 
 
 class VirtioDevice:
@@ -34,7 +44,7 @@ class VirtioDevice:
     #: queues the device exposes (GET_QUEUE_NUM)
     num_queues: int = 1
     #: largest queue size the device accepts (SET_VRING_NUM)
-    max_queue_size: int = 32768  # crosvm offers every queue at 32768 unless told otherwise
+    max_queue_size: int = MAX_QUEUE_SIZE  # crosvm offers every queue at 32768 unless told otherwise
     #: device-specific virtio feature bits, in addition to COMMON_FEATURES
     device_features: int = 0
     #: protocol features the device adds to the server's own set

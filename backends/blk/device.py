@@ -15,7 +15,7 @@ import stat
 import struct
 from dataclasses import dataclass
 
-from vhost_user.device import VirtioDevice
+from vhost_user.device import VirtioDevice, queue_size_problem
 from vhost_user.errors import DeviceError
 from vhost_user.protocol import ProtocolFeature
 from vhost_user.virtqueue import BlkEngine
@@ -101,8 +101,8 @@ class BlkDevice(VirtioDevice):
             raise DeviceError(f"logical block size {lbs} must be a power of two from 512 to 65536")
         if not 1 <= opts.num_queues <= 256:
             raise DeviceError(f"--num-queues {opts.num_queues} must be 1..256")
-        if not 4 <= opts.queue_size <= 32768 or opts.queue_size & (opts.queue_size - 1):
-            raise DeviceError(f"--queue-size {opts.queue_size} must be a power of two in 4..32768")
+        if (problem := queue_size_problem(opts.queue_size)) is not None:
+            raise DeviceError(problem)
         if len(opts.serial.encode()) > ID_BYTES:
             raise DeviceError(f"--serial is longer than {ID_BYTES} bytes")
         self.opts = opts

@@ -18,7 +18,7 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
-from vhost_user.device import VirtioDevice
+from vhost_user.device import VirtioDevice, queue_size_problem
 from vhost_user.errors import DeviceError
 from vhost_user.protocol import ProtocolFeature
 from vhost_user.virtqueue import NetRxQueue, NetSwitch, NetTxEngine
@@ -94,8 +94,8 @@ class NetDevice(VirtioDevice):
         super().__init__()
         if not 1 <= opts.num_queue_pairs <= _MAX_PAIRS:
             raise ValueError(f"--num-queues must be 1..{_MAX_PAIRS}")
-        if not 4 <= opts.queue_size <= 32768 or opts.queue_size & (opts.queue_size - 1):
-            raise ValueError(f"--queue-size {opts.queue_size} must be a power of two in 4..32768")
+        if (problem := queue_size_problem(opts.queue_size)) is not None:
+            raise ValueError(problem)
         if opts.mtu is not None and not MIN_MTU <= opts.mtu <= MAX_MTU:
             raise ValueError(f"--mtu {opts.mtu} must be {MIN_MTU}..{MAX_MTU}")
         if opts.mac is not None and (len(opts.mac) != 6 or opts.mac[0] & 1):

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 
 from vhost_user import sandbox
-from vhost_user.device import VirtioDevice
+from vhost_user.device import VirtioDevice, queue_size_problem
 from vhost_user.errors import DeviceError
 
 __all__ = ["RngDevice", "RngOptions", "CAPABILITIES", "VIRTIO_ID_RNG"]
@@ -62,9 +62,8 @@ class RngDevice(VirtioDevice):
     def __init__(self, opts: RngOptions | None = None) -> None:
         super().__init__()
         self.opts = opts or RngOptions()
-        size = self.opts.queue_size
-        if not 4 <= size <= 32768 or size & (size - 1):
-            raise DeviceError(f"--queue-size {size} must be a power of two in 4..32768")
+        if (problem := queue_size_problem(self.opts.queue_size)) is not None:
+            raise DeviceError(problem)
         self.max_queue_size = self.opts.queue_size
         self._fd = -1
         if self.opts.source is not None:

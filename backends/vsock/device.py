@@ -46,7 +46,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-from vhost_user.device import VirtioDevice
+from vhost_user.device import VirtioDevice, queue_size_problem
 from vhost_user.errors import DeviceError
 from vhost_user.protocol import ProtocolFeature
 from vhost_user import vsock_fastpath as fast
@@ -100,8 +100,8 @@ class VsockDevice(RxPath, VirtioDevice):
             raise DeviceError(f"guest CID {opts.guest_cid} must be 3..4294967294")
         if not 1 <= opts.tx_buffer_size <= 1 << 30:
             raise DeviceError(f"--tx-buffer-size {opts.tx_buffer_size} must be 1..1G")
-        if not 4 <= opts.queue_size <= 32768 or opts.queue_size & (opts.queue_size - 1):
-            raise DeviceError(f"--queue-size {opts.queue_size} must be a power of two in 4..32768")
+        if (problem := queue_size_problem(opts.queue_size)) is not None:
+            raise DeviceError(problem)
         self.opts = opts
         self.guest_cid = opts.guest_cid
         self.groups = frozenset(opts.groups)

@@ -8,6 +8,8 @@ expose the ring for tests that want many buffers in flight at once.
 
 from __future__ import annotations
 
+import time
+
 from vhost_user.frontend import Frontend, QueueHandle
 from vhost_user.protocol import VirtioFeature
 
@@ -53,8 +55,6 @@ class RngDriver:
 
     def reap(self, timeout: float = 5.0) -> list[bytes]:
         """Wait up to `timeout` for completions; the bytes each buffer got, in order."""
-        import time
-
         ring = self.queue.ring
         deadline = time.monotonic() + timeout
         done = ring.reap()
@@ -74,8 +74,6 @@ class RngDriver:
 
     def read(self, n: int, timeout: float = 10.0) -> bytes:
         """n bytes of entropy, one buffer at a time like hw_random."""
-        import time
-
         got = bytearray()
         deadline = time.monotonic() + timeout
         while len(got) < n:
