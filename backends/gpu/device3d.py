@@ -38,6 +38,7 @@ class _Res3d:
     height: int
     format: int
     nbytes: int
+    last_level: int = 0
     pins: list = field(default_factory=list)   # cffi buffers over guest memory
     memory: object = None                      # the GuestMemory acquired for them
     iov: object = None                         # the iovec array virglrenderer keeps using
@@ -136,7 +137,7 @@ class VirglGpuDevice(GpuDevice):
                 rid, target, fmt, bind, w, h, depth, array, levels, samples, flags)
             return self.virgl.lib.virgl_renderer_resource_create(args, self.virgl.ffi.NULL, 0)
         self._rc(self.virgl.call(create), f"create resource {rid}")
-        self.res3d[rid] = _Res3d(w, h, fmt, nbytes)
+        self.res3d[rid] = _Res3d(w, h, fmt, nbytes, levels)
         return T.RESP_OK_NODATA, b""
 
     def _v_create_2d(self, cmd, data, memory):
@@ -226,7 +227,12 @@ class VirglGpuDevice(GpuDevice):
         return T.RESP_OK_NODATA, b""
 
     def _v_transfer_3d(self, c, data, memory):
-        self._find(c.resource_id)
+        res = self._find(c.resource_id)
+        if c.level > res.last_level:
+            # virglrenderer 0.10.4 lets level 0x80000000 through its own bounds check (the
+            # gpu-3d fuzz target: a TO_HOST transfer segfaults, a FROM_HOST one succeeds).
+            raise GpuError(T.RESP_ERR_INVALID_PARAMETER, f"transfer level {c.level} of resource "
+                           f"{c.resource_id} past its last level {res.last_level}")
         write = c.hdr.type == T.CMD_TRANSFER_TO_HOST_3D
         b = c.box
         self._transfer(write, c.resource_id, c.hdr.ctx_id, c.level, c.stride, c.layer_stride,

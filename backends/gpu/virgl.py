@@ -86,7 +86,7 @@ class VirglRenderer:
             raise VirglError(f"cannot load libvirglrenderer.so.1 ({exc}); "
                              "install Debian's libvirglrenderer1") from None
         self._jobs: queue.Queue = queue.Queue()
-        self.fence = 0
+        self.fence: int | None = 0  # the last fence id virglrenderer wrote
         self._cookie = self.ffi.new("int *")
         self._thread = threading.Thread(target=self._run, name="virgl", daemon=True)
         self._thread.start()
@@ -157,21 +157,23 @@ class VirglRenderer:
         """Create a fence after the work so far and wait until virglrenderer signals it.
 
         virglrenderer 0.10 keeps 32-bit fence ids: the guest's 64-bit id is cut to its low
-        32 bits (as QEMU does) and compared in serial number arithmetic, so ids past 2^31
-        and the wrap at 2^32 keep working.
+        32 bits (as QEMU does). Fences retire in order and only one is outstanding at a
+        time (this call waits for it), so the next id virglrenderer writes is this one:
+        ids past 2^31, repeated ids and the wrap at 2^32 need no ordering of their own.
         """
         fid = fence_id & 0xFFFFFFFF
 
         def wait():
+            self.fence = None
             rc = self.lib.virgl_renderer_create_fence(fid, ctx_id)
             if rc:
                 return False
             deadline = time.monotonic() + _FENCE_TIMEOUT
-            while (self.fence - fid) & 0xFFFFFFFF >= 1 << 31:  # not yet at or past fid
+            while self.fence != fid:
                 self.lib.virgl_renderer_poll()
                 if time.monotonic() > deadline:
                     return False
-                if (self.fence - fid) & 0xFFFFFFFF >= 1 << 31:
+                if self.fence != fid:
                     time.sleep(0.0005)
             return True
         return self.call(wait)

@@ -379,6 +379,9 @@ def _cursor(dev, cmd: bytes) -> None:
 
 
 def seeds() -> list[bytes]:
-    """Hand-made starts: a context, a texture with backing, a submit, transfers both ways."""
-    return [b"", bytes(range(256)), bytes(range(255, 0, -1)) * 3, b"\0\x18" + bytes(range(1, 200)),
-            b"\0\x10" + bytes([1, 6, 1]) * 60]
+    """Short fixed patterns plus a few pseudo-random inputs (each decodes to a command mix)."""
+    import random
+    rng = random.Random(3)
+    fixed = [b"", bytes(range(256)), bytes(range(255, 0, -1)) * 3, b"\0\x18" + bytes(range(1, 200)),
+             b"\0\x10" + bytes([1, 6, 1]) * 60]
+    return fixed + [rng.randbytes(rng.randint(200, 800)) for _ in range(8)]
