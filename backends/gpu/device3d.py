@@ -32,6 +32,22 @@ CAPABILITIES_3D = {"type": "gpu", "features": ["virgl"]}
 _TEXTURE_2D, _BIND_RENDER_TARGET, _Y_0_TOP = 2, 1 << 1, 1
 
 
+
+def _footprint(target, fmt, w, h, depth, array, last_level, samples) -> int:
+    """An upper bound of the host bytes virglrenderer allocates for a resource.
+
+    Zero sizes count as 1 (a buffer of height 0 still holds `width` bytes: the gpu-3d fuzz
+    target had a 3.4 GB buffer counted as 0); a buffer's width is bytes, a texel is at
+    most 32 bytes (the R64 formats), 4 for the x8r8g8b8 family; cube maps have 6 faces, a
+    mip chain at most doubles, samples multiply.
+    """
+    px = max(w, 1) * max(h, 1) * max(depth, 1) * max(array, 6 if target in (4, 8) else 1)
+    if target == 0:
+        bpp = 1
+    else:
+        bpp = 4 if fmt in FORMATS else 32 if 24 <= fmt <= 27 else 16
+    return px * bpp * (2 if last_level else 1) * max(samples, 1)
+
 @dataclass
 class _Res3d:
     width: int
@@ -125,7 +141,7 @@ class VirglGpuDevice(GpuDevice):
     def _create(self, rid, target, fmt, bind, w, h, depth, array, levels, samples, flags):
         if rid == 0 or rid in self.res3d:
             raise GpuError(T.RESP_ERR_INVALID_RESOURCE_ID, f"resource id {rid} is taken or 0")
-        nbytes = w * h * max(depth, 1) * max(array, 1) * 4
+        nbytes = _footprint(target, fmt, w, h, depth, array, levels, samples)
         used = sum(r.nbytes for r in self.res3d.values())
         if nbytes > self.opts.max_hostmem - used:
             raise GpuError(T.RESP_ERR_OUT_OF_MEMORY, f"resource {rid} of {w}x{h} needs {nbytes} bytes")

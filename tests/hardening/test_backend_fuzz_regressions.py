@@ -109,6 +109,30 @@ def test_gpu_virgl_transfer_past_the_last_level_is_refused_before_virglrenderer(
     assert out.stdout.split("\n")[:6] == expect, out.stdout
 
 
+def test_gpu_virgl_zero_height_buffer_counts_against_the_host_memory_limit():
+    """gpu-3d (libFuzzer out-of-memory, RSS 240 MB -> 3.4 GB in one command): a PIPE_BUFFER
+    of width 3492550765 and height 0 was counted as 0 bytes, so virglrenderer allocated it
+    past any max_hostmem. Zero sizes now count as 1, texels up to 32 bytes, levels, samples."""
+    from vhost_user.backends.gpu.commands3d import ResourceCreate3d
+    from vhost_user.backends.gpu.device3d import VirglGpuDevice
+
+    _need_virgl()
+    ram = FuzzRam()
+    memory = ram.memory()
+    dev = VirglGpuDevice(GpuOptions(max_hostmem=16 << 20))
+    try:
+        huge = ResourceCreate3d(1, 0, 134, (1 << 3) | (1 << 7), 3492550765, 0).pack()
+        assert CtrlHeader.unpack(dev.execute(huge, memory)).type == T.RESP_ERR_OUT_OF_MEMORY
+        wide = ResourceCreate3d(2, 2, 31, 1 << 3, 2048, 1024).pack()  # R32G32B32A32: 32 MiB, not 8
+        assert CtrlHeader.unpack(dev.execute(wide, memory)).type == T.RESP_ERR_OUT_OF_MEMORY
+        fits = ResourceCreate3d(3, 2, 2, (1 << 1) | (1 << 3), 1024, 1024).pack()  # B8G8R8X8: 4 MiB
+        assert CtrlHeader.unpack(dev.execute(fits, memory)).type == T.RESP_OK_NODATA
+    finally:
+        dev.close()
+        memory.close()
+        ram.close()
+
+
 def test_vsock_host_thread_survives_a_socket_closed_while_it_registers_it():
     """Found by vsock-packet (60 s mutation run, the thread died with EBADF): the tx
     worker closed a connection's socket between the host I/O thread's fileno check

@@ -18,7 +18,8 @@ flag; `cursor_command` raises nothing; the guest bytes that change are only
 those of the backing of the resource a TRANSFER_FROM_HOST_3D names, or for
 SUBMIT_3D of the resources attached to the submitting context (guard pages
 included, everything else must stay byte for byte); the device's resources
-stay under its host-memory limit. A crash inside virglrenderer kills the
+stay under its host-memory limit, and the process's RSS under 1 GiB (the
+device's count is only an estimate of what virglrenderer allocates). A crash inside virglrenderer kills the
 process, which libFuzzer reports as a finding with its input.
 
 The renderer costs ~100 ms to start, so one device serves the whole process:
@@ -46,6 +47,7 @@ from .reader import ByteReader
 __all__ = ["run_one", "seeds", "unavailable_reason"]
 
 _MAX_HOSTMEM = 16 << 20
+_RSS_LIMIT = 1 << 30  # libFuzzer's -rss_limit_mb under atheris; checked here for the mutation loop
 _RESP_MIN = 0x1100
 _U32 = 0xFFFFFFFF
 
@@ -339,10 +341,16 @@ def run_one(data: bytes) -> None:
                 model.update(dev, cmd, ok, memory)
             used = sum(res.nbytes for res in dev.res3d.values())
             assert used <= _MAX_HOSTMEM, f"resources hold {used} bytes, over the limit"
+            assert _rss() < _RSS_LIMIT, f"process RSS {_rss() >> 20} MiB: a resource escaped the limit"
     finally:
         dev.reset()
         memory.close()
     assert not dev.res3d and not dev.contexts, "reset left resources or contexts behind"
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _control(dev, cmd: bytes, memory) -> bool:
