@@ -209,7 +209,8 @@ def _transfer_3d(r: ByteReader) -> bytes:
     if r.u8() % 3:
         box[2], box[5] = 0, 1
     offset = r.u16() if r.u8() % 4 else r.pick((0x10000, 1 << 32, (1 << 64) - 1, r.u64()))
-    level, stride, layer = (r.u8() % 3, 0, 0) if r.u8() % 2 else (r.u32(), r.u32(), r.u32())
+    level = r.u8() % 3 if r.u8() % 2 else r.pick((1 << 31, (1 << 31) - 1, _U32, 16, r.u32()))
+    stride, layer = (0, 0) if r.u8() % 2 else (_size(r), _size(r))
     return struct.pack("<IIIIIIQIIII", *box, offset, _rid(r), level, stride, layer)
 
 
