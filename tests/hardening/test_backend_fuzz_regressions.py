@@ -8,6 +8,7 @@ import pytest
 
 from vhost_user.backends.gpu.commands import CtrlHeader, CtrlType as T, FLAG_FENCE
 from vhost_user.backends.gpu.device import GpuDevice, GpuOptions
+from vhost_user.fuzzing.gpu3d import shared_device, unavailable_reason
 from vhost_user.fuzzing.guestram import FuzzRam
 
 
@@ -33,7 +34,6 @@ def test_gpu_fenced_command_refused_by_the_parser_still_echoes_its_fence():
 
 
 def _need_virgl():
-    from vhost_user.fuzzing.gpu3d import unavailable_reason
 
     reason = unavailable_reason()
     if reason is not None:
@@ -47,11 +47,11 @@ def test_gpu_virgl_ids_and_fence_ids_past_2_31_get_answers_and_reset_works():
     `reset`. Every such command now gets its response, fence echoed."""
     from vhost_user.backends.gpu.commands import MemEntry, ResourceAttachBacking
     from vhost_user.backends.gpu.commands3d import CtxCreate, CtxResource, ResourceCreate3d, Submit3d
-    from vhost_user.backends.gpu.device3d import VirglGpuDevice
+
     _need_virgl()
-    ram = FuzzRam()
+    dev, ram = shared_device()  # virglrenderer allows one renderer per process
+    ram.reset()
     memory = ram.memory()
-    dev = VirglGpuDevice(GpuOptions())
     ctx, rid, fence = 0x80000001, 0x80000002, (1 << 32) | 0x80000005
     hdr = lambda t, **kw: CtrlHeader(t, ctx_id=ctx, **kw)
     try:
@@ -69,9 +69,8 @@ def test_gpu_virgl_ids_and_fence_ids_past_2_31_get_answers_and_reset_works():
         dev.reset()  # detaches the backing of resource 0x80000002
         assert not dev.res3d and not dev.contexts
     finally:
-        dev.close()
+        dev.reset()
         memory.close()
-        ram.close()
 
 
 _LEVEL_PROBE = """
@@ -114,12 +113,10 @@ def test_gpu_virgl_zero_height_buffer_counts_against_the_host_memory_limit():
     of width 3492550765 and height 0 was counted as 0 bytes, so virglrenderer allocated it
     past any max_hostmem. Zero sizes now count as 1, texels up to 32 bytes, levels, samples."""
     from vhost_user.backends.gpu.commands3d import ResourceCreate3d
-    from vhost_user.backends.gpu.device3d import VirglGpuDevice
-
     _need_virgl()
-    ram = FuzzRam()
+    dev, ram = shared_device()
+    assert dev.opts.max_hostmem == 16 << 20
     memory = ram.memory()
-    dev = VirglGpuDevice(GpuOptions(max_hostmem=16 << 20))
     try:
         huge = ResourceCreate3d(1, 0, 134, (1 << 3) | (1 << 7), 3492550765, 0).pack()
         assert CtrlHeader.unpack(dev.execute(huge, memory)).type == T.RESP_ERR_OUT_OF_MEMORY
@@ -128,9 +125,8 @@ def test_gpu_virgl_zero_height_buffer_counts_against_the_host_memory_limit():
         fits = ResourceCreate3d(3, 2, 2, (1 << 1) | (1 << 3), 1024, 1024).pack()  # B8G8R8X8: 4 MiB
         assert CtrlHeader.unpack(dev.execute(fits, memory)).type == T.RESP_OK_NODATA
     finally:
-        dev.close()
+        dev.reset()
         memory.close()
-        ram.close()
 
 
 def test_vsock_host_thread_survives_a_socket_closed_while_it_registers_it():

@@ -44,7 +44,7 @@ from vhost_user.backends.gpu.commands3d import PARSERS_3D
 from .guestram import FuzzRam
 from .reader import ByteReader
 
-__all__ = ["run_one", "seeds", "unavailable_reason"]
+__all__ = ["run_one", "seeds", "shared_device", "unavailable_reason"]
 
 _MAX_HOSTMEM = 16 << 20
 _RSS_LIMIT = 1 << 30  # libFuzzer's -rss_limit_mb under atheris; checked here for the mutation loop
@@ -99,7 +99,12 @@ def unavailable_reason() -> str | None:
     return virgl_unavailable_reason()
 
 
-def _device():
+def shared_device():
+    """The process's one VirglGpuDevice (max_hostmem 16 MiB) and its FuzzRam.
+
+    virglrenderer is a process-wide singleton (a second virgl_renderer_init fails with
+    EBUSY), so everything in one process that drives it in-process shares this device.
+    """
     global _DEV, _RAM
     if _DEV is None:
         os.environ.setdefault("MESA_SHADER_CACHE_DISABLE", "true")
@@ -318,7 +323,7 @@ class _Model:
 
 
 def run_one(data: bytes) -> None:
-    dev, ram = _device()
+    dev, ram = shared_device()
     ram.reset()
     r = ByteReader(data)
     for _ in range(r.u8() % 8):  # some bytes for transfers and backings to carry
