@@ -134,3 +134,28 @@ def test_fuzz_vsock_target_reaches_the_c_data_path(monkeypatch):
     monkeypatch.setattr(device.fast, "tx_burst", counting)
     vsock_packet.run_one(vsock_packet._c_path_seed())
     assert sum(finished) == 1000
+
+
+def test_fuzz_gpu3d_corpus_reaches_submit_and_both_transfers(monkeypatch):
+    """The committed gpu-3d corpus gets SUBMIT_3D and TRANSFER_TO/FROM_HOST_3D past our
+    checks into virglrenderer (atheris sees only Python coverage, so without such inputs
+    the renderer's side could go unfuzzed unnoticed)."""
+    from vhost_user.backends.gpu.commands import CtrlHeader, CtrlType as T
+    from vhost_user.fuzzing import gpu3d
+
+    _need("gpu-3d")
+    succeeded = set()
+    real = gpu3d._control
+
+    def counting(dev, cmd, memory):
+        ok = real(dev, cmd, memory)
+        if ok:
+            succeeded.add(CtrlHeader.unpack(cmd).type)
+        return ok
+
+    monkeypatch.setattr(gpu3d, "_control", counting)
+    for path in _inputs("corpus", "gpu-3d"):
+        with open(path, "rb") as f:
+            gpu3d.run_one(f.read())
+    want = {T.CMD_SUBMIT_3D, T.CMD_TRANSFER_TO_HOST_3D, T.CMD_TRANSFER_FROM_HOST_3D, T.CMD_CTX_ATTACH_RESOURCE}
+    assert want <= succeeded, sorted(hex(t) for t in want - succeeded)

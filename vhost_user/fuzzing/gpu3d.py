@@ -125,11 +125,11 @@ def _size(r: ByteReader) -> int:
 
 
 def _rid(r: ByteReader) -> int:
-    return 1 + r.u8() % 4 if r.u8() % 8 else r.u32()
+    return r.pick((1, 1, 1, 2, 2, 3, 4)) if r.u8() % 8 else r.u32()
 
 
 def _ctx(r: ByteReader) -> int:
-    return 1 + r.u8() % 3 if r.u8() % 8 else r.pick((0, 4, 63, 64, 65, 1 << 16, _U32, r.u32()))
+    return r.pick((0, 1, 1, 1, 2, 3)) if r.u8() % 8 else r.pick((0, 4, 63, 64, 65, 1 << 16, _U32, r.u32()))
 
 
 def _gpa(r: ByteReader) -> int:
@@ -210,11 +210,14 @@ def _create_3d(r: ByteReader) -> bytes:
 
 
 def _transfer_3d(r: ByteReader) -> bytes:
-    box = [_small(r) if r.u8() % 4 else _size(r) for _ in range(6)]
-    if r.u8() % 3:
-        box[2], box[5] = 0, 1
-    offset = r.u16() if r.u8() % 4 else r.pick((0x10000, 1 << 32, (1 << 64) - 1, r.u64()))
-    level = r.u8() % 3 if r.u8() % 2 else r.pick((1 << 31, (1 << 31) - 1, _U32, 16, r.u32()))
+    if r.u8() % 2:  # inside a small resource, as a driver sends
+        box = [r.u8() % 8, r.u8() % 8, 0, 1 + r.u8() % 8, 1 + r.u8() % 8, 1]
+    else:
+        box = [_small(r) if r.u8() % 4 else _size(r) for _ in range(6)]
+        if r.u8() % 3:
+            box[2], box[5] = 0, 1
+    offset = r.u8() * 16 if r.u8() % 4 else r.pick((0x10000, 1 << 32, (1 << 64) - 1, r.u64()))
+    level = 0 if r.u8() % 4 else r.pick((1, 2, 1 << 31, (1 << 31) - 1, _U32, 16, r.u32()))
     stride, layer = (0, 0) if r.u8() % 2 else (_size(r), _size(r))
     return struct.pack("<IIIIIIQIIII", *box, offset, _rid(r), level, stride, layer)
 
@@ -260,7 +263,8 @@ def _body(r: ByteReader, ctype: int) -> bytes:
 _COMMANDS = (T.CMD_CTX_CREATE, T.CMD_CTX_CREATE, T.CMD_CTX_DESTROY, T.CMD_CTX_ATTACH_RESOURCE,
              T.CMD_CTX_ATTACH_RESOURCE, T.CMD_CTX_DETACH_RESOURCE, T.CMD_RESOURCE_CREATE_3D,
              T.CMD_RESOURCE_CREATE_3D, T.CMD_RESOURCE_ATTACH_BACKING, T.CMD_RESOURCE_DETACH_BACKING,
-             T.CMD_TRANSFER_TO_HOST_3D, T.CMD_TRANSFER_FROM_HOST_3D, T.CMD_TRANSFER_FROM_HOST_3D,
+             T.CMD_TRANSFER_TO_HOST_3D, T.CMD_TRANSFER_TO_HOST_3D, T.CMD_TRANSFER_FROM_HOST_3D,
+             T.CMD_TRANSFER_FROM_HOST_3D,
              T.CMD_SUBMIT_3D, T.CMD_SUBMIT_3D, T.CMD_SUBMIT_3D, T.CMD_GET_CAPSET, T.CMD_GET_CAPSET_INFO,
              T.CMD_RESOURCE_UNREF, T.CMD_RESOURCE_CREATE_2D, T.CMD_SET_SCANOUT, T.CMD_RESOURCE_FLUSH,
              T.CMD_TRANSFER_TO_HOST_2D)
@@ -275,6 +279,26 @@ def _command(r: ByteReader, fence: int) -> bytes:
     if cut < 8:  # short or long by a few bytes
         data = data[:max(0, len(data) - cut)] if cut < 4 else data + bytes(cut)
     return data
+
+
+# (target, format, bind, width, height, depth, last_level): resources a guest driver makes
+_PLAUSIBLE = ((2, 2, (1 << 1) | (1 << 3), 16, 16, 1, 0), (0, 64, 1 << 4, 4096, 1, 1, 0),
+              (3, 67, 1 << 3, 8, 8, 4, 0), (2, 31, (1 << 1) | (1 << 3), 16, 16, 1, 2),
+              (2, 16, 1 << 0, 16, 16, 1, 0), (0, 64, 1 << 14, 1024, 1, 1, 0))
+
+
+def _prelude(r: ByteReader) -> list[bytes]:
+    """Context 1 with one or two resources backed in RAM and attached to it, so that the
+    fuzzed transfers and streams that follow meet a state a driver would have set up."""
+    cmds = [CtrlHeader(T.CMD_CTX_CREATE, ctx_id=1).pack() + struct.pack("<II", 4, 0) + b"fuzz".ljust(64, b"\0")]
+    for rid in range(1, 2 + r.u8() % 2):
+        target, fmt, bind, w, h, d, levels = r.pick(_PLAUSIBLE)
+        cmds.append(CtrlHeader(T.CMD_RESOURCE_CREATE_3D).pack() + struct.pack(
+            "<IIIIIIIIIII4x", rid, target, fmt, bind, w, h, d, 1, levels, 0, 0))
+        cmds.append(CtrlHeader(T.CMD_RESOURCE_ATTACH_BACKING).pack()
+                    + struct.pack("<IIQI4x", rid, 1, 0x6000 * (rid - 1), 0x6000))
+        cmds.append(CtrlHeader(T.CMD_CTX_ATTACH_RESOURCE, ctx_id=1).pack() + struct.pack("<I4x", rid))
+    return cmds
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -331,13 +355,14 @@ def run_one(data: bytes) -> None:
     memory = ram.memory()
     model = _Model()
     fence = 1
+    prelude = _prelude(r) if r.u8() % 4 else []
     try:
-        for _ in range(1 + r.u8() % 24):
-            if not r.remaining:
+        for k in range(len(prelude) + 1 + r.u8() % 24):
+            if k >= len(prelude) and not r.remaining:
                 break
             fence += 1
-            cmd = _command(r, fence)
-            if r.u8() % 12 == 0:
+            cmd = prelude[k] if k < len(prelude) else _command(r, fence)
+            if k >= len(prelude) and r.u8() % 12 == 0:
                 _cursor(dev, cmd)
                 continue
             before = ram.snapshot()
@@ -398,4 +423,4 @@ def seeds() -> list[bytes]:
     rng = random.Random(3)
     fixed = [b"", bytes(range(256)), bytes(range(255, 0, -1)) * 3, b"\0\x18" + bytes(range(1, 200)),
              b"\0\x10" + bytes([1, 6, 1]) * 60]
-    return fixed + [rng.randbytes(rng.randint(200, 800)) for _ in range(8)]
+    return fixed + [rng.randbytes(rng.randint(300, 1500)) for _ in range(8)]
