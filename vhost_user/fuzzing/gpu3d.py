@@ -10,7 +10,10 @@ with virgl command streams (mostly commands of virgl_protocol.h with
 plausible lengths and handles, TGSI shader text, sometimes raw dwords),
 GET_CAPSET for virgl/virgl2, UNREF, the 2D commands the virgl device
 answers too (create, scanout, flush read-back), fences on any of them.
-Resource and context ids come from a small set so that commands meet.
+Resource and context ids come from a small set so that commands meet, and
+three inputs in four start with a prelude (context 1 with one or two
+resources backed in RAM and attached to it) so that fuzzed transfers and
+streams find the state a driver would have set up.
 
 Invariants, checked per command: `execute` raises nothing and answers with
 a response type (>= 0x1100) that echoes a fenced command's fence id and
