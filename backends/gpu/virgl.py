@@ -25,6 +25,9 @@ __all__ = ["VirglRenderer", "VirglError", "virgl_unavailable_reason"]
 
 log = logging.getLogger(__name__)
 
+# virglrenderer.h declares some ids and the write level as int; they are declared uint32_t
+# here (same size and calling convention) so a guest's u32 id reaches C as C's own
+# conversion would pass it, instead of cffi raising OverflowError for ids >= 2^31.
 _CDEF = """
 struct iovec { void *iov_base; size_t iov_len; };
 struct virgl_box { uint32_t x, y, z, w, h, d; };
@@ -46,21 +49,21 @@ void virgl_renderer_get_cap_set(uint32_t set, uint32_t *max_ver, uint32_t *max_s
 void virgl_renderer_fill_caps(uint32_t set, uint32_t version, void *caps);
 int virgl_renderer_context_create(uint32_t handle, uint32_t nlen, const char *name);
 void virgl_renderer_context_destroy(uint32_t handle);
-void virgl_renderer_ctx_attach_resource(int ctx_id, int res_handle);
-void virgl_renderer_ctx_detach_resource(int ctx_id, int res_handle);
+void virgl_renderer_ctx_attach_resource(uint32_t ctx_id, uint32_t res_handle);
+void virgl_renderer_ctx_detach_resource(uint32_t ctx_id, uint32_t res_handle);
 int virgl_renderer_resource_create(struct virgl_renderer_resource_create_args *args,
                                    struct iovec *iov, uint32_t num_iovs);
 void virgl_renderer_resource_unref(uint32_t res_handle);
-int virgl_renderer_resource_attach_iov(int res_handle, struct iovec *iov, int num_iovs);
-void virgl_renderer_resource_detach_iov(int res_handle, struct iovec **iov, int *num_iovs);
-int virgl_renderer_submit_cmd(void *buffer, int ctx_id, int ndw);
-int virgl_renderer_transfer_write_iov(uint32_t handle, uint32_t ctx_id, int level,
+int virgl_renderer_resource_attach_iov(uint32_t res_handle, struct iovec *iov, int num_iovs);
+void virgl_renderer_resource_detach_iov(uint32_t res_handle, struct iovec **iov, int *num_iovs);
+int virgl_renderer_submit_cmd(void *buffer, uint32_t ctx_id, int ndw);
+int virgl_renderer_transfer_write_iov(uint32_t handle, uint32_t ctx_id, uint32_t level,
     uint32_t stride, uint32_t layer_stride, struct virgl_box *box, uint64_t offset,
     struct iovec *iovec, unsigned int iovec_cnt);
 int virgl_renderer_transfer_read_iov(uint32_t handle, uint32_t ctx_id, uint32_t level,
     uint32_t stride, uint32_t layer_stride, struct virgl_box *box, uint64_t offset,
     struct iovec *iov, int iovec_cnt);
-int virgl_renderer_create_fence(int client_fence_id, uint32_t ctx_id);
+int virgl_renderer_create_fence(uint32_t client_fence_id, uint32_t ctx_id);
 """
 _USE_EGL, _USE_SURFACELESS = 1 << 0, 1 << 3
 CAPSET_IDS = (1, 2)  # VIRTIO_GPU_CAPSET_VIRGL, VIRTIO_GPU_CAPSET_VIRGL2
@@ -83,7 +86,7 @@ class VirglRenderer:
             raise VirglError(f"cannot load libvirglrenderer.so.1 ({exc}); "
                              "install Debian's libvirglrenderer1") from None
         self._jobs: queue.Queue = queue.Queue()
-        self.fence = 0
+        self.fence: int | None = 0  # the last fence id virglrenderer wrote
         self._cookie = self.ffi.new("int *")
         self._thread = threading.Thread(target=self._run, name="virgl", daemon=True)
         self._thread.start()
@@ -98,7 +101,7 @@ class VirglRenderer:
 
         @ffi.callback("void(void *, uint32_t)")
         def write_fence(cookie, fence):
-            self.fence = max(self.fence, fence)
+            self.fence = fence  # the newest retired fence (virglrenderer retires in order)
 
         self._write_fence = write_fence
         cb = self._callbacks = ffi.new("struct virgl_renderer_callbacks *")
@@ -151,17 +154,26 @@ class VirglRenderer:
         return self.call(fill)
 
     def fence_and_wait(self, fence_id: int, ctx_id: int) -> bool:
-        """Create a fence after the work so far and wait until virglrenderer signals it."""
+        """Create a fence after the work so far and wait until virglrenderer signals it.
+
+        virglrenderer 0.10 keeps 32-bit fence ids: the guest's 64-bit id is cut to its low
+        32 bits (as QEMU does). Fences retire in order and only one is outstanding at a
+        time (this call waits for it), so the next id virglrenderer writes is this one:
+        ids past 2^31, repeated ids and the wrap at 2^32 need no ordering of their own.
+        """
+        fid = fence_id & 0xFFFFFFFF
+
         def wait():
-            rc = self.lib.virgl_renderer_create_fence(fence_id & 0xFFFFFFFF, ctx_id)
+            self.fence = None
+            rc = self.lib.virgl_renderer_create_fence(fid, ctx_id)
             if rc:
                 return False
             deadline = time.monotonic() + _FENCE_TIMEOUT
-            while self.fence < (fence_id & 0xFFFFFFFF):
+            while self.fence != fid:
                 self.lib.virgl_renderer_poll()
                 if time.monotonic() > deadline:
                     return False
-                if self.fence < (fence_id & 0xFFFFFFFF):
+                if self.fence != fid:
                     time.sleep(0.0005)
             return True
         return self.call(wait)

@@ -49,6 +49,7 @@ TARGET_MODULES = {
     "net-header": "vhost_user.fuzzing.net_header",
     "vsock-packet": "vhost_user.fuzzing.vsock_packet",
     "gpu-commands": "vhost_user.fuzzing.gpu_commands",
+    "gpu-3d": "vhost_user.fuzzing.gpu3d",
 }
 
 
