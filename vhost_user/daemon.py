@@ -131,6 +131,8 @@ class PidFile:
             raise OSError(exc.errno, exc.strerror, path) from None
         st = os.fstat(self.fd)
         self._identity = (st.st_dev, st.st_ino)
+        # removed through its directory: the path is gone inside the file-system sandbox
+        self._dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def _holder(self) -> int | None:
         """The pid holding the lock (F_GETLK), else the one written in the file."""
@@ -154,11 +156,13 @@ class PidFile:
         """Unlink the file (if it is still the one we locked) and drop the lock."""
         if self.fd < 0:
             return
+        name = os.path.basename(self.path)
         try:
-            st = os.lstat(self.path)
+            st = os.lstat(name, dir_fd=self._dir_fd)
             if (st.st_dev, st.st_ino) == self._identity:
-                os.unlink(self.path)
+                os.unlink(name, dir_fd=self._dir_fd)
         except OSError:
             pass
+        os.close(self._dir_fd)
         os.close(self.fd)
         self.fd = -1
