@@ -393,13 +393,16 @@ def _confine(profile: str, loop: asyncio.AbstractEventLoop | None) -> str | None
     profile, or None."""
     from vhost_user import sandbox, sandbox_fs
 
-    try:
-        if loop is None:
+    if loop is None:
+        try:
             sandbox.prepare(profile)
-            return profile
+        except sandbox.SandboxError as exc:
+            log.warning("sandbox unavailable, running without seccomp: %s", exc.strerror or exc)
+        return profile  # the file-system sandbox still applies after set-up
+    try:
         f = sandbox.build(profile)  # reads /proc/self/fd: before the root goes away
-    except sandbox.SandboxError as exc:
-        log.warning("sandbox unavailable, running unconfined: %s", exc.strerror or exc)
+    except sandbox.SandboxError as exc:  # said at prepare time already
+        log.debug("no seccomp filter: %s", exc.strerror or exc)
         f = None
     try:
         log.info("sandbox-fs: %s", sandbox_fs.confine())

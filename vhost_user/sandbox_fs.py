@@ -47,7 +47,7 @@ import sys
 import sysconfig
 import tempfile
 
-__all__ = ["MODES", "need", "enter", "confine", "kept_paths", "reset_needs"]
+__all__ = ["SandboxFsError", "MODES", "need", "enter", "confine", "kept_paths", "reset_needs"]
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MS_NOATIME, MS_NODIRATIME, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
 MNT_DETACH = 2
-CAP_SYS_CHROOT, CAP_SYS_ADMIN = 18, 21
+CAP_SYS_CHROOT, CAP_SYS_ADMIN, CAP_SETFCAP = 18, 21, 31
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
 #: statvfs f_flag bit -> mount flag that a remount in a user namespace must keep
 _LOCKED = {os.ST_RDONLY: MS_RDONLY, os.ST_NOSUID: MS_NOSUID, os.ST_NODEV: MS_NODEV,
@@ -66,6 +66,10 @@ _LOCKED = {os.ST_RDONLY: MS_RDONLY, os.ST_NOSUID: MS_NOSUID, os.ST_NODEV: MS_NOD
            os.ST_RELATIME: MS_RELATIME}
 #: imported before a chroot, which leaves nothing to import from
 _WARM_MODULES = ("encodings.idna", "encodings.latin_1", "traceback", "linecache", "tokenize")
+
+class SandboxFsError(OSError):
+    """A half-made namespace the process cannot leave: set-up must stop (exit 1)."""
+
 
 _needs: dict[str, bool] = {}  # path -> writable
 _state = {"mode": None, "userns": False}
@@ -115,11 +119,17 @@ def _unshare() -> bool:
         raise OSError(errno.EINVAL, f"{_threads()} threads already run (a namespace needs one)")
     userns = not _has_cap(CAP_SYS_ADMIN)
     uid, gid = os.geteuid(), os.getegid()
+    if userns and uid == 0 and not _has_cap(CAP_SETFCAP):
+        # the kernel lets only a holder of CAP_SETFCAP map uid 0 into a user namespace
+        raise OSError(errno.EPERM, "uid 0 without CAP_SYS_ADMIN or CAP_SETFCAP cannot map itself")
     _check(_libc.unshare(CLONE_NEWNS | (CLONE_NEWUSER if userns else 0)), "unshare")
     if userns:
-        _write("/proc/self/setgroups", "deny")
-        _write("/proc/self/uid_map", f"{uid} {uid} 1")
-        _write("/proc/self/gid_map", f"{gid} {gid} 1")
+        try:
+            _write("/proc/self/setgroups", "deny")
+            _write("/proc/self/uid_map", f"{uid} {uid} 1")
+            _write("/proc/self/gid_map", f"{gid} {gid} 1")
+        except OSError as exc:  # inside a user namespace without our ids: cannot go back
+            raise SandboxFsError(exc.errno, f"user namespace id map: {exc.strerror}") from None
     _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
     return userns
 
@@ -128,8 +138,9 @@ def enter(mode: str) -> str:
     """The early step (single-threaded, before set-up). Returns the mode in effect.
 
     Idempotent: the gpu back-end calls it before its renderer starts threads,
-    serve_devices calls it again. Never raises: a mode that cannot be had
-    falls back (namespace -> chroot -> none) with one log line.
+    serve_devices calls it again. A mode that cannot be had falls back
+    (namespace -> chroot -> none) with one log line; only SandboxFsError (a user
+    namespace made whose id maps the kernel then refused) stops set-up.
     """
     if _state["mode"] is not None:
         return _state["mode"]
@@ -139,6 +150,8 @@ def enter(mode: str) -> str:
     if mode == "namespace":
         try:
             _state["userns"] = _unshare()
+        except SandboxFsError:
+            raise
         except OSError as exc:
             chosen = "chroot" if _has_cap(CAP_SYS_CHROOT) else "none"
             log.warning("sandbox-fs: no namespace (%s); using %s", exc.strerror or exc, chosen)

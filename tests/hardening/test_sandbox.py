@@ -1,4 +1,6 @@
-"""The sandbox of the running vhost-user-blk: on by default, refuses, kills on execve."""
+"""The sandbox of each running back-end: on by default, a private read-only root
+(--sandbox-fs), seccomp; refuses, kills on execve, and still serves through the
+built-in front-end."""
 from __future__ import annotations
 
 import os
@@ -26,6 +28,22 @@ def _fd_targets(pid: int) -> list[str]:
     return out
 
 
+def _mountinfo(pid: int) -> list[list[str]]:
+    with open(f"/proc/{pid}/mountinfo") as f:
+        return [line.split() for line in f]
+
+
+def _assert_private_root(pid: int, log: str, kind: str = "mount namespace") -> None:
+    """The process sees a read-only tmpfs root of its own: no /etc, its own mount ns."""
+    assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    root = [m for m in _mountinfo(pid) if m[4] == "/"]
+    assert len(root) == 1, root
+    fstype = root[0][root[0].index("-") + 1]
+    assert fstype == "tmpfs" and "ro" in root[0][5].split(","), root
+    assert not os.path.exists(f"/proc/{pid}/root/etc/passwd")
+    assert f"sandbox-fs: namespace ({kind}" in log, log[-2000:]
+
+
 def _io_round(sock: str) -> None:
     with BlkDriver.connect(sock, num_queues=2) as drv:
         drv.write(8, b"s" * 4096, queue=1)
@@ -37,7 +55,8 @@ def _io_round(sock: str) -> None:
 
 
 def test_sandbox_is_on_by_default_and_blk_serves_under_it(sockdir, shm_image):
-    bp = start_blk(sockdir, "--num-queues", "2", image=shm_image(8 << 20))
+    pidfile = os.path.join(sockdir, "blk.pid")
+    bp = start_blk(sockdir, "--num-queues", "2", "--pidfile", pidfile, image=shm_image(8 << 20))
     try:
         _io_round(bp.socket)
         _io_round(bp.socket)  # and a second front-end after the first left
@@ -45,11 +64,14 @@ def test_sandbox_is_on_by_default_and_blk_serves_under_it(sockdir, shm_image):
         assert st["NoNewPrivs"].strip() == "1"
         assert st["Seccomp"].strip() == "2"  # SECCOMP_MODE_FILTER
         assert "blk profile active" in bp.log()
+        _assert_private_root(bp.pid, bp.log())
         # io_uring operations would bypass seccomp: the event loop must not hold a ring.
         assert "anon_inode:[io_uring]" not in _fd_targets(bp.pid) and "io_uring" not in bp.log(), bp.log()[-2000:]
         assert bp.alive()
     finally:
         assert bp.stop() == 0, bp.log()[-3000:]
+    # removed at exit through directory fds: the paths are not in the private root
+    assert not os.path.exists(bp.socket) and not os.path.exists(pidfile), os.listdir(sockdir)
 
 
 def test_no_sandbox_leaves_the_process_unconfined(sockdir, shm_image):
@@ -74,9 +96,81 @@ def test_sandboxed_blk_refuses_fork_socket_and_writes_and_dies_on_execve(sockdir
         assert rc == -signal.SIGSYS, f"exit {rc}, expected death by SIGSYS:\n{log[-3000:]}"
         for what in ("fork", "socket(AF_INET)", "open for writing"):
             assert f"sandbox probe: {what} refused: EPERM" in log, log[-3000:]
+        assert "sandbox probe: read /etc/passwd refused: ENOENT" in log, log[-3000:]
         assert "ALLOWED" not in log and "execve ran" not in log
     finally:
         bp.stop()
+
+
+def test_sandbox_fs_none_keeps_the_host_root_and_seccomp(sockdir, shm_image):
+    bp = start_blk(sockdir, "--sandbox-fs", "none", "--num-queues", "2", image=shm_image(8 << 20))
+    try:
+        _io_round(bp.socket)
+        assert _status(bp.pid)["Seccomp"].strip() == "2"
+        assert os.readlink(f"/proc/{bp.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+        assert os.path.exists(f"/proc/{bp.pid}/root/etc/passwd")
+        assert "sandbox-fs: none" in bp.log()
+    finally:
+        assert bp.stop() == 0, bp.log()[-3000:]
+
+
+def _require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"{what} needs root in CI")
+        pytest.skip(f"{what} needs root")
+
+
+def test_sandbox_fs_chroot_leaves_an_empty_removed_root(sockdir, shm_image, monkeypatch):
+    _require_root("chroot")
+    monkeypatch.setenv("VHOST_USER_SANDBOX_PROBE", "1")
+    bp = start_blk(sockdir, "--sandbox-fs", "chroot", "--num-queues", "2", image=shm_image(8 << 20))
+    try:
+        _io_round(bp.socket)
+        assert os.readlink(f"/proc/{bp.pid}/root").endswith("(deleted)")
+        assert os.listdir(f"/proc/{bp.pid}/root") == []
+        assert "sandbox-fs: chroot" in bp.log()
+        os.kill(bp.pid, signal.SIGUSR2)
+        assert bp.proc.wait(20) == -signal.SIGSYS, bp.log()[-3000:]
+        assert "sandbox probe: read /etc/passwd refused: ENOENT" in bp.log()
+        assert "sandbox probe: / holds []" in bp.log()
+    finally:
+        bp.stop()
+
+
+def test_unprivileged_blk_confines_itself_in_a_user_namespace(sockdir, shm_image):
+    """As an unprivileged user (uid 65534 here) the mount namespace comes with a user
+    namespace that maps our own uid and gid; the disk still works."""
+    import shutil
+    import sys
+
+    from backends_proc import spawn
+
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("setpriv (util-linux) and root are needed in CI")
+        pytest.skip("needs setpriv and root to become an unprivileged user")
+    work = os.path.join(sockdir, "nobody")
+    os.mkdir(work)
+    image = shm_image(8 << 20)
+    for path in (work, image, os.path.dirname(image)):
+        os.chown(path, 65534, 65534)
+    os.chmod(sockdir, 0o755)
+    sock = os.path.join(work, "u.sock")
+    argv = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+            "vhost_user.backends.blk", "--socket", sock, "--image", image, "--num-queues", "2",
+            "--log-level", "info"]
+    bp = spawn(argv, sock, os.path.join(sockdir, "u.log"), cwd="/")
+    try:
+        _io_round(bp.socket)
+        assert os.readlink(f"/proc/{bp.pid}/ns/user") != os.readlink("/proc/self/ns/user")
+        with open(f"/proc/{bp.pid}/uid_map") as f:
+            assert f.read().split() == ["65534", "65534", "1"]
+        _assert_private_root(bp.pid, bp.log(), "user+mount namespace")
+    finally:
+        assert bp.stop() == 0, bp.log()[-3000:]
+    assert not os.path.exists(sock)
 
 
 def test_unknown_profile_is_refused_before_anything_changes():
