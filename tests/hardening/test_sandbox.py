@@ -224,13 +224,64 @@ _OTHER_BACKENDS = {
 }
 
 
+def _vsock_guest_reaches_host_port(sock: str, uds: str) -> None:
+    """The guest connects to CID 2 port 5000: the back-end connects to `<uds>_5000`,
+    a path it can reach only because its directory is kept in the private root."""
+    import socket as so
+
+    from vhost_user.drivers.vsock import VsockDriver
+
+    host = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+    host.bind(f"{uds}_5000")
+    host.listen(1)
+    host.settimeout(10)
+    try:
+        with VsockDriver.attach(sock) as drv:
+            conn = drv.connect(5000)
+            peer, _ = host.accept()
+            with peer:
+                conn.send(b"ping from the guest")
+                peer.settimeout(10)
+                assert peer.recv(64) == b"ping from the guest"
+                peer.sendall(b"pong")
+                assert conn.recv_exact(4) == b"pong"
+            conn.close()
+    finally:
+        host.close()
+
+
+def _gpu_frame_reaches_png(sock: str, directory: str) -> None:
+    from vhost_user.drivers.gpu import GpuDriver
+
+    assert not os.listdir(directory)  # nothing drawn before confinement
+    with GpuDriver.connect(sock, display=False) as drv:
+        drv.setup_frame(1, 64, 48)
+        assert drv.frame_cycles(1, 64, 48, 2) == 0
+    with open(os.path.join(directory, "scanout-0.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _probe_and_expect_sigsys(bp) -> None:
+    os.kill(bp.pid, signal.SIGUSR2)
+    rc = bp.proc.wait(20)
+    log = bp.log()
+    assert rc == -signal.SIGSYS, f"exit {rc}, expected death by SIGSYS:\n{log[-3000:]}"
+    for what in ("fork", "socket(AF_INET)", "open for writing"):
+        assert f"sandbox probe: {what} refused: EPERM" in log, log[-3000:]
+    assert "sandbox probe: read /etc/passwd refused: ENOENT" in log, log[-3000:]
+    assert "ALLOWED" not in log and "execve ran" not in log
+
+
 @pytest.mark.parametrize("name", sorted(_OTHER_BACKENDS))
 def test_sandboxed_backend_serves_refuses_and_dies_on_execve(name, sockdir, monkeypatch):
     monkeypatch.setenv("VHOST_USER_SANDBOX_PROBE", "1")
     args = [a.replace("{dir}", sockdir) for a in _OTHER_BACKENDS[name]]
     bp = _start(sockdir, name, *args)
     try:
-        _negotiate_and_run_queue(bp.socket)
+        if name == "gpu":  # png:DIR files are made after confinement, under its dir fd
+            _gpu_frame_reaches_png(bp.socket, os.path.join(sockdir, "png"))
+        else:
+            _negotiate_and_run_queue(bp.socket)
         _negotiate_and_run_queue(bp.socket)  # and the next front-end
         if name == "vsock":  # the host side accepts and reads a CONNECT line while confined
             import socket as so
@@ -240,23 +291,52 @@ def test_sandboxed_backend_serves_refuses_and_dies_on_execve(name, sockdir, monk
             s.connect(os.path.join(sockdir, "vsock.uds"))
             s.sendall(b"CONNECT 1234\n")
             s.close()
+            _vsock_guest_reaches_host_port(bp.socket, os.path.join(sockdir, "vsock.uds"))
         st = _status(bp.pid)
         assert st["NoNewPrivs"].strip() == "1" and st["Seccomp"].strip() == "2", bp.log()[-2000:]
         assert f"{name} profile active" in bp.log()
+        _assert_private_root(bp.pid, bp.log())
         assert "anon_inode:[io_uring]" not in _fd_targets(bp.pid)
         assert bp.alive()
-        os.kill(bp.pid, signal.SIGUSR2)
-        rc = bp.proc.wait(20)
-        log = bp.log()
-        assert rc == -signal.SIGSYS, f"exit {rc}, expected death by SIGSYS:\n{log[-3000:]}"
-        for what in ("fork", "socket(AF_INET)", "open for writing"):
-            assert f"sandbox probe: {what} refused: EPERM" in log, log[-3000:]
-        assert "ALLOWED" not in log and "execve ran" not in log
+        _probe_and_expect_sigsys(bp)
     finally:
         bp.stop()
 
 
-def test_gpu_virgl_runs_unconfined_and_says_so(sockdir):
+def _virgl_red_frame(sock: str) -> None:
+    """A 3D context clears a 3D resource red; the display listener must get red pixels
+    (the first frame drawn after confinement)."""
+    import struct
+
+    import numpy as np
+
+    from vhost_user.backends.gpu.commands import CtrlHeader, CtrlType as T, Rect
+    from vhost_user.backends.gpu.commands3d import CtxCreate, CtxResource, ResourceCreate3d, Submit3d
+    from vhost_user.backends.gpu.display_protocol import GpuRequest as G
+    from vhost_user.drivers.gpu import DRIVER_FEATURES, GpuDriver
+
+    def f32(v: float) -> int:
+        return struct.unpack("<I", struct.pack("<f", v))[0]
+
+    def cmd0(cmd: int, obj: int, length: int) -> int:
+        return cmd | obj << 8 | length << 16
+
+    words = [cmd0(1, 8, 5), 1, 5, 2, 0, 0,                           # CREATE_OBJECT SURFACE 1 on res 5
+             cmd0(5, 0, 3), 1, 0, 1,                                 # SET_FRAMEBUFFER_STATE
+             cmd0(7, 0, 8), 4, *(f32(c) for c in (1.0, 0.0, 0.0, 1.0)), 0, 0, 0]  # CLEAR red
+    with GpuDriver.connect(sock, features=DRIVER_FEATURES | 1) as drv:
+        hdr = lambda t, **kw: CtrlHeader(t, ctx_id=1, **kw)  # noqa: E731
+        for cmd in (CtxCreate(hdr(T.CMD_CTX_CREATE), b"sandbox"), ResourceCreate3d(5, 2, 2, 0b1010, 32, 24),
+                    CtxResource(hdr(T.CMD_CTX_ATTACH_RESOURCE), 5),
+                    Submit3d(struct.pack(f"<{len(words)}I", *words), hdr(T.CMD_SUBMIT_3D))):
+            assert CtrlHeader.unpack(drv.command(cmd.pack())).type == T.RESP_OK_NODATA
+        assert drv.set_scanout(0, 5, Rect(0, 0, 32, 24)) == T.RESP_OK_NODATA
+        assert drv.flush(5, Rect(0, 0, 32, 24)) == T.RESP_OK_NODATA
+        assert drv.listener.wait_for(G.UPDATE, 1)
+        assert np.all(drv.listener.rgb(0) == np.array([255, 0, 0], np.uint8))
+
+
+def test_gpu_virgl_is_confined_after_the_renderer_is_up_and_still_renders(sockdir, monkeypatch):
     from vhost_user.backends.gpu.virgl import virgl_unavailable_reason
 
     reason = virgl_unavailable_reason()
@@ -264,11 +344,16 @@ def test_gpu_virgl_runs_unconfined_and_says_so(sockdir):
         if os.environ.get("CI"):
             pytest.fail(f"virgl unavailable in CI: {reason}")
         pytest.skip(reason)
+    monkeypatch.setenv("VHOST_USER_SANDBOX_PROBE", "1")
     bp = _start(sockdir, "gpu", "--virgl")
     try:
-        _negotiate_and_run_queue(bp.socket)
-        assert _status(bp.pid)["Seccomp"].strip() == "0"
-        assert "sandbox: --virgl runs unconfined" in bp.log()
-        assert "profile active" not in bp.log()
+        _virgl_red_frame(bp.socket)
+        _virgl_red_frame(bp.socket)  # a second front-end: a new context, a new frame
+        st = _status(bp.pid)
+        assert st["NoNewPrivs"].strip() == "1" and st["Seccomp"].strip() == "2", bp.log()[-2000:]
+        assert "gpu-virgl profile active" in bp.log()
+        _assert_private_root(bp.pid, bp.log())
+        assert bp.alive()
+        _probe_and_expect_sigsys(bp)
     finally:
-        assert bp.stop() == 0, bp.log()[-3000:]
+        bp.stop()
