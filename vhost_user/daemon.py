@@ -65,7 +65,8 @@ def _notify_address(value: str) -> str | bytes:
 
 
 class _Notifier:
-    """One datagram socket to NOTIFY_SOCKET, made before the sandbox closes socket()."""
+    """One datagram socket connected to NOTIFY_SOCKET, made before the sandbox closes
+    socket() and hides the socket's path."""
 
     def __init__(self) -> None:
         self.address = None
@@ -75,12 +76,18 @@ class _Notifier:
             return
         self.address = _notify_address(value)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        # connected now: a path NOTIFY_SOCKET is out of reach inside the file-system sandbox
+        try:
+            self.sock.connect(self.address)
+        except OSError:
+            self.sock.close()
+            raise
 
     def send(self, state: str) -> bool:
         if self.sock is None:
             return False
         try:
-            self.sock.sendto(state.encode(), self.address)
+            self.sock.send(state.encode())
         except OSError as exc:
             log.warning("NOTIFY_SOCKET: cannot send %s: %s", state.split("\n")[0], exc.strerror)
             return False
