@@ -47,7 +47,7 @@ import sys
 import sysconfig
 import tempfile
 
-__all__ = ["SandboxFsError", "MODES", "need", "enter", "confine", "kept_paths", "reset_needs"]
+__all__ = ["SandboxFsError", "MODES", "need", "enter", "confine", "kept_paths"]
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +80,6 @@ def need(path: str, *, writable: bool = False) -> None:
     """Declare a directory this back-end uses by path after set-up (kept at the same path)."""
     path = os.path.abspath(path)
     _needs[path] = _needs.get(path, False) or writable
-
-
-def reset_needs() -> None:
-    """Forget the declared paths (tests that run several set-ups in one process)."""
-    _needs.clear()
 
 
 def _check(rc: int, what: str) -> None:
@@ -219,7 +214,7 @@ def _preload() -> None:
             pass
 
 
-def _bind(fd: int, target: str, writable: bool, userns: bool) -> None:
+def _bind(fd: int, target: str, writable: bool) -> None:
     src = f"/proc/self/fd/{fd}".encode()
     _check(_libc.mount(src, target.encode(), None, MS_BIND | MS_REC, None), f"bind {target}")
     flags = MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV | (0 if writable else MS_RDONLY)
@@ -241,7 +236,7 @@ def _pivot(kept: dict[str, bool]) -> None:
         for path, writable in kept.items():
             target = stage + path
             os.makedirs(target, exist_ok=True)
-            _bind(fds[path], target, writable, _state["userns"])
+            _bind(fds[path], target, writable)
     finally:
         for fd in fds.values():
             os.close(fd)
