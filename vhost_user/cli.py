@@ -44,7 +44,7 @@ from vhost_user.server import DeviceServer, listen_unix
 __all__ = [
     "base_parser", "run_main", "run_backend", "serve_devices", "Endpoint", "endpoints", "endpoint_for",
     "parse_size", "adopt_fd", "description", "print_info", "setup_logging", "CliError", "UsageError",
-    "error_text", "report_error", "version",
+    "error_text", "report_error", "version", "enter_fs_sandbox",
 ]
 
 log = logging.getLogger("vhost_user")
@@ -164,6 +164,10 @@ def base_parser(prog: str, description: str, *, verbose_flag: bool = True,
                    help="logging level (default warning, -v info, -vv debug)")
     p.add_argument("--sandbox", action=argparse.BooleanOptionalAction, default=True,
                    help="after set-up, confine the process (no_new_privs + seccomp; default on)")
+    p.add_argument("--sandbox-fs", choices=["namespace", "chroot", "none"], default="namespace",
+                   help="with --sandbox, after set-up switch to a private read-only root: a mount "
+                        "(and, unprivileged, user) namespace, an empty chroot, or none "
+                        "(default namespace, falling back to chroot, then none)")
     return p
 
 
@@ -355,10 +359,11 @@ def print_info(args, capabilities: dict, name: str) -> int | None:
 
 # -- serving ----------------------------------------------------------------------------------
 def run_backend(args, make_device: Callable[[], VirtioDevice], capabilities: dict,
-                name: str) -> int:
+                name: str, *, sandbox_profile: str | None = None) -> int:
     """Print capabilities or serve one device until stopped; return the exit code.
 
-    Capabilities are static so that printing them opens no image.
+    Capabilities are static so that printing them opens no image. The sandbox
+    profile defaults to the program name without `vhost-user-`.
     """
     done = print_info(args, capabilities, name)
     if done is not None:
@@ -367,17 +372,47 @@ def run_backend(args, make_device: Callable[[], VirtioDevice], capabilities: dic
     found = endpoints(args, single=True)
     if not found:
         raise UsageError("one of --socket PATH or --fd N is required")
-    sandbox = name.removeprefix("vhost-user-") if getattr(args, "sandbox", False) else None
+    profile = sandbox_profile or name.removeprefix("vhost-user-")
+    sandbox = profile if getattr(args, "sandbox", False) else None
     return serve_devices([(found[0], make_device)], sandbox=sandbox, args=args)
 
 
-def _confine(profile: str, loop: asyncio.AbstractEventLoop | None) -> str | None:
-    """`--sandbox`: prepare (loop None), then confine after set-up; where the
-    kernel or libseccomp can't, say so and go on. Returns the profile, or None."""
-    from vhost_user import sandbox
+def enter_fs_sandbox(args) -> str:
+    """The early, single-threaded half of `--sandbox-fs` (vhost_user.sandbox_fs.enter);
+    a back-end whose set-up starts threads calls it first. Returns the mode in effect."""
+    from vhost_user import sandbox_fs
 
+    if not getattr(args, "sandbox", False):
+        return "none"
+    return sandbox_fs.enter(getattr(args, "sandbox_fs", "none"))
+
+
+def _confine(profile: str, loop: asyncio.AbstractEventLoop | None) -> str | None:
+    """`--sandbox`: prepare (loop None), then confine after set-up (file system, then
+    seccomp); where the kernel or libseccomp can't, say so and go on. Returns the
+    profile, or None."""
+    from vhost_user import sandbox, sandbox_fs
+
+    if loop is None:
+        try:
+            sandbox.prepare(profile)
+        except sandbox.SandboxError as exc:
+            log.warning("sandbox unavailable, running without seccomp: %s", exc.strerror or exc)
+        return profile  # the file-system sandbox still applies after set-up
     try:
-        sandbox.prepare(profile) if loop is None else sandbox.apply(profile, loop)
+        f = sandbox.build(profile)  # reads /proc/self/fd: before the root goes away
+    except sandbox.SandboxError as exc:  # said at prepare time already
+        log.debug("no seccomp filter: %s", exc.strerror or exc)
+        f = None
+    try:
+        log.info("sandbox-fs: %s", sandbox_fs.confine())
+    except OSError as exc:
+        log.warning("sandbox-fs: cannot switch root, the host's file system stays visible: %s",
+                    exc.strerror or exc)
+    if f is None:
+        return None
+    try:
+        sandbox.apply(profile, loop, f)
     except sandbox.SandboxError as exc:
         log.warning("sandbox unavailable, running unconfined: %s", exc.strerror or exc)
         return None
@@ -429,6 +464,7 @@ def serve_devices(entries: list[tuple[Endpoint, Callable[[], VirtioDevice]]],
     devices: list[VirtioDevice] = []
     pidfile: daemon.PidFile | None = None
     if sandbox is not None:
+        enter_fs_sandbox(args)  # while single-threaded: the devices may start threads
         sandbox = _confine(sandbox, None)  # before the loop exists: keeps libuv off io_uring
     # Signal handlers go in before any socket appears: a SIGTERM that arrives
     # while we set up must still stop us cleanly (and remove the sockets).

@@ -65,7 +65,8 @@ def _notify_address(value: str) -> str | bytes:
 
 
 class _Notifier:
-    """One datagram socket to NOTIFY_SOCKET, made before the sandbox closes socket()."""
+    """One datagram socket connected to NOTIFY_SOCKET, made before the sandbox closes
+    socket() and hides the socket's path."""
 
     def __init__(self) -> None:
         self.address = None
@@ -75,12 +76,18 @@ class _Notifier:
             return
         self.address = _notify_address(value)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        # connected now: a path NOTIFY_SOCKET is out of reach inside the file-system sandbox
+        try:
+            self.sock.connect(self.address)
+        except OSError:
+            self.sock.close()
+            raise
 
     def send(self, state: str) -> bool:
         if self.sock is None:
             return False
         try:
-            self.sock.sendto(state.encode(), self.address)
+            self.sock.send(state.encode())
         except OSError as exc:
             log.warning("NOTIFY_SOCKET: cannot send %s: %s", state.split("\n")[0], exc.strerror)
             return False
@@ -131,6 +138,8 @@ class PidFile:
             raise OSError(exc.errno, exc.strerror, path) from None
         st = os.fstat(self.fd)
         self._identity = (st.st_dev, st.st_ino)
+        # removed through its directory: the path is gone inside the file-system sandbox
+        self._dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def _holder(self) -> int | None:
         """The pid holding the lock (F_GETLK), else the one written in the file."""
@@ -154,11 +163,13 @@ class PidFile:
         """Unlink the file (if it is still the one we locked) and drop the lock."""
         if self.fd < 0:
             return
+        name = os.path.basename(self.path)
         try:
-            st = os.lstat(self.path)
+            st = os.lstat(name, dir_fd=self._dir_fd)
             if (st.st_dev, st.st_ino) == self._identity:
-                os.unlink(self.path)
+                os.unlink(name, dir_fd=self._dir_fd)
         except OSError:
             pass
+        os.close(self._dir_fd)
         os.close(self.fd)
         self.fd = -1

@@ -30,9 +30,13 @@ PR_SET_NO_NEW_PRIVS and loads a seccomp filter (libseccomp through the
 A profile is the core set plus a back-end's extras; a new back-end registers
 its extras with `register_profile("net", {...})`.
 
+The file-system half (a private read-only root, `--sandbox-fs`) is
+vhost_user.sandbox_fs; cli applies it just before the seccomp filter.
+
 `VHOST_USER_SANDBOX_PROBE=1` (tests only) installs a SIGUSR2 handler that
-tries a few refused calls in the running, confined process, logs what the
-kernel answered, and finally tries execve, which must kill the process.
+tries a few refused calls in the running, confined process (fork, an INET
+socket, a writing open, reading /etc/passwd), logs what the kernel answered,
+and finally tries execve, which must kill the process.
 """
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ import socket
 import sys
 from typing import Iterable
 
-__all__ = ["apply", "prepare", "register_profile", "profile_syscalls", "allow_with_args", "SandboxError",
+__all__ = ["apply", "build", "prepare", "register_profile", "profile_syscalls", "allow_with_args", "SandboxError",
            "CORE_SYSCALLS", "KILL_SYSCALLS", "PROFILES", "CONDITIONAL"]
 
 log = logging.getLogger(__name__)
@@ -86,9 +90,16 @@ PROFILES: dict[str, frozenset[str]] = {
     "net": frozenset(),
     # guest-initiated connections open AF_UNIX sockets at run time (socket: see CONDITIONAL)
     "vsock": frozenset({"connect"}),
-    # 2D only; png:DIR writes under a directory fd opened before confinement (CONDITIONAL,
-    # added at run time by the gpu back-end); --virgl runs unconfined
+    # png:DIR writes under a directory fd opened before confinement (CONDITIONAL,
+    # added at run time by the gpu back-end)
     "gpu": frozenset(),
+    # --virgl, confined once the renderer is up. Measured (strace -f from "ready" through
+    # a context, a 3D resource, a clear, a flush, twice): virglrenderer + Mesa llvmpipe
+    # need nothing beyond the core set once Mesa's shader cache is off (it flocks and
+    # opens files for writing per context; the gpu back-end sets MESA_SHADER_CACHE_DISABLE);
+    # their threads are created with clone3 (ENOSYS here, glibc falls back to clone) and
+    # llvmpipe reads /proc/meminfo per context (absent in the private root: it copes).
+    "gpu-virgl": frozenset(),
 }
 
 #: per back-end syscalls allowed only when their arguments match: profile ->
@@ -202,10 +213,19 @@ def _add(f, action, name: str, *args) -> None:
         log.debug("sandbox: no rule for %s (%s)", name, exc)
 
 
-def apply(profile: str, loop=None) -> None:
-    """Confine this process (all threads) with `profile`; raises SandboxError if impossible."""
+def build(profile: str):
+    """The seccomp filter of `profile`, not loaded yet (it looks at /proc/self/fd, so
+    it is built before the file-system sandbox takes /proc away)."""
     _check_profile(profile)
-    f = _build_filter(profile_syscalls(profile), CONDITIONAL.get(profile, ()))
+    return _build_filter(profile_syscalls(profile), CONDITIONAL.get(profile, ()))
+
+
+def apply(profile: str, loop=None, f=None) -> None:
+    """Confine this process (all threads) with `profile` (or the filter `build` made);
+    raises SandboxError if impossible."""
+    _check_profile(profile)
+    if f is None:
+        f = build(profile)
     _set_no_new_privs()
     try:
         f.load()
@@ -236,6 +256,9 @@ def _probe() -> None:
     _try("fork", _fork)
     _try("socket(AF_INET)", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).close())
     _try("open for writing", lambda: os.close(os.open("/tmp/.vhost-user-sandbox-probe", os.O_WRONLY | os.O_CREAT)))
+    # allowed by seccomp (read-only); the file-system sandbox leaves nothing to read
+    _try("read /etc/passwd", lambda: os.close(os.open("/etc/passwd", os.O_RDONLY)))
+    log.warning("sandbox probe: / holds %s", sorted(os.listdir("/")))
     log.warning("sandbox probe: trying execve, which must kill this process")
     for h in logging.getLogger().handlers:
         h.flush()

@@ -35,9 +35,11 @@ __all__ = ["DeviceServer", "listen_unix", "unlink_if_ours"]
 log = logging.getLogger(__name__)
 
 
-# path -> (st_dev, st_ino) of the socket file this process bound there; a
-# back-end unlinks a socket path on stop only while it is still that file.
-_BOUND: dict[str, tuple[int, int]] = {}
+# path -> (st_dev, st_ino, O_PATH fd of its directory) of the socket file this
+# process bound there; a back-end unlinks a socket path on stop only while it
+# is still that file. The directory fd reaches it from inside the file-system
+# sandbox (vhost_user.sandbox_fs), where the path itself is gone.
+_BOUND: dict[str, tuple[int, int, int]] = {}
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1: what a front-end can connect to
 
 
@@ -106,7 +108,15 @@ def listen_unix(path: str, backlog: int = 4) -> socket.socket:
             raise OSError(errno.ENAMETOOLONG, f"socket path too long (at most {_SUN_PATH_MAX} bytes)",
                           path) from None
         raise _path_error(exc, path) from None
-    _BOUND[path] = (st.st_dev, st.st_ino)
+    old = _BOUND.pop(path, None)
+    if old is not None:
+        os.close(old[2])
+    try:
+        dir_fd = os.open(os.path.dirname(path) or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        sock.close()
+        raise _path_error(exc, path) from None
+    _BOUND[path] = (st.st_dev, st.st_ino, dir_fd)
     return sock
 
 
@@ -119,18 +129,23 @@ def unlink_if_ours(path: str) -> bool:
     ours = _BOUND.pop(path, None)
     if ours is None:
         return False
+    dev, ino, dir_fd = ours
+    name = os.path.basename(path)
     try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    if (st.st_dev, st.st_ino) != ours:
-        log.info("%s: the socket file is no longer ours; left in place", path)
-        return False
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    return True
+        try:
+            st = os.lstat(name, dir_fd=dir_fd)
+        except OSError:
+            return False
+        if (st.st_dev, st.st_ino) != (dev, ino):
+            log.info("%s: the socket file is no longer ours; left in place", path)
+            return False
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return False
+        return True
+    finally:
+        os.close(dir_fd)
 
 
 class DeviceServer:

@@ -54,6 +54,8 @@ def _main(args) -> int:
     done = print_info(args, capabilities, "vhost-user-gpu")
     if done is not None:
         return done
+    if args.sandbox:
+        _sandbox_early(args)
     try:
         if args.virgl:
             from .device3d import VirglGpuDevice
@@ -69,26 +71,35 @@ def _main(args) -> int:
             raise UsageError(str(exc)) from None
         raise
     _sandbox_setup(args, device)
-    return run_backend(args, lambda: device, capabilities, "vhost-user-gpu")
+    return run_backend(args, lambda: device, capabilities, "vhost-user-gpu",
+                       sandbox_profile="gpu-virgl" if args.virgl else "gpu")
+
+
+def _sandbox_early(args) -> None:
+    """The file-system sandbox is entered before the device exists (the virgl renderer
+    starts threads); for --virgl, Mesa's shader cache (it opens files for writing at
+    each new context) is turned off."""
+    import os
+
+    from vhost_user.cli import enter_fs_sandbox
+
+    if args.virgl:
+        os.environ.setdefault("MESA_SHADER_CACHE_DISABLE", "true")
+    enter_fs_sandbox(args)
 
 
 def _sandbox_setup(args, device) -> None:
-    """--virgl runs unconfined (EGL/llvmpipe need far more than the 2D profile);
-    png:DIR may create and rename files under its directory fd only."""
+    """png:DIR may create and rename files under its directory fd only (both profiles)."""
     if not args.sandbox:
-        return
-    if args.virgl:
-        print("warning: sandbox: --virgl runs unconfined (EGL and llvmpipe are not covered by "
-              "the gpu profile)", file=sys.stderr)
-        args.sandbox = False
         return
     from vhost_user import sandbox
 
+    profile = "gpu-virgl" if args.virgl else "gpu"
     dir_fd = getattr(device.fallback, "dir_fd", None)
     if dir_fd is not None:
-        sandbox.allow_with_args("gpu", "openat", (0, dir_fd))
-        sandbox.allow_with_args("gpu", "renameat", (0, dir_fd), (2, dir_fd))
-        sandbox.allow_with_args("gpu", "renameat2", (0, dir_fd), (2, dir_fd))
+        sandbox.allow_with_args(profile, "openat", (0, dir_fd))
+        sandbox.allow_with_args(profile, "renameat", (0, dir_fd), (2, dir_fd))
+        sandbox.allow_with_args(profile, "renameat2", (0, dir_fd), (2, dir_fd))
 
 
 if __name__ == "__main__":

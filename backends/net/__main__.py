@@ -141,6 +141,7 @@ def _main(args) -> int:
         raise UsageError("two ports have the same MAC address")
     if args.pcap == "-" and sys.stdout.isatty():
         raise UsageError("--pcap - needs stdout to be a pipe or file")
+    cli.enter_fs_sandbox(args)  # before the pcap writer's thread starts
     ports = NetSwitchPorts(capture_bytes=args.capture_buffer if args.pcap else 0,
                            ageing_s=args.mac_ageing)
     opts = NetOptions(num_queue_pairs=args.num_queues, queue_size=args.queue_size)

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
+from vhost_user import sandbox_fs
 from vhost_user.cli import (
     CliError, UsageError, activated_endpoints, base_parser, endpoint_for, parse_fd, parse_size, print_info,
     run_main, serve_devices, setup_logging,
@@ -161,6 +163,9 @@ def _main(args) -> int:
         return done
     setup_logging(args)
     vms = _vm_options(args)
+    for _, opts in vms:  # guests connect to <uds-path>_<port> at run time
+        if opts.uds_path is not None and args.sandbox:
+            sandbox_fs.need(os.path.dirname(os.path.abspath(opts.uds_path)))
     capture = _open_capture(args)
     router = Router()
 

@@ -1,4 +1,6 @@
-"""The sandbox of the running vhost-user-blk: on by default, refuses, kills on execve."""
+"""The sandbox of each running back-end: on by default, a private read-only root
+(--sandbox-fs), seccomp; refuses, kills on execve, and still serves through the
+built-in front-end."""
 from __future__ import annotations
 
 import os
@@ -26,6 +28,22 @@ def _fd_targets(pid: int) -> list[str]:
     return out
 
 
+def _mountinfo(pid: int) -> list[list[str]]:
+    with open(f"/proc/{pid}/mountinfo") as f:
+        return [line.split() for line in f]
+
+
+def _assert_private_root(pid: int, log: str, kind: str = "mount namespace") -> None:
+    """The process sees a read-only tmpfs root of its own: no /etc, its own mount ns."""
+    assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    root = [m for m in _mountinfo(pid) if m[4] == "/"]
+    assert len(root) == 1, root
+    fstype = root[0][root[0].index("-") + 1]
+    assert fstype == "tmpfs" and "ro" in root[0][5].split(","), root
+    assert not os.path.exists(f"/proc/{pid}/root/etc/passwd")
+    assert f"sandbox-fs: namespace ({kind}" in log, log[-2000:]
+
+
 def _io_round(sock: str) -> None:
     with BlkDriver.connect(sock, num_queues=2) as drv:
         drv.write(8, b"s" * 4096, queue=1)
@@ -37,7 +55,8 @@ def _io_round(sock: str) -> None:
 
 
 def test_sandbox_is_on_by_default_and_blk_serves_under_it(sockdir, shm_image):
-    bp = start_blk(sockdir, "--num-queues", "2", image=shm_image(8 << 20))
+    pidfile = os.path.join(sockdir, "blk.pid")
+    bp = start_blk(sockdir, "--num-queues", "2", "--pidfile", pidfile, image=shm_image(8 << 20))
     try:
         _io_round(bp.socket)
         _io_round(bp.socket)  # and a second front-end after the first left
@@ -45,11 +64,14 @@ def test_sandbox_is_on_by_default_and_blk_serves_under_it(sockdir, shm_image):
         assert st["NoNewPrivs"].strip() == "1"
         assert st["Seccomp"].strip() == "2"  # SECCOMP_MODE_FILTER
         assert "blk profile active" in bp.log()
+        _assert_private_root(bp.pid, bp.log())
         # io_uring operations would bypass seccomp: the event loop must not hold a ring.
         assert "anon_inode:[io_uring]" not in _fd_targets(bp.pid) and "io_uring" not in bp.log(), bp.log()[-2000:]
         assert bp.alive()
     finally:
         assert bp.stop() == 0, bp.log()[-3000:]
+    # removed at exit through directory fds: the paths are not in the private root
+    assert not os.path.exists(bp.socket) and not os.path.exists(pidfile), os.listdir(sockdir)
 
 
 def test_no_sandbox_leaves_the_process_unconfined(sockdir, shm_image):
@@ -74,9 +96,81 @@ def test_sandboxed_blk_refuses_fork_socket_and_writes_and_dies_on_execve(sockdir
         assert rc == -signal.SIGSYS, f"exit {rc}, expected death by SIGSYS:\n{log[-3000:]}"
         for what in ("fork", "socket(AF_INET)", "open for writing"):
             assert f"sandbox probe: {what} refused: EPERM" in log, log[-3000:]
+        assert "sandbox probe: read /etc/passwd refused: ENOENT" in log, log[-3000:]
         assert "ALLOWED" not in log and "execve ran" not in log
     finally:
         bp.stop()
+
+
+def test_sandbox_fs_none_keeps_the_host_root_and_seccomp(sockdir, shm_image):
+    bp = start_blk(sockdir, "--sandbox-fs", "none", "--num-queues", "2", image=shm_image(8 << 20))
+    try:
+        _io_round(bp.socket)
+        assert _status(bp.pid)["Seccomp"].strip() == "2"
+        assert os.readlink(f"/proc/{bp.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+        assert os.path.exists(f"/proc/{bp.pid}/root/etc/passwd")
+        assert "sandbox-fs: none" in bp.log()
+    finally:
+        assert bp.stop() == 0, bp.log()[-3000:]
+
+
+def _require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"{what} needs root in CI")
+        pytest.skip(f"{what} needs root")
+
+
+def test_sandbox_fs_chroot_leaves_an_empty_removed_root(sockdir, shm_image, monkeypatch):
+    _require_root("chroot")
+    monkeypatch.setenv("VHOST_USER_SANDBOX_PROBE", "1")
+    bp = start_blk(sockdir, "--sandbox-fs", "chroot", "--num-queues", "2", image=shm_image(8 << 20))
+    try:
+        _io_round(bp.socket)
+        assert os.readlink(f"/proc/{bp.pid}/root").endswith("(deleted)")
+        assert os.listdir(f"/proc/{bp.pid}/root") == []
+        assert "sandbox-fs: chroot" in bp.log()
+        os.kill(bp.pid, signal.SIGUSR2)
+        assert bp.proc.wait(20) == -signal.SIGSYS, bp.log()[-3000:]
+        assert "sandbox probe: read /etc/passwd refused: ENOENT" in bp.log()
+        assert "sandbox probe: / holds []" in bp.log()
+    finally:
+        bp.stop()
+
+
+def test_unprivileged_blk_confines_itself_in_a_user_namespace(sockdir, shm_image):
+    """As an unprivileged user (uid 65534 here) the mount namespace comes with a user
+    namespace that maps our own uid and gid; the disk still works."""
+    import shutil
+    import sys
+
+    from backends_proc import spawn
+
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("setpriv (util-linux) and root are needed in CI")
+        pytest.skip("needs setpriv and root to become an unprivileged user")
+    work = os.path.join(sockdir, "nobody")
+    os.mkdir(work)
+    image = shm_image(8 << 20)
+    for path in (work, image, os.path.dirname(image)):
+        os.chown(path, 65534, 65534)
+    os.chmod(sockdir, 0o755)
+    sock = os.path.join(work, "u.sock")
+    argv = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+            "vhost_user.backends.blk", "--socket", sock, "--image", image, "--num-queues", "2",
+            "--log-level", "info"]
+    bp = spawn(argv, sock, os.path.join(sockdir, "u.log"), cwd="/")
+    try:
+        _io_round(bp.socket)
+        assert os.readlink(f"/proc/{bp.pid}/ns/user") != os.readlink("/proc/self/ns/user")
+        with open(f"/proc/{bp.pid}/uid_map") as f:
+            assert f.read().split() == ["65534", "65534", "1"]
+        _assert_private_root(bp.pid, bp.log(), "user+mount namespace")
+    finally:
+        assert bp.stop() == 0, bp.log()[-3000:]
+    assert not os.path.exists(sock)
 
 
 def test_unknown_profile_is_refused_before_anything_changes():
@@ -130,13 +224,64 @@ _OTHER_BACKENDS = {
 }
 
 
+def _vsock_guest_reaches_host_port(sock: str, uds: str) -> None:
+    """The guest connects to CID 2 port 5000: the back-end connects to `<uds>_5000`,
+    a path it can reach only because its directory is kept in the private root."""
+    import socket as so
+
+    from vhost_user.drivers.vsock import VsockDriver
+
+    host = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+    host.bind(f"{uds}_5000")
+    host.listen(1)
+    host.settimeout(10)
+    try:
+        with VsockDriver.attach(sock) as drv:
+            conn = drv.connect(5000)
+            peer, _ = host.accept()
+            with peer:
+                conn.send(b"ping from the guest")
+                peer.settimeout(10)
+                assert peer.recv(64) == b"ping from the guest"
+                peer.sendall(b"pong")
+                assert conn.recv_exact(4) == b"pong"
+            conn.close()
+    finally:
+        host.close()
+
+
+def _gpu_frame_reaches_png(sock: str, directory: str) -> None:
+    from vhost_user.drivers.gpu import GpuDriver
+
+    assert not os.listdir(directory)  # nothing drawn before confinement
+    with GpuDriver.connect(sock, display=False) as drv:
+        drv.setup_frame(1, 64, 48)
+        assert drv.frame_cycles(1, 64, 48, 2) == 0
+    with open(os.path.join(directory, "scanout-0.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _probe_and_expect_sigsys(bp) -> None:
+    os.kill(bp.pid, signal.SIGUSR2)
+    rc = bp.proc.wait(20)
+    log = bp.log()
+    assert rc == -signal.SIGSYS, f"exit {rc}, expected death by SIGSYS:\n{log[-3000:]}"
+    for what in ("fork", "socket(AF_INET)", "open for writing"):
+        assert f"sandbox probe: {what} refused: EPERM" in log, log[-3000:]
+    assert "sandbox probe: read /etc/passwd refused: ENOENT" in log, log[-3000:]
+    assert "ALLOWED" not in log and "execve ran" not in log
+
+
 @pytest.mark.parametrize("name", sorted(_OTHER_BACKENDS))
 def test_sandboxed_backend_serves_refuses_and_dies_on_execve(name, sockdir, monkeypatch):
     monkeypatch.setenv("VHOST_USER_SANDBOX_PROBE", "1")
     args = [a.replace("{dir}", sockdir) for a in _OTHER_BACKENDS[name]]
     bp = _start(sockdir, name, *args)
     try:
-        _negotiate_and_run_queue(bp.socket)
+        if name == "gpu":  # png:DIR files are made after confinement, under its dir fd
+            _gpu_frame_reaches_png(bp.socket, os.path.join(sockdir, "png"))
+        else:
+            _negotiate_and_run_queue(bp.socket)
         _negotiate_and_run_queue(bp.socket)  # and the next front-end
         if name == "vsock":  # the host side accepts and reads a CONNECT line while confined
             import socket as so
@@ -146,23 +291,52 @@ def test_sandboxed_backend_serves_refuses_and_dies_on_execve(name, sockdir, monk
             s.connect(os.path.join(sockdir, "vsock.uds"))
             s.sendall(b"CONNECT 1234\n")
             s.close()
+            _vsock_guest_reaches_host_port(bp.socket, os.path.join(sockdir, "vsock.uds"))
         st = _status(bp.pid)
         assert st["NoNewPrivs"].strip() == "1" and st["Seccomp"].strip() == "2", bp.log()[-2000:]
         assert f"{name} profile active" in bp.log()
+        _assert_private_root(bp.pid, bp.log())
         assert "anon_inode:[io_uring]" not in _fd_targets(bp.pid)
         assert bp.alive()
-        os.kill(bp.pid, signal.SIGUSR2)
-        rc = bp.proc.wait(20)
-        log = bp.log()
-        assert rc == -signal.SIGSYS, f"exit {rc}, expected death by SIGSYS:\n{log[-3000:]}"
-        for what in ("fork", "socket(AF_INET)", "open for writing"):
-            assert f"sandbox probe: {what} refused: EPERM" in log, log[-3000:]
-        assert "ALLOWED" not in log and "execve ran" not in log
+        _probe_and_expect_sigsys(bp)
     finally:
         bp.stop()
 
 
-def test_gpu_virgl_runs_unconfined_and_says_so(sockdir):
+def _virgl_red_frame(sock: str) -> None:
+    """A 3D context clears a 3D resource red; the display listener must get red pixels
+    (the first frame drawn after confinement)."""
+    import struct
+
+    import numpy as np
+
+    from vhost_user.backends.gpu.commands import CtrlHeader, CtrlType as T, Rect
+    from vhost_user.backends.gpu.commands3d import CtxCreate, CtxResource, ResourceCreate3d, Submit3d
+    from vhost_user.backends.gpu.display_protocol import GpuRequest as G
+    from vhost_user.drivers.gpu import DRIVER_FEATURES, GpuDriver
+
+    def f32(v: float) -> int:
+        return struct.unpack("<I", struct.pack("<f", v))[0]
+
+    def cmd0(cmd: int, obj: int, length: int) -> int:
+        return cmd | obj << 8 | length << 16
+
+    words = [cmd0(1, 8, 5), 1, 5, 2, 0, 0,                           # CREATE_OBJECT SURFACE 1 on res 5
+             cmd0(5, 0, 3), 1, 0, 1,                                 # SET_FRAMEBUFFER_STATE
+             cmd0(7, 0, 8), 4, *(f32(c) for c in (1.0, 0.0, 0.0, 1.0)), 0, 0, 0]  # CLEAR red
+    with GpuDriver.connect(sock, features=DRIVER_FEATURES | 1) as drv:
+        hdr = lambda t, **kw: CtrlHeader(t, ctx_id=1, **kw)  # noqa: E731
+        for cmd in (CtxCreate(hdr(T.CMD_CTX_CREATE), b"sandbox"), ResourceCreate3d(5, 2, 2, 0b1010, 32, 24),
+                    CtxResource(hdr(T.CMD_CTX_ATTACH_RESOURCE), 5),
+                    Submit3d(struct.pack(f"<{len(words)}I", *words), hdr(T.CMD_SUBMIT_3D))):
+            assert CtrlHeader.unpack(drv.command(cmd.pack())).type == T.RESP_OK_NODATA
+        assert drv.set_scanout(0, 5, Rect(0, 0, 32, 24)) == T.RESP_OK_NODATA
+        assert drv.flush(5, Rect(0, 0, 32, 24)) == T.RESP_OK_NODATA
+        assert drv.listener.wait_for(G.UPDATE, 1)
+        assert np.all(drv.listener.rgb(0) == np.array([255, 0, 0], np.uint8))
+
+
+def test_gpu_virgl_is_confined_after_the_renderer_is_up_and_still_renders(sockdir, monkeypatch):
     from vhost_user.backends.gpu.virgl import virgl_unavailable_reason
 
     reason = virgl_unavailable_reason()
@@ -170,11 +344,16 @@ def test_gpu_virgl_runs_unconfined_and_says_so(sockdir):
         if os.environ.get("CI"):
             pytest.fail(f"virgl unavailable in CI: {reason}")
         pytest.skip(reason)
+    monkeypatch.setenv("VHOST_USER_SANDBOX_PROBE", "1")
     bp = _start(sockdir, "gpu", "--virgl")
     try:
-        _negotiate_and_run_queue(bp.socket)
-        assert _status(bp.pid)["Seccomp"].strip() == "0"
-        assert "sandbox: --virgl runs unconfined" in bp.log()
-        assert "profile active" not in bp.log()
+        _virgl_red_frame(bp.socket)
+        _virgl_red_frame(bp.socket)  # a second front-end: a new context, a new frame
+        st = _status(bp.pid)
+        assert st["NoNewPrivs"].strip() == "1" and st["Seccomp"].strip() == "2", bp.log()[-2000:]
+        assert "gpu-virgl profile active" in bp.log()
+        _assert_private_root(bp.pid, bp.log())
+        assert bp.alive()
+        _probe_and_expect_sigsys(bp)
     finally:
-        assert bp.stop() == 0, bp.log()[-3000:]
+        bp.stop()
