@@ -138,6 +138,35 @@ def test_sandbox_fs_chroot_leaves_an_empty_removed_root(sockdir, shm_image, monk
         bp.stop()
 
 
+def _readable_install(become: list[str], stage: str) -> dict:
+    """An environment in which `become` + this interpreter imports the installed package.
+
+    Where the install is private to root (a Python under a mode-700 /root, as on the
+    CI machine), the package and the few modules it needs from site-packages are
+    copied into `stage`, which the unprivileged user can read, and put on PYTHONPATH."""
+    import shutil
+    import subprocess
+    import sys
+
+    import _cffi_backend
+    import vhost_user
+
+    env = dict(os.environ)
+    probe = become + [sys.executable, "-c", "import vhost_user.backends.blk"]
+    if subprocess.run(probe, capture_output=True, cwd="/", env=env).returncode == 0:
+        return env
+    os.makedirs(stage)
+    shutil.copytree(os.path.dirname(vhost_user.__file__), os.path.join(stage, "vhost_user"))
+    shutil.copy(_cffi_backend.__file__, stage)
+    for root, dirs, files in os.walk(stage):
+        os.chmod(root, 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+    env["PYTHONPATH"] = stage
+    assert subprocess.run(probe, capture_output=True, cwd="/", env=env).returncode == 0
+    return env
+
+
 def test_unprivileged_blk_confines_itself_in_a_user_namespace(sockdir, shm_image):
     """As an unprivileged user (uid 65534 here) the mount namespace comes with a user
     namespace that maps our own uid and gid; the disk still works."""
@@ -158,10 +187,11 @@ def test_unprivileged_blk_confines_itself_in_a_user_namespace(sockdir, shm_image
         os.chown(path, 65534, 65534)
     os.chmod(sockdir, 0o755)
     sock = os.path.join(work, "u.sock")
-    argv = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
-            "vhost_user.backends.blk", "--socket", sock, "--image", image, "--num-queues", "2",
-            "--log-level", "info"]
-    bp = spawn(argv, sock, os.path.join(sockdir, "u.log"), cwd="/")
+    become = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    argv = become + [sys.executable, "-m", "vhost_user.backends.blk", "--socket", sock,
+                     "--image", image, "--num-queues", "2", "--log-level", "info"]
+    bp = spawn(argv, sock, os.path.join(sockdir, "u.log"), cwd="/",
+               env=_readable_install(become, os.path.join(sockdir, "site")))
     try:
         _io_round(bp.socket)
         assert os.readlink(f"/proc/{bp.pid}/ns/user") != os.readlink("/proc/self/ns/user")
