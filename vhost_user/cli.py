@@ -431,7 +431,7 @@ def _make(make_device: Callable[[], VirtioDevice]) -> VirtioDevice:
     """make_device(), with a rejected option value (message naming `--option`) a usage error."""
     try:
         return make_device()
-    except VhostUserError as exc:
+    except (VhostUserError, ValueError) as exc:
         if str(exc).startswith("--"):
             raise UsageError(str(exc)) from None
         raise

@@ -350,3 +350,18 @@ def test_stale_pidfile_of_a_dead_process_is_taken_over(sockdir):
         assert open(pidfile).read() == f"{bp.pid}\n"
     finally:
         assert bp.stop() == 0
+
+
+@pytest.mark.parametrize("prog", sorted(PROGRAMS))
+def test_an_impossible_queue_size_is_a_usage_error(prog, tmp_path):
+    """Every back-end with --queue-size refuses 3 the same way: usage, exit 2, one line."""
+    helptext = subprocess.run(argv_of(prog) + ["--help"], capture_output=True, text=True).stdout
+    if "--queue-size" not in helptext:
+        pytest.skip(f"{prog} has no --queue-size (its queue sizes are fixed)")
+    r = subprocess.run(argv_of(prog) + ["--socket", str(tmp_path / "q.sock"), *EXTRA[prog],
+                                        "--queue-size", "3"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.splitlines()[-1] == \
+        f"{prog}: error: --queue-size 3 must be a power of two in 4..32768", r.stderr
+    assert not (tmp_path / "q.sock").exists()
