@@ -119,6 +119,7 @@ class VsockDevice(RxPath, VirtioDevice):
         self._reset_pending = False
         self._had_traffic = False
         self._new_session = True
+        self._event_ran = False              # a front-end ran our event queue (QEMU never does)
         self._wake_needed = False
         self._parked = None                  # (dest, Header, payload) waiting for room at dest
         self._waiters: dict = {}             # sibling devices parked on our full queue
@@ -234,20 +235,48 @@ class VsockDevice(RxPath, VirtioDevice):
     def _event_handler(self, vq) -> None:
         with self._lock:
             self._vqs[EVENT] = vq
+            self._event_ran = True
+            self._begin_session(vq)
             if not self._reset_pending:
                 return
             chain = vq.pop()
             if chain is None:
                 return
-            self._reset_pending = False
         used = chain.write(pack_event())
         vq.push(chain.head, used)
+        with self._lock:
+            self._reset_pending = False   # rx and tx may go on: the event is in the ring first
         log.info("cid %d: sent VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (front-end reconnected)", self.guest_cid)
+        self._wake(RX)
+        self._wake(TX)
+
+    def _begin_session(self, vq) -> None:
+        """The first queue run of a session (lock held): a guest that already talked to a
+        back-end gets a transport reset, since its connections died with that state."""
+        if not self._new_session:
+            return
+        self._new_session = False
+        if self._had_traffic or vq.get_base() != 0:
+            self._had_traffic = False
+            self._reset_pending = True
+            self._wake(EVENT)
+
+    def _held_for_reset(self) -> bool:
+        """Whether rx and tx must wait (lock held): a transport reset is due and the
+        front-end runs our event queue. Nothing of the new session may reach the guest
+        before the event, or the guest's reset would kill a connection of the new session.
+        QEMU keeps the event queue for itself (hw/virtio/vhost-vsock-common.c hands the
+        back-end only rx and tx), so under QEMU no event is sent and nothing waits."""
+        return self._reset_pending and self._event_ran
 
     # -- tx queue: packets from the guest ---------------------------------------
     def _tx_handler(self, vq) -> None:
-        if self._vqs[TX] is not vq:
-            self._tx_started(vq)
+        with self._lock:
+            if self._vqs[TX] is not vq:
+                self._vqs[TX] = vq
+                self._begin_session(vq)
+            if self._held_for_reset():
+                return  # the event handler wakes us once the reset event is out
         if self._parked is not None and not self._retry_parked():
             return  # the sibling is still full: its rx worker wakes us when it drained
         while (chain := self._tx_next(vq)) is not None:
@@ -290,19 +319,6 @@ class VsockDevice(RxPath, VirtioDevice):
                     self._flush(conn)
                     self._after_guest_packet(conn)
                 self._flush_wake()
-
-    def _tx_started(self, vq) -> None:
-        """A new run of the tx queue: a guest that already talked to a back-end gets a
-        transport reset, since its connections died with that back-end's state."""
-        with self._lock:
-            self._vqs[TX] = vq
-            if not self._new_session:
-                return
-            self._new_session = False
-            if self._had_traffic or vq.get_base() != 0:
-                self._had_traffic = False
-                self._reset_pending = True
-                self._wake(EVENT)
 
     def _guest_packet(self, chain) -> None:
         self._had_traffic = True

@@ -45,7 +45,11 @@ class RxPath:
 
     def _rx_handler(self, vq) -> None:
         with self._lock:
-            self._vqs[RX] = vq
+            if self._vqs[RX] is not vq:
+                self._vqs[RX] = vq
+                self._begin_session(vq)
+            if self._held_for_reset():
+                return  # the event handler wakes us once the reset event is out
         while True:
             with self._lock:
                 if not self._ctrl and not self._ready:

@@ -11,8 +11,9 @@ import time
 import pytest
 
 from vsock_proc import host_connect, host_listener, read_line, recv_all, sha
-from vhost_user.backends.vsock.packet import Op, SockType, VsockFeature
-from vhost_user.drivers.vsock import VsockDriver, VsockReset
+from vhost_user.backends.vsock.packet import HEADER_SIZE, Header, Op, SockType, VsockFeature, unpack_event
+from vhost_user.drivers.vsock import DRIVER_FEATURES, VsockDriver, VsockReset
+from vhost_user.frontend import Frontend
 
 MiB = 1 << 20
 
@@ -290,3 +291,42 @@ def test_vsock_rx_buffers_split_into_header_and_payload_descriptors(one_vm):
         writer.join(10)
         g.send(b"and back")
         assert h.recv(100) == b"and back"
+
+
+def test_vsock_reattached_guest_gets_the_transport_reset_before_any_packet(one_vm):
+    """A host program connects while no front-end is attached; the next front-end's rx
+    ring must stay untouched until the reset event is in its event ring (before the fix
+    the REQUEST was written at rx start, and the guest's reset then killed it)."""
+    bp, sock, uds = one_vm
+    listener = host_listener(uds + "_9300")
+    with VsockDriver.attach(sock) as drv:
+        drv.connect(9300)
+        listener.accept()
+    deadline = time.monotonic() + 10
+    while bp.log().count("front-end disconnected") < 1:
+        assert time.monotonic() < deadline, bp.log()
+        time.sleep(0.02)
+    h, _ = host_connect(uds, 1234)
+    fe = Frontend(sock)
+    try:
+        fe.negotiate(DRIVER_FEATURES)
+        fe.set_mem_table()
+        rxq, _txq = fe.setup_queue(0, 64), fe.setup_queue(1, 64)
+        buf = fe.ram.alloc(HEADER_SIZE + 4096, 64)
+        rxq.ring.add([(buf, HEADER_SIZE + 4096, True)])
+        rxq.ring.kick()
+        rxq.ring.wait(1.0)   # the old back-end wrote the REQUEST here within milliseconds
+        assert rxq.ring.reap() == [], "a packet of the new session came before the reset event"
+        evq = fe.setup_queue(2, 8)
+        ev = fe.ram.alloc(4, 4)
+        evq.ring.add([(ev, 4, True)])
+        evq.ring.kick()
+        assert evq.ring.wait(10) and len(evq.ring.reap()) == 1
+        assert unpack_event(fe.ram.read(ev, 4)) == 0   # VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
+        assert rxq.ring.wait(10)
+        [(_, used)] = rxq.ring.reap()
+        hdr = Header.unpack(fe.ram.read(buf, used))
+        assert hdr.op == Op.REQUEST and hdr.dst_port == 1234
+    finally:
+        fe.close()
+        h.close()
