@@ -167,7 +167,7 @@ def test_inherited_listening_fds_serve_ports(sockdir):
         a.close()
         b.close()
     finally:
-        assert bp.stop() == 0
+        assert bp.stop() == 0, open(log_path).read()[-3000:]
 
 
 @pytest.mark.parametrize("args, needle", [
