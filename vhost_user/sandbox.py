@@ -82,31 +82,13 @@ KILL_SYSCALLS = frozenset("""
     swapon swapoff reboot
 """.split())
 
-#: per back-end extras on top of CORE_SYSCALLS
-PROFILES: dict[str, frozenset[str]] = {
-    "blk": frozenset("preadv pwritev preadv2 pwritev2 fallocate fdatasync fsync sync_file_range".split()),
-    # TAP fds and the pcap file are opened before confinement; the TAP reader and the
-    # capture writer only read/write/poll/ioctl them (all in the core set).
-    "net": frozenset(),
-    # guest-initiated connections open AF_UNIX sockets at run time (socket: see CONDITIONAL)
-    "vsock": frozenset({"connect"}),
-    # png:DIR writes under a directory fd opened before confinement (CONDITIONAL,
-    # added at run time by the gpu back-end)
-    "gpu": frozenset(),
-    # --virgl, confined once the renderer is up. Measured (strace -f from "ready" through
-    # a context, a 3D resource, a clear, a flush, twice): virglrenderer + Mesa llvmpipe
-    # need nothing beyond the core set once Mesa's shader cache is off (it flocks and
-    # opens files for writing per context; the gpu back-end sets MESA_SHADER_CACHE_DISABLE);
-    # their threads are created with clone3 (ENOSYS here, glibc falls back to clone) and
-    # llvmpipe reads /proc/meminfo per context (absent in the private root: it copes).
-    "gpu-virgl": frozenset(),
-}
+#: per back-end extras on top of CORE_SYSCALLS, filled by register_profile: each
+#: back-end states its own in backends/<dev>/sandbox.py, imported by its device
+PROFILES: dict[str, frozenset[str]] = {}
 
 #: per back-end syscalls allowed only when their arguments match: profile ->
 #: [(syscall, ((arg index, value), ...))], every (arg, value) pair must hold (EQ)
-CONDITIONAL: dict[str, list[tuple[str, tuple[tuple[int, int], ...]]]] = {
-    "vsock": [("socket", ((0, socket.AF_UNIX),))],
-}
+CONDITIONAL: dict[str, list[tuple[str, tuple[tuple[int, int], ...]]]] = {}
 
 
 class SandboxError(OSError):

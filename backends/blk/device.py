@@ -22,6 +22,7 @@ from vhost_user.virtqueue import BlkEngine
 
 from .config import BlkConfig
 from .request import ID_BYTES, SECTOR_SIZE, BlkFeature
+from . import sandbox as _sandbox  # noqa: F401 (registers the seccomp profile)
 
 __all__ = ["BlkDevice", "BlkOptions", "CAPABILITIES", "open_backing"]
 

@@ -43,6 +43,7 @@ from .commands import (
 from .display import Display, NullDisplay, PngDisplay, SocketDisplay, default_modes
 from .display_protocol import CursorPosMsg, CursorUpdateMsg, ScanoutMsg, UpdateMsg
 from .resources import DEFAULT_MAX_HOSTMEM, GpuError, ResourceTable, to_x8r8g8b8
+from . import sandbox as _sandbox  # noqa: F401 (registers the seccomp profile)
 
 __all__ = ["GpuDevice", "GpuOptions", "CAPABILITIES"]
 

@@ -25,6 +25,7 @@ from vhost_user.virtqueue import NetRxQueue, NetSwitch, NetTxEngine
 
 from .ctrl import NetControl
 from .header import OFFLOAD_FEATURES, NetFeature
+from . import sandbox as _sandbox  # noqa: F401 (registers the seccomp profile)
 
 __all__ = ["NetDevice", "NetOptions", "NetSwitchPorts", "CAPABILITIES", "rarp_frame"]
 

@@ -56,6 +56,7 @@ from .connection import Conn, ConnState
 from .host import HostSide
 from .router import Verdict
 from .rxpath import MAX_PACKET, RxPath
+from . import sandbox as _sandbox  # noqa: F401 (registers the seccomp profile)
 from .packet import (
     HEADER_SIZE, HOST_CID, Header, Op, SeqFlag, ShutdownFlag, SockType,
     VsockFeature, pack_config, pack_event,

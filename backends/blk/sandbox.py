@@ -1,0 +1,6 @@
+"""vhost-user-blk's seccomp additions: the image is read and written with
+vectored I/O, discards punch holes, flushes sync (registered on import)."""
+from vhost_user import sandbox
+
+sandbox.register_profile(
+    "blk", "preadv pwritev preadv2 pwritev2 fallocate fdatasync fsync sync_file_range".split())
