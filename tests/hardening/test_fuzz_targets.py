@@ -103,7 +103,7 @@ def test_fuzz_vsock_target_reaches_the_c_data_path(monkeypatch):
     Python coverage, so without this seed the C path could go unfuzzed unnoticed)."""
     from vhost_user import vsock_fastpath as fast
     from vhost_user.backends.vsock import device
-    from vhost_user.fuzzing import vsock_packet
+    from vhost_user.backends.vsock import fuzz as vsock_packet
 
     finished = []
     real = fast.tx_burst

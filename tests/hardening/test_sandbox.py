@@ -8,7 +8,7 @@ import pytest
 
 from backends_proc import start_blk
 from vhost_user import sandbox
-from vhost_user.drivers.blk import BlkDriver
+from vhost_user.backends.blk.driver import BlkDriver
 
 
 def _status(pid: int) -> dict[str, str]:

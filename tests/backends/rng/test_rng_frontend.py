@@ -18,7 +18,7 @@ import time
 import pytest
 
 from backends_proc import spawn
-from vhost_user.drivers.rng import RngDriver
+from vhost_user.backends.rng.driver import RngDriver
 
 
 def _start(tmp_path, *args: str, name: str = "rng"):

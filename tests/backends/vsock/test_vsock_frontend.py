@@ -12,7 +12,7 @@ import pytest
 
 from vsock_proc import host_connect, host_listener, read_line, recv_all, sha
 from vhost_user.backends.vsock.packet import Op, SockType, VsockFeature
-from vhost_user.drivers.vsock import VsockDriver, VsockReset
+from vhost_user.backends.vsock.driver import VsockDriver, VsockReset
 
 MiB = 1 << 20
 
