@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from backends_proc import spawn
-from vhost_user.drivers.gpu import GpuDriver
-from vhost_user.drivers.net import NetDriver
-from vhost_user.drivers.vsock import VsockDriver
+from vhost_user.backends.gpu.driver import GpuDriver
+from vhost_user.backends.net.driver import NetDriver
+from vhost_user.backends.vsock.driver import VsockDriver
 from vsock_proc import host_listener
 
 REPO = Path(__file__).resolve().parents[1]

@@ -36,7 +36,7 @@ from harness.initramfs import build_initramfs  # noqa: E402
 from harness.kernel import fetch_kernel  # noqa: E402
 from harness.qemu import GuestVM, kvm_usable  # noqa: E402
 
-from vhost_user.bench import process_cpu_seconds  # noqa: E402
+from vhost_user.frontend.bench import process_cpu_seconds  # noqa: E402
 
 #: (key, label, fio arguments, block size)
 JOBS = [

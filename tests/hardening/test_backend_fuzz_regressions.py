@@ -8,7 +8,7 @@ import pytest
 
 from vhost_user.backends.gpu.commands import CtrlHeader, CtrlType as T, FLAG_FENCE
 from vhost_user.backends.gpu.device import GpuDevice, GpuOptions
-from vhost_user.fuzzing.gpu3d import shared_device, unavailable_reason
+from vhost_user.backends.gpu.fuzz_3d import shared_device, unavailable_reason
 from vhost_user.fuzzing.guestram import FuzzRam
 
 

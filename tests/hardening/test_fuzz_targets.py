@@ -121,7 +121,7 @@ def test_fuzz_vsock_target_reaches_the_c_data_path(monkeypatch):
     Python coverage, so without this seed the C path could go unfuzzed unnoticed)."""
     from vhost_user import vsock_fastpath as fast
     from vhost_user.backends.vsock import device
-    from vhost_user.fuzzing import vsock_packet
+    from vhost_user.backends.vsock import fuzz as vsock_packet
 
     finished = []
     real = fast.tx_burst
@@ -141,7 +141,7 @@ def test_fuzz_gpu3d_corpus_reaches_submit_and_both_transfers(monkeypatch):
     checks into virglrenderer (atheris sees only Python coverage, so without such inputs
     the renderer's side could go unfuzzed unnoticed)."""
     from vhost_user.backends.gpu.commands import CtrlHeader, CtrlType as T
-    from vhost_user.fuzzing import gpu3d
+    from vhost_user.backends.gpu import fuzz_3d as gpu3d
 
     _need("gpu-3d")
     succeeded = set()

@@ -10,7 +10,7 @@ import pytest
 
 from backends_proc import start_blk
 from vhost_user import sandbox
-from vhost_user.drivers.blk import BlkDriver
+from vhost_user.backends.blk.driver import BlkDriver
 
 
 def _status(pid: int) -> dict[str, str]:
@@ -274,7 +274,7 @@ def _vsock_guest_reaches_host_port(sock: str, uds: str) -> None:
     a path it can reach only because its directory is kept in the private root."""
     import socket as so
 
-    from vhost_user.drivers.vsock import VsockDriver
+    from vhost_user.backends.vsock.driver import VsockDriver
 
     host = so.socket(so.AF_UNIX, so.SOCK_STREAM)
     host.bind(f"{uds}_5000")
@@ -296,7 +296,7 @@ def _vsock_guest_reaches_host_port(sock: str, uds: str) -> None:
 
 
 def _gpu_frame_reaches_png(sock: str, directory: str) -> None:
-    from vhost_user.drivers.gpu import GpuDriver
+    from vhost_user.backends.gpu.driver import GpuDriver
 
     assert not os.listdir(directory)  # nothing drawn before confinement
     with GpuDriver.connect(sock, display=False) as drv:
@@ -358,7 +358,7 @@ def _virgl_red_frame(sock: str) -> None:
     from vhost_user.backends.gpu.commands import CtrlHeader, CtrlType as T, Rect
     from vhost_user.backends.gpu.commands3d import CtxCreate, CtxResource, ResourceCreate3d, Submit3d
     from vhost_user.backends.gpu.display_protocol import GpuRequest as G
-    from vhost_user.drivers.gpu import DRIVER_FEATURES, GpuDriver
+    from vhost_user.backends.gpu.driver import DRIVER_FEATURES, GpuDriver
 
     def f32(v: float) -> int:
         return struct.unpack("<I", struct.pack("<f", v))[0]

@@ -92,7 +92,7 @@ def test_fuzz_target_under_asan_ubsan_has_zero_reports(sanitized, target, tmp_pa
 
 def test_sanitized_blk_backend_process_runs_the_overlay(sanitized, sockdir):
     from backends_proc import BackendProcess, wait_for_socket
-    from vhost_user.drivers.blk import BlkDriver
+    from vhost_user.backends.blk.driver import BlkDriver
 
     sock = os.path.join(sockdir, "san.sock")
     log_path = os.path.join(sockdir, "san.log")

@@ -28,7 +28,7 @@ from harness.backend import BackendProcess  # noqa: E402
 from harness.initramfs import build_initramfs  # noqa: E402
 from harness.kernel import fetch_kernel  # noqa: E402
 from harness.qemu import GuestVM, short_tempdir  # noqa: E402
-from vhost_user.bench import memcpy_mb_s, process_cpu_seconds  # noqa: E402
+from vhost_user.frontend.bench import memcpy_mb_s, process_cpu_seconds  # noqa: E402
 
 SIZES = (4096, 65536)
 

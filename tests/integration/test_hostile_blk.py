@@ -16,7 +16,7 @@ import time
 import pytest
 
 from backends_proc import start_blk
-from vhost_user.drivers.blk import BlkDriver
+from vhost_user.backends.blk.driver import BlkDriver
 from vhost_user.frontend import Frontend
 from vhost_user.protocol import (
     HEADER_SIZE,

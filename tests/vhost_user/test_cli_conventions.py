@@ -22,10 +22,10 @@ import pytest
 
 from backends_proc import BackendProcess, spawn
 from vhost_user.backends.gpu.commands import CtrlType as T
-from vhost_user.drivers.blk import BlkDriver
-from vhost_user.drivers.gpu import GpuDriver
-from vhost_user.drivers.net import NetDriver
-from vhost_user.drivers.vsock import VsockDriver
+from vhost_user.backends.blk.driver import BlkDriver
+from vhost_user.backends.gpu.driver import GpuDriver
+from vhost_user.backends.net.driver import NetDriver
+from vhost_user.backends.vsock.driver import VsockDriver
 from vsock_proc import host_connect, read_line
 
 PROGRAMS = {
@@ -146,7 +146,7 @@ def test_fd_of_an_unconnected_socket_is_refused(sockdir):
 # -- -V and --print-description -----------------------------------------------------------
 @pytest.mark.parametrize("prog", [*PROGRAMS, "vhost-user-bench"])
 def test_version_prints_program_and_version(prog):
-    module = PROGRAMS.get(prog, "vhost_user.bench")
+    module = PROGRAMS.get(prog, "vhost_user.frontend.bench")
     for flag in ("-V", "--version"):
         out = subprocess.run([sys.executable, "-m", module, flag], capture_output=True, text=True)
         assert (out.returncode, out.stdout, out.stderr) == \

@@ -19,7 +19,7 @@ MOD = {
     "vhost-user-net": "vhost_user.backends.net",
     "vhost-user-vsock": "vhost_user.backends.vsock",
     "vhost-user-gpu": "vhost_user.backends.gpu",
-    "vhost-user-bench": "vhost_user.bench",
+    "vhost-user-bench": "vhost_user.frontend.bench",
 }
 # The /proc/version reason: root may open it for writing and then fails to write.
 PROC_VERSION = r"/proc/version: (Input/output error|Permission denied)"

@@ -1,6 +1,6 @@
 """Every real back-end process driven the way crosvm drives it (issue 15).
 
-The built-in front-end's CROSVM profile (`vhost_user.profiles`) follows
+The built-in front-end's CROSVM profile (`vhost_user.frontend.profiles`) follows
 crosvm's vhost-user front-end: SET_OWNER first, its protocol features only,
 config space read in 4-byte pieces before SET_FEATURES, SET_FEATURES at
 activation, SET_MEM_TABLE with one memfd at several offsets, per queue NUM,
@@ -37,12 +37,12 @@ from vhost_user.backends.blk.config import CONFIG_SPACE_SIZE, BlkConfig
 from vhost_user.backends.blk.request import RequestType
 from vhost_user.backends.gpu.commands import CtrlType as T, Format, Rect
 from vhost_user.channel import BlockingChannel, close_fds
-from vhost_user.drivers.blk import BlkDriver, BlkRequest, DRIVER_FEATURES as BLK_FEATURES
-from vhost_user.drivers.gpu import DRIVER_FEATURES as GPU_FEATURES, GpuDriver
-from vhost_user.drivers.net import DRIVER_FEATURES as NET_FEATURES, NetDriver
-from vhost_user.drivers.vsock import DRIVER_FEATURES as VSOCK_FEATURES, VsockDriver
+from vhost_user.backends.blk.driver import BlkDriver, BlkRequest, DRIVER_FEATURES as BLK_FEATURES
+from vhost_user.backends.gpu.driver import DRIVER_FEATURES as GPU_FEATURES, GpuDriver
+from vhost_user.backends.net.driver import DRIVER_FEATURES as NET_FEATURES, NetDriver
+from vhost_user.backends.vsock.driver import DRIVER_FEATURES as VSOCK_FEATURES, VsockDriver
 from vhost_user.frontend import CROSVM, QEMU, Frontend, GuestRam
-from vhost_user.profiles import crosvm_ram_layout
+from vhost_user.frontend.profiles import crosvm_ram_layout
 from vhost_user.protocol import (
     FrontendRequest as R, MessageDecoder, ProtocolFeature as PF, VirtioFeature as VF, spec_for,
 )

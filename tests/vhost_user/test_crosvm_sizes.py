@@ -19,10 +19,10 @@ import sys
 from backends_proc import spawn
 from vhost_user.backends.gpu.commands import CtrlType as T, Format, Rect
 from vhost_user.backends.gpu.display_protocol import GpuRequest as G
-from vhost_user.drivers.blk import BlkDriver
-from vhost_user.drivers.gpu import GpuDriver
-from vhost_user.drivers.net import NetDriver
-from vhost_user.drivers.vsock import VsockDriver
+from vhost_user.backends.blk.driver import BlkDriver
+from vhost_user.backends.gpu.driver import GpuDriver
+from vhost_user.backends.net.driver import NetDriver
+from vhost_user.backends.vsock.driver import VsockDriver
 from vhost_user.frontend import CROSVM, Frontend
 from vsock_proc import host_listener
 

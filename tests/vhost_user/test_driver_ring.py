@@ -1,4 +1,4 @@
-"""Driver-side split virtqueue (csrc/driver.c via vhost_user.driver_ring).
+"""Driver-side split virtqueue (csrc/driver.c via vhost_user.frontend.driver_ring).
 
 No back-end is needed: `FakeDevice` walks the rings from the device side with
 plain struct/memoryview on the same memfd mapping, in a thread woken by the
@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from vhost_user.driver_ring import BenchResult, DriverQueue, bench_area_size, ring_layout
+from vhost_user.frontend.driver_ring import BenchResult, DriverQueue, bench_area_size, ring_layout
 from vhost_user.errors import DescriptorIndexOutOfRange, VirtqueueError
 
 GPA_BASE = 0x4000_0000

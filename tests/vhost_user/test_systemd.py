@@ -24,10 +24,10 @@ import pytest
 
 from backends_proc import BackendProcess
 from vhost_user.backends.gpu.commands import CtrlType as T
-from vhost_user.drivers.blk import BlkDriver
-from vhost_user.drivers.gpu import GpuDriver
-from vhost_user.drivers.net import NetDriver
-from vhost_user.drivers.vsock import VsockDriver
+from vhost_user.backends.blk.driver import BlkDriver
+from vhost_user.backends.gpu.driver import GpuDriver
+from vhost_user.backends.net.driver import NetDriver
+from vhost_user.backends.vsock.driver import VsockDriver
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -6,8 +6,12 @@ A target is a function `run_one(data: bytes)` that interprets arbitrary
 bytes (through `ByteReader`, so the same bytes always replay the same case)
 and raises on a finding (AssertionError for a broken invariant, anything
 else for an unexpected exception), plus `seeds()` for a starting corpus.
-Targets live in one module each under this package; `TARGET_MODULES` lists
-them, so a new back-end joins with one module and one line here.
+The core's own targets (codec, ring) live in this package; a device's
+targets live in its folder (backends/<dev>/fuzz*.py) and are found through
+the device registry (its spec.py names them), so a new back-end joins
+without a line here. `TARGET_MODULES` is the union, looked up when first
+used: under atheris that is inside the instrumentation, as the targets'
+own imports must be.
 
 The runner feeds a target with atheris (libFuzzer, Python coverage) for a
 bounded time, or with a seeded mutation loop when atheris is not installed
@@ -37,20 +41,33 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["Target", "TARGET_MODULES", "load_targets", "main", "run_for"]
+__all__ = ["Target", "TARGET_MODULES", "CORE_TARGETS", "target_modules", "load_targets", "main", "run_for"]
 
-#: one module per target, in this package; a back-end adds its module here
-TARGET_MODULES = {
+#: the core's targets; the devices' come from the registry (target_modules)
+CORE_TARGETS = {
     "codec": "vhost_user.fuzzing.codec",
     "ring": "vhost_user.fuzzing.ring",
-    "blk": "vhost_user.fuzzing.blk",
-    "blk-request": "vhost_user.fuzzing.blk_request",
-    "session": "vhost_user.fuzzing.session",
-    "net-header": "vhost_user.fuzzing.net_header",
-    "vsock-packet": "vhost_user.fuzzing.vsock_packet",
-    "gpu-commands": "vhost_user.fuzzing.gpu_commands",
-    "gpu-3d": "vhost_user.fuzzing.gpu3d",
 }
+_targets: dict[str, str] = {}
+
+
+def target_modules() -> dict[str, str]:
+    """Every target: the core's, then each device's (by device name), name -> module."""
+    if not _targets:
+        from vhost_user import devices
+
+        _targets.update(CORE_TARGETS)
+        for name, module in devices.fuzz_targets().items():
+            if name in _targets:
+                raise ValueError(f"fuzz target {name!r} declared twice ({_targets[name]}, {module})")
+            _targets[name] = module
+    return _targets
+
+
+def __getattr__(name: str):
+    if name == "TARGET_MODULES":  # computed on first use, not at import (see the docstring)
+        return target_modules()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -64,8 +81,9 @@ class Target:
 def load_targets(names=None) -> dict[str, Target]:
     """Import the target modules (inside atheris' instrumentation when active)."""
     out = {}
-    for name in names or TARGET_MODULES:
-        mod = importlib.import_module(TARGET_MODULES[name])
+    modules = target_modules()
+    for name in names or modules:
+        mod = importlib.import_module(modules[name])
         summary = (mod.__doc__ or "").strip().splitlines()[0]
         out[name] = Target(name, mod.run_one, mod.seeds, summary)
     return out
@@ -199,9 +217,9 @@ def _default_corpus(name: str) -> list[str]:
     return []
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(targets: list[str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vhost-user-fuzz", description=__doc__.splitlines()[0])
-    p.add_argument("target", nargs="?", help=f"one of: {', '.join(TARGET_MODULES)}")
+    p.add_argument("target", nargs="?", help=f"one of: {', '.join(targets)}")
     p.add_argument("--seconds", type=float, default=10.0, help="how long to fuzz (default 10)")
     p.add_argument("--corpus", action="append", default=[], metavar="DIR",
                    help="seed corpus directory (default fuzz/corpus/TARGET of the checkout)")
@@ -221,13 +239,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    child = "--child" in argv  # libFuzzer's child: no target import before the instrumentation
+    args = _parser([] if child else list(target_modules())).parse_args(argv)
     logging.disable(logging.CRITICAL)  # hostile inputs log one line each; keep the output readable
+    if args.child:
+        _atheris_child(args.target, args, args.corpus or _default_corpus(args.target))
+        return 0
     if args.list:
         for t in load_targets().values():
             print(f"{t.name:12} {t.summary}")
         return 0
-    if args.target not in TARGET_MODULES:
+    if args.target not in target_modules():
         print(f"error: unknown target {args.target!r}; try --list", file=sys.stderr)
         return 2
     if args.write_seeds:
@@ -252,9 +275,6 @@ def main(argv: list[str] | None = None) -> int:
             engine = "atheris"
         except ImportError:
             engine = "random"
-    if args.child:
-        _atheris_child(args.target, args, corpus_dirs)
-        return 0
     if engine == "atheris":
         return _atheris_main(args.target, args, corpus_dirs)
     target = load_targets([args.target])[args.target]

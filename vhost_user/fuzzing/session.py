@@ -1,8 +1,10 @@
-"""Fuzz target `session`: message sequences against a live DeviceServer serving blk.
+"""The session fuzz machinery: message sequences against a live DeviceServer.
 
-One DeviceServer (a 1 MiB in-memory vhost-user-blk device, 2 queues) runs in
-a background thread's event loop for the whole fuzzing process, as a
-back-end serves front-end after front-end. Each input is one connection: a
+A device's session target (blk's: backends/blk/fuzz_session.py) binds it to
+the device it serves: `run_one(data, make_device)`, where `make_device()`
+builds the device once per process (its memory is `RAM` bytes). One
+DeviceServer runs in a background thread's event loop for the whole fuzzing
+process, as a back-end serves front-end after front-end. Each input is one connection: a
 sequence of messages of any type in any order, with mostly plausible
 payloads (queue indices near the range, power-of-two sizes, ring addresses
 inside the shared memfd, memory tables with real memfds that may be too
@@ -30,7 +32,6 @@ import tempfile
 import threading
 import time
 
-from vhost_user.backends.blk.device import BlkDevice, BlkOptions
 from vhost_user.protocol import (
     FrontendRequest as R,
     HeaderFlag,
@@ -40,9 +41,9 @@ from vhost_user.protocol import (
 )
 from vhost_user.server import DeviceServer, listen_unix
 
-from .reader import ByteReader
+from vhost_user.fuzzing.reader import ByteReader
 
-__all__ = ["run_one", "seeds"]
+__all__ = ["RAM", "run_one", "seeds"]
 
 RAM = 1 << 20
 UADDR = 0x7F00_0000_0000
@@ -50,7 +51,7 @@ _REQUESTS = list(R)
 _state: dict = {}
 
 
-def _server() -> dict:
+def _server(make_device) -> dict:
     """Start the long-lived server thread once per process."""
     if _state:
         return _state
@@ -59,7 +60,7 @@ def _server() -> dict:
     atexit.register(shutil.rmtree, workdir, True)
     path = os.path.join(workdir, "s.sock")
     listener = listen_unix(path)
-    device = BlkDevice(BlkOptions(size=RAM, num_queues=2))
+    device = make_device()
     server = DeviceServer(device, listener, path=path)
     loop = asyncio.new_event_loop()
     errors: list = []
@@ -184,8 +185,9 @@ def _opening() -> list[tuple[R, bytes]]:
     return [(R.GET_FEATURES, b""), (R.SET_PROTOCOL_FEATURES, struct.pack("<Q", feats)), (R.SET_OWNER, b"")]
 
 
-def run_one(data: bytes) -> None:
-    st = _server()
+def run_one(data: bytes, make_device) -> None:
+    """One connection's worth of messages from `data` to the server of `make_device()`'s device."""
+    st = _server(make_device)
     server = st["server"]
     r = ByteReader(data)
     fds_before = _fd_count()

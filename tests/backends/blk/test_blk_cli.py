@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from backends_proc import BackendProcess, wait_for_socket
-from vhost_user.drivers.blk import BlkDriver
+from vhost_user.backends.blk.driver import BlkDriver
 
 BLK = [sys.executable, "-m", "vhost_user.backends.blk"]
 

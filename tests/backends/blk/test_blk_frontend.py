@@ -15,7 +15,7 @@ import pytest
 
 from backends_proc import open_fds, start_blk, start_qsd_blk
 from vhost_user.backends.blk.request import RequestType, Status
-from vhost_user.drivers.blk import BlkDriver, BlkIOError, BlkRequest
+from vhost_user.backends.blk.driver import BlkDriver, BlkIOError, BlkRequest
 
 MiB = 1 << 20
 

@@ -11,7 +11,7 @@ import sys
 from backends_proc import BackendProcess, require_tool, wait_for_socket
 from vhost_user.backends.gpu.commands import CtrlType as T
 from vhost_user.backends.gpu.virgl import virgl_unavailable_reason
-from vhost_user.drivers.gpu import GpuDriver
+from vhost_user.backends.gpu.driver import GpuDriver
 
 QEMU_GPU = "/usr/lib/qemu/vhost-user-gpu"
 

@@ -27,7 +27,7 @@ from vhost_user.backends.gpu.commands import (
 )
 from vhost_user.backends.gpu.display_protocol import GpuRequest as G
 from vhost_user.backends.gpu.edid import edid_checksum_ok, edid_preferred_mode
-from vhost_user.drivers.gpu import Backing, DisplayListener, GpuDriver
+from vhost_user.backends.gpu.driver import Backing, DisplayListener, GpuDriver
 
 # memory bytes of one pixel with R=0x11, G=0x22, B=0x33, A/X=0x44, per format
 PIXEL = {

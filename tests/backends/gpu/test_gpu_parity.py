@@ -22,7 +22,7 @@ from vhost_user.backends.gpu.commands import (
 )
 from vhost_user.backends.gpu.display_protocol import GpuRequest as G
 from vhost_user.backends.gpu.edid import edid_checksum_ok
-from vhost_user.drivers.gpu import Backing, GpuDriver
+from vhost_user.backends.gpu.driver import Backing, GpuDriver
 
 W, H = 160, 100
 STRIDE = W * 4

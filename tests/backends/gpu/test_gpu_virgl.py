@@ -20,7 +20,7 @@ from vhost_user.backends.gpu.commands import CtrlHeader, CtrlType as T, GetCapse
 from vhost_user.backends.gpu.commands3d import CtxCreate, CtxResource, GetCapset, ResourceCreate3d, Submit3d
 from vhost_user.backends.gpu.display_protocol import GpuRequest as G
 from vhost_user.backends.gpu.virgl import virgl_unavailable_reason
-from vhost_user.drivers.gpu import DRIVER_FEATURES, Backing, GpuDriver
+from vhost_user.backends.gpu.driver import DRIVER_FEATURES, Backing, GpuDriver
 
 VIRGL_FEATURE = 1 << 0
 _BIND_RT_SAMPLER = (1 << 1) | (1 << 3)

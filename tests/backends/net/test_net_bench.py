@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-BENCH = [sys.executable, "-m", "vhost_user.bench"]
+BENCH = [sys.executable, "-m", "vhost_user.frontend.bench"]
 
 
 def test_bench_net_moves_frames_and_reports_both_sizes(net_backend):

@@ -15,7 +15,7 @@ from scapy.layers.l2 import ARP, Ether
 from scapy.utils import rdpcap
 
 from backends_proc import open_fds, require_tool
-from vhost_user.drivers.net import NetDriver
+from vhost_user.backends.net.driver import NetDriver
 from vhost_user.protocol import FrontendRequest as R, ProtocolFeature as PF, U64
 
 NET = [sys.executable, "-m", "vhost_user.backends.net"]

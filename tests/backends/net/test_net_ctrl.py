@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from vhost_user.profiles import CROSVM, QEMU
+from vhost_user.frontend.profiles import CROSVM, QEMU
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
@@ -22,7 +22,7 @@ from backends_proc import wait_for_socket
 from vhost_user.backends.net.ctrl import ERR, OK, parse_mac_table
 from vhost_user.backends.net.device import default_mac
 from vhost_user.backends.net.header import NetFeature
-from vhost_user.drivers.net import CTRL_FEATURES, DRIVER_FEATURES, NetDriver
+from vhost_user.backends.net.driver import CTRL_FEATURES, DRIVER_FEATURES, NetDriver
 from vhost_user.frontend import FrontendError
 from vhost_user.protocol import FrontendRequest as R, ProtocolFeature as PF, U64
 

@@ -17,7 +17,7 @@ import time
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from vhost_user.drivers.net import NetDriver
+from vhost_user.backends.net.driver import NetDriver
 
 
 def _stats(bp) -> dict:

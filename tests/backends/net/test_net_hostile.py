@@ -11,7 +11,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from vhost_user.backends.net.header import OFFLOAD_FEATURES, NetHeader
-from vhost_user.drivers.net import DRIVER_FEATURES, NetDriver
+from vhost_user.backends.net.driver import DRIVER_FEATURES, NetDriver
 
 MAC = ["02:00:00:00:00:b%d" % i for i in range(3)]
 BCAST = "ff:ff:ff:ff:ff:ff"

@@ -14,7 +14,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from vhost_user.backends.net.header import OFFLOAD_FEATURES, NetFeature, NetHeader
-from vhost_user.drivers.net import DRIVER_FEATURES, NetDriver
+from vhost_user.backends.net.driver import DRIVER_FEATURES, NetDriver
 
 MACS = ["02:00:00:00:00:%02x" % (0xA0 + i) for i in range(4)]
 BCAST = "ff:ff:ff:ff:ff:ff"

@@ -1,4 +1,4 @@
-"""vhost-user-rng through the built-in front-end (vhost_user/drivers/rng.py).
+"""vhost-user-rng through the built-in front-end (backends/rng/driver.py).
 
 Entropy arrives in every buffer the driver posts; a --rng-source file is
 passed through byte for byte; a rate limit holds the guest back (buffers
@@ -18,7 +18,7 @@ import time
 import pytest
 
 from backends_proc import spawn
-from vhost_user.drivers.rng import RngDriver
+from vhost_user.backends.rng.driver import RngDriver
 
 
 def _start(tmp_path, *args: str, name: str = "rng"):

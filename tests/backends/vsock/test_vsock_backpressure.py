@@ -21,7 +21,7 @@ import threading
 import time
 
 from vhost_user.backends.vsock.packet import Op
-from vhost_user.drivers.vsock import MAX_PKT, VsockDriver
+from vhost_user.backends.vsock.driver import MAX_PKT, VsockDriver
 from vsock_proc import host_connect, read_line
 
 STREAMS = 64

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from vhost_user.backends.vsock.__main__ import parse_vm
-from vhost_user.drivers.vsock import VsockDriver
+from vhost_user.backends.vsock.driver import VsockDriver
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ import threading
 import time
 
 from vsock_proc import host_connect, host_listener, read_line, recv_all, sha
-from vhost_user.drivers.vsock import VsockDriver
+from vhost_user.backends.vsock.driver import VsockDriver
 
 MiB = 1 << 20
 _CLOSED = re.compile(r"closed stream guest port (\d+) .*: guest->host (\d+) bytes \((\d+) by C, (\d+) short "

@@ -12,7 +12,7 @@ import pytest
 
 from vsock_proc import host_connect, host_listener, read_line, recv_all, sha
 from vhost_user.backends.vsock.packet import HEADER_SIZE, Header, Op, SockType, VsockFeature, unpack_event
-from vhost_user.drivers.vsock import DRIVER_FEATURES, VsockDriver, VsockReset
+from vhost_user.backends.vsock.driver import DRIVER_FEATURES, VsockDriver, VsockReset
 from vhost_user.frontend import Frontend
 
 MiB = 1 << 20

@@ -13,7 +13,7 @@ import pytest
 
 from backends_proc import open_fds
 from vhost_user.backends.vsock.packet import HEADER_SIZE, HOST_CID, Header, Op, SockType
-from vhost_user.drivers.vsock import VsockDriver
+from vhost_user.backends.vsock.driver import VsockDriver
 from vsock_proc import host_connect, host_listener, read_line
 
 

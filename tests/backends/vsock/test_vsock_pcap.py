@@ -14,7 +14,7 @@ import time
 from backends_proc import BackendProcess, require_tool, wait_for_socket
 from vhost_user.backends.vsock.packet import HEADER_SIZE, Header, Op
 from vhost_user.backends.vsock.pcap import LINKTYPE_VSOCK
-from vhost_user.drivers.vsock import VsockDriver
+from vhost_user.backends.vsock.driver import VsockDriver
 from vsock_proc import host_connect, host_listener, read_line, recv_all, sha
 
 

@@ -18,6 +18,7 @@ import time
 
 from vhost_user.backends.net.header import OFFLOAD_FEATURES, NetFeature, NetHeader, header_size
 from vhost_user.frontend import QEMU, Frontend, Profile, QueueHandle
+from vhost_user.frontend.driver import Driver, split_buffer
 from vhost_user.protocol import U64, FrontendRequest, ProtocolFeature, VirtioFeature
 
 __all__ = ["NetDriver", "DRIVER_FEATURES", "CTRL_FEATURES", "MAX_FRAME"]
@@ -39,7 +40,7 @@ CTRL_FEATURES = sum(1 << b for b in (NetFeature.CTRL_VQ, NetFeature.CTRL_RX, Net
 _CTRL_QUEUE_SIZE = 64
 
 
-class NetDriver:
+class NetDriver(Driver):
     """Drives one vhost-user-net port through the built-in front-end."""
 
     def __init__(self, frontend: Frontend, *, num_pairs: int = 1, queue_size: int = 256,
@@ -98,7 +99,7 @@ class NetDriver:
         n = 0
         while free and (count is None or n < count) and ring.num_free >= self.rx_split:
             gpa = free.pop()
-            head = ring.add(_split(gpa, self.rx_buffer_size, self.rx_split))
+            head = ring.add(split_buffer(gpa, self.rx_buffer_size, self.rx_split))
             self._rx_slot[pair][head] = gpa
             n += 1
         if n:
@@ -163,7 +164,7 @@ class NetDriver:
         gpa = free.pop()
         self.fe.ram.write(gpa, data)
         ring = self.tx[pair].ring
-        head = ring.add(_split(gpa, len(data), split, writable=False))
+        head = ring.add(split_buffer(gpa, len(data), split, writable=False))
         self._tx_slot[pair][head] = gpa
         ring.kick()
         return head
@@ -215,18 +216,3 @@ class NetDriver:
         """VIRTIO_NET_CTRL_MAC_TABLE_SET."""
         data = b"".join(struct.pack("<I", len(t)) + b"".join(t) for t in (unicast, multicast))
         return self.command(1, 0, data)
-
-    def close(self) -> None:
-        self.fe.close()
-
-    def __enter__(self) -> "NetDriver":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _split(gpa: int, length: int, parts: int, *, writable: bool = True) -> list[tuple[int, int, bool]]:
-    parts = max(1, min(parts, length))
-    step = -(-length // parts)
-    return [(gpa + off, min(step, length - off), writable) for off in range(0, length, step)]

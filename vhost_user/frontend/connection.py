@@ -4,10 +4,10 @@ Theory of operation: `GuestRam` owns guest memory as memfd regions (the same
 kind of memory QEMU's memory-backend-memfd passes, or crosvm's one memfd with
 every region at its own offset); `Frontend` connects to any vhost-user
 back-end socket and speaks as one VMM does, following a `Profile`
-(`vhost_user.profiles`: QEMU by default, or CROSVM): which messages, in which
+(`vhost_user.frontend.profiles`: QEMU by default, or CROSVM): which messages, in which
 order, with or without NEED_REPLY, the memory table's shape, the queue set-up
-order and size. `DriverQueue` (C, vhost_user.driver_ring) is the guest-side
-ring. Device driver models (`vhost_user.drivers`) sit on top and run unchanged
+order and size. `DriverQueue` (C, vhost_user.frontend.driver_ring) is the guest-side
+ring. Device driver models (`vhost_user.backends.<dev>.driver`) sit on top and run unchanged
 under every profile. Nothing here knows which back-end it talks to: tests
 drive qemu-storage-daemon exactly as they drive ours.
 
@@ -26,9 +26,9 @@ import socket
 from dataclasses import dataclass, field
 
 from vhost_user.channel import BlockingChannel, close_fds
-from vhost_user.driver_ring import DriverQueue, ring_layout
+from vhost_user.frontend.driver_ring import DriverQueue, ring_layout
 from vhost_user.errors import LocalProtocolError, RemoteProtocolError, VhostUserError
-from vhost_user.profiles import CROSVM, QEMU, Profile, crosvm_ram_layout
+from vhost_user.frontend.profiles import CROSVM, QEMU, Profile, crosvm_ram_layout
 from vhost_user.protocol import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     BackendRequest,

@@ -1,7 +1,7 @@
 """VMM profiles for the built-in front-end: which messages it sends, in what order.
 
 A `Profile` is data, not code: the built-in front-end (`vhost_user.frontend`)
-reads it at each step, so every driver model in `vhost_user.drivers` runs
+reads it at each step, so every driver model (`vhost_user.backends.<dev>.driver`) runs
 unchanged under any profile. Two are defined:
 
 `QEMU` -- what the front-end always did, QEMU 10's vhost-user client:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from vhost_user.backends.blk.request import DiscardSegment, RequestHeader
 
-from .reader import ByteReader
+from vhost_user.fuzzing.reader import ByteReader
 
 __all__ = ["run_one", "seeds"]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 from vhost_user.frontend import Frontend, QueueHandle
+from vhost_user.frontend.driver import Driver
 from vhost_user.protocol import VirtioFeature
 
 __all__ = ["RngDriver", "DRIVER_FEATURES"]
@@ -18,7 +19,7 @@ __all__ = ["RngDriver", "DRIVER_FEATURES"]
 DRIVER_FEATURES = (1 << VirtioFeature.VIRTIO_F_VERSION_1) | (1 << VirtioFeature.VIRTIO_RING_F_EVENT_IDX)
 
 
-class RngDriver:
+class RngDriver(Driver):
     """Drives one vhost-user-rng back-end through the built-in front-end."""
 
     def __init__(self, frontend: Frontend, *, queue_size: int = 64, buf_size: int = 64):
@@ -84,12 +85,3 @@ class RngDriver:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rng: {len(got)} of {n} bytes after {timeout} s")
         return bytes(got[:n])
-
-    def close(self) -> None:
-        self.fe.close()
-
-    def __enter__(self) -> "RngDriver":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -12,7 +12,7 @@ import pytest
 
 from vsock_proc import host_connect, host_listener, read_line, start_vsock
 from vhost_user.backends.vsock.packet import Op
-from vhost_user.drivers.vsock import MAX_PKT, VsockDriver
+from vhost_user.backends.vsock.driver import MAX_PKT, VsockDriver
 
 KiB = 1 << 10
 
@@ -176,7 +176,7 @@ class _Rings:
     def __init__(self, size: int = 16) -> None:
         import mmap
 
-        from vhost_user.driver_ring import DriverQueue, ring_layout
+        from vhost_user.frontend.driver_ring import DriverQueue, ring_layout
 
         self.fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, 1 << 20)
@@ -220,7 +220,7 @@ class _Rings:
 
 def test_drvvsock_counts_malformed_and_foreign_packets_and_reposts_every_buffer():
     from vhost_user.backends.vsock.packet import Header
-    from vhost_user.driver_ring import VsockConnState, run_vsock_stream_bench
+    from vhost_user.frontend.driver_ring import VsockConnState, run_vsock_stream_bench
 
     r = _Rings()
     try:
@@ -259,7 +259,7 @@ def test_drvvsock_counts_malformed_and_foreign_packets_and_reposts_every_buffer(
 
 
 def test_drvvsock_refuses_rx_heads_that_are_not_in_flight():
-    from vhost_user.driver_ring import VsockConnState, run_vsock_stream_bench
+    from vhost_user.frontend.driver_ring import VsockConnState, run_vsock_stream_bench
 
     r = _Rings()
     try:
@@ -280,7 +280,7 @@ def test_drvvsock_refuses_rx_heads_that_are_not_in_flight():
 
 
 def test_vsock_bench_reports_both_directions_and_runs_twice_on_one_backend(vm):
-    from vhost_user.bench import run_vsock_bench
+    from vhost_user.frontend.bench import run_vsock_bench
 
     bp, sock, uds = vm()
     for port in (5555, 5655):   # the second attach gets a TRANSPORT_RESET first

@@ -23,6 +23,7 @@ from vhost_user.backends.blk.request import (
 )
 from vhost_user.errors import VhostUserError
 from vhost_user.frontend import QEMU, Frontend, Profile, QueueHandle
+from vhost_user.frontend.driver import Driver, split_buffer
 from vhost_user.protocol import ProtocolFeature as PF, VirtioFeature
 
 __all__ = ["BlkDriver", "BlkIOError", "BlkRequest", "DRIVER_FEATURES"]
@@ -61,7 +62,7 @@ class _Slot:
     data: int
 
 
-class BlkDriver:
+class BlkDriver(Driver):
     """Drives one vhost-user-blk back-end through the built-in front-end."""
 
     def __init__(self, frontend: Frontend, *, num_queues: int = 1, queue_size: int = 128,
@@ -122,7 +123,7 @@ class BlkDriver:
         segments = [(slot.header, RequestHeader.SIZE, False)]
         if req.data:
             ram.write(slot.data, req.data)
-        segments += _split(slot.data, length, req.split, writable=not req.data)
+        segments += split_buffer(slot.data, length, req.split, writable=not req.data)
         segments.append((slot.status, 1, True))
         handle = self.queues[queue]
         head = handle.ring.add(segments)
@@ -191,23 +192,3 @@ class BlkDriver:
     def write_zeroes(self, sector: int, num_sectors: int, *, unmap: bool = False, queue: int = 0) -> None:
         seg = DiscardSegment(sector, num_sectors, WRITE_ZEROES_FLAG_UNMAP if unmap else 0).pack()
         self._one(BlkRequest(RequestType.WRITE_ZEROES, data=seg), queue, "write-zeroes")
-
-    def close(self) -> None:
-        self.fe.close()
-
-    def __enter__(self) -> "BlkDriver":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _split(gpa: int, length: int, parts: int, *, writable: bool) -> list[tuple[int, int, bool]]:
-    """Cut one buffer into `parts` descriptors (tests use it to cross descriptor edges)."""
-    if length == 0:
-        return []
-    parts = max(1, min(parts, length))
-    step = -(-length // parts)
-    return [(gpa + off, min(step, length - off), writable) for off in range(0, length, step)]
-
-

@@ -22,9 +22,10 @@ from vhost_user.backends.vsock.packet import (
     HEADER_SIZE, HOST_CID, Header, Op, SeqFlag, ShutdownFlag, SockType, VsockFeature,
     unpack_config, unpack_event,
 )
-from vhost_user.driver_ring import VsockBenchResult, VsockConnState, run_vsock_stream_bench
+from vhost_user.frontend.driver_ring import VsockBenchResult, VsockConnState, run_vsock_stream_bench
 from vhost_user.errors import VhostUserError
 from vhost_user.frontend import QEMU, Frontend, Profile
+from vhost_user.frontend.driver import Driver
 from vhost_user.protocol import ProtocolFeature as PF, VirtioFeature
 
 __all__ = ["VsockDriver", "DriverSocket", "DRIVER_FEATURES", "VsockReset"]
@@ -208,7 +209,7 @@ class DriverSocket:
             self.drv.send_packet(self.header(Op.CREDIT_UPDATE))
 
 
-class VsockDriver:
+class VsockDriver(Driver):
     """Drives one vhost-user-vsock back-end through the built-in front-end."""
 
     def __init__(self, frontend: Frontend, *, queue_size: int = 256, rx_buffers: int = 128,
@@ -465,12 +466,3 @@ class VsockDriver:
         if pre:
             r = dataclasses.replace(r, rx_bytes=r.rx_bytes + pre)
         return r
-
-    def close(self) -> None:
-        self.fe.close()
-
-    def __enter__(self) -> "VsockDriver":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -42,9 +42,9 @@ from vhost_user.backends.vsock.router import Router
 from vhost_user.errors import VirtqueueError
 from vhost_user.virtqueue import Virtqueue
 
-from .guestram import FuzzRam
-from .reader import ByteReader
-from .ring import RING
+from vhost_user.fuzzing.guestram import FuzzRam
+from vhost_user.fuzzing.reader import ByteReader
+from vhost_user.fuzzing.ring import RING
 
 __all__ = ["run_one", "seeds"]
 

@@ -1,9 +1,11 @@
 """`vhost-user-bench`: drive any vhost-user back-end through the built-in front-end.
 
-The per-request driver work runs in C (vhost_user.driver_ring), one thread per
-queue with the GIL released, so the numbers measure the back-end and not
-Python. Given the back-end's pid, the back-end's CPU time per request is read
-from /proc before and after the run.
+The per-request driver work runs in C (vhost_user.frontend.driver_ring), one
+thread per queue with the GIL released, so the numbers measure the back-end
+and not Python. Each device's driver model is looked up by name in the device
+registry (vhost_user.devices), as the front-end knows no device. Given the
+back-end's pid, the back-end's CPU time per request is read from /proc before
+and after the run.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from dataclasses import asdict, dataclass
 
 from vhost_user.cli import report_error, parse_size, version
 from vhost_user.errors import VhostUserError
-from vhost_user.driver_ring import bench_area_size
-from vhost_user.drivers.blk import BlkDriver
+from vhost_user import devices
+from vhost_user.frontend.driver_ring import bench_area_size
 
 __all__ = ["BlkBenchSpec", "BlkBenchReport", "run_blk_bench", "process_cpu_seconds", "main"]
 
@@ -85,6 +87,7 @@ def run_blk_bench(spec: BlkBenchSpec) -> BlkBenchReport:
     qd = min(spec.iodepth, spec.queue_size // 3)
     ram = spec.queues * bench_area_size(spec.block_size, qd) + (32 << 20)
     ram = -(-ram // (2 << 20)) * (2 << 20)
+    BlkDriver = devices.driver("blk")
     driver = BlkDriver.connect(spec.socket, num_queues=spec.queues, queue_size=spec.queue_size,
                                ram_size=ram, max_io=4096, slots_per_queue=1)
     try:
@@ -191,8 +194,9 @@ def run_net_bench(pairs: list[tuple[str, str]], *, frame_sizes=(64, 1500), pids=
     MAC; the generator then sends unicast UDP frames to it. Back-ends take
     turns in `rounds` slices so machine noise hits them alike.
     """
-    from vhost_user.driver_ring import run_net_bench as drive
-    from vhost_user.drivers.net import NetDriver
+    from vhost_user.frontend.driver_ring import run_net_bench as drive
+
+    NetDriver = devices.driver("net")
 
     pids = list(pids or []) + [None] * len(pairs)
     labels = list(labels or []) + [f"backend{i}" for i in range(len(pairs))]
@@ -314,7 +318,7 @@ def run_gpu_bench(sockets: list[str], *, pids=None, labels=None, width: int = 19
     receives each UPDATE); the back-ends take turns in `rounds` slices so that
     machine noise hits them alike.
     """
-    from vhost_user.drivers.gpu import GpuDriver
+    GpuDriver = devices.driver("gpu")
 
     pids = list(pids or []) + [None] * len(sockets)
     labels = list(labels or []) + [f"backend{i}" for i in range(len(sockets))]
@@ -439,7 +443,7 @@ def run_vsock_bench(socket_path: str, uds_path: str, *, write_sizes=(4096, 65536
     guest, a Unix socket program as the host), with memcpy bandwidth measured in the same run."""
     import socket as so
 
-    from vhost_user.drivers.vsock import VsockDriver
+    VsockDriver = devices.driver("vsock")
 
     ceiling = memcpy_mb_s()
     reports = []

@@ -21,9 +21,9 @@ import time
 
 from vhost_user.virtqueue import BlkEngine, Virtqueue
 
-from .guestram import FuzzRam
-from .reader import ByteReader
-from .ring import RING
+from vhost_user.fuzzing.guestram import FuzzRam
+from vhost_user.fuzzing.reader import ByteReader
+from vhost_user.fuzzing.ring import RING
 
 __all__ = ["run_one", "seeds"]
 

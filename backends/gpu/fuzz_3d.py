@@ -44,8 +44,8 @@ import struct
 from vhost_user.backends.gpu.commands import CtrlHeader, CtrlType as T, HDR_SIZE, BadCommand, parse_cursor
 from vhost_user.backends.gpu.commands3d import PARSERS_3D
 
-from .guestram import FuzzRam
-from .reader import ByteReader
+from vhost_user.fuzzing.guestram import FuzzRam
+from vhost_user.fuzzing.reader import ByteReader
 
 __all__ = ["run_one", "seeds", "shared_device", "unavailable_reason"]
 

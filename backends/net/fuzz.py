@@ -25,7 +25,7 @@ import time
 from vhost_user.backends.net.header import HEADER_SIZE, OFFLOAD_FEATURES, NetHeader
 from vhost_user.virtqueue import NetSwitch
 
-from .reader import ByteReader
+from vhost_user.fuzzing.reader import ByteReader
 
 __all__ = ["run_one", "seeds"]
 

@@ -28,8 +28,8 @@ from vhost_user.backends.gpu.commands import (
 )
 from vhost_user.backends.gpu.device import GpuDevice, GpuOptions
 
-from .guestram import FuzzRam
-from .reader import ByteReader
+from vhost_user.fuzzing.guestram import FuzzRam
+from vhost_user.fuzzing.reader import ByteReader
 
 __all__ = ["run_one", "seeds"]
 

@@ -61,6 +61,7 @@ from vhost_user.backends.gpu.edid import build_edid
 from vhost_user.channel import close_fds
 from vhost_user.errors import VhostUserError
 from vhost_user.frontend import QEMU, Frontend, Profile
+from vhost_user.frontend.driver import Driver
 from vhost_user.protocol import FrontendRequest as R, ProtocolFeature as PF, VirtioFeature
 
 __all__ = ["GpuDriver", "GpuDriverError", "DisplayListener", "CursorState", "Backing",
@@ -265,7 +266,7 @@ class Backing:
         return sum(e.length for e in self.entries)
 
 
-class GpuDriver:
+class GpuDriver(Driver):
     """Drives one vhost-user-gpu back-end through the built-in front-end."""
 
     CMD_BYTES = ResourceAttachBacking.SIZE + 16 * 16384
@@ -458,10 +459,3 @@ class GpuDriver:
         self.fe.close()
         if self.listener is not None:
             self.listener.close()
-
-    def __enter__(self) -> "GpuDriver":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
