@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 
-from vhost_user.vsock_fastpath import ConnCounters, ConnTable, credit
+from vhost_user.backends.vsock.fastpath import ConnCounters, ConnTable, credit
 from vhost_user._native import ffi, lib
 
 _keys = st.tuples(st.sampled_from([2, 4, 2**32 - 2]), st.integers(0, 40), st.integers(0, 40))
