@@ -8,7 +8,8 @@ import socket
 from hypothesis import given, settings, strategies as st
 
 from ringlayout import SplitRing
-from vhost_user.backends.vsock.fastpath import RX_NO_BUFFER, ConnCounters, ConnTable, credit, rx_fill
+from vhost_user.backends.vsock.fastpath import RX_NO_BUFFER, ConnCounters, ConnTable, credit, rx_fill, tx_burst
+from vhost_user.backends.vsock.packet import pack_header_into
 from vhost_user._native import ffi, lib
 from vhost_user.virtqueue import Virtqueue
 
@@ -88,6 +89,51 @@ def test_vsock_rx_fill_never_writes_past_its_iovec_array(ram):
         assert ring.reap() == [(first, HDR + 100), (split, HDR + IOV_CAP)]
         data = (bytes(range(256)) * 16)[100:100 + IOV_CAP]
         assert bytes(ram.read(pieces + 2 * i, 1)[0] for i in range(IOV_CAP)) == data
+    finally:
+        host.close()
+        peer.close()
+        vq.close()
+        memory.close()
+
+
+def test_vsock_tx_burst_never_writes_past_its_iovec_array(ram):
+    """The tx twin: a packet whose payload is IOV_CAP one-byte pieces after another
+    packet goes to the next writev, not past the iovec array, and every byte arrives."""
+    ring = SplitRing(ram, 16)
+    vq = Virtqueue(1)
+    ring.setup(vq)
+    memory = ram.memory()
+    vq.start(memory)
+    host, peer = socket.socketpair()
+    try:
+        host.setblocking(False)
+        rec = ConnCounters(2, 1234, 5678, host.fileno(), 1)
+        rec.state, rec.buf_alloc = 1, 1 << 20          # VS_ESTABLISHED
+        table = ConnTable()
+        assert table.add(rec)
+        payload = bytes(range(256)) * 5
+        heads = []
+        for n, split in ((100, False), (IOV_CAP, True)):
+            hdr = ram.alloc(HDR)
+            header = bytearray(HDR)
+            pack_header_into(header, 3, 2, 5678, 1234, n, 1, 5, 0, 0, 0)   # RW, stream
+            ram.write(hdr, bytes(header))
+            if split:
+                data = ram.alloc(2 * n)
+                segs = [(data + 2 * i, 1) for i in range(n)]
+                for i in range(n):
+                    ram.write(data + 2 * i, payload[100 + i:101 + i])
+            else:
+                data = ram.alloc(n)
+                ram.write(data, payload[:n])
+                segs = [(data, n)]
+            heads.append(ring.add_chain([(hdr, HDR)] + segs, indirect=split))
+        ring.publish(*heads)
+        out = tx_burst(vq, table, 3)
+        assert (out.packets, out.bytes) == (2, 100 + IOV_CAP)
+        assert peer.recv(1 << 16) == payload[:100 + IOV_CAP]
+        assert [h for h, _ in ring.reap()] == heads
+        table.remove(rec)
     finally:
         host.close()
         peer.close()
