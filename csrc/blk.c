@@ -100,29 +100,6 @@ void vr_blk_get_stats(const struct vr_blk *b, struct vr_blk_stats *out)
 /* ---- segment helpers ---- */
 
 /* iovecs for len bytes of segs[0..n) after skipping skip bytes. */
-static int build_iov(const struct vr_mem *m, const struct vr_seg *segs,
-                     uint32_t n, uint64_t skip, uint64_t len,
-                     struct iovec *iov)
-{
-    int cnt = 0;
-    for (uint32_t k = 0; k < n && len > 0; k++) {
-        uint64_t l = segs[k].len;
-        if (skip >= l) {
-            skip -= l;
-            continue;
-        }
-        uint64_t take = l - skip;
-        if (take > len)
-            take = len;
-        iov[cnt].iov_base = vr_seg_host(m, &segs[k]) + skip;
-        iov[cnt].iov_len = take;
-        cnt++;
-        len -= take;
-        skip = 0;
-    }
-    return cnt;
-}
-
 /* Copy len bytes out of the segments (header, discard ranges). */
 static void gather(const struct vr_mem *m, const struct vr_seg *segs,
                    uint32_t n, uint64_t skip, void *dst, uint64_t len)
@@ -273,9 +250,12 @@ static uint8_t blk_rw(struct vr_blk *b, struct vr_queue *q,
     if (len % 512 || !range_ok(b, sector, len / 512))
         return S_IOERR;
     if (write)
-        cnt = build_iov(q->mem, c->segs, c->nread, 16, len, b->iov);
+        cnt = vr_segs_iov(q->mem, c->segs, c->nread, 16, len, b->iov, VR_MAX_SEGS);
     else
-        cnt = build_iov(q->mem, c->segs + c->nread, c->nseg - c->nread, 0, len, b->iov);
+        cnt = vr_segs_iov(q->mem, c->segs + c->nread, c->nseg - c->nread, 0, len, b->iov,
+                          VR_MAX_SEGS);
+    if (cnt < 0)   /* not reached: a chain has at most VR_MAX_SEGS segments */
+        return S_IOERR;
     int rc = do_rw(b, b->iov, cnt, sector * 512, len, write, &done);
     if (write) {
         b->stats.writes++;
@@ -295,7 +275,8 @@ static uint8_t blk_get_id(struct vr_blk *b, struct vr_queue *q,
 {
     uint64_t room = c->write_len - 1;
     uint64_t n = room < VR_BLK_SERIAL_LEN ? room : VR_BLK_SERIAL_LEN;
-    int cnt = build_iov(q->mem, c->segs + c->nread, c->nseg - c->nread, 0, n, b->iov);
+    int cnt = vr_segs_iov(q->mem, c->segs + c->nread, c->nseg - c->nread, 0, n, b->iov,
+                          VR_MAX_SEGS);
     const uint8_t *src = b->cfg.serial;
     for (int k = 0; k < cnt; k++) {
         memcpy(b->iov[k].iov_base, src, b->iov[k].iov_len);

@@ -1,6 +1,8 @@
 """cffi (API mode) builder for the private extension `vhost_user._native`.
 
-Only vhost_user/virtqueue.py imports the result.  Sources are listed
+vhost_user/virtqueue.py (the generic ring) and the device engines beside
+their devices (backends/blk/engine.py, backends/net/engine.py,
+backends/vsock/fastpath.py) import the result.  Sources are listed
 relative to the repository root, where setuptools runs the build.
 cffi releases the GIL around every call into C; the worker loop (vr_run)
 relies on that.

@@ -369,13 +369,6 @@ static void flush_notify(struct vr_net_tx *t)
     t->ndirty = 0;
 }
 
-/* Undo pops of chains we could not use: they stay available to the driver. */
-static void rewind(struct vr_queue *q, uint32_t n)
-{
-    q->last_avail_idx = (uint16_t)(q->last_avail_idx - n);
-    q->stats.requests -= n;
-}
-
 /* Copy one frame (with header h) into the rx buffers of a virtio port. */
 static int copy_to_rx(struct vr_net_tx *t, struct port *dst, struct rxq *r,
                       const uint8_t *hdr, uint32_t hl, const uint8_t *f, uint32_t len)
@@ -400,8 +393,8 @@ static int copy_to_rx(struct vr_net_tx *t, struct port *dst, struct rxq *r,
                 for (uint32_t i = 0; i < n; i++)
                     t->lens[i] = 0;
                 vr_push_batch(q, t->heads, t->lens, n);
-            } else {
-                rewind(q, n);
+            } else {   /* undo the pops: the chains stay available to the driver */
+                vr_unpop_n(q, n);
             }
             r->st.rx_no_room++;
             return -1;

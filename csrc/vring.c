@@ -404,6 +404,30 @@ int vr_unpop(struct vr_queue *q)
     return vr_unpop_n(q, 1);
 }
 
+int vr_segs_iov(const struct vr_mem *m, const struct vr_seg *segs, uint32_t n,
+                uint64_t skip, uint64_t limit, struct iovec *iov, uint32_t cap)
+{
+    uint32_t cnt = 0;
+    for (uint32_t k = 0; k < n && limit > 0; k++) {
+        uint64_t l = segs[k].len;
+        if (skip >= l) {
+            skip -= l;
+            continue;
+        }
+        uint64_t take = l - skip;
+        if (take > limit)
+            take = limit;
+        if (cnt == cap)
+            return -1;
+        iov[cnt].iov_base = vr_seg_host(m, &segs[k]) + skip;
+        iov[cnt].iov_len = (size_t)take;
+        cnt++;
+        limit -= take;
+        skip = 0;
+    }
+    return (int)cnt;
+}
+
 /* Pop up to n chains (each with its own segs/cap); returns the count. */
 int vr_pop_batch(struct vr_queue *q, struct vr_chain *chains, uint32_t n)
 {

@@ -25,6 +25,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 #define VR_MAX_REGIONS 32
 #define VR_MAX_QUEUE_SIZE 32768
@@ -194,6 +195,13 @@ int vr_notify_force(struct vr_queue *q);
 void vr_disable_notify(struct vr_queue *q);
 int vr_enable_notify(struct vr_queue *q);
 int vr_avail_pending(struct vr_queue *q);
+
+/* vring.c: chain helpers for engines.  iovecs over segs[0, n) from byte
+ * `skip` on, at most `limit` bytes, into iov[0, cap); returns the count,
+ * or -1 when more than `cap` iovecs would be needed (nothing beyond
+ * iov[cap - 1] is written). */
+int vr_segs_iov(const struct vr_mem *m, const struct vr_seg *segs, uint32_t n,
+                uint64_t skip, uint64_t limit, struct iovec *iov, uint32_t cap);
 
 /* inflight.c (called by vring.c) */
 int vr_inflight_recover(struct vr_queue *q);

@@ -169,32 +169,6 @@ int vs_credit_update_due(const struct vs_conn *c)
 
 /* ---- helpers over a popped chain ---- */
 
-/* iovecs over the chain's segments [first, last) from byte `skip` on, at
- * most `limit` bytes; returns the count, or -1 when more than IOV_CAP. */
-static int chain_iov(struct vr_queue *q, const struct vr_chain *c, uint32_t first,
-                     uint32_t last, uint64_t skip, uint64_t limit, struct iovec *iov)
-{
-    int n = 0;
-    for (uint32_t k = first; k < last && limit; k++) {
-        const struct vr_seg *s = &c->segs[k];
-        if (skip >= s->len) {
-            skip -= s->len;
-            continue;
-        }
-        uint64_t take = s->len - skip;
-        if (take > limit)
-            take = limit;
-        if (n == IOV_CAP)
-            return -1;
-        iov[n].iov_base = vr_seg_host(q->mem, s) + skip;
-        iov[n].iov_len = (size_t)take;
-        n++;
-        limit -= take;
-        skip = 0;
-    }
-    return n;
-}
-
 /* ---- guest -> host ---- */
 
 /* Whether an RW packet from the guest is one C may finish: the header is
@@ -278,7 +252,8 @@ int vs_tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid
             struct vs_conn *cc = fast_rw(q, t, guest_cid, c, &h, total);
             int k = -1;
             if (cc && (conn == NULL || cc == conn))
-                k = chain_iov(q, c, 0, c->nread, VS_HDR_SIZE, h.len, iov + niov);
+                k = vr_segs_iov(q->mem, c->segs, c->nread, VS_HDR_SIZE, h.len, iov + niov,
+                                IOV_CAP - niov);
             if (k < 0 || niov + k > IOV_CAP) {
                 /* Not for this batch: Python's if alone, else the next batch's. */
                 if (n == 0) {
@@ -376,7 +351,9 @@ int vs_rx_fill(struct vr_queue *q, struct vs_conn *conn, uint64_t guest_cid,
             if (take > VS_MAX_PKT)
                 take = VS_MAX_PKT;
             int k = (first && first->len >= VS_HDR_SIZE && take)
-                        ? chain_iov(q, c, c->nread, c->nseg, VS_HDR_SIZE, take, iov + niov) : -1;
+                        ? vr_segs_iov(q->mem, c->segs + c->nread, c->nseg - c->nread, VS_HDR_SIZE,
+                                      take, iov + niov, IOV_CAP - niov)
+                        : -1;
             if (k <= 0 || niov + k > IOV_CAP) {
                 vr_unpop(q);
                 if (n == 0) {

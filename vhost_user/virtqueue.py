@@ -1,5 +1,4 @@
-"""Virtqueues: the owner of the private C module `vhost_user._native`
-(vsock_fastpath.py beside it wraps the vsock data path on these queues).
+"""Virtqueues: the generic, device-agnostic queue over the C ring (csrc/vring.c).
 
 Theory of operation
 -------------------
@@ -10,8 +9,10 @@ worker calls `vr_run()` in C with the GIL released; vr_run sleeps on the
 kick eventfd and a private control eventfd and runs the handler on every
 kick:
 
-* a native handler (`BlkEngine`) processes whole requests in C: Python
-  never sees them;
+* an `Engine` (vhost_user/engine.py; the native engines live beside
+  their device, backends/<dev>/engine.py) gives a C handler that
+  processes whole requests: Python never sees them; an engine may also
+  run without a worker, its queue filled by other threads (net rx);
 * a Python handler (any callable taking the Virtqueue) is called back
   from vr_run and uses the slow-path API `pop()` / `push()` / `notify()`.
 
@@ -31,6 +32,12 @@ Memory: each started queue `acquire()`s its GuestMemory and holds cffi
 buffer views of the mappings; `update_memory` swaps to the new table and
 releases the old one, so the session may `close()` the old table right
 after the swap (the unmapping is deferred until the last queue let go).
+
+Device code that drives a queue from its own thread in C (the vsock data
+path) uses the small public native API: `native_queue` (the struct
+vr_queue pointer), `chain_buffer` (the struct vr_chain pops fill) and
+`popped_chain()` (that chain as a `Chain`), plus `check_native` to map C
+return codes to the typed errors.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ import threading
 from typing import Any
 
 from vhost_user._native import ffi, lib
+from vhost_user.engine import Engine
 from vhost_user.errors import (
     AddressOutOfRange,
     AvailIndexJump,
@@ -53,8 +61,7 @@ from vhost_user.errors import (
 )
 from vhost_user.memory import GuestMemory
 
-__all__ = ["Virtqueue", "Chain", "BlkEngine", "NetSwitch", "NetTxEngine", "NetRxQueue",
-           "inflight_queue_size", "MAX_QUEUE_SIZE"]
+__all__ = ["Virtqueue", "Chain", "Engine", "check_native", "inflight_queue_size", "MAX_QUEUE_SIZE"]
 
 log = logging.getLogger("vhost_user.virtqueue")
 
@@ -95,8 +102,10 @@ def inflight_queue_size(queue_size: int) -> int:
     return (raw + _INFLIGHT_ALIGN - 1) // _INFLIGHT_ALIGN * _INFLIGHT_ALIGN
 
 
-def _check(rc: int, what: str, q: Any = None) -> int:
-    """Map a C return code to the project's typed errors; pass through >= 0."""
+def check_native(rc: int, what: str, q: Any = None) -> int:
+    """Map a C return code (enum vr_error, negated) to the project's typed errors;
+    pass through >= 0.  With the native queue `q`, a ring violation carries the
+    queue's own message."""
     if rc >= 0:
         return rc
     code = -rc
@@ -106,6 +115,9 @@ def _check(rc: int, what: str, q: Any = None) -> int:
     else:
         msg = f"{what}: {_API_MESSAGES.get(code, f'error {code}')}"
     raise cls(msg)
+
+
+_check = check_native
 
 
 class Chain:
@@ -158,213 +170,6 @@ class Chain:
 
     def __repr__(self) -> str:
         return f"Chain(head={self.head}, readable={self.readable}, writable={self.writable})"
-
-
-class BlkEngine:
-    """Native virtio-blk request engine for one queue (the fd stays the caller's)."""
-
-    def __init__(self, fd: int, capacity_sectors: int, *, read_only: bool = False,
-                 serial: bytes | str = b"", logical_block_size: int = 512,
-                 max_discard_sectors: int = 0, max_discard_seg: int = 1,
-                 max_write_zeroes_sectors: int = 0, max_write_zeroes_seg: int = 1,
-                 direct: bool = False) -> None:
-        if isinstance(serial, str):
-            serial = serial.encode()
-        if fd < 0:
-            raise ValueError("BlkEngine needs an open fd")
-        if not 0 <= capacity_sectors < 1 << 55:
-            raise ValueError(f"bad capacity {capacity_sectors}")
-        if len(serial) > 20:
-            raise ValueError("serial is at most 20 bytes")
-        lbs = logical_block_size
-        if lbs < 512 or lbs & (lbs - 1):
-            raise ValueError(f"logical block size {lbs} is not a power of two >= 512")
-        for name, v in (("max_discard_sectors", max_discard_sectors),
-                        ("max_discard_seg", max_discard_seg),
-                        ("max_write_zeroes_sectors", max_write_zeroes_sectors),
-                        ("max_write_zeroes_seg", max_write_zeroes_seg)):
-            if not 0 <= v <= 0xFFFFFFFF:
-                raise ValueError(f"{name} {v} out of range")
-        cfg = ffi.new("struct vr_blk_config *")
-        cfg.fd = fd
-        cfg.read_only = int(read_only)
-        cfg.direct = int(direct)
-        cfg.capacity = capacity_sectors
-        cfg.logical_block_size = lbs
-        cfg.max_discard_sectors = max_discard_sectors
-        cfg.max_discard_seg = max_discard_seg
-        cfg.max_write_zeroes_sectors = max_write_zeroes_sectors
-        cfg.max_write_zeroes_seg = max_write_zeroes_seg
-        ffi.memmove(cfg.serial, serial.ljust(20, b"\0"), 20)
-        self._cfg = cfg
-        self._ctx = None
-        self._totals = dict.fromkeys(_BLK_STATS, 0)
-
-    # Called by Virtqueue.start/stop only.
-    def _bind(self):
-        if self._ctx is not None:
-            raise ValueError("a BlkEngine serves one queue at a time")
-        ctx = lib.vr_blk_new(self._cfg)
-        if ctx == ffi.NULL:
-            raise MemoryError("cannot allocate the virtio-blk engine")
-        self._ctx = ctx
-        return ctx
-
-    def _unbind(self) -> None:
-        if self._ctx is not None:
-            for k, v in self._native_stats().items():
-                self._totals[k] += v
-            lib.vr_blk_free(self._ctx)
-            self._ctx = None
-
-    def _native_stats(self) -> dict[str, int]:
-        if self._ctx is None:
-            return dict.fromkeys(_BLK_STATS, 0)
-        s = ffi.new("struct vr_blk_stats *")
-        lib.vr_blk_get_stats(self._ctx, s)
-        return {k: getattr(s, k) for k in _BLK_STATS}
-
-    @property
-    def stats(self) -> dict[str, int]:
-        """Request and byte counters (reads, writes, flushes, ..., bytes_read, bytes_written)."""
-        cur = self._native_stats()
-        return {k: self._totals[k] + cur[k] for k in _BLK_STATS}
-
-
-_BLK_STATS = ("reads", "writes", "flushes", "discards", "write_zeroes", "get_ids",
-              "unsupported", "io_errors", "bytes_read", "bytes_written")
-
-
-class NetSwitch:
-    """The native learning switch of vhost-user-net (csrc/net.c): ports, MAC table, capture.
-
-    Ports are added before any traffic flows; virtio ports get a
-    NetTxEngine per tx queue and a NetRxQueue per rx queue.
-    """
-
-    STATS = ("tx_frames", "tx_bytes", "rx_frames", "rx_bytes", "tx_runt", "tx_oversize",
-             "tx_bad_header", "tx_malformed", "rx_no_room", "rx_not_ready",
-             "csum_resolved", "segmented", "flooded", "rx_filtered", "rx_over_mtu")
-
-    def __init__(self, *, capture_bytes: int = 0, ageing_s: float = 300.0) -> None:
-        sw = lib.vr_net_switch_new(capture_bytes, int(ageing_s * 1e9))
-        if sw == ffi.NULL:
-            raise MemoryError("cannot allocate the switch")
-        self._sw = ffi.gc(sw, lib.vr_net_switch_free)
-        self._capbuf = ffi.new("uint8_t[]", 1 << 20) if capture_bytes else None
-        self._dropped = ffi.new("uint64_t *")
-
-    def add_port(self, tap_fd: int = -1, tap_features: int = 0) -> int:
-        """A new port (a TAP port when tap_fd >= 0); returns its number."""
-        return _check(lib.vr_net_port_add(self._sw, tap_fd, tap_features), "add port")
-
-    def set_features(self, port: int, features: int) -> None:
-        lib.vr_net_port_set_features(self._sw, port, features)
-
-    def forget(self, port: int) -> None:
-        """Drop the MAC entries learnt on `port` (its front-end went away)."""
-        lib.vr_net_port_forget(self._sw, port)
-
-    def set_mtu(self, port: int, mtu: int) -> None:
-        """Frames longer than `mtu` plus their L2 header are not delivered to `port` (0: no limit)."""
-        lib.vr_net_port_set_mtu(self._sw, port, mtu)
-
-    def set_pairs(self, port: int, pairs: int) -> None:
-        """Deliver to the first `pairs` rx queues of `port` only (0: every attached one)."""
-        lib.vr_net_port_set_pairs(self._sw, port, pairs)
-
-    def set_filter(self, port: int, flags: int, own_mac: bytes, unicast: list[bytes],
-                   multicast: list[bytes]) -> None:
-        """The receive filter of `port` (flags: lib.VR_NET_RX_*), replaced as a whole."""
-        macs = b"".join(bytes(m) for m in (*unicast, *multicast))
-        if len(own_mac) != 6 or len(macs) != 6 * (len(unicast) + len(multicast)):
-            raise ValueError("MAC addresses are 6 bytes")
-        _check(lib.vr_net_port_set_filter(self._sw, port, flags, bytes(own_mac), macs or b"\0",
-                                          len(unicast), len(multicast)), "set filter")
-
-    def lookup(self, mac: bytes) -> int | None:
-        """The port a MAC was learnt on (and not aged out), or None."""
-        port = lib.vr_net_mac_lookup(self._sw, bytes(mac[:6]).ljust(6, b"\0"))
-        return None if port < 0 else port
-
-    def stats(self, port: int) -> dict[str, int]:
-        s = ffi.new("struct vr_net_stats *")
-        lib.vr_net_port_get_stats(self._sw, port, s)
-        return {k: getattr(s, k) for k in self.STATS}
-
-    def inject(self, port: int, frame: bytes) -> None:
-        """Switch one Ethernet frame as if `port` sent it (SEND_RARP announces)."""
-        _check(lib.vr_net_inject(self._sw, port, frame, len(frame)), "inject")
-
-    def run_tap(self, port: int, ctl_fd: int) -> int:
-        """Read frames from the port's TAP fd until ctl_fd is readable (GIL released)."""
-        return lib.vr_net_tap_run(self._sw, port, ctl_fd)
-
-    def capture_read(self) -> tuple[bytes, int]:
-        """Whole pcap records waiting in the capture ring, and the total drop count."""
-        if self._capbuf is None:
-            return b"", 0
-        n = lib.vr_net_capture_read(self._sw, self._capbuf, len(self._capbuf), self._dropped)
-        return bytes(ffi.buffer(self._capbuf, n)), self._dropped[0]
-
-
-class NetTxEngine:
-    """Native handler of one tx queue: frames go through the switch in C."""
-
-    def __init__(self, switch: NetSwitch, port: int, pair: int) -> None:
-        self.switch, self.port, self.pair = switch, port, pair
-        self._ctx = None
-        self.stats: dict[str, int] = {}
-
-    def _bind(self):
-        if self._ctx is not None:
-            raise ValueError("a NetTxEngine serves one queue at a time")
-        ctx = lib.vr_net_tx_new(self.switch._sw, self.port, self.pair)
-        if ctx == ffi.NULL:
-            raise MemoryError("cannot allocate the net tx engine")
-        self._ctx = ctx
-        return ctx
-
-    def _unbind(self) -> None:
-        if self._ctx is not None:
-            lib.vr_net_tx_free(self._ctx)
-            self._ctx = None
-
-
-class NetRxQueue:
-    """Marks an rx queue of a switch port. It has no worker: other ports' tx
-    workers fill it under its lock, which the control plane also holds while
-    it changes the queue (pause), and which stop() takes to detach it."""
-
-    def __init__(self, switch: NetSwitch, port: int, pair: int) -> None:
-        self.switch, self.port, self.pair = switch, port, pair
-        self.stats: dict[str, int] = {}
-        self._vq: Virtqueue | None = None
-
-    def _attach(self, vq: Virtqueue) -> None:
-        _check(lib.vr_net_rx_attach(self.switch._sw, self.port, self.pair, vq._q), "rx attach")
-        self._vq = vq
-
-    def report_if_broken(self) -> bool:
-        """Log and signal (err eventfd) a ring violation that another port's tx
-        worker met while filling this queue; True the first time."""
-        vq = self._vq
-        if vq is None or not vq.started or not vq.broken or vq._reported:
-            return False
-        vq._report_broken()
-        return True
-
-    def _detach(self) -> None:
-        lib.vr_net_rx_detach(self.switch._sw, self.port, self.pair)
-
-    def _unbind(self) -> None:
-        pass
-
-    def _lock(self) -> None:
-        lib.vr_net_rx_lock(self.switch._sw, self.port, self.pair)
-
-    def _unlock(self) -> None:
-        lib.vr_net_rx_unlock(self.switch._sw, self.port, self.pair)
 
 
 @ffi.def_extern()
@@ -430,7 +235,7 @@ class Virtqueue:
         self._memory: GuestMemory | None = None
         self._native_mem: _NativeMemory | None = None
         self._handler: Any = None
-        self._engine: BlkEngine | None = None
+        self._engine: Engine | None = None
         self._handle = None
         self._thread: threading.Thread | None = None
         self._request: str | None = None
@@ -462,6 +267,19 @@ class Virtqueue:
         return self._memory
 
     @property
+    def native_queue(self) -> Any:
+        """The native `struct vr_queue *`, for device C code that works on this queue
+        (an engine's bind, the vsock data path).  Only valid while started, and only
+        from the thread that runs the queue's handler (or under the engine's lock)."""
+        return self._q
+
+    @property
+    def chain_buffer(self) -> Any:
+        """The `struct vr_chain *` (VR_MAX_SEGS segments) that pops on this queue fill;
+        None while stopped.  Read it back with popped_chain()."""
+        return self._chain
+
+    @property
     def broken(self) -> bool:
         return bool(lib.vr_queue_broken(self._q))
 
@@ -483,7 +301,7 @@ class Virtqueue:
     @property
     def stats(self) -> dict[str, int]:
         """Counters of the current run: requests, kicks, notifies, bytes_read,
-        bytes_written, io_errors, plus the BlkEngine's per-type counters."""
+        bytes_written, io_errors, plus the engine's own counters (Engine.stats)."""
         s = ffi.new("struct vr_stats *")
         lib.vr_queue_get_stats(self._q, s)
         out = {"requests": s.requests, "kicks": s.kicks, "notifies": s.notifies,
@@ -572,9 +390,10 @@ class Virtqueue:
 
     # -- start / stop -------------------------------------------------------------------
     def start(self, memory: GuestMemory, handler: Any = None) -> None:
-        """Start the queue on `memory` with a BlkEngine, a Python callable, or None.
+        """Start the queue on `memory` with an Engine, a Python callable, or None.
 
         With handler=None no worker runs: the caller drives pop/push/notify.
+        An Engine whose bind() returns None runs no worker either (others fill it).
         Raises AddressOutOfRange / VirtqueueError if the rings do not fit.
         """
         if self._started:
@@ -610,24 +429,20 @@ class Virtqueue:
             # requests really were replayed from the front-end's region.
             log.info("queue %d: %d request(s) to resubmit from the inflight region",
                      self.index, len(self.inflight_heads()))
-        if isinstance(handler, NetRxQueue):
-            handler._attach(self)
-            self._engine = handler
-            return
         if handler is None:
             return
         try:
-            if isinstance(handler, BlkEngine):
-                fn, ctx = ffi.addressof(lib, "vr_blk_handle"), handler._bind()
+            if isinstance(handler, Engine):
+                worker = handler.bind(self)
                 self._engine = handler
-            elif isinstance(handler, NetTxEngine):
-                fn, ctx = ffi.addressof(lib, "vr_net_tx_handle"), handler._bind()
-                self._engine = handler
+                if worker is None:
+                    return
+                fn, ctx = worker
             elif callable(handler):
                 self._handle = ffi.new_handle(self)
                 fn, ctx = ffi.addressof(lib, "vr_py_handler"), self._handle
             else:
-                raise TypeError("handler must be a BlkEngine, a callable or None")
+                raise TypeError("handler must be an Engine, a callable or None")
             self._handler = handler
             self._thread = threading.Thread(target=self._worker, args=(fn, ctx),
                                             name=f"vq{self.index}", daemon=True)
@@ -650,11 +465,11 @@ class Virtqueue:
                     self._cond.notify_all()
                 os.eventfd_write(self._ctl, 1)
                 t.join()
-            if isinstance(self._engine, NetRxQueue):
-                self._engine._detach()
+            if self._engine is not None:
+                self._engine.detach()
             lib.vr_queue_stop(self._q)
             if self._engine is not None:
-                self._engine._unbind()
+                self._engine.unbind()
             self._native_mem.release()
             self._release_inflight()
             self._memory.release()
@@ -727,10 +542,13 @@ class Virtqueue:
             _check(rc, f"queue {self.index}: pop", self._q)
         if rc == 0:
             return None
-        return self._popped()
+        return self.popped_chain()
 
-    def _popped(self) -> Chain:
-        """The chain a native pop left in the queue's chain buffer, as a Chain."""
+    def popped_chain(self) -> Chain:
+        """The chain the last native pop left in `chain_buffer`, as a Chain.
+
+        For device C code that pops on this queue and hands a chain back to
+        Python (vsock's slow path); only meaningful right after such a pop."""
         c = self._chain
         segs = [(s.region, s.offset, s.len) for s in (c.segs[k] for k in range(c.nseg))]
         return Chain(c.head, segs[:c.nread], segs[c.nread:], self._memory)
@@ -807,6 +625,14 @@ class Virtqueue:
                 if self._request == "stop":
                     return
 
+    def report_broken(self) -> bool:
+        """Log and signal (err eventfd) a ring violation that another thread met on
+        this started queue (a worker-less engine's writers); True the first time."""
+        if not self._started or not self.broken or self._reported:
+            return False
+        self._report_broken()
+        return True
+
     def _report_broken(self) -> None:
         if self._reported:
             return
@@ -829,12 +655,12 @@ class _Pause:
     def __init__(self, vq: Virtqueue) -> None:
         self.vq = vq
         self.active = False
-        self.locked: NetRxQueue | None = None
+        self.locked: Engine | None = None
 
     def __enter__(self) -> None:
         vq = self.vq
-        if isinstance(vq._engine, NetRxQueue) and vq._started:
-            vq._engine._lock()  # other ports' tx workers write this rx queue
+        if vq._started and vq._engine is not None and vq._thread is None:
+            vq._engine.lock()  # a worker-less engine: other threads write this queue
             self.locked = vq._engine
             return
         t = vq._thread
@@ -850,7 +676,7 @@ class _Pause:
 
     def __exit__(self, *exc: object) -> None:
         if self.locked is not None:
-            self.locked._unlock()
+            self.locked.unlock()
             return
         if not self.active:
             return

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from vhost_user.device import VirtioDevice, queue_size_problem
 from vhost_user.errors import DeviceError
 from vhost_user.protocol import ProtocolFeature
-from vhost_user.virtqueue import BlkEngine
+from .engine import BlkEngine
 
 from .config import BlkConfig
 from .request import ID_BYTES, SECTOR_SIZE, BlkFeature

@@ -19,7 +19,8 @@ import os
 import struct
 import time
 
-from vhost_user.virtqueue import BlkEngine, Virtqueue
+from vhost_user.backends.blk.engine import BlkEngine
+from vhost_user.virtqueue import Virtqueue
 
 from vhost_user.fuzzing.guestram import FuzzRam
 from vhost_user.fuzzing.reader import ByteReader

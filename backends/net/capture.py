@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import BinaryIO
 
 from vhost_user.pcap import RingDrainer, pcap_header
-from vhost_user.virtqueue import NetSwitch
+from .engine import NetSwitch
 
 __all__ = ["PcapWriter", "pcap_global_header"]
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from vhost_user.device import VirtioDevice, queue_size_problem
 from vhost_user.errors import DeviceError
 from vhost_user.protocol import ProtocolFeature
-from vhost_user.virtqueue import NetRxQueue, NetSwitch, NetTxEngine
+from .engine import NetRxQueue, NetSwitch, NetTxEngine
 
 from .ctrl import NetControl
 from .header import OFFLOAD_FEATURES, NetFeature

@@ -23,7 +23,7 @@ import threading
 import time
 
 from vhost_user.backends.net.header import HEADER_SIZE, OFFLOAD_FEATURES, NetHeader
-from vhost_user.virtqueue import NetSwitch
+from vhost_user.backends.net.engine import NetSwitch
 
 from vhost_user.fuzzing.reader import ByteReader
 

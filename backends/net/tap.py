@@ -17,7 +17,7 @@ import struct
 import threading
 
 from vhost_user.errors import DeviceError
-from vhost_user.virtqueue import NetSwitch
+from .engine import NetSwitch
 
 from .header import OFFLOAD_FEATURES
 

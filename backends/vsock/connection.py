@@ -17,7 +17,7 @@ socket. Bytes flow two ways, each under the virtio-vsock credit rules
   through the kernel socket buffer, and we ask with CREDIT_REQUEST.
 
 The counters, the state and the flags the C data path reads live in a
-native record (`vhost_user.vsock_fastpath.ConnCounters`), exposed here as
+native record (`fastpath.ConnCounters`), exposed here as
 plain attributes: C (established stream RW packets) and Python (everything
 else) update one copy. The object holds no lock: the device serialises
 access with its own lock, also around the C calls.
@@ -29,7 +29,7 @@ import enum
 import socket
 from collections import deque
 
-from vhost_user.vsock_fastpath import ConnCounters, credit as _native_credit, credit_update_due
+from .fastpath import ConnCounters, credit as _native_credit, credit_update_due
 
 from .packet import SockType
 

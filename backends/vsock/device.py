@@ -5,7 +5,7 @@ Theory of operation
 Three threads touch a VM's connections, under one device lock:
 
 * the tx queue's worker (`_tx_handler`, called on every guest kick) first
-  lets C (`vsock_fastpath.tx_burst`) write RW packets of established
+  lets C (`fastpath.tx_burst`) write RW packets of established
   stream connections to their host sockets, straight from guest memory,
   in bursts; every other packet comes back to Python, which parses it and
   runs the connection state machine (dispatch table `_HOST_OPS`);
@@ -49,7 +49,7 @@ from dataclasses import dataclass, field, replace
 from vhost_user.device import VirtioDevice, queue_size_problem
 from vhost_user.errors import DeviceError
 from vhost_user.protocol import ProtocolFeature
-from vhost_user import vsock_fastpath as fast
+from . import fastpath as fast
 
 from . import guestio
 from .connection import Conn, ConnState

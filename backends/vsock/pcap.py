@@ -28,7 +28,7 @@ import struct
 import sys
 
 from vhost_user.pcap import RingDrainer, pcap_header
-from vhost_user.vsock_fastpath import CaptureRing
+from .fastpath import CaptureRing
 
 from .packet import HEADER_SIZE, Header, Op
 

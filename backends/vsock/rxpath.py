@@ -7,7 +7,7 @@ whenever another thread wakes it. It sends, in order: queued control
 packets (RESPONSE, RST, SHUTDOWN, credit messages, sibling VMs' packets,
 cut to the size of each rx buffer), then data from host sockets that are
 readable, read straight into guest buffers, never more than the guest's
-credit: by C (`vsock_fastpath.rx_fill`, one readv across up to 16
+credit: by C (`fastpath.rx_fill`, one readv across up to 16
 buffers, headers written in place) for established stream connections,
 by one `recvmsg_into` per buffer otherwise (SEQPACKET records, CONNECT
 leftovers, no credit). Under `--pcap` C appends what it fills to the
@@ -25,7 +25,7 @@ import logging
 import socket
 from dataclasses import replace
 
-from vhost_user import vsock_fastpath as fast
+from . import fastpath as fast
 
 from . import guestio
 from .connection import Conn, ConnState

@@ -119,7 +119,7 @@ def test_fuzz_entry_point_lists_every_target():
 def test_fuzz_vsock_target_reaches_the_c_data_path(monkeypatch):
     """The vsock-packet seed for C really has C finish an RW packet (atheris only sees
     Python coverage, so without this seed the C path could go unfuzzed unnoticed)."""
-    from vhost_user import vsock_fastpath as fast
+    from vhost_user.backends.vsock import fastpath as fast
     from vhost_user.backends.vsock import device
     from vhost_user.backends.vsock import fuzz as vsock_packet
 

@@ -9,7 +9,8 @@ import pytest
 
 from ringlayout import GuestRam, SplitRing, count_events, wait_for
 from vhost_user.errors import VirtqueueError
-from vhost_user.virtqueue import BlkEngine, Virtqueue
+from vhost_user.backends.blk.engine import BlkEngine
+from vhost_user.virtqueue import Virtqueue
 
 MB = 1 << 20
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13

@@ -9,7 +9,8 @@ import pytest
 
 from ringlayout import SplitRing, wait_for
 from vhost_user.errors import VirtqueueError
-from vhost_user.virtqueue import BlkEngine, Virtqueue, inflight_queue_size
+from vhost_user.backends.blk.engine import BlkEngine
+from vhost_user.virtqueue import Virtqueue, inflight_queue_size
 
 HDR = struct.Struct("<QHHHH")
 DESC = struct.Struct("<B5xHQ")

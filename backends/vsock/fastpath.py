@@ -9,6 +9,8 @@ record of one connection (credit counters, state, fd) that the Python
 `ConnTable` indexes the records for the tx side. `tx_burst` and `rx_fill`
 run with the GIL released; the device calls them from its queue handlers
 while holding its own lock, which serialises every access to a record.
+They reach the queue through Virtqueue's public native API (native_queue,
+chain_buffer, popped_chain).
 `CaptureRing` is the bounded C ring (csrc/capture.c) both paths append
 vsockmon frames to under `--pcap`, so capturing keeps the bytes in C.
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vhost_user._native import ffi, lib
-from vhost_user.virtqueue import Chain, Virtqueue, _check
+from vhost_user.virtqueue import Chain, Virtqueue, check_native
 
 __all__ = ["ConnCounters", "ConnTable", "TxOutcome", "RxOutcome", "tx_burst", "rx_fill",
            "TX_EMPTY", "TX_MORE", "TX_SLOW", "TX_PARTIAL", "TX_ATTENTION",
@@ -126,13 +128,13 @@ def tx_burst(vq: Virtqueue, table: ConnTable, guest_cid: int, max_packets: int =
     Python must see (its chain comes back popped) or that needs Python afterwards.
     With `capture`, C appends each packet it finishes to that ring."""
     res = ffi.new("struct vs_tx_result *")
-    _check(lib.vs_tx_burst(vq._q, table._t, guest_cid, vq._chain, max_packets, _ring(capture), res),
-           "vsock tx")
+    check_native(lib.vs_tx_burst(vq.native_queue, table._t, guest_cid, vq.chain_buffer, max_packets,
+                                 _ring(capture), res), "vsock tx")
     out = TxOutcome(res.status, res.packets, res.bytes, res.sent)
     if res.conn != ffi.NULL:
         out.conn_key = (res.conn.peer_cid, res.conn.host_port, res.conn.guest_port)
     if res.status in (TX_SLOW, TX_PARTIAL):
-        out.chain = vq._popped()
+        out.chain = vq.popped_chain()
     return out
 
 
@@ -141,8 +143,8 @@ def rx_fill(vq: Virtqueue, rec, guest_cid: int, max_packets: int = BURST,
     """Read the host socket of `rec` straight into up to `max_packets` rx buffers
     (each filled one appended to `capture`, when given)."""
     res = ffi.new("struct vs_rx_result *")
-    _check(lib.vs_rx_fill(vq._q, rec, guest_cid, vq._chain, max_packets, _ring(capture), res),
-           "vsock rx")
+    check_native(lib.vs_rx_fill(vq.native_queue, rec, guest_cid, vq.chain_buffer, max_packets,
+                                _ring(capture), res), "vsock rx")
     return RxOutcome(res.status, res.packets, res.bytes, res.err)
 
 
