@@ -25,7 +25,7 @@ from harness.fixtures import require_tool
 pytestmark = pytest.mark.guest
 
 MiB = 1 << 20
-SOAK_SECONDS = float(os.environ.get("VHOST_USER_SOAK_SECONDS", "45"))
+SOAK_SECONDS = float(os.environ.get("VHOST_USER_SOAK_SECONDS", "25"))
 PATTERN_OFFSET_MB, PATTERN_MB = 20, 4
 STOP_OFFSET = 31 * MiB  # the host tells the guest's fio loop to finish by writing here
 
