@@ -192,7 +192,7 @@ ffibuilder.set_source(
     '#include "vring.h"\n#include "blk.h"\n#include "net.h"\n#include "vsock.h"\n#include "capture.h"\n',
     sources=SOURCES,
     include_dirs=[HERE],
-    depends=[os.path.join("csrc", f) for f in ("vring.h", "blk.h", "net.h", "net_offload.h", "net_filter.h", "vsock.h", "capture.h")],
+    depends=[os.path.join("csrc", f) for f in ("clock.h", "vring.h", "blk.h", "net.h", "net_offload.h", "net_filter.h", "vsock.h", "capture.h")],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )
 

@@ -1,4 +1,5 @@
 /* drvvsock.c: see drvvsock.h. */
+#include "clock.h"
 #include "drvvsock.h"
 
 #include <stdlib.h>
@@ -38,13 +39,6 @@ struct run {
     int update_due;    /* a CREDIT_UPDATE waits for a free tx slot */
     uint64_t first_rx, last_rx;
 };
-
-static uint64_t mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 /* Offset of [gpa, gpa + len) in the queue's area, or UINT64_MAX when outside. */
 static uint64_t area_offset(const struct drv_queue *q, uint64_t gpa, uint64_t len)
@@ -111,7 +105,7 @@ static int reap_tx(struct run *r, uint64_t *last_done)
         r->tx_free[r->nfree++] = slot;
     }
     if (n > 0)
-        *last_done = mono_ns();
+        *last_done = vr_clock_ns();
     return n;
 }
 
@@ -164,7 +158,7 @@ static int on_packet(struct run *r, const struct vsock_hdr *h, uint32_t used_len
         c->fwd_cnt += h->len; /* consumed at once */
         s->rx_bytes += h->len;
         if (h->len) {
-            uint64_t now = mono_ns();
+            uint64_t now = vr_clock_ns();
             if (!r->first_rx)
                 r->first_rx = now;
             r->last_rx = now;
@@ -270,7 +264,7 @@ int drv_vsock_bench(struct drv_queue *tx, struct drv_queue *rx, struct drv_vsock
         r.tx_free[r.nfree++] = i;
     }
     int g2h = p->direction == DRV_VSOCK_G2H, ended = 0, asked = 0;
-    uint64_t start = mono_ns(), now = start, last_progress = start, last_tx = start, stop = 0;
+    uint64_t start = vr_clock_ns(), now = start, last_progress = start, last_tx = start, stop = 0;
     for (;;) {
         int progress = 0;
         if ((rc = reap_tx(&r, &last_tx)) < 0)
@@ -286,7 +280,7 @@ int drv_vsock_bench(struct drv_queue *tx, struct drv_queue *rx, struct drv_vsock
             r.update_due = 0;
             s->credit_updates++;
         }
-        now = mono_ns();
+        now = vr_clock_ns();
         if (!stop && (ended || (p->duration_ns && now - start >= p->duration_ns)))
             stop = now;
         uint32_t pkt = p->write_size;
