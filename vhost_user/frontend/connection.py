@@ -38,12 +38,14 @@ from vhost_user.protocol import (
     Message,
     MessageDecoder,
     ProtocolFeature as PF,
+    ReplyKind,
     SingleMemoryRegion,
     U64,
     VirtioFeature,
     VringAddress,
     VringFdRequest,
     VringState,
+    reply_kind,
     spec_for,
 )
 
@@ -138,10 +140,11 @@ class Frontend:
         msg = Message.make(request, payload if payload is not None else Empty(), fds=tuple(fds),
                            need_reply=want_ack)
         self.channel.send(msg)
-        if spec.reply is None and not want_ack:
+        kind = reply_kind(request, msg.flags, reply_ack=self.has_protocol_feature(PF.REPLY_ACK))
+        if kind is ReplyKind.NONE:
             return None
         reply = self._receive_reply(request)
-        if spec.reply is None:
+        if kind is ReplyKind.ACK:
             if reply.payload.value != 0:
                 raise FrontendError(f"back-end NACKed {request.name} ({reply.payload.value:#x})")
             return None
