@@ -18,7 +18,7 @@ import pytest
 from backends_proc import start_blk
 from vhost_user.backends.blk.driver import BlkDriver
 from vhost_user.frontend import Frontend
-from vhost_user.frontend.splitring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, write_desc
+from vhost_user.frontend.splitring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, append_avail, write_desc
 from vhost_user.protocol import (
     HEADER_SIZE,
     FrontendRequest as R,
@@ -68,11 +68,7 @@ class RawRing:
         write_desc(self.ram, base, i, addr, length, flags, nxt)
 
     def publish(self, head: int, avail_idx: int | None = None) -> None:
-        avail = self.q.ring.avail_gpa
-        idx = struct.unpack("<H", self.ram.read(avail + 2, 2))[0]
-        self.ram.write(avail + 4 + 2 * (idx % self.q.size), struct.pack("<H", head))
-        new = (idx + 1) & 0xFFFF if avail_idx is None else avail_idx
-        self.ram.write(avail + 2, struct.pack("<H", new))
+        append_avail(self.ram, self.q.ring.avail_gpa, self.q.size, head, avail_idx)
         os.eventfd_write(self.q.kick_fd, 1)
 
 

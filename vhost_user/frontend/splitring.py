@@ -3,7 +3,8 @@
 The built-in front-end drives back-ends through the C ring (driver_ring.py,
 csrc/driver.c), which only ever writes well-formed rings. Tests and fuzz
 targets must also write the rings a malicious driver would, so this is the
-one Python writer of the split-ring layout: `write_desc` / `write_avail` put
+one Python writer of the split-ring layout: `write_desc` / `write_avail` /
+`append_avail` put
 any descriptor or avail ring (loops, out-of-range next, nested indirect,
 addresses outside memory) into a `GuestRam`, and `SplitRing` builds on them:
 it lays a queue out, builds chains (direct, indirect, crossing regions),
@@ -16,7 +17,7 @@ import struct
 
 from .guestram import GuestRam
 
-__all__ = ["SplitRing", "write_desc", "write_avail", "DESC", "DESC_F_NEXT", "DESC_F_WRITE",
+__all__ = ["SplitRing", "write_desc", "write_avail", "append_avail", "DESC", "DESC_F_NEXT", "DESC_F_WRITE",
            "DESC_F_INDIRECT", "AVAIL_F_NO_INTERRUPT", "USED_F_NO_NOTIFY"]
 
 DESC_F_NEXT = 1
@@ -38,6 +39,17 @@ def write_desc(ram: GuestRam, table: int, i: int, addr: int, length: int, flags:
 def write_avail(ram: GuestRam, avail: int, flags: int, idx: int, heads=()) -> None:
     """avail->flags, avail->idx and the first len(heads) ring entries."""
     ram.write(avail, struct.pack(f"<HH{len(heads)}H", flags, idx, *heads))
+
+
+def append_avail(ram: GuestRam, avail: int, num: int, head: int, idx: int | None = None) -> int:
+    """Put `head` in the next avail slot after the avail->idx now in memory, then store
+    avail->idx + 1 (or `idx`, to make it jump); returns the stored index. Publishes by
+    hand behind the back of a ring's owner (the C driver ring), as a malicious driver would."""
+    old = ram.u16(avail + 2)
+    ram.put_u16(avail + 4 + 2 * (old % num), head)
+    new = (old + 1) & 0xFFFF if idx is None else idx & 0xFFFF
+    ram.put_u16(avail + 2, new)
+    return new
 
 
 class SplitRing:
