@@ -8,6 +8,7 @@
 
 #include "vring.h"
 
+/* cdef-begin */
 #define VR_BLK_SERIAL_LEN 20
 
 struct vr_blk_config {
@@ -35,5 +36,7 @@ struct vr_blk *vr_blk_new(const struct vr_blk_config *cfg);
 void vr_blk_free(struct vr_blk *b);
 int vr_blk_handle(void *ctx, struct vr_queue *q);
 void vr_blk_get_stats(const struct vr_blk *b, struct vr_blk_stats *out);
+
+/* cdef-end */
 
 #endif

@@ -19,6 +19,7 @@
 #include <stdint.h>
 #include <sys/uio.h>
 
+/* cdef-begin */
 #define VR_CAPTURE_RECORD_HDR 16u       /* struct pcaprec_hdr */
 #define VR_CAPTURE_MAX_SNAPLEN 262144u  /* tcpdump's MAXIMUM_SNAPLEN */
 
@@ -47,5 +48,7 @@ void vr_capture_put(struct vr_capture *cap, const uint8_t *frame, uint32_t len);
 uint32_t vr_capture_read(struct vr_capture *cap, uint8_t *buf, uint32_t bufcap,
                          uint64_t *dropped);
 void vr_capture_get_stats(struct vr_capture *cap, struct vr_capture_stats *out);
+
+/* cdef-end */
 
 #endif

@@ -3,6 +3,7 @@
  * benchmark loop. See driver.h for the theory of operation.
  */
 #define _GNU_SOURCE
+#include "clock.h"
 #include "driver.h"
 
 #include <errno.h>
@@ -56,13 +57,6 @@ struct vring_used {
 enum { RING_DESC, RING_AVAIL, RING_USED };
 
 /* ---- small helpers ---------------------------------------------------- */
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 static uint64_t align_up(uint64_t v, uint64_t a)
 {
@@ -524,14 +518,14 @@ static uint32_t bench_complete(struct bench *b, uint16_t head, uint64_t now)
 static int bench_wait(struct bench *b)
 {
     struct drv_queue *q = b->q;
-    uint64_t deadline = now_ns() + b->p->spin_ns;
-    while (b->p->spin_ns && now_ns() < deadline)
+    uint64_t deadline = vr_clock_ns() + b->p->spin_ns;
+    while (b->p->spin_ns && vr_clock_ns() < deadline)
         if (used_idx_acquire(q) != q->last_used)
             return 1;
     uint64_t stall = b->p->stall_timeout_ns ? b->p->stall_timeout_ns : 10000000000ull;
-    uint64_t give_up = now_ns() + stall;
+    uint64_t give_up = vr_clock_ns() + stall;
     for (;;) {
-        uint64_t now = now_ns();
+        uint64_t now = vr_clock_ns();
         if (now >= give_up)
             return DRV_E_TIMEOUT;
         int rc = drv_wait(q, (int64_t)(give_up - now));
@@ -561,10 +555,10 @@ int drv_blk_bench(struct drv_queue *q, const struct drv_bench_params *p, struct 
             memset(q->area + p->data_offset + i * b.data_stride, (int)(0xa5 ^ (p->seed & 0xff)),
                    p->block_size);
     uint64_t kicks0 = q->kicks, wakeups0 = q->wakeups, t_last;
-    b.t_start = t_last = now_ns();
+    b.t_start = t_last = vr_clock_ns();
 
     for (uint32_t i = 0; i < p->queue_depth && may_submit(&b, b.t_start); i++)
-        bench_submit(&b, i, now_ns());
+        bench_submit(&b, i, vr_clock_ns());
     rc = drv_kick(q);
 
     struct drv_used_elem done[64];
@@ -578,7 +572,7 @@ int drv_blk_bench(struct drv_queue *q, const struct drv_bench_params *p, struct 
             rc = bench_wait(&b);
             continue;
         }
-        uint64_t now = t_last = now_ns();
+        uint64_t now = t_last = vr_clock_ns();
         /* Account for the whole batch before resubmitting: a new chain may
          * reuse a freed head whose cookie and stamp are still unread. */
         for (int i = 0; i < n; i++)

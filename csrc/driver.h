@@ -28,6 +28,7 @@
 
 #include <stdint.h>
 
+/* cdef-begin */
 #define DRV_MAX_QUEUE_SIZE 32768 /* 2.7: split queue size is a power of 2 <= 32768 */
 #define DRV_BLK_HDR_SIZE 16      /* virtio-blk request header: type, reserved, sector */
 #define DRV_BLK_SLOT_META 32     /* header + status byte, padded */
@@ -165,5 +166,7 @@ int drv_wait(struct drv_queue *q, int64_t timeout_ns);
 uint64_t drv_bench_area_size(uint32_t block_size, uint32_t queue_depth);
 int drv_blk_bench(struct drv_queue *q, const struct drv_bench_params *p, struct drv_bench_stats *s);
 uint64_t drv_hist_percentile(const struct drv_bench_stats *s, double fraction);
+
+/* cdef-end */
 
 #endif

@@ -1,4 +1,5 @@
 /* drvnet.c: see drvnet.h. */
+#include "clock.h"
 #include "drvnet.h"
 
 #include <stdlib.h>
@@ -6,13 +7,6 @@
 #include <time.h>
 
 #define REAP 256
-
-static uint64_t mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 /* The slot of a chain is kept in the driver-private cookie of its head, so
  * rx buffers left posted by one run are recognised by the next. */
@@ -52,7 +46,7 @@ int drv_net_bench(struct drv_queue *tx, struct drv_queue *rx,
                 goto out;
     rc = DRV_OK;
     drv_kick(rx);
-    uint64_t start = mono_ns(), last_progress = start, now = start, end = 0;
+    uint64_t start = vr_clock_ns(), last_progress = start, now = start, end = 0;
     /* Send for duration_ns, then only reap until every tx chain is back and
      * 2 ms pass without a frame (at most 1 s), so each run accounts for what
      * it sent. */
@@ -119,7 +113,7 @@ int drv_net_bench(struct drv_queue *tx, struct drv_queue *rx,
             drv_kick(rx);
             progress = 1;
         }
-        now = mono_ns();
+        now = vr_clock_ns();
         if (progress) {
             last_progress = now;
         } else if (now - last_progress > p->stall_timeout_ns) {
@@ -127,7 +121,7 @@ int drv_net_bench(struct drv_queue *tx, struct drv_queue *rx,
             goto out;
         } else if (end || nfree == 0 || tx->num_free == 0) {
             drv_wait(rx, 200000);   /* nothing to send: sleep until rx or 0.2 ms */
-            now = mono_ns();
+            now = vr_clock_ns();
         }
     }
     s->elapsed_ns = end - start;

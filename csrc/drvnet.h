@@ -11,6 +11,7 @@
 
 #include "driver.h"
 
+/* cdef-begin */
 struct drv_net_bench_params {
     uint32_t hdr_len;        /* virtio-net header bytes (12 or 10) */
     uint32_t frame_len;      /* Ethernet frame bytes (without header) */
@@ -34,5 +35,7 @@ struct drv_net_bench_stats {
 
 int drv_net_bench(struct drv_queue *tx, struct drv_queue *rx,
                   const struct drv_net_bench_params *p, struct drv_net_bench_stats *s);
+
+/* cdef-end */
 
 #endif

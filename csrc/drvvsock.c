@@ -1,5 +1,7 @@
 /* drvvsock.c: see drvvsock.h. */
+#include "clock.h"
 #include "drvvsock.h"
+#include "vsock_hdr.h" /* struct vs_hdr (5.10.6), shared with the device side */
 
 #include <stdlib.h>
 #include <string.h>
@@ -11,20 +13,7 @@
 enum { OP_REQUEST = 1, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW, OP_CREDIT_UPDATE, OP_CREDIT_REQUEST };
 #define TYPE_STREAM 1
 
-/* 5.10.6: the packet header, little-endian, packed (44 bytes). */
-struct __attribute__((packed)) vsock_hdr {
-    uint64_t src_cid;
-    uint64_t dst_cid;
-    uint32_t src_port;
-    uint32_t dst_port;
-    uint32_t len;
-    uint16_t type;
-    uint16_t op;
-    uint32_t flags;
-    uint32_t buf_alloc;
-    uint32_t fwd_cnt;
-};
-_Static_assert(sizeof(struct vsock_hdr) == DRV_VSOCK_HDR_SIZE, "virtio-vsock header is 44 bytes");
+_Static_assert(DRV_VSOCK_HDR_SIZE == VS_HDR_SIZE, "the driver and the device agree on the header size");
 
 struct run {
     struct drv_queue *tx, *rx;
@@ -38,13 +27,6 @@ struct run {
     int update_due;    /* a CREDIT_UPDATE waits for a free tx slot */
     uint64_t first_rx, last_rx;
 };
-
-static uint64_t mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 /* Offset of [gpa, gpa + len) in the queue's area, or UINT64_MAX when outside. */
 static uint64_t area_offset(const struct drv_queue *q, uint64_t gpa, uint64_t len)
@@ -70,7 +52,7 @@ static int send_packet(struct run *r, uint16_t op, uint32_t len)
     uint32_t slot = r->tx_free[--r->nfree];
     struct drv_vsock_slot *ts = &r->tx_slots[slot];
     struct drv_vsock_conn *c = r->c;
-    struct vsock_hdr h = {
+    struct vs_hdr h = {
         .src_cid = c->local_cid, .dst_cid = c->peer_cid,
         .src_port = c->local_port, .dst_port = c->peer_port,
         .len = len, .type = TYPE_STREAM, .op = op, .flags = 0,
@@ -111,7 +93,7 @@ static int reap_tx(struct run *r, uint64_t *last_done)
         r->tx_free[r->nfree++] = slot;
     }
     if (n > 0)
-        *last_done = mono_ns();
+        *last_done = vr_clock_ns();
     return n;
 }
 
@@ -134,14 +116,14 @@ static int post_rx(struct run *r, uint32_t slot)
     return DRV_OK;
 }
 
-static int is_ours(const struct drv_vsock_conn *c, const struct vsock_hdr *h)
+static int is_ours(const struct drv_vsock_conn *c, const struct vs_hdr *h)
 {
     return h->dst_cid == c->local_cid && h->src_cid == c->peer_cid && h->dst_port == c->local_port &&
            h->src_port == c->peer_port && h->type == TYPE_STREAM;
 }
 
 /* One received packet: update credit and counters; 1 when it ends the run. */
-static int on_packet(struct run *r, const struct vsock_hdr *h, uint32_t used_len)
+static int on_packet(struct run *r, const struct vs_hdr *h, uint32_t used_len)
 {
     struct drv_vsock_conn *c = r->c;
     struct drv_vsock_bench_stats *s = r->s;
@@ -164,7 +146,7 @@ static int on_packet(struct run *r, const struct vsock_hdr *h, uint32_t used_len
         c->fwd_cnt += h->len; /* consumed at once */
         s->rx_bytes += h->len;
         if (h->len) {
-            uint64_t now = mono_ns();
+            uint64_t now = vr_clock_ns();
             if (!r->first_rx)
                 r->first_rx = now;
             r->last_rx = now;
@@ -205,7 +187,7 @@ static int reap_rx(struct run *r, int *ended)
             r->s->errors++;
             continue;
         }
-        struct vsock_hdr h;
+        struct vs_hdr h;
         memcpy(&h, r->rx->area + (r->rx_slots[slots[i]].gpa - r->rx->gpa_base), sizeof(h));
         if (!*ended && on_packet(r, &h, used[i].len))
             *ended = 1;
@@ -270,7 +252,7 @@ int drv_vsock_bench(struct drv_queue *tx, struct drv_queue *rx, struct drv_vsock
         r.tx_free[r.nfree++] = i;
     }
     int g2h = p->direction == DRV_VSOCK_G2H, ended = 0, asked = 0;
-    uint64_t start = mono_ns(), now = start, last_progress = start, last_tx = start, stop = 0;
+    uint64_t start = vr_clock_ns(), now = start, last_progress = start, last_tx = start, stop = 0;
     for (;;) {
         int progress = 0;
         if ((rc = reap_tx(&r, &last_tx)) < 0)
@@ -286,7 +268,7 @@ int drv_vsock_bench(struct drv_queue *tx, struct drv_queue *rx, struct drv_vsock
             r.update_due = 0;
             s->credit_updates++;
         }
-        now = mono_ns();
+        now = vr_clock_ns();
         if (!stop && (ended || (p->duration_ns && now - start >= p->duration_ns)))
             stop = now;
         uint32_t pkt = p->write_size;

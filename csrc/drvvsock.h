@@ -38,6 +38,7 @@
 
 #include "driver.h"
 
+/* cdef-begin */
 #define DRV_VSOCK_HDR_SIZE 44
 #define DRV_VSOCK_MAX_PAYLOAD 65536
 #define DRV_VSOCK_NO_HEAD 0xffffffffu
@@ -96,5 +97,7 @@ int drv_vsock_bench(struct drv_queue *tx, struct drv_queue *rx, struct drv_vsock
                     struct drv_vsock_slot *tx_slots, uint32_t n_tx,
                     struct drv_vsock_slot *rx_slots, uint32_t n_rx,
                     const struct drv_vsock_bench_params *p, struct drv_vsock_bench_stats *s);
+
+/* cdef-end */
 
 #endif

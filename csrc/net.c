@@ -12,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "capture.h"
 #include "net.h"
 #include "net_filter.h"
@@ -76,13 +77,6 @@ struct vr_net_tx {
 
 #define STAT(p, field, n) __atomic_fetch_add(&(p)->stats.field, (n), __ATOMIC_RELAXED)
 #define TXSTAT(t, field, n) ((t)->st->field += (n))
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 static inline uint16_t le16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
 static inline void put_le16(uint8_t *p, uint16_t v) { p[0] = v & 0xff; p[1] = v >> 8; }
@@ -298,7 +292,7 @@ static int switch_lookup(struct vr_net_switch *sw, const uint8_t *eth, int src, 
 int vr_net_mac_lookup(struct vr_net_switch *sw, const uint8_t *mac)
 {
     pthread_mutex_lock(&sw->mac_lock);
-    int port = lookup_locked(sw, mac_key(mac), now_ns());
+    int port = lookup_locked(sw, mac_key(mac), vr_clock_ns());
     pthread_mutex_unlock(&sw->mac_lock);
     return port;
 }
@@ -603,7 +597,7 @@ int vr_net_tx_handle(void *ctx, struct vr_queue *q)
     uint32_t lens[BATCH] = {0};
     uint32_t n = 0;
     uint32_t hl = hdr_len_of(__atomic_load_n(&sp->features, __ATOMIC_ACQUIRE));
-    t->now = now_ns();
+    t->now = vr_clock_ns();
     while (n < BATCH) {
         struct vr_chain c = {.cap = VR_MAX_SEGS, .segs = t->segs};
         int rc = vr_pop(q, &c);
@@ -639,7 +633,7 @@ int vr_net_inject(struct vr_net_switch *sw, int port, const uint8_t *frame, uint
     struct vr_net_tx *t = vr_net_tx_new(sw, port, VR_NET_MAX_QP);
     if (!t)
         return -VR_E_NOMEM;
-    t->now = now_ns();
+    t->now = vr_clock_ns();
     memset(t->frame, 0, 12);
     memcpy(t->frame + 12, frame, len);
     /* Injected frames carry a plain header; judge it as a VERSION_1 port. */
@@ -678,7 +672,7 @@ int vr_net_tap_run(struct vr_net_switch *sw, int port, int ctl_fd)
             rc = -VR_E_STATE;
             break;
         }
-        t->now = now_ns();
+        t->now = vr_clock_ns();
         for (int k = 0; k < BATCH; k++) {
             ssize_t n = read(p->tap_fd, t->frame, 12 + VR_NET_MAX_FRAME);
             if (n < 0)

@@ -42,6 +42,7 @@
 
 #include "vring.h"
 
+/* cdef-begin */
 #define VR_NET_MAX_PORTS 64
 #define VR_NET_MAX_QP 16
 /* Largest Ethernet frame accepted (64 KiB GSO packet plus L2 header). */
@@ -110,5 +111,7 @@ int vr_net_tap_run(struct vr_net_switch *sw, int port, int ctl_fd);
 
 uint32_t vr_net_capture_read(struct vr_net_switch *sw, uint8_t *buf, uint32_t cap,
                              uint64_t *dropped);
+
+/* cdef-end */
 
 #endif

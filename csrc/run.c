@@ -17,14 +17,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "vring.h"
-
-static uint64_t now_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
-}
 
 static void drain(int fd)
 {
@@ -97,9 +91,9 @@ int vr_run(struct vr_queue *q, int ctl_fd, vr_handler_fn fn, void *ctx,
         if (poll_us) {
             /* Brief busy-poll before sleeping: saves a kick and a
              * wake-up when the driver is submitting back to back. */
-            uint64_t deadline = now_us() + poll_us;
+            uint64_t deadline = vr_clock_ns() + (uint64_t)poll_us * 1000u;
             unsigned spins = 0;
-            while (now_us() < deadline) {
+            while (vr_clock_ns() < deadline) {
                 if (vr_avail_pending(q)) {
                     work = 1;
                     break;

@@ -27,6 +27,9 @@
 #include <stdint.h>
 #include <sys/uio.h>
 
+/* cdef-begin */
+/* cdef: struct iovec { ...; }; */
+
 #define VR_MAX_REGIONS 32
 #define VR_MAX_QUEUE_SIZE 32768
 #define VR_MAX_SEGS 1088 /* IOV_MAX data segments + header/status slack */
@@ -121,6 +124,8 @@ struct vr_queue;
 typedef int (*vr_handler_fn)(void *ctx, struct vr_queue *q);
 
 /* Opaque in Python; Python uses the accessor functions below. */
+/* cdef: struct vr_queue { ...; }; */
+/* cdef-end */
 struct vr_queue {
     uint32_t index;
     uint32_t num;
@@ -150,7 +155,7 @@ struct vr_queue {
     char errmsg[160];
     struct vr_stats stats;
 };
-
+/* cdef-begin */
 /* memory.c */
 int vr_mem_translate(const struct vr_mem *m, uint64_t gpa, uint64_t len,
                      struct vr_seg *segs, uint32_t cap, uint32_t *nseg);
@@ -178,9 +183,10 @@ void vr_queue_fini(struct vr_queue *q);
 int vr_queue_broken(const struct vr_queue *q);
 const char *vr_queue_error(const struct vr_queue *q);
 void vr_queue_get_stats(const struct vr_queue *q, struct vr_stats *out);
+/* cdef-end */
 int vr_queue_fail(struct vr_queue *q, int code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
-
+/* cdef-begin */
 /* vring.c: data path */
 int vr_pop(struct vr_queue *q, struct vr_chain *c);
 int vr_pop_batch(struct vr_queue *q, struct vr_chain *chains, uint32_t n);
@@ -216,6 +222,8 @@ int vr_inflight_list(const struct vr_queue *q, uint16_t *heads, uint32_t cap);
 #define VR_RUN_ERROR 2
 int vr_run(struct vr_queue *q, int ctl_fd, vr_handler_fn fn, void *ctx,
            uint32_t poll_us);
+
+/* cdef-end */
 
 /* ring geometry (virtio 1.2, 2.7 table of queue part sizes) */
 static inline uint64_t vr_desc_size(uint32_t num) { return 16ull * num; }

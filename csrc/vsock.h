@@ -37,6 +37,7 @@
 
 #include "vring.h"
 
+/* cdef-begin */
 struct vr_capture;
 
 #define VS_HDR_SIZE 44
@@ -130,5 +131,7 @@ int vs_tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid
 int vs_rx_fill(struct vr_queue *q, struct vs_conn *conn, uint64_t guest_cid,
                struct vr_chain *c, uint32_t max, struct vr_capture *cap,
                struct vs_rx_result *res);
+
+/* cdef-end */
 
 #endif

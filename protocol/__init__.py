@@ -9,7 +9,9 @@ no event loop. Used by the back-end server and by the built-in front-end.
     data, fds = encode(msg.reply(U64(features)))
 """
 
-from .codec import Message, MessageDecoder, encode, encode_failure_reply, is_ack_reply, reply_expected
+from .codec import (
+    Message, MessageDecoder, ReplyKind, encode, encode_failure_reply, is_ack_reply, reply_expected, reply_kind,
+)
 from .constants import (
     HEADER_SIZE,
     LARGEST_PAYLOAD_SIZE,
@@ -88,7 +90,7 @@ from .table import (
 
 __all__ = [
     # codec
-    "Message", "MessageDecoder", "encode", "encode_failure_reply", "is_ack_reply", "reply_expected",
+    "Message", "MessageDecoder", "encode", "encode_failure_reply", "is_ack_reply", "reply_expected", "reply_kind", "ReplyKind",
     # table
     "Request", "RequestSpec", "spec_for", "all_specs",
     "FdRule", "FdCount", "NO_FDS", "ONE_FD", "OPTIONAL_FD", "FDS_PER_REGION", "FD_UNLESS_NOFD",

@@ -64,6 +64,8 @@ __all__ = [
     "MessageDecoder",
     "is_ack_reply",
     "reply_expected",
+    "reply_kind",
+    "ReplyKind",
 ]
 
 _HEADER = struct.Struct("<III")
@@ -144,16 +146,36 @@ def is_ack_reply(msg: Message) -> bool:
     return msg.is_reply and type(msg.payload) is U64 and U64 not in msg.spec.accepted_replies
 
 
-def reply_expected(msg: Message, *, reply_ack: bool) -> bool:
-    """Whether the receiver of request `msg` must answer it.
+class ReplyKind(IntEnum):
+    """What the receiver of a request owes the sender."""
 
-    True if the request always has a reply body, or if NEED_REPLY is set and
-    REPLY_ACK was negotiated (`reply_ack`). Conditional bodies (postcopy,
-    LOG_SHMFD) are the session's call.
+    NONE = 0   # nothing
+    BODY = 1   # the request's own reply body (on failure: a failure value)
+    ACK = 2    # a REPLY_ACK (U64 0 or 1): NEED_REPLY was set and REPLY_ACK negotiated
+
+
+def reply_kind(request: "Request | int", flags: int, *, reply_ack: bool) -> ReplyKind:
+    """The reply rule (vhost-user.rst, "Communication"), the one place it is written.
+
+    A request with a reply body of its own is always answered with it; any
+    other request is answered with a REPLY_ACK when it set NEED_REPLY and
+    REPLY_ACK was negotiated (`reply_ack`). A reply is never answered. An
+    unknown request number (a plain int) has no body, so only the second
+    rule applies: the sender must not hang on a request we could not even
+    decode. Conditional bodies (postcopy, LOG_SHMFD) are the session's call.
     """
-    if msg.is_reply:
-        return False
-    return msg.spec.has_reply or (msg.need_reply and reply_ack)
+    if flags & HeaderFlag.REPLY:
+        return ReplyKind.NONE
+    if isinstance(request, (FrontendRequest, BackendRequest)) and spec_for(request).has_reply:
+        return ReplyKind.BODY
+    if flags & HeaderFlag.NEED_REPLY and reply_ack:
+        return ReplyKind.ACK
+    return ReplyKind.NONE
+
+
+def reply_expected(msg: Message, *, reply_ack: bool) -> bool:
+    """Whether the receiver of request `msg` must answer it (see `reply_kind`)."""
+    return reply_kind(msg.request, msg.flags, reply_ack=reply_ack) is not ReplyKind.NONE
 
 
 def _reply_fd_rule(spec: RequestSpec, payload: Payload) -> FdRule:

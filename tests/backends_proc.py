@@ -7,14 +7,15 @@ wait for their socket, and stop exactly the processes they started.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 
-import pytest
+# One require_tool for every test (skip on a developer machine, fail in CI);
+# re-exported here for the tests that import it from backends_proc.
+from harness.fixtures import require_tool
 
 __all__ = [
     "BackendProcess", "spawn", "start_blk", "start_qsd_blk", "require_tool", "wait_for_socket", "open_fds",
@@ -24,17 +25,6 @@ __all__ = [
 def open_fds() -> set[int]:
     """The fds this process has open now (for leak checks)."""
     return {int(x) for x in os.listdir("/proc/self/fd")}
-
-
-def require_tool(name: str) -> str:
-    """Path of a required program; missing fails in CI (CI set) and skips elsewhere."""
-    path = shutil.which(name) or (name if os.path.isabs(name) and os.access(name, os.X_OK) else None)
-    if path:
-        return path
-    msg = f"{name} is not installed (run tools/install-test-deps.sh)"
-    if os.environ.get("CI"):
-        pytest.fail(msg)
-    pytest.skip(msg)
 
 
 def wait_for_socket(path: str, proc: subprocess.Popen, timeout: float = 20.0, log_path: str = "") -> None:

@@ -22,11 +22,11 @@ from vhost_user.errors import LocalProtocolError, RemoteProtocolError
 from vhost_user.protocol import (
     BackendRequest,
     FrontendRequest,
-    HeaderFlag,
     MessageDecoder,
     ProtocolFeature,
+    ReplyKind,
     encode_failure_reply,
-    spec_for,
+    reply_kind,
 )
 from vhost_user.session import Session
 
@@ -281,9 +281,9 @@ def _nack_malformed(session: Session, exc: RemoteProtocolError) -> None:
     request = getattr(exc, "request", None)
     if request is None:
         return
-    need_reply = bool((getattr(exc, "flags", 0) or 0) & HeaderFlag.NEED_REPLY)
-    has_reply = isinstance(request, FrontendRequest) and spec_for(request).reply is not None
-    if not has_reply and not (need_reply and session.has_protocol_feature(ProtocolFeature.REPLY_ACK)):
+    flags = getattr(exc, "flags", 0) or 0
+    if reply_kind(request, flags, reply_ack=session.has_protocol_feature(ProtocolFeature.REPLY_ACK)) \
+            is ReplyKind.NONE:
         return
     try:
         session.channel.send_raw(encode_failure_reply(int(request)))

@@ -35,9 +35,11 @@ from vhost_user.protocol import (
     InflightDescription,
     Message,
     ProtocolFeature as PF,
+    ReplyKind,
     U64,
     VirtioFeature,
     VringState,
+    reply_kind,
     spec_for,
 )
 from vhost_user.virtqueue import Virtqueue, inflight_queue_size
@@ -162,20 +164,19 @@ class Session:
         self._reply(msg, reply_payload, ok)
 
     def _reply(self, msg: Message, payload, ok: bool) -> None:
-        spec = spec_for(msg.request)
         fds: tuple[int, ...] = ()
         if isinstance(payload, WithFds):
             payload, fds = payload.payload, payload.fds
         try:
-            if spec.reply is not None:
+            kind = reply_kind(msg.request, msg.flags, reply_ack=self.has_protocol_feature(PF.REPLY_ACK))
+            if kind is ReplyKind.BODY:
                 if payload is None:
                     payload = _error_reply(msg)
                 self.channel.send(msg.reply(payload, fds=fds))
-                return
+            elif kind is ReplyKind.ACK:
+                self.channel.send(msg.ack(ok))
         finally:
             close_fds(fds)
-        if msg.need_reply and self.has_protocol_feature(PF.REPLY_ACK):
-            self.channel.send(msg.ack(ok))
 
     # -- features and ownership ----------------------------------------------
     def _get_features(self, msg, bag):

@@ -24,12 +24,12 @@ from vhost_user.virtqueue import Virtqueue
 
 from vhost_user.fuzzing.guestram import FuzzRam
 from vhost_user.fuzzing.reader import ByteReader
+from vhost_user.frontend.splitring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, write_avail, write_desc
 from vhost_user.fuzzing.ring import RING
 
 __all__ = ["run_one", "seeds"]
 
-_DESC = struct.Struct("<QIHH")
-F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
+F_NEXT, F_WRITE, F_INDIRECT = DESC_F_NEXT, DESC_F_WRITE, DESC_F_INDIRECT
 IMAGE_SIZE = 64 << 10
 CAPACITY = IMAGE_SIZE // 512
 TYPES = (0, 1, 4, 8, 11, 13, 10, 14)
@@ -106,8 +106,8 @@ def _publish(r: ByteReader, ram: FuzzRam, chains, num: int) -> tuple[list[int], 
         if use_indirect:
             for k, (gpa, n, flags) in enumerate(descs):
                 more = F_NEXT if k + 1 < len(descs) else 0
-                ram.write(indirect_at + 16 * k, _DESC.pack(gpa, n, flags | more, k + 1 if more else 0))
-            ram.write(RING.DESC + 16 * slot, _DESC.pack(indirect_at, 16 * len(descs), F_INDIRECT, 0))
+                write_desc(ram, indirect_at, k, gpa, n, flags | more, k + 1 if more else 0)
+            write_desc(ram, RING.DESC, slot, indirect_at, 16 * len(descs), F_INDIRECT, 0)
             indirect_at += 16 * len(descs)
             heads.append(slot)
             slot += 1
@@ -117,10 +117,9 @@ def _publish(r: ByteReader, ram: FuzzRam, chains, num: int) -> tuple[list[int], 
         heads.append(slot)
         for k, (gpa, n, flags) in enumerate(descs):
             more = F_NEXT if k + 1 < len(descs) else 0
-            ram.write(RING.DESC + 16 * (slot + k), _DESC.pack(gpa, n, flags | more, slot + k + 1 if more else 0))
+            write_desc(ram, RING.DESC, slot + k, gpa, n, flags | more, slot + k + 1 if more else 0)
         slot += len(descs)
-    ram.write(RING.AVAIL, struct.pack("<HH", 0, len(heads)))
-    ram.write(RING.AVAIL + 4, struct.pack(f"<{len(heads)}H", *heads))
+    write_avail(ram, RING.AVAIL, 0, len(heads), heads)
     return heads, writable
 
 

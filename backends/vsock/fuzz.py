@@ -44,12 +44,11 @@ from vhost_user.virtqueue import Virtqueue
 
 from vhost_user.fuzzing.guestram import FuzzRam
 from vhost_user.fuzzing.reader import ByteReader
+from vhost_user.frontend.splitring import DESC_F_NEXT as F_NEXT, DESC_F_WRITE as F_WRITE, write_avail, write_desc
 from vhost_user.fuzzing.ring import RING
 
 __all__ = ["run_one", "seeds"]
 
-_DESC = struct.Struct("<QIHH")
-F_NEXT, F_WRITE = 1, 2
 NUM = 16
 PORTS = (1234, 1235)
 _state: dict = {}
@@ -144,9 +143,9 @@ def _lay_out(r: ByteReader, ram: FuzzRam, packets: list[bytes]) -> int:
             descs.append((spot, len(piece), flags, len(descs) + 1))
             spot += len(piece) + 1
     for i, d in enumerate(descs[:NUM]):
-        ram.write(RING.DESC + 16 * i, _DESC.pack(d[0], d[1], d[2] if i + 1 < NUM else d[2] & ~F_NEXT, d[3]))
+        write_desc(ram, RING.DESC, i, d[0], d[1], d[2] if i + 1 < NUM else d[2] & ~F_NEXT, d[3])
     heads = [h for h in heads if h < NUM]
-    ram.write(RING.AVAIL, struct.pack("<HH", 0, len(heads)) + b"".join(struct.pack("<H", h) for h in heads))
+    write_avail(ram, RING.AVAIL, 0, len(heads), heads)
     return len(heads)
 
 

@@ -18,6 +18,7 @@ import pytest
 from backends_proc import start_blk
 from vhost_user.backends.blk.driver import BlkDriver
 from vhost_user.frontend import Frontend
+from vhost_user.frontend.splitring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, append_avail, write_desc
 from vhost_user.protocol import (
     HEADER_SIZE,
     FrontendRequest as R,
@@ -28,8 +29,7 @@ from vhost_user.protocol import (
     VringState,
 )
 
-F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
-_DESC = struct.Struct("<QIHH")
+F_NEXT, F_WRITE, F_INDIRECT = DESC_F_NEXT, DESC_F_WRITE, DESC_F_INDIRECT
 
 
 @pytest.fixture
@@ -65,14 +65,10 @@ class RawRing:
 
     def desc(self, i: int, addr: int, length: int, flags: int = 0, nxt: int = 0, table=None) -> None:
         base = self.q.ring.desc_gpa if table is None else table
-        self.ram.write(base + 16 * i, _DESC.pack(addr, length, flags, nxt))
+        write_desc(self.ram, base, i, addr, length, flags, nxt)
 
     def publish(self, head: int, avail_idx: int | None = None) -> None:
-        avail = self.q.ring.avail_gpa
-        idx = struct.unpack("<H", self.ram.read(avail + 2, 2))[0]
-        self.ram.write(avail + 4 + 2 * (idx % self.q.size), struct.pack("<H", head))
-        new = (idx + 1) & 0xFFFF if avail_idx is None else avail_idx
-        self.ram.write(avail + 2, struct.pack("<H", new))
+        append_avail(self.ram, self.q.ring.avail_gpa, self.q.size, head, avail_idx)
         os.eventfd_write(self.q.kick_fd, 1)
 
 

@@ -11,22 +11,20 @@ ring. Device driver models (`vhost_user.backends.<dev>.driver`) sit on top and r
 under every profile. Nothing here knows which back-end it talks to: tests
 drive qemu-storage-daemon exactly as they drive ours.
 
-Front-end virtual addresses are synthetic: each region gets a distinct fake
-`userspace_addr`, which is all the protocol needs (the back-end only uses
-them to translate ring addresses), and it catches back-ends that confuse
-guest-physical with front-end addresses.
+`GuestRam` itself lives in vhost_user.frontend.guestram (tests and the fuzz
+targets build on the same model).
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import socket
 from dataclasses import dataclass, field
 
 from vhost_user.channel import BlockingChannel, close_fds
 from vhost_user.frontend.driver_ring import DriverQueue, ring_layout
+from vhost_user.frontend.guestram import GuestRam, RamRegion
 from vhost_user.errors import LocalProtocolError, RemoteProtocolError, VhostUserError
 from vhost_user.frontend.profiles import CROSVM, QEMU, Profile, crosvm_ram_layout
 from vhost_user.protocol import (
@@ -36,17 +34,18 @@ from vhost_user.protocol import (
     Empty,
     FrontendRequest as R,
     InflightDescription,
-    MemoryRegion,
     MemoryTable,
     Message,
     MessageDecoder,
     ProtocolFeature as PF,
+    ReplyKind,
     SingleMemoryRegion,
     U64,
     VirtioFeature,
     VringAddress,
     VringFdRequest,
     VringState,
+    reply_kind,
     spec_for,
 )
 
@@ -54,7 +53,6 @@ __all__ = ["GuestRam", "RamRegion", "Frontend", "FrontendError", "QueueHandle", 
 
 log = logging.getLogger(__name__)
 
-_FAKE_UADDR_BASE = 0x7F00_0000_0000
 _PAGE = 4096
 
 # What the built-in front-end asks for by default, like QEMU's vhost-user client.
@@ -63,93 +61,6 @@ FRONTEND_PROTOCOL_FEATURES = QEMU.protocol_features
 
 class FrontendError(VhostUserError):
     """The back-end refused or failed a request."""
-
-
-@dataclass
-class RamRegion:
-    gpa: int
-    size: int
-    fd: int
-    mem: mmap.mmap
-    uaddr: int
-    offset: int = 0      # where the region starts in its fd (mmap_offset)
-
-    def contains(self, gpa: int, length: int = 1) -> bool:
-        return self.gpa <= gpa and gpa + length <= self.gpa + self.size
-
-
-class GuestRam:
-    """Guest memory as memfd regions, with a bump allocator for rings and buffers."""
-
-    def __init__(self, layout: list[tuple[int, int]] | None = None, *, single_fd: bool = False,
-                 alloc_region: int = 0):
-        """`layout` is a list of (gpa, size); default one 64 MiB region at GPA 0.
-
-        With `single_fd` every region lives in one memfd, one after the other
-        (crosvm's guest memory); else each region has its own memfd at offset
-        0 (QEMU's memory backends). `alloc_region` is the region `alloc` uses
-        unless told otherwise.
-        """
-        self.regions: list[RamRegion] = []
-        layout = layout or [(0, 64 << 20)]
-        if any(size % _PAGE or gpa % _PAGE for gpa, size in layout):
-            raise ValueError("regions must be page aligned")
-        if not 0 <= alloc_region < len(layout):
-            raise ValueError(f"alloc_region {alloc_region} is not one of {len(layout)} regions")
-        shared = -1
-        if single_fd:
-            shared = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
-            os.ftruncate(shared, sum(size for _, size in layout))
-        offset = 0
-        for i, (gpa, size) in enumerate(layout):
-            fd = shared
-            if not single_fd:
-                fd = os.memfd_create(f"guest-ram-{i}", os.MFD_CLOEXEC)
-                os.ftruncate(fd, size)
-            mem = mmap.mmap(fd, size, mmap.MAP_SHARED, offset=offset if single_fd else 0)
-            self.regions.append(RamRegion(gpa, size, fd, mem, _FAKE_UADDR_BASE + (i << 40) + gpa,
-                                          offset if single_fd else 0))
-            offset += size
-        self.alloc_region = alloc_region
-        self._next = {id(r): 0 for r in self.regions}
-
-    def region_of(self, gpa: int, length: int = 1) -> RamRegion:
-        for r in self.regions:
-            if r.contains(gpa, length):
-                return r
-        raise ValueError(f"GPA range {gpa:#x}+{length} is not inside one RAM region")
-
-    def uaddr(self, gpa: int) -> int:
-        r = self.region_of(gpa)
-        return r.uaddr + gpa - r.gpa
-
-    def alloc(self, size: int, align: int = 64, region: int | None = None) -> int:
-        """Allocate `size` bytes in region `region` (default `alloc_region`); returns the GPA."""
-        r = self.regions[self.alloc_region if region is None else region]
-        off = -(-self._next[id(r)] // align) * align
-        if off + size > r.size:
-            raise MemoryError(f"guest RAM region {region} exhausted")
-        self._next[id(r)] = off + size
-        return r.gpa + off
-
-    def read(self, gpa: int, length: int) -> bytes:
-        r = self.region_of(gpa, length)
-        off = gpa - r.gpa
-        return r.mem[off: off + length]
-
-    def write(self, gpa: int, data: bytes) -> None:
-        r = self.region_of(gpa, len(data))
-        off = gpa - r.gpa
-        r.mem[off: off + len(data)] = data
-
-    def memory_regions(self) -> list[MemoryRegion]:
-        return [MemoryRegion(r.gpa, r.size, r.uaddr, r.offset) for r in self.regions]
-
-    def close(self) -> None:
-        for r in self.regions:
-            r.mem.close()
-        close_fds(sorted({r.fd for r in self.regions}))
-        self.regions = []
 
 
 @dataclass
@@ -229,10 +140,11 @@ class Frontend:
         msg = Message.make(request, payload if payload is not None else Empty(), fds=tuple(fds),
                            need_reply=want_ack)
         self.channel.send(msg)
-        if spec.reply is None and not want_ack:
+        kind = reply_kind(request, msg.flags, reply_ack=self.has_protocol_feature(PF.REPLY_ACK))
+        if kind is ReplyKind.NONE:
             return None
         reply = self._receive_reply(request)
-        if spec.reply is None:
+        if kind is ReplyKind.ACK:
             if reply.payload.value != 0:
                 raise FrontendError(f"back-end NACKed {request.name} ({reply.payload.value:#x})")
             return None

@@ -1,7 +1,8 @@
-"""Guest RAM for the ring and blk fuzz targets: memfd regions with guard bytes.
+"""Guest RAM for the ring and device fuzz targets: memfd regions with guard pages.
 
-Two regions with a hole between them in guest-physical space; each region's
-memfd starts with a guard page (the region's mmap_offset), so the mapping the
+The front-end's guest-RAM model (vhost_user/frontend/guestram.py) with two
+regions and a hole between them in guest-physical space; each region's memfd
+starts with a guard page (the region's mmap_offset), so the mapping the
 back-end makes holds bytes that are mapped but not guest memory. After every
 input the target compares the whole of both files against a snapshot taken
 before it: only the bytes the device may write (the used ring, and the
@@ -12,10 +13,9 @@ lands in mapped memory and no sanitizer would notice.
 from __future__ import annotations
 
 import mmap
-import os
 from dataclasses import dataclass
 
-from vhost_user.memory import GuestMemory
+from vhost_user.frontend.guestram import FAKE_UADDR_BASE, GuestRam
 
 __all__ = ["FuzzRam", "RamSpan", "GUARD_BYTE", "GUARD_SIZE"]
 
@@ -32,16 +32,14 @@ class RamSpan:
     mm: mmap.mmap  # the whole memfd: guard page, then the region
 
 
-class FuzzRam:
+class FuzzRam(GuestRam):
     """Region 0 at GPA 0, region 1 after a hole; `layout` gives (gpa, size)."""
 
     def __init__(self, layout=((0, 0x10000), (0x20000, 0x10000))) -> None:
-        self.spans: list[RamSpan] = []
-        for i, (gpa, size) in enumerate(layout):
-            fd = os.memfd_create(f"fuzz-ram-{i}", os.MFD_CLOEXEC)
-            os.ftruncate(fd, GUARD_SIZE + size)
-            mm = mmap.mmap(fd, GUARD_SIZE + size)
-            self.spans.append(RamSpan(gpa, size, 0x7F00_0000_0000 + (i << 32) + gpa, fd, mm))
+        super().__init__([(gpa, size, FAKE_UADDR_BASE + (i << 32) + gpa, GUARD_SIZE)
+                          for i, (gpa, size) in enumerate(layout)])
+        self.spans = [RamSpan(r.gpa, r.size, r.uaddr, r.fd, mmap.mmap(r.fd, GUARD_SIZE + r.size))
+                      for r in self.regions]
         self.reset()
 
     def reset(self) -> None:
@@ -50,32 +48,8 @@ class FuzzRam:
             s.mm[:GUARD_SIZE] = bytes([GUARD_BYTE]) * GUARD_SIZE
             s.mm[GUARD_SIZE:] = bytes(s.size)
 
-    def memory(self) -> GuestMemory:
-        """What the back-end builds from SET_MEM_TABLE (fresh fd dups, closed by it)."""
-        fds = [os.dup(s.fd) for s in self.spans]
-        return GuestMemory.from_table(fds, [(s.gpa, s.size, s.uaddr, GUARD_SIZE) for s in self.spans])
-
-    def _find(self, gpa: int) -> tuple[RamSpan, int]:
-        for s in self.spans:
-            if s.gpa <= gpa < s.gpa + s.size:
-                return s, gpa - s.gpa
-        raise ValueError(f"gpa {gpa:#x} is not fuzz RAM")
-
-    def write(self, gpa: int, data: bytes) -> None:
-        s, off = self._find(gpa)
-        if off + len(data) > s.size:
-            raise ValueError("write crosses the region end")
-        s.mm[GUARD_SIZE + off:GUARD_SIZE + off + len(data)] = data
-
-    def read(self, gpa: int, n: int) -> bytes:
-        s, off = self._find(gpa)
-        return s.mm[GUARD_SIZE + off:GUARD_SIZE + off + n]
-
-    def uaddr(self, gpa: int) -> int:
-        s, off = self._find(gpa)
-        return s.uaddr + off
-
     def snapshot(self) -> list[bytes]:
+        """Every memfd's bytes, guard page included."""
         return [bytes(s.mm) for s in self.spans]
 
     def check_writes(self, before: list[bytes], allowed: list[tuple[int, int, int]]) -> None:
@@ -97,5 +71,5 @@ class FuzzRam:
     def close(self) -> None:
         for s in self.spans:
             s.mm.close()
-            os.close(s.fd)
         self.spans = []
+        super().close()

@@ -17,15 +17,13 @@ from __future__ import annotations
 import struct
 
 from vhost_user.errors import VirtqueueError
+from vhost_user.frontend.splitring import write_avail, write_desc
 from vhost_user.virtqueue import Virtqueue
 
 from .guestram import FuzzRam
 from .reader import ByteReader
 
 __all__ = ["run_one", "seeds", "plausible_desc", "RING"]
-
-_DESC = struct.Struct("<QIHH")
-
 
 class RING:
     """Where region 0 holds what (guest-physical addresses)."""
@@ -35,8 +33,8 @@ class RING:
     EDGES = (0xFFF8, 0x10000, 0x1FFF8, 0x2FFF8, 0x30000, 1 << 40, (1 << 64) - 8)
 
 
-def plausible_desc(r: ByteReader, num: int) -> bytes:
-    """One descriptor: usually inside memory and well linked, sometimes hostile."""
+def plausible_desc(r: ByteReader, num: int) -> tuple[int, int, int, int]:
+    """One descriptor (addr, len, flags, next): usually inside memory and well linked, sometimes hostile."""
     mode = r.u8() % 8
     if mode <= 2:
         addr = RING.DATA + r.u16() % (RING.DATA_END - RING.DATA)
@@ -51,7 +49,7 @@ def plausible_desc(r: ByteReader, num: int) -> bytes:
     length = r.u16() % 0x2000 if r.u8() % 8 else r.u32()
     flags = r.u8() % 8 if r.u8() % 8 else r.u16()
     nxt = r.u16() % (num + 2) if r.u8() % 8 else r.u16()
-    return _DESC.pack(addr, length, flags, nxt)
+    return addr, length, flags, nxt
 
 
 def _layout(ram: FuzzRam, r: ByteReader) -> tuple[int, int, int, bool]:
@@ -59,15 +57,14 @@ def _layout(ram: FuzzRam, r: ByteReader) -> tuple[int, int, int, bool]:
     num = 1 << (r.u8() % 9)
     event_idx = r.flag()
     for i in range(num):
-        ram.write(RING.DESC + 16 * i, plausible_desc(r, num))
+        write_desc(ram, RING.DESC, i, *plausible_desc(r, num))
     for i in range(r.u8() % 64):
-        ram.write(RING.INDIRECT + 16 * i, plausible_desc(r, 16))
+        write_desc(ram, RING.INDIRECT, i, *plausible_desc(r, 16))
     base = r.u16()
     ahead = r.u8() % (num + 3) if r.u8() % 8 else r.u16()
     avail_idx = (base + ahead) & 0xFFFF
     ring = [r.u16() % (num + 2) for _ in range(num)]
-    ram.write(RING.AVAIL, struct.pack("<HH", r.u8() & 1, avail_idx))
-    ram.write(RING.AVAIL + 4, struct.pack(f"<{num}H", *ring))
+    write_avail(ram, RING.AVAIL, r.u8() & 1, avail_idx, ring)
     ram.write(RING.AVAIL + 4 + 2 * num, struct.pack("<H", r.u16()))  # used_event
     ram.write(RING.USED, struct.pack("<HH", 0, base))
     return num, base, avail_idx, event_idx

@@ -12,10 +12,10 @@ from scapy.layers.l2 import Ether
 
 from vhost_user.backends.net.header import OFFLOAD_FEATURES, NetHeader
 from vhost_user.backends.net.driver import DRIVER_FEATURES, NetDriver
+from vhost_user.frontend.splitring import DESC_F_WRITE, append_avail, write_desc
 
 MAC = ["02:00:00:00:00:b%d" % i for i in range(3)]
 BCAST = "ff:ff:ff:ff:ff:ff"
-_DESC = struct.Struct("<QIHH")
 
 
 def _frame(src: int, payload: bytes = b"ok") -> bytes:
@@ -82,11 +82,8 @@ def test_tx_descriptor_out_of_bounds_breaks_only_that_queue(net_backend):
         d.fill_rx()
     tx = a.tx[0]
     ram = a.fe.ram
-    ram.write(tx.ring.desc_gpa, _DESC.pack(1 << 40, 64, 0, 0))   # outside guest memory
-    avail = tx.ring.avail_gpa
-    idx = struct.unpack("<H", ram.read(avail + 2, 2))[0]
-    ram.write(avail + 4 + 2 * (idx % tx.size), struct.pack("<H", 0))
-    ram.write(avail + 2, struct.pack("<H", (idx + 1) & 0xFFFF))
+    write_desc(ram, tx.ring.desc_gpa, 0, 1 << 40, 64)   # outside guest memory
+    append_avail(ram, tx.ring.avail_gpa, tx.size, 0)
     os.eventfd_write(tx.kick_fd, 1)
     assert select.select([tx.err_fd], [], [], 5)[0], "tx queue did not signal its err eventfd"
     bp.wait_log("outside guest memory on queue 1")
@@ -102,7 +99,7 @@ def test_rx_descriptor_out_of_bounds_breaks_only_that_rx_queue(net_backend):
     c.fill_rx()
     rx = b.rx[0]
     ram = b.fe.ram
-    ram.write(rx.ring.desc_gpa, _DESC.pack(1 << 40, 2048, 2, 0))   # writable, outside memory
+    write_desc(ram, rx.ring.desc_gpa, 0, 1 << 40, 2048, DESC_F_WRITE)   # writable, outside memory
     avail = rx.ring.avail_gpa
     ram.write(avail + 4, struct.pack("<H", 0))
     ram.write(avail + 2, struct.pack("<H", 1))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import select
 import socket
-import struct
 import time
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from backends_proc import open_fds
 from vhost_user.backends.vsock.packet import HEADER_SIZE, HOST_CID, Header, Op, SockType
 from vhost_user.backends.vsock.driver import VsockDriver
+from vhost_user.frontend.splitring import append_avail, write_desc
 from vsock_proc import host_connect, host_listener, read_line
 
 
@@ -68,11 +68,8 @@ def test_vsock_out_of_bounds_buffer_breaks_only_that_vms_queue(sockdir, vsock_pr
 def _publish_raw(drv: VsockDriver, *, addr: int, length: int) -> None:
     """Write descriptor 0 and an avail entry by hand, as a malicious driver would."""
     q, ram = drv.txq, drv.fe.ram
-    ram.write(q.ring.desc_gpa, struct.pack("<QIHH", addr, length, 0, 0))
-    avail = q.ring.avail_gpa
-    idx = struct.unpack("<H", ram.read(avail + 2, 2))[0]
-    ram.write(avail + 4 + 2 * (idx % q.size), struct.pack("<H", 0))
-    ram.write(avail + 2, struct.pack("<H", (idx + 1) & 0xFFFF))
+    write_desc(ram, q.ring.desc_gpa, 0, addr, length)
+    append_avail(ram, q.ring.avail_gpa, q.size, 0)
     os.eventfd_write(q.kick_fd, 1)
 
 
