@@ -2,7 +2,7 @@
 # Builds the native libFuzzer harnesses (csrc/fuzz/) with clang's libFuzzer,
 # AddressSanitizer and UndefinedBehaviorSanitizer, and optionally runs one.
 #
-#   tools/fuzz-native.sh build [OUTDIR]              # every harness into OUTDIR (build/fuzz)
+#   tools/fuzz-native.sh build [OUTDIR [TARGET...]]  # every harness (or those named) into OUTDIR (build/fuzz)
 #   tools/fuzz-native.sh run TARGET [LIBFUZZER ARGS] # build, then run TARGET from its corpus
 #
 # Targets: ring, blk, net, vsock (vsock builds capture.c into its harness,
@@ -38,7 +38,9 @@ build() {  # build OUTDIR TARGET...
 
 case "${1:-}" in
   build)
-    build "${2:-$repo/build/fuzz}" ring blk net vsock ;;
+    out=${2:-$repo/build/fuzz}; shift $(($# < 2 ? $# : 2))
+    [ $# -gt 0 ] || set -- ring blk net vsock
+    build "$out" "$@" ;;
   run)
     t=${2:?usage: fuzz-native.sh run TARGET [ARGS]}; shift 2
     build "$repo/build/fuzz" "$t"
@@ -47,5 +49,5 @@ case "${1:-}" in
     [ -d "$repo/fuzz/regressions/native-$t" ] && seeds+=("$repo/fuzz/regressions/native-$t")
     exec "$repo/build/fuzz/$t" "$@" "$corpus" "${seeds[@]}" ;;
   *)
-    echo "usage: fuzz-native.sh build [OUTDIR] | run TARGET [LIBFUZZER ARGS]" >&2; exit 2 ;;
+    echo "usage: fuzz-native.sh build [OUTDIR [TARGET...]] | run TARGET [LIBFUZZER ARGS]" >&2; exit 2 ;;
 esac

@@ -9,6 +9,7 @@ report. RELIABILITY.md records the 10-million-execution runs.
 """
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from backends_proc import require_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TARGETS = ["ring", "blk", "net", "vsock"]
+REGRESSIONS = sorted(glob.glob(os.path.join(REPO, "fuzz", "regressions", "native-*", "*")))
 RUNS = int(os.environ.get("NATIVE_FUZZ_RUNS", "20000"))
 
 
@@ -70,3 +72,38 @@ def test_native_ring_harness_finds_a_planted_bounds_bug(tmp_path):
     proc = _fuzz(str(out / "ring"), str(tmp_path / "corpus"), runs=2_000_000)
     assert proc.returncode != 0, "the ring harness did not notice segments past a region's end"
     assert "deadly signal" in proc.stderr or "AddressSanitizer" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("path", REGRESSIONS, ids=lambda p: os.path.relpath(p, os.path.join(REPO, "fuzz", "regressions")))
+def test_native_regression_input_replays_clean_alone(built, path):
+    """Each stored finding, run alone in a fresh process, passes on today's code."""
+    target = os.path.basename(os.path.dirname(path))[len("native-"):]
+    proc = subprocess.run([os.path.join(built, target), path], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Executed " in proc.stderr, proc.stderr[-2000:]
+
+
+def test_vsock_tx_regression_traps_on_the_code_before_its_fix(tmp_path):
+    """fuzz/regressions/native-vsock/tx-queue-breaks-after-a-short-write: a batch of
+    RW packets, then a chain that breaks the queue, then a short write.  Before the fix
+    vs_tx_burst wrote the batch anyway, the cut packet could not be popped again, and
+    its first bytes reached the host socket with no packet reporting them (the byte
+    count check traps).  The fixed code writes nothing once the queue broke."""
+    require_tool("clang-16")
+    tree = tmp_path / "tree"
+    shutil.copytree(os.path.join(REPO, "csrc"), tree / "csrc")
+    shutil.copytree(os.path.join(REPO, "tools"), tree / "tools")
+    vsock = tree / "csrc" / "vsock.c"
+    text = vsock.read_text()
+    old, n = re.subn(r"int rc = vr_pop\(q, c\);.*?if \(rc == 0\)\n\s*break;",
+                     "if (vr_pop(q, c) <= 0)\n                break;", text, flags=re.S)
+    assert n == 1, "vsock.c changed: update the reverted fix"
+    vsock.write_text(old)
+    out = tmp_path / "bin"
+    proc = subprocess.run(["bash", str(tree / "tools" / "fuzz-native.sh"), "build", str(out), "vsock"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    case = os.path.join(REPO, "fuzz", "regressions", "native-vsock", "tx-queue-breaks-after-a-short-write")
+    proc = subprocess.run([str(out / "vsock"), case], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0, "the regression input no longer reaches the tx short-write path"
+    assert "deadly signal" in proc.stderr and "guest_to_host" in proc.stderr, proc.stderr[-3000:]
