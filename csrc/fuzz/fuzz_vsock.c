@@ -6,6 +6,11 @@
  *     exceed the credit; host sockets that take everything or only part;
  *   host -> guest: vs_rx_fill (never fuzzed before) into rx buffers too
  *     small for a header, split over descriptors, with any credit window.
+ * Both rings are either fully fuzzed (split, indirect, hostile addresses)
+ * or shaped (shape_ring): chains of many tiny descriptors, indirect tables
+ * shared by every head so a batch needs more than IOV_CAP iovecs, header
+ * and payload lengths at their boundaries.  Each input gets fresh socket
+ * pairs, an empty table and an empty capture ring, so it replays alone.
  *
  * Checks, beyond AddressSanitizer/UBSan:
  *   - no guest byte changes outside the used rings and the writable
@@ -14,7 +19,7 @@
  *     reports (completed packets plus the `sent` part of a cut one);
  *   - rx: the guest gets no more bytes than the credit it offered, and
  *     every byte the engine reports was taken from the host socket;
- *   - capture (both directions run with a capture ring): one whole,
+ *   - capture (three inputs in four run with a capture ring): one whole,
  *     consistent vsockmon record per packet finished in C, whose payload
  *     lengths add up to the bytes the engine reports as done.
  */
