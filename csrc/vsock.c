@@ -247,7 +247,16 @@ int vs_tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid
         int niov = 0;
         uint64_t total = 0;
         while (n < TX_BATCH) {
-            if (vr_pop(q, c) <= 0)
+            int rc = vr_pop(q, c);
+            if (rc < 0) {
+                /* The queue broke on the next chain: write nothing.  A short
+                 * write now could not hand its cut packet back (the repop
+                 * below fails on a broken queue), so its first bytes would
+                 * reach the socket unaccounted; the device needs a reset. */
+                res->status = VS_TX_EMPTY;
+                return 0;
+            }
+            if (rc == 0)
                 break;
             struct vs_conn *cc = fast_rw(q, t, guest_cid, c, &h, total);
             int k = -1;

@@ -9,6 +9,7 @@ report. RELIABILITY.md records the 10-million-execution runs.
 """
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from backends_proc import require_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TARGETS = ["ring", "blk", "net", "vsock"]
+REGRESSIONS = sorted(glob.glob(os.path.join(REPO, "fuzz", "regressions", "native-*", "*")))
 RUNS = int(os.environ.get("NATIVE_FUZZ_RUNS", "20000"))
 
 
@@ -70,3 +72,63 @@ def test_native_ring_harness_finds_a_planted_bounds_bug(tmp_path):
     proc = _fuzz(str(out / "ring"), str(tmp_path / "corpus"), runs=2_000_000)
     assert proc.returncode != 0, "the ring harness did not notice segments past a region's end"
     assert "deadly signal" in proc.stderr or "AddressSanitizer" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("path", REGRESSIONS, ids=lambda p: os.path.relpath(p, os.path.join(REPO, "fuzz", "regressions")))
+def test_native_regression_input_replays_clean_alone(built, path):
+    """Each stored finding, run alone in a fresh process, passes on today's code."""
+    target = os.path.basename(os.path.dirname(path))[len("native-"):]
+    proc = subprocess.run([os.path.join(built, target), path], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Executed " in proc.stderr, proc.stderr[-2000:]
+
+
+def _tx_break_revert(text: str) -> tuple[str, int]:
+    return re.subn(r"int rc = vr_pop\(q, c\);.*?if \(rc == 0\)\n\s*break;",
+                   "if (vr_pop(q, c) <= 0)\n                break;", text, flags=re.S)
+
+
+def _iov_revert(which: int):
+    """The old chain_iov bound: IOV_CAP iovecs from iov + niov (0: tx, 1: rx)."""
+    def revert(text: str) -> tuple[str, int]:
+        parts = text.split("IOV_CAP - niov)")
+        if len(parts) != 3:
+            return text, 0
+        return "IOV_CAP - niov)".join(parts[:which + 1]) + "IOV_CAP)" + "IOV_CAP - niov)".join(parts[which + 1:]), 1
+    return revert
+
+
+# (input under fuzz/regressions/native-vsock/, how to put the bug back, what must report it)
+VSOCK_FIXES = [
+    ("tx-queue-breaks-after-a-short-write", _tx_break_revert, ["deadly signal", "guest_to_host"]),
+    ("tx-iovecs-past-iov-cap", _iov_revert(0), ["stack-buffer-overflow", "in vs_tx_burst"]),
+    ("rx-iovecs-past-iov-cap", _iov_revert(1), ["stack-buffer-overflow", "in vs_rx_fill"]),
+]
+
+
+@pytest.mark.parametrize("name,revert,report", VSOCK_FIXES, ids=[v[0] for v in VSOCK_FIXES])
+def test_vsock_regression_input_fails_on_the_code_before_its_fix(tmp_path, name, revert, report):
+    """Each stored vsock input catches its bug when the fix is taken out of vsock.c.
+    tx-queue-breaks-after-a-short-write: a batch of RW packets, a chain that breaks the
+    queue, then a short write; before the fix the batch was written anyway, the cut packet
+    could not be popped again on the broken queue, and its first bytes reached the host
+    socket with no packet reporting them (the harness's byte count traps).
+    tx-/rx-iovecs-past-iov-cap: chains of many tiny descriptors after others in one batch;
+    the old bound let vr_segs_iov write IOV_CAP iovecs from iov + niov (ASan reports it)."""
+    require_tool("clang-16")
+    tree = tmp_path / "tree"
+    shutil.copytree(os.path.join(REPO, "csrc"), tree / "csrc")
+    shutil.copytree(os.path.join(REPO, "tools"), tree / "tools")
+    vsock = tree / "csrc" / "vsock.c"
+    old, n = revert(vsock.read_text())
+    assert n == 1, "vsock.c changed: update the reverted fix"
+    vsock.write_text(old)
+    out = tmp_path / "bin"
+    proc = subprocess.run(["bash", str(tree / "tools" / "fuzz-native.sh"), "build", str(out), "vsock"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    case = os.path.join(REPO, "fuzz", "regressions", "native-vsock", name)
+    proc = subprocess.run([str(out / "vsock"), case], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0, f"{name} no longer reaches the code of its bug"
+    for text in report:
+        assert text in proc.stderr, proc.stderr[-3000:]
