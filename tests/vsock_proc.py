@@ -10,7 +10,8 @@ import time
 
 from backends_proc import BackendProcess, spawn
 
-__all__ = ["start_vsock", "host_listener", "host_connect", "read_line", "recv_all", "sha"]
+__all__ = ["start_vsock", "host_listener", "host_connect", "connect_when_listening", "read_line", "recv_all",
+           "sha"]
 
 
 def start_vsock(workdir: str, *args: str, wait_for: str, name: str = "vsock") -> BackendProcess:
@@ -35,6 +36,26 @@ def host_connect(uds: str, port: int, extra: bytes = b"") -> tuple[socket.socket
     s.connect(uds)
     s.sendall(b"CONNECT %d\n" % port + extra)
     return s, b""
+
+
+def connect_when_listening(uds: str, port: int, *, timeout: float = 120,
+                           sock_timeout: float = 30) -> tuple[socket.socket, bytes]:
+    """A host program's connection to guest `port` and the back-end's `OK <host port>`
+    line: CONNECT until the answer is OK (a try before the guest listens is refused);
+    TimeoutError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(sock_timeout)
+        s.connect(uds)
+        s.sendall(b"CONNECT %d\n" % port)
+        line = read_line(s)
+        if line.startswith(b"OK "):
+            return s, line
+        s.close()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the guest never listened on vsock port {port}: {line!r}")
+        time.sleep(0.3)
 
 
 def read_line(s: socket.socket) -> bytes:

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from harness.backend import BackendProcess
+from vsock_proc import connect_when_listening
 
 pytestmark = pytest.mark.guest
 
@@ -66,23 +67,7 @@ kill $L
 
 
 def _connect(uds: str, port: int) -> socket.socket:
-    deadline = time.monotonic() + 60
-    while True:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(60)
-        s.connect(uds)
-        s.sendall(b"CONNECT %d\n" % port)
-        line = b""
-        while not line.endswith(b"\n"):
-            chunk = s.recv(1)
-            if not chunk:
-                break
-            line += chunk
-        if line.startswith(b"OK "):
-            return s
-        s.close()
-        assert time.monotonic() < deadline, f"the guest never listened on {port}: {line!r}"
-        time.sleep(0.3)
+    return connect_when_listening(uds, port, timeout=60, sock_timeout=60)[0]
 
 
 def _screen(vm, path: str, expect: np.ndarray, timeout: float = 30.0) -> bool:

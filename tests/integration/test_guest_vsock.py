@@ -14,12 +14,12 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
 from harness.backend import BackendProcess
 from harness.fixtures import require_tool
+from vsock_proc import connect_when_listening
 
 pytestmark = pytest.mark.guest
 
@@ -76,26 +76,10 @@ def _serve_host_listener(path: str, out: dict) -> threading.Thread:
 
 def _host_connect_and_send(uds: str, port: int, data: bytes, timeout: float = 120) -> bytes:
     """CONNECT <port> until the guest listens (an early try is refused), then send `data`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(30)
-        s.connect(uds)
-        s.sendall(b"CONNECT %d\n" % port)
-        line = b""
-        while not line.endswith(b"\n"):
-            chunk = s.recv(1)
-            if not chunk:
-                break
-            line += chunk
-        if line.startswith(b"OK "):
-            s.sendall(data)
-            s.close()
-            return line
-        s.close()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the guest never listened on vsock port {port}")
-        time.sleep(0.3)
+    s, line = connect_when_listening(uds, port, timeout=timeout)
+    s.sendall(data)
+    s.close()
+    return line
 
 
 def test_guest_vsock_64mib_each_way_with_host_programs(guest_vm, short_tmp, tmp_path):

@@ -34,6 +34,7 @@ import pytest
 
 from harness.backend import BackendProcess
 from harness.fixtures import require_tool
+from vsock_proc import connect_when_listening
 
 pytestmark = pytest.mark.guest
 
@@ -134,24 +135,7 @@ def _host_stream(uds: str, port: int, data: bytes, go: threading.Event, errors: 
     """A host program: CONNECT to the guest's port (retry until it listens), then send
     `data` once `go` is set."""
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(180)
-            s.connect(uds)
-            s.sendall(b"CONNECT %d\n" % port)
-            line = b""
-            while not line.endswith(b"\n"):
-                chunk = s.recv(1)
-                if not chunk:
-                    break
-                line += chunk
-            if line.startswith(b"OK "):
-                break
-            s.close()
-            if time.monotonic() > deadline:
-                raise TimeoutError("guest never listened")
-            time.sleep(0.3)
+        s, _ = connect_when_listening(uds, port, timeout=120, sock_timeout=180)
         if not go.wait(300):
             raise TimeoutError("never told to send")
         s.sendall(data)
