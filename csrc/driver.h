@@ -1,6 +1,9 @@
 /*
  * driver.h: the driver (guest) side of a virtio split virtqueue (virtio 1.2
- * section 2.7), for the built-in front-end, plus a virtio-blk benchmark loop.
+ * section 2.7), for the built-in front-end, and the latency histogram its
+ * device loads share.  The loads themselves (blk, net, vsock) live beside
+ * their devices (backends/<dev>/driver_<dev>.c) and use only the verbs
+ * declared here: add, kick, reap, wait, used_pending.
  *
  * Theory of operation
  * -------------------
@@ -30,9 +33,6 @@
 
 /* cdef-begin */
 #define DRV_MAX_QUEUE_SIZE 32768 /* 2.7: split queue size is a power of 2 <= 32768 */
-#define DRV_BLK_HDR_SIZE 16      /* virtio-blk request header: type, reserved, sector */
-#define DRV_BLK_SLOT_META 32     /* header + status byte, padded */
-#define DRV_BENCH_DATA_ALIGN 4096
 
 /* Latency histogram: values below 2^DRV_HIST_SUB_BITS ns get one bucket each;
  * each power of two above that is split into 2^DRV_HIST_SUB_BITS buckets
@@ -54,7 +54,7 @@ enum drv_status {
     DRV_E_USED_JUMP = -8,    /* back-end: used->idx ran past the chains in flight */
     DRV_E_BROKEN = -9,       /* queue was marked broken earlier */
     DRV_E_SYS = -10,         /* a syscall failed; errno in q->sys_errno */
-    DRV_E_TIMEOUT = -11,     /* bench: no completion within the stall timeout */
+    DRV_E_TIMEOUT = -11,     /* a load: no completion within the stall timeout */
 };
 
 /* One buffer of a chain: guest-physical address, length, device-writable. */
@@ -129,33 +129,6 @@ struct drv_queue {
     uint64_t wakeups;
 };
 
-struct drv_bench_params {
-    int write;                  /* 1: VIRTIO_BLK_T_OUT, 0: VIRTIO_BLK_T_IN */
-    uint32_t block_size;        /* bytes, multiple of 512 */
-    uint32_t queue_depth;       /* requests kept in flight */
-    int random;                 /* 1: uniform random blocks, 0: sequential */
-    uint64_t capacity_sectors;  /* device size in 512-byte sectors */
-    uint64_t data_offset;       /* slot area in the queue's area */
-    uint64_t duration_ns;       /* stop submitting after this (0: no limit) */
-    uint64_t requests;          /* stop submitting after this many (0: no limit) */
-    uint64_t seed;
-    uint64_t spin_ns;           /* spin on the used ring this long before blocking */
-    uint64_t stall_timeout_ns;  /* give up when nothing completes this long */
-};
-
-struct drv_bench_stats {
-    uint64_t requests;   /* completed */
-    uint64_t bytes;      /* payload of completed requests with status OK */
-    uint64_t errors;     /* completed with a status byte other than OK */
-    uint64_t kicks;
-    uint64_t wakeups;    /* call eventfd wakeups */
-    uint64_t elapsed_ns; /* first submit to last completion */
-    uint64_t lat_min_ns;
-    uint64_t lat_max_ns;
-    uint64_t lat_sum_ns;
-    uint64_t hist[DRV_HIST_BUCKETS];
-};
-
 int drv_ring_layout(uint32_t size, struct drv_ring_layout *out);
 int drv_queue_init(struct drv_queue *q, struct drv_desc_state *st, uint8_t *area,
                    const struct drv_queue_config *cfg);
@@ -163,9 +136,14 @@ int drv_add(struct drv_queue *q, const struct drv_seg *segs, uint32_t nsegs);
 int drv_kick(struct drv_queue *q);
 int drv_reap(struct drv_queue *q, struct drv_used_elem *out, uint32_t max);
 int drv_wait(struct drv_queue *q, int64_t timeout_ns);
-uint64_t drv_bench_area_size(uint32_t block_size, uint32_t queue_depth);
-int drv_blk_bench(struct drv_queue *q, const struct drv_bench_params *p, struct drv_bench_stats *s);
-uint64_t drv_hist_percentile(const struct drv_bench_stats *s, double fraction);
+/* 1 when the device has used a chain the driver has not reaped yet (2.7.14). */
+int drv_used_pending(struct drv_queue *q);
+
+/* The histogram bucket of a latency of `ns` nanoseconds. */
+unsigned drv_hist_bucket(uint64_t ns);
+/* The latency at `fraction` (0..1) of the DRV_HIST_BUCKETS counts in `hist`:
+ * a bucket's midpoint, or max_ns for the last bucket; 0 for no counts. */
+uint64_t drv_hist_percentile(const uint64_t *hist, uint64_t max_ns, double fraction);
 
 /* cdef-end */
 

@@ -21,16 +21,8 @@
 #include <unistd.h>
 
 #include "blk.h"
+#include "blk_hdr.h" /* struct virtio_blk_outhdr, shared with the driver side */
 
-#define T_IN 0
-#define T_OUT 1
-#define T_FLUSH 4
-#define T_GET_ID 8
-#define T_DISCARD 11
-#define T_WRITE_ZEROES 13
-#define S_OK 0
-#define S_IOERR 1
-#define S_UNSUPP 2
 #define WZ_UNMAP 1u
 #define MAX_DWZ_SEGS 256  /* discard/write-zeroes segments per request */
 #define BOUNCE_SIZE (256u * 1024u)
@@ -245,17 +237,17 @@ static uint8_t blk_rw(struct vr_blk *b, struct vr_queue *q,
     int cnt;
 
     if (write && b->cfg.read_only)
-        return S_IOERR;
+        return VIRTIO_BLK_S_IOERR;
     /* 5.2.6.2: data is a multiple of 512 bytes. */
     if (len % 512 || !range_ok(b, sector, len / 512))
-        return S_IOERR;
+        return VIRTIO_BLK_S_IOERR;
     if (write)
         cnt = vr_segs_iov(q->mem, c->segs, c->nread, 16, len, b->iov, VR_MAX_SEGS);
     else
         cnt = vr_segs_iov(q->mem, c->segs + c->nread, c->nseg - c->nread, 0, len, b->iov,
                           VR_MAX_SEGS);
     if (cnt < 0)   /* not reached: a chain has at most VR_MAX_SEGS segments */
-        return S_IOERR;
+        return VIRTIO_BLK_S_IOERR;
     int rc = do_rw(b, b->iov, cnt, sector * 512, len, write, &done);
     if (write) {
         b->stats.writes++;
@@ -267,7 +259,7 @@ static uint8_t blk_rw(struct vr_blk *b, struct vr_queue *q,
         q->stats.bytes_read += done;
         *used += (uint32_t)done;
     }
-    return rc == 0 ? S_OK : S_IOERR;
+    return rc == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
 }
 
 static uint8_t blk_get_id(struct vr_blk *b, struct vr_queue *q,
@@ -284,23 +276,23 @@ static uint8_t blk_get_id(struct vr_blk *b, struct vr_queue *q,
     }
     b->stats.get_ids++;
     *used += (uint32_t)n;
-    return S_OK;
+    return VIRTIO_BLK_S_OK;
 }
 
 static uint8_t blk_dwz(struct vr_blk *b, struct vr_queue *q,
                        const struct vr_chain *c, uint32_t type)
 {
-    int discard = type == T_DISCARD;
+    int discard = type == VIRTIO_BLK_T_DISCARD;
     uint32_t max_sec = discard ? b->cfg.max_discard_sectors : b->cfg.max_write_zeroes_sectors;
     uint32_t max_seg = discard ? b->cfg.max_discard_seg : b->cfg.max_write_zeroes_seg;
     uint64_t dlen = c->read_len - 16;
 
     if (max_sec == 0)
-        return S_UNSUPP; /* feature not offered */
+        return VIRTIO_BLK_S_UNSUPP; /* feature not offered */
     if (b->cfg.read_only)
-        return S_IOERR;
+        return VIRTIO_BLK_S_IOERR;
     if (dlen == 0 || dlen % sizeof(struct dwz_seg) || dlen / sizeof(struct dwz_seg) > max_seg)
-        return S_IOERR;
+        return VIRTIO_BLK_S_IOERR;
     uint32_t n = (uint32_t)(dlen / sizeof(struct dwz_seg));
     /* Copy every range to a local first, check them all, then act. */
     for (uint32_t k = 0; k < n; k++) {
@@ -308,9 +300,9 @@ static uint8_t blk_dwz(struct vr_blk *b, struct vr_queue *q,
         const struct dwz_seg *s = &b->dwz[k];
         /* 5.2.6.2: unknown flag bits, or unmap on discard: UNSUPP. */
         if ((s->flags & ~WZ_UNMAP) || (discard && s->flags))
-            return S_UNSUPP;
+            return VIRTIO_BLK_S_UNSUPP;
         if (s->num_sectors > max_sec || !range_ok(b, s->sector, s->num_sectors))
-            return S_IOERR;
+            return VIRTIO_BLK_S_IOERR;
     }
     for (uint32_t k = 0; k < n; k++) {
         const struct dwz_seg *s = &b->dwz[k];
@@ -322,7 +314,7 @@ static uint8_t blk_dwz(struct vr_blk *b, struct vr_queue *q,
             /* Discard is a hint: an fs without hole punching succeeds. */
             if (fallocate(b->cfg.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len) < 0 &&
                 !unsupported_errno(errno))
-                return S_IOERR;
+                return VIRTIO_BLK_S_IOERR;
             continue;
         }
         int mode = (s->flags & WZ_UNMAP) ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
@@ -330,26 +322,22 @@ static uint8_t blk_dwz(struct vr_blk *b, struct vr_queue *q,
         if (fallocate(b->cfg.fd, mode, off, len) == 0)
             continue;
         if (!unsupported_errno(errno))
-            return S_IOERR;
+            return VIRTIO_BLK_S_IOERR;
         if (write_zeroes_slow(b, (uint64_t)off, (uint64_t)len) < 0)
-            return S_IOERR;
+            return VIRTIO_BLK_S_IOERR;
     }
     if (discard)
         b->stats.discards++;
     else
         b->stats.write_zeroes++;
-    return S_OK;
+    return VIRTIO_BLK_S_OK;
 }
 
 /* Handle one chain; sets *used; returns -1 only if the queue broke. */
 static int blk_one(struct vr_blk *b, struct vr_queue *q,
                    const struct vr_chain *c, uint32_t *used)
 {
-    struct {
-        uint32_t type;
-        uint32_t reserved;
-        uint64_t sector;
-    } hdr;
+    struct virtio_blk_outhdr hdr;
     uint8_t st;
 
     /* 5.2.6: the status byte is the last writable byte; without one the
@@ -362,37 +350,37 @@ static int blk_one(struct vr_blk *b, struct vr_queue *q,
 
     *used = 1;
     if (c->read_len < sizeof(hdr)) {
-        st = S_IOERR;
+        st = VIRTIO_BLK_S_IOERR;
     } else {
         gather(q->mem, c->segs, c->nread, 0, &hdr, sizeof(hdr));
         switch (hdr.type) {
-        case T_IN:
+        case VIRTIO_BLK_T_IN:
             st = blk_rw(b, q, c, hdr.sector, 0, used);
             break;
-        case T_OUT:
+        case VIRTIO_BLK_T_OUT:
             st = blk_rw(b, q, c, hdr.sector, 1, used);
             break;
-        case T_FLUSH:
-            st = fdatasync(b->cfg.fd) == 0 ? S_OK : S_IOERR;
+        case VIRTIO_BLK_T_FLUSH:
+            st = fdatasync(b->cfg.fd) == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
             b->stats.flushes++;
             break;
-        case T_GET_ID:
+        case VIRTIO_BLK_T_GET_ID:
             st = blk_get_id(b, q, c, used);
             break;
-        case T_DISCARD:
-        case T_WRITE_ZEROES:
+        case VIRTIO_BLK_T_DISCARD:
+        case VIRTIO_BLK_T_WRITE_ZEROES:
             st = blk_dwz(b, q, c, hdr.type);
             break;
         default:
-            st = S_UNSUPP;
+            st = VIRTIO_BLK_S_UNSUPP;
             break;
         }
     }
-    if (st == S_IOERR) {
+    if (st == VIRTIO_BLK_S_IOERR) {
         b->stats.io_errors++;
         q->stats.io_errors++;
     }
-    else if (st == S_UNSUPP)
+    else if (st == VIRTIO_BLK_S_UNSUPP)
         b->stats.unsupported++;
     *status = st;
     return 0;

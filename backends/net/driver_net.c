@@ -1,6 +1,6 @@
-/* drvnet.c: see drvnet.h. */
+/* driver_net.c: see driver_net.h. */
 #include "clock.h"
-#include "drvnet.h"
+#include "driver_net.h"
 
 #include <stdlib.h>
 #include <string.h>

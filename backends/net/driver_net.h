@@ -1,5 +1,5 @@
 /*
- * drvnet.h: a virtio-net traffic generator and sink on the driver side, for
+ * driver_net.h: a virtio-net traffic generator and sink on the driver side, for
  * `vhost-user-bench net`.  One thread keeps a tx queue of one port full of
  * prepared frames and the rx queue of another port full of buffers, and
  * counts what arrives.  Uses only the driver.h verbs (add, kick, reap, wait).

@@ -1,6 +1,6 @@
-/* drvvsock.c: see drvvsock.h. */
+/* driver_vsock.c: see driver_vsock.h. */
 #include "clock.h"
-#include "drvvsock.h"
+#include "driver_vsock.h"
 #include "vsock_hdr.h" /* struct vs_hdr (5.10.6), shared with the device side */
 
 #include <stdlib.h>

@@ -1,12 +1,12 @@
 /*
- * drvvsock.h: a virtio-vsock stream load on the driver side, for
+ * driver_vsock.h: a virtio-vsock stream load on the driver side, for
  * `vhost-user-bench vsock`.  One thread drives one established STREAM
  * connection through the tx and rx queues of a vsock device, using only the
  * driver.h verbs (add, kick, reap, wait).
  *
  * Theory of operation
  * -------------------
- * The Python driver model (vhost_user/drivers/vsock.py) owns the connection
+ * The Python driver model (backends/vsock/driver.py) owns the connection
  * and the buffers; it hands C the connection's counters (`struct
  * drv_vsock_conn`), its pool of tx slots and the rx buffers it has posted
  * (`struct drv_vsock_slot`: guest-physical address and the head it is posted

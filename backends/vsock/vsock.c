@@ -14,28 +14,13 @@
 
 #include "capture.h"
 #include "vsock.h"
+#include "vsock_hdr.h" /* struct vs_hdr (5.10.6), shared with the driver side */
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "vsock.c writes little-endian virtio headers in place: little-endian hosts only"
 #endif
 
 #define IOV_CAP 1024 /* IOV_MAX on Linux */
-
-/* struct virtio_vsock_hdr (virtio 1.2, 5.10.6), little-endian, packed. */
-struct vs_hdr {
-    uint64_t src_cid;
-    uint64_t dst_cid;
-    uint32_t src_port;
-    uint32_t dst_port;
-    uint32_t len;
-    uint16_t type;
-    uint16_t op;
-    uint32_t flags;
-    uint32_t buf_alloc;
-    uint32_t fwd_cnt;
-} __attribute__((packed));
-
-_Static_assert(sizeof(struct vs_hdr) == VS_HDR_SIZE, "virtio_vsock_hdr is 44 bytes");
 
 /* ---- capture (Linux vsockmon, pcap LINKTYPE_VSOCK 271) ---- */
 

@@ -36,11 +36,11 @@
 #include <stdint.h>
 
 #include "vring.h"
+#include "vsock_hdr.h" /* VS_HDR_SIZE, struct vs_hdr */
 
 /* cdef-begin */
 struct vr_capture;
 
-#define VS_HDR_SIZE 44
 #define VS_MAX_PKT (64u * 1024u)  /* Linux VIRTIO_VSOCK_MAX_PKT_BUF_SIZE */
 #define VS_TABLE_SLOTS 4096u      /* power of two */
 #define VS_TABLE_MAX 3072u        /* beyond this, connections stay on the Python path */

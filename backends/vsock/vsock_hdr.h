@@ -1,19 +1,19 @@
 /*
  * vsock_hdr.h - struct virtio_vsock_hdr (virtio 1.2, 5.10.6), defined once
- * for the device side (vsock.c) and the driver side (drvvsock.c).
+ * for the device side (vsock.c) and the driver side (driver_vsock.c).
  *
  * Little-endian on the wire and packed; both sides run on little-endian
- * hosts only and read/write it in place.  drvvsock.c includes it; vsock.c
- * still carries its own copy of the same declaration until it includes this
- * header too (vsock.h cannot include it before that: a second definition
- * of struct vs_hdr in vsock.c would not compile).
+ * hosts only and read/write it in place.  Python sees only its size (the
+ * struct's layout is the parsers' business: backends/vsock/packet.py).
  */
 #ifndef VR_VSOCK_HDR_H
 #define VR_VSOCK_HDR_H
 
 #include <stdint.h>
 
+/* cdef-begin */
 #define VS_HDR_SIZE 44
+/* cdef-end */
 
 struct vs_hdr {
     uint64_t src_cid;
