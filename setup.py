@@ -2,7 +2,9 @@
 
 The package list is computed here so a new back-end folder under backends/
 cannot be silently left out of the wheel, and because cffi_modules needs
-setup.py anyway.
+setup.py anyway. A device's C (backends/<dev>/*.c, *.h, native.json) is
+found by the builders themselves (csrc/native_parts.py); the sdist carries it
+(MANIFEST.in), the wheel carries only what it was compiled into.
 """
 import os
 
@@ -33,6 +35,7 @@ setup(
     packages=sorted(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
     package_data={"vhost_user.data": ["*.json"]},
+    exclude_package_data={"": ["*.c", "*.h", "native.json"]},
     cffi_modules=["csrc/build_native.py:ffibuilder", "csrc/build_driver.py:ffibuilder"],
     zip_safe=False,
 )
