@@ -51,17 +51,24 @@ def _names(path: str, part: str, key: str, value, folder: str) -> tuple[str, ...
     return tuple(out)
 
 
+def _shown(path: str) -> str:
+    """`path` as an error names it: relative to the repository when inside it."""
+    rel = os.path.relpath(path, REPO)
+    return path if rel.startswith("..") else rel
+
+
 def _read(path: str) -> dict:
+    shown = _shown(path)
     try:
         with open(path) as f:
             data = json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise ValueError(f"{shown}: {e}") from None
     if not isinstance(data, dict) or not data:
-        raise ValueError(f"{path}: not an object naming {' or '.join(PARTS)}")
+        raise ValueError(f"{shown}: not an object naming {' or '.join(PARTS)}")
     unknown = sorted(set(data) - set(PARTS))
     if unknown:
-        raise ValueError(f"{path}: unknown part {unknown[0]!r} (known: {', '.join(PARTS)})")
+        raise ValueError(f"{shown}: unknown part {unknown[0]!r} (known: {', '.join(PARTS)})")
     return data
 
 
@@ -90,7 +97,7 @@ def device_parts(part: str, backends: str = "backends") -> list[DevicePart]:
             continue
         data = _read(path)
         if part in data:
-            found.append(_part(os.path.relpath(path, REPO), device, folder, part, data[part]))
+            found.append(_part(_shown(path), device, folder, part, data[part]))
     return found
 
 

@@ -23,7 +23,11 @@ out=$(cd "$out" && pwd)
 export CFLAGS="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1"
 export LDFLAGS="-fsanitize=address,undefined"
 # cffi compiles inside its tmpdir with the builders' repo-relative source paths: give it a copy.
+# The core's C is csrc/; each device's sits in backends/<dev>/ (its native.json names it).
 rm -rf "$out/tmp" && mkdir -p "$out/tmp" && cp -r "$repo/csrc" "$out/tmp/csrc"
+(cd "$repo" && find backends -name native.json -o -name '*.[ch]') | while read -r f; do
+    mkdir -p "$out/tmp/$(dirname "$f")" && cp "$repo/$f" "$out/tmp/$f"
+done
 (cd "$out/tmp" && python3 - "$out" <<'PY'
 import importlib.util, os, sys
 out = sys.argv[1]

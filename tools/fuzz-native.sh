@@ -18,14 +18,15 @@ cc=${CC:-$(command -v clang-16 || command -v clang || true)}
 
 core="csrc/vring.c csrc/memory.c csrc/inflight.c"
 trace="csrc/fuzz/fuzz_trace.c -Wl,--wrap=vr_pop,--wrap=vr_pop_batch"
+blk=backends/blk net=backends/net vsock=backends/vsock  # each device's C sits in its folder
 declare -A sources=(
   [ring]="csrc/fuzz/fuzz_ring.c $core"
-  [blk]="csrc/fuzz/fuzz_blk.c csrc/blk.c $core $trace"
-  [net]="csrc/fuzz/fuzz_net.c csrc/net.c csrc/net_offload.c csrc/net_filter.c csrc/capture.c $core $trace -lpthread"
-  [vsock]="csrc/fuzz/fuzz_vsock.c csrc/vsock.c $core $trace -lpthread"
+  [blk]="csrc/fuzz/fuzz_blk.c $blk/blk.c $core $trace"
+  [net]="csrc/fuzz/fuzz_net.c $net/net.c $net/net_offload.c $net/net_filter.c csrc/capture.c $core $trace -lpthread"
+  [vsock]="csrc/fuzz/fuzz_vsock.c $vsock/vsock.c $core $trace -lpthread"
 )
 flags="-g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
-       -fsanitize-coverage-ignorelist=csrc/fuzz/coverage-ignore.txt -Icsrc"
+       -fsanitize-coverage-ignorelist=csrc/fuzz/coverage-ignore.txt -Icsrc -I$blk -I$net -I$vsock"
 
 build() {  # build OUTDIR TARGET...
   local out=$1; shift

@@ -15,7 +15,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "../blk.h"
+#include "blk.h" /* backends/blk/ */
 #include "fuzz_guest.h"
 
 #define IMAGE_SIZE (64u * 1024u)

@@ -17,7 +17,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "../net.h"
+#include "net.h" /* backends/net/ */
 #include "fuzz_guest.h"
 
 static const uint8_t MAC_A[6] = {0x52, 0x54, 0x00, 0, 0, 0xa}; /* port 0, the sender */

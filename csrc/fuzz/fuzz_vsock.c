@@ -29,8 +29,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "../capture.c" /* built in, not linked: the harness empties the ring per input */
-#include "../vsock.h"
+#include "../capture.c" /* the core's, built in, not linked: the harness empties the ring per input */
+#include "vsock.h" /* backends/vsock/ */
 #include "fuzz_guest.h"
 
 #define NCONN 3

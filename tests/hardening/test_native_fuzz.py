@@ -25,6 +25,14 @@ REGRESSIONS = sorted(glob.glob(os.path.join(REPO, "fuzz", "regressions", "native
 RUNS = int(os.environ.get("NATIVE_FUZZ_RUNS", "20000"))
 
 
+def _copy_tree(tree) -> None:
+    """The C and the build script, as fuzz-native.sh finds them: core in csrc/, devices in backends/."""
+    shutil.copytree(os.path.join(REPO, "csrc"), tree / "csrc")
+    shutil.copytree(os.path.join(REPO, "backends"), tree / "backends",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    shutil.copytree(os.path.join(REPO, "tools"), tree / "tools")
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> str:
     require_tool("clang-16")
@@ -58,8 +66,7 @@ def test_native_ring_harness_finds_a_planted_bounds_bug(tmp_path):
     """Segments no longer split at a region's end must be caught (trap or ASan)."""
     require_tool("clang-16")
     tree = tmp_path / "tree"
-    shutil.copytree(os.path.join(REPO, "csrc"), tree / "csrc")
-    shutil.copytree(os.path.join(REPO, "tools"), tree / "tools")
+    _copy_tree(tree)
     mem = tree / "csrc" / "memory.c"
     text = mem.read_text()
     planted = text.replace("*chunk = rest < len ? rest : len;", "*chunk = len;")
@@ -117,9 +124,8 @@ def test_vsock_regression_input_fails_on_the_code_before_its_fix(tmp_path, name,
     the old bound let vr_segs_iov write IOV_CAP iovecs from iov + niov (ASan reports it)."""
     require_tool("clang-16")
     tree = tmp_path / "tree"
-    shutil.copytree(os.path.join(REPO, "csrc"), tree / "csrc")
-    shutil.copytree(os.path.join(REPO, "tools"), tree / "tools")
-    vsock = tree / "csrc" / "vsock.c"
+    _copy_tree(tree)
+    vsock = tree / "backends" / "vsock" / "vsock.c"
     old, n = revert(vsock.read_text())
     assert n == 1, "vsock.c changed: update the reverted fix"
     vsock.write_text(old)
