@@ -2,7 +2,7 @@
 
 Device semantics only: which features to offer, the config space, and a
 native request engine per queue. Requests never pass through Python: each
-queue's worker thread runs the C engine (csrc/blk.c) over the image fd.
+queue's worker thread runs the C engine (backends/blk/blk.c) over the image fd.
 """
 
 from __future__ import annotations

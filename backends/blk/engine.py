@@ -1,4 +1,4 @@
-"""The native virtio-blk request engine (csrc/blk.c) as a queue engine.
+"""The native virtio-blk request engine (backends/blk/blk.c) as a queue engine.
 
 `BlkEngine` holds the request limits of one disk; bound to a started
 queue (vhost_user.engine protocol) it allocates a C context and the

@@ -1,7 +1,7 @@
 """virtio-blk request layout (virtio spec 5.2.6), shared by device and driver.
 
 Pure data: constants and pack/unpack helpers. The back-end's hot path parses
-requests in C (csrc/blk.c); this module is the readable reference used by the
+requests in C (backends/blk/blk.c); this module is the readable reference used by the
 built-in front-end's driver model, the tests and the fuzzers.
 """
 

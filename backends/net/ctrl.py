@@ -13,7 +13,7 @@ writable `ack` byte.
 
 Commands are rare, so they are parsed and applied in Python; what they set
 (rx queue pairs in use, the receive filter) is handed to the C switch in one
-call each, and the per-frame checks stay in C (csrc/net_filter.c).
+call each, and the per-frame checks stay in C (backends/net/net_filter.c).
 
 Served: RX (PROMISC, ALLMULTI, and with CTRL_RX_EXTRA ALLUNI, NOMULTI,
 NOUNI, NOBCAST), MAC (TABLE_SET, ADDR_SET), MQ VQ_PAIRS_SET and ANNOUNCE
@@ -38,7 +38,7 @@ __all__ = ["CtrlClass", "RxFlag", "RxFilter", "NetControl", "parse_mac_table",
 log = logging.getLogger(__name__)
 
 OK, ERR = 0, 1
-MAX_MACS = 64          # csrc/net.h VR_NET_MAX_MACS; more entries mean "all of that kind"
+MAX_MACS = 64          # backends/net/net.h VR_NET_MAX_MACS; more entries mean "all of that kind"
 
 
 class CtrlClass(enum.IntEnum):
@@ -51,7 +51,7 @@ class CtrlClass(enum.IntEnum):
 
 
 class RxFlag(enum.IntFlag):
-    """Receive filter flags, as csrc/net.h VR_NET_RX_* (FILTER: the filter applies)."""
+    """Receive filter flags, as backends/net/net.h VR_NET_RX_* (FILTER: the filter applies)."""
 
     FILTER = 1
     PROMISC = 2

@@ -6,7 +6,7 @@ a control queue (ctrl.py) after the last pair. QEMU's `-netdev vhost-user`
 keeps MAC, status and the control queue itself and never acks CTRL_VQ to
 us, so under QEMU the control queue stays idle and QEMU switches pairs on
 and off with SET_VRING_ENABLE; crosvm hands every queue over. Frames never
-pass through Python: each tx queue's worker runs the C switch (csrc/net.c),
+pass through Python: each tx queue's worker runs the C switch (backends/net/net.c),
 which copies straight into the rx queues of the destination ports, after
 the destination's MTU and receive filter checks.
 """

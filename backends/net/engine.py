@@ -1,4 +1,4 @@
-"""The native learning switch of vhost-user-net (csrc/net.c) and its queue engines.
+"""The native learning switch of vhost-user-net (backends/net/net.c) and its queue engines.
 
 `NetSwitch` owns the C switch (ports, MAC table, capture ring, TAP
 readers).  Each virtio port's queues are served through the engine
@@ -23,7 +23,7 @@ __all__ = ["NetSwitch", "NetTxEngine", "NetRxQueue"]
 
 
 class NetSwitch:
-    """The native learning switch of vhost-user-net (csrc/net.c): ports, MAC table, capture.
+    """The native learning switch of vhost-user-net (backends/net/net.c): ports, MAC table, capture.
 
     Ports are added before any traffic flows; virtio ports get a
     NetTxEngine per tx queue and a NetRxQueue per rx queue.

@@ -5,7 +5,7 @@ only ValueError escapes, and unpack->pack is the identity.
 
 Part two: frames with arbitrary virtio-net headers (flags, GSO type and
 sizes, checksum start/offset) and arbitrary Ethernet/IP/TCP/UDP bytes enter
-the native switch (csrc/net.c) through a TAP port whose fd is one end of a
+the native switch (backends/net/net.c) through a TAP port whose fd is one end of a
 SOCK_SEQPACKET socketpair, read by `vr_net_tap_run` in a thread as the real
 TAP reader is. The switch's header checks, checksum resolution and software
 segmentation then run on them toward a second TAP port (also a socketpair)

@@ -1,6 +1,6 @@
 /*
  * net_filter.h - per-port delivery rules of the switch (internal to
- * csrc/net.c): the receive filter a guest sets through its control queue
+ * backends/net/net.c): the receive filter a guest sets through its control queue
  * (VIRTIO_NET_CTRL_RX and VIRTIO_NET_CTRL_MAC, virtio 1.2 5.1.6.5.1-2),
  * the MTU check and the flow hash that picks a TAP frame's rx queue.
  */

@@ -1,6 +1,6 @@
 /*
  * net_offload.h - virtio-net header checks and software offloads (internal
- * to the switch, csrc/net.c).
+ * to the switch, backends/net/net.c).
  */
 #ifndef VR_NET_OFFLOAD_H
 #define VR_NET_OFFLOAD_H

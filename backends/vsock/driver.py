@@ -400,7 +400,7 @@ class VsockDriver(Driver):
     # -- C stream load (vhost-user-bench vsock) ------------------------------------------
     def stream_bench(self, sock: DriverSocket, direction: str, *, payload: bytes = b"",
                      duration: float = 0.0, stall_timeout: float = 10.0) -> VsockBenchResult:
-        """Move bytes on an established STREAM connection with the C loop (csrc/drvvsock.c,
+        """Move bytes on an established STREAM connection with the C loop (backends/vsock/driver_vsock.c,
         GIL released) instead of this model. "g2h": send `payload` (its length is the write
         size, <= 64 KiB) over and over for `duration` s, within the peer's credit. "h2g":
         consume what arrives (bytes already in `sock.rx` count too) until the peer shuts the

@@ -1,4 +1,4 @@
-"""The vsock data path in C (csrc/vsock.c) for a device's Python handlers.
+"""The vsock data path in C (backends/vsock/vsock.c) for a device's Python handlers.
 
 Theory of operation
 -------------------

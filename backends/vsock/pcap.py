@@ -10,7 +10,7 @@ written with no third-party module, so `--pcap` works on a plain install.
 Theory of operation
 -------------------
 Capturing must not move the data path back to Python. The C engine
-(csrc/vsock.c) appends every RW packet it moves, both directions, to a
+(backends/vsock/vsock.c) appends every RW packet it moves, both directions, to a
 bounded ring of ready-made pcap records in C (csrc/capture.c, the ring
 net's switch uses too); the packets Python handles (control packets,
 SEQPACKET, sibling VMs, leftovers) go into the same ring through `write`,

@@ -14,7 +14,7 @@ from vhost_user._native import ffi, lib
 from vhost_user.virtqueue import Virtqueue
 
 HDR = 44        # struct virtio_vsock_hdr
-IOV_CAP = 1024  # csrc/vsock.c: iovecs per readv/writev (IOV_MAX)
+IOV_CAP = 1024  # backends/vsock/vsock.c: iovecs per readv/writev (IOV_MAX)
 
 _keys = st.tuples(st.sampled_from([2, 4, 2**32 - 2]), st.integers(0, 40), st.integers(0, 40))
 

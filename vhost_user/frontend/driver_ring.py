@@ -323,7 +323,7 @@ def run_net_bench(tx: DriverQueue, rx: DriverQueue, *, hdr_len: int, frame_len: 
                   tx_offset: int, tx_slot_size: int, tx_slots: int,
                   rx_offset: int, rx_buf_len: int, rx_slots: int, mergeable: bool,
                   duration_s: float, stall_timeout_s: float = 5.0) -> NetBenchResult:
-    """A virtio-net load in C with the GIL released (csrc/drvnet.c): keeps `tx`
+    """A virtio-net load in C with the GIL released (backends/net/driver_net.c): keeps `tx`
     full of the prepared frames in its slots (header + frame, written by the
     caller) and `rx` (another port) full of buffers, for `duration_s`. rx
     buffers stay posted between runs with the same rx area."""
@@ -399,7 +399,7 @@ def run_vsock_stream_bench(tx: DriverQueue, rx: DriverQueue, conn: VsockConnStat
                            rx_posted: Sequence[tuple[int, int]], rx_buf_len: int,
                            rx_split: bool = False, write_size: int = 0, duration_s: float = 0.0,
                            stall_timeout_s: float = 10.0) -> VsockBenchRun:
-    """A virtio-vsock stream load in C with the GIL released (csrc/drvvsock.c) on one
+    """A virtio-vsock stream load in C with the GIL released (backends/vsock/driver_vsock.c) on one
     established connection. direction "g2h": keep `tx` full of RW packets of
     `write_size` payload bytes (the payload already written at +44 in every slot by
     the caller) within the peer's credit, for `duration_s`. "h2g": consume what

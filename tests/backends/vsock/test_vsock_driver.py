@@ -1,4 +1,4 @@
-"""The C vsock stream load (csrc/drvvsock.c via `VsockDriver.stream_bench`) against the real
+"""The C vsock stream load (backends/vsock/driver_vsock.c via `VsockDriver.stream_bench`) against the real
 vhost-user-vsock process: bytes arrive exactly and intact, credit holds both ways, packets of
 other connections are dropped, and the Python driver model carries on afterwards."""
 

@@ -1,4 +1,4 @@
-"""The C data path of vhost-user-vsock (csrc/vsock.c): which packets it takes, that it
+"""The C data path of vhost-user-vsock (backends/vsock/vsock.c): which packets it takes, that it
 keeps order and credit when the host socket is full, and what stays in Python.
 
 Each connection's close line in the back-end log says how many bytes C moved
