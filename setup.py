@@ -34,7 +34,6 @@ PACKAGE_DIRS.update(_walk("backends", "vhost_user.backends"))
 setup(
     packages=sorted(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
-    package_data={"vhost_user.data": ["*.json"]},
     exclude_package_data={"": ["*.c", "*.h", "native.json"]},
     cffi_modules=["csrc/build_native.py:ffibuilder", "csrc/build_driver.py:ffibuilder"],
     zip_safe=False,

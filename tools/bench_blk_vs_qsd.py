@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from vhost_user.frontend.bench import BlkBenchSpec, run_blk_bench
+from vhost_user.backends.blk.bench import BlkBenchSpec, run_blk_bench
 
 CASES = [
     # (label, rw, block size, iodepth, queues)

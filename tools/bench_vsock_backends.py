@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from vhost_user.frontend.bench import run_vsock_bench
+from vhost_user.backends.vsock.bench import run_vsock_bench
 
 
 def _start(cmd: list[str], workdir: str) -> tuple[subprocess.Popen, str, str]:

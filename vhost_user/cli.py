@@ -33,10 +33,10 @@ import socket
 import stat
 import sys
 import sysconfig
-from importlib import metadata, resources
+from importlib import metadata
 from typing import Callable
 
-from vhost_user import daemon
+from vhost_user import daemon, devices
 from vhost_user.device import VirtioDevice
 from vhost_user.errors import VhostUserError
 from vhost_user.server import DeviceServer, listen_unix
@@ -330,13 +330,12 @@ def _program_path(name: str) -> str | None:
 
 
 def description(name: str) -> dict:
-    """The shipped description file of back-end `name`, with the running program's path.
+    """The description file of back-end `name` (its device spec), with the running program's path.
 
     libvirt starts vhost-user-gpu (and virtiofsd) from these files (QEMU's
     docs/interop/vhost-user.json); the path is only known at run time.
     """
-    with resources.files("vhost_user.data").joinpath(f"{name}.json").open() as f:
-        desc = json.load(f)
+    desc = devices.by_program(name).description_file()
     found = _program_path(desc["binary"])
     if found is None:
         print(f"{name}: warning: cannot tell this program's absolute path; "
@@ -363,7 +362,7 @@ def run_backend(args, make_device: Callable[[], VirtioDevice], capabilities: dic
     """Print capabilities or serve one device until stopped; return the exit code.
 
     Capabilities are static so that printing them opens no image. The sandbox
-    profile defaults to the program name without `vhost-user-`.
+    profile defaults to the device's name in its spec (backends/<dev>/spec.py).
     """
     done = print_info(args, capabilities, name)
     if done is not None:
@@ -372,7 +371,7 @@ def run_backend(args, make_device: Callable[[], VirtioDevice], capabilities: dic
     found = endpoints(args, single=True)
     if not found:
         raise UsageError("one of --socket PATH or --fd N is required")
-    profile = sandbox_profile or name.removeprefix("vhost-user-")
+    profile = sandbox_profile or devices.by_program(name).name
     sandbox = profile if getattr(args, "sandbox", False) else None
     return serve_devices([(found[0], make_device)], sandbox=sandbox, args=args)
 

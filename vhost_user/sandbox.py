@@ -49,6 +49,8 @@ import socket
 import sys
 from typing import Iterable
 
+from vhost_user import devices
+
 __all__ = ["apply", "build", "prepare", "register_profile", "profile_syscalls", "allow_with_args", "SandboxError",
            "CORE_SYSCALLS", "KILL_SYSCALLS", "PROFILES", "CONDITIONAL"]
 
@@ -138,6 +140,8 @@ def prepare(profile: str) -> None:
 
 
 def _check_profile(profile: str) -> None:
+    if profile not in PROFILES:
+        devices.load_sandbox(profile)  # the device that declares it registers it on import
     if profile not in PROFILES:
         raise SandboxError(errno.EINVAL, f"no sandbox profile for {profile!r}")
 

@@ -47,130 +47,16 @@ import threading
 from typing import Any
 
 from vhost_user._native import ffi, lib
-from vhost_user.engine import Engine
-from vhost_user.errors import (
-    AddressOutOfRange,
-    AvailIndexJump,
-    BadIndirectLength,
-    ChainTooLong,
-    DescriptorIndexOutOfRange,
-    DescriptorLoop,
-    DescriptorOrder,
-    NestedIndirect,
-    VirtqueueError,
+from vhost_user.chain import (
+    MAX_QUEUE_SIZE, Chain, NativeMemory, check_native, error_class, inflight_queue_size,
 )
+from vhost_user.engine import Engine
+from vhost_user.errors import VirtqueueError
 from vhost_user.memory import GuestMemory
 
 __all__ = ["Virtqueue", "Chain", "Engine", "check_native", "inflight_queue_size", "MAX_QUEUE_SIZE"]
 
 log = logging.getLogger("vhost_user.virtqueue")
-
-MAX_QUEUE_SIZE = lib.VR_MAX_QUEUE_SIZE
-_INFLIGHT_ALIGN = 64
-
-# C error code -> exception class (see enum vr_error in csrc/vring.h).
-_ERRORS: dict[int, type[Exception]] = {
-    1: DescriptorLoop,
-    2: DescriptorIndexOutOfRange,
-    3: NestedIndirect,
-    4: BadIndirectLength,
-    5: AddressOutOfRange,
-    6: AvailIndexJump,
-    7: DescriptorOrder,
-    8: ChainTooLong,
-    9: VirtqueueError,
-    20: ValueError,
-    21: AddressOutOfRange,
-    22: VirtqueueError,
-    23: ValueError,
-    24: MemoryError,
-    25: VirtqueueError,
-}
-_API_MESSAGES = {
-    20: "invalid argument",
-    21: "ring does not lie inside one guest memory region",
-    22: "ring address is misaligned (desc 16, avail 2, used 4 bytes)",
-    23: "operation not valid in the queue's current state",
-    24: "out of memory",
-    25: "inflight region does not match the queue (size or desc_num)",
-}
-
-
-def inflight_queue_size(queue_size: int) -> int:
-    """Bytes of one queue's split inflight region (vhost-user.rst), 64-byte aligned."""
-    raw = 16 + 16 * queue_size
-    return (raw + _INFLIGHT_ALIGN - 1) // _INFLIGHT_ALIGN * _INFLIGHT_ALIGN
-
-
-def check_native(rc: int, what: str, q: Any = None) -> int:
-    """Map a C return code (enum vr_error, negated) to the project's typed errors;
-    pass through >= 0.  With the native queue `q`, a ring violation carries the
-    queue's own message."""
-    if rc >= 0:
-        return rc
-    code = -rc
-    cls = _ERRORS.get(code, VirtqueueError)
-    if q is not None and code < 20 and lib.vr_queue_broken(q):
-        msg = ffi.string(lib.vr_queue_error(q)).decode(errors="replace")
-    else:
-        msg = f"{what}: {_API_MESSAGES.get(code, f'error {code}')}"
-    raise cls(msg)
-
-
-_check = check_native
-
-
-class Chain:
-    """A popped descriptor chain: (region_index, offset, length) segments."""
-
-    __slots__ = ("head", "readable", "writable", "_memory")
-
-    def __init__(self, head: int, readable: list, writable: list, memory: GuestMemory) -> None:
-        self.head = head
-        self.readable: list[tuple[int, int, int]] = readable
-        self.writable: list[tuple[int, int, int]] = writable
-        self._memory = memory
-
-    @property
-    def memory(self) -> GuestMemory:
-        """The table the segments' region indices refer to."""
-        return self._memory
-
-    @property
-    def read_len(self) -> int:
-        return sum(n for _, _, n in self.readable)
-
-    @property
-    def write_len(self) -> int:
-        return sum(n for _, _, n in self.writable)
-
-    def read(self) -> bytes:
-        """All device-readable bytes of the chain, in order."""
-        regions = self._memory.regions
-        return b"".join(regions[i].read(off, n) for i, off, n in self.readable)
-
-    def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
-        """Copy data into the writable segments from byte `offset`; returns bytes written."""
-        if offset < 0:
-            raise ValueError("offset must be >= 0")
-        view = memoryview(data).cast("B")
-        regions = self._memory.regions
-        done = 0
-        for i, off, n in self.writable:
-            if done == len(view):
-                break
-            if offset >= n:
-                offset -= n
-                continue
-            take = min(n - offset, len(view) - done)
-            regions[i].write(off + offset, view[done:done + take])
-            done += take
-            offset = 0
-        return done
-
-    def __repr__(self) -> str:
-        return f"Chain(head={self.head}, readable={self.readable}, writable={self.writable})"
-
 
 @ffi.def_extern()
 def vr_py_handler(ctx, q):  # pragma: no cover - exercised through the worker
@@ -183,28 +69,6 @@ def vr_py_handler(ctx, q):  # pragma: no cover - exercised through the worker
     except Exception:
         log.exception("queue %d: handler failed", vq.index)
     return 0
-
-
-class _NativeMemory:
-    """A struct vr_mem built from a GuestMemory, plus the buffer views pinning it."""
-
-    def __init__(self, memory: GuestMemory) -> None:
-        self.memory = memory
-        self.table = ffi.new("struct vr_mem *")
-        self.buffers = []
-        regions = memory.regions
-        self.table.nregions = len(regions)
-        for i, r in enumerate(regions):
-            buf = ffi.from_buffer("uint8_t[]", r.mmap, require_writable=True)
-            self.buffers.append(buf)
-            slot = self.table.regions[i]
-            slot.gpa, slot.size, slot.uaddr = r.gpa, r.size, r.uaddr
-            slot.host = buf + r.mmap_offset
-
-    def release(self) -> None:
-        for buf in self.buffers:
-            ffi.release(buf)
-        self.buffers = []
 
 
 class Virtqueue:
@@ -233,7 +97,7 @@ class Virtqueue:
     def _reset_run_state(self) -> None:
         self._started = False
         self._memory: GuestMemory | None = None
-        self._native_mem: _NativeMemory | None = None
+        self._native_mem: NativeMemory | None = None
         self._handler: Any = None
         self._engine: Engine | None = None
         self._handle = None
@@ -296,7 +160,7 @@ class Virtqueue:
         code = lib.vr_queue_broken(self._q)
         if not code:
             return None
-        return _ERRORS.get(code, VirtqueueError)(self.error)
+        return error_class(code)(self.error)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -316,7 +180,7 @@ class Virtqueue:
         """SET_VRING_NUM: a power of two in 1..max_size (split ring, like Linux vhost)."""
         if not 0 < n <= self.max_size or n & (n - 1):
             raise ValueError(f"queue {self.index}: size {n} is not a power of two in 1..{self.max_size}")
-        _check(lib.vr_queue_set_num(self._q, n), f"queue {self.index}: set_num")
+        check_native(lib.vr_queue_set_num(self._q, n), f"queue {self.index}: set_num")
         self._num = n
 
     def set_addr(self, desc: int, avail: int, used: int, *, flags: int = 0, log: int = 0,
@@ -329,7 +193,7 @@ class Virtqueue:
         for name, v in (("desc", desc), ("avail", avail), ("used", used)):
             if not 0 <= v < 1 << 64:
                 raise ValueError(f"{name} address out of range")
-        _check(lib.vr_queue_set_addr(self._q, desc, avail, used, int(gpa)),
+        check_native(lib.vr_queue_set_addr(self._q, desc, avail, used, int(gpa)),
                f"queue {self.index}: set_addr")
         self._addr = (desc, avail, used, flags, log, gpa)
 
@@ -337,7 +201,7 @@ class Virtqueue:
         """SET_VRING_BASE: the avail index to continue from."""
         if not 0 <= last_avail_idx <= 0xFFFF:
             raise ValueError("base must be a 16-bit index")
-        _check(lib.vr_queue_set_base(self._q, last_avail_idx), f"queue {self.index}: set_base")
+        check_native(lib.vr_queue_set_base(self._q, last_avail_idx), f"queue {self.index}: set_base")
 
     def get_base(self) -> int:
         """The next avail index to process (GET_VRING_BASE reply)."""
@@ -403,7 +267,7 @@ class Virtqueue:
         if self._num == 0 or self._addr is None:
             raise ValueError(f"queue {self.index}: size and addresses must be set before start")
         memory.acquire()
-        native = _NativeMemory(memory)
+        native = NativeMemory(memory)
         try:
             if self._inflight is not None:
                 region, offset = self._inflight
@@ -412,7 +276,7 @@ class Virtqueue:
             else:
                 lib.vr_queue_set_inflight(self._q, ffi.NULL, 0)
             self._apply_fds()
-            _check(lib.vr_queue_start(self._q, native.table), f"queue {self.index}: start")
+            check_native(lib.vr_queue_start(self._q, native.table), f"queue {self.index}: start")
         except BaseException:
             native.release()
             self._release_inflight()
@@ -488,7 +352,7 @@ class Virtqueue:
         if not self._started:
             return
         memory.acquire()
-        native = _NativeMemory(memory)
+        native = NativeMemory(memory)
         with self._paused():
             rc = lib.vr_queue_set_mem(self._q, native.table)
             if rc >= 0:
@@ -498,7 +362,7 @@ class Virtqueue:
             native.release()
             memory.release()
             self.stop()
-            _check(rc, f"queue {self.index}: new memory table")
+            check_native(rc, f"queue {self.index}: new memory table")
         old_native.release()
         old_mem.release()
 
@@ -539,7 +403,7 @@ class Virtqueue:
         rc = lib.vr_pop(self._q, self._chain)
         if rc < 0:
             self._report_broken()
-            _check(rc, f"queue {self.index}: pop", self._q)
+            check_native(rc, f"queue {self.index}: pop", self._q)
         if rc == 0:
             return None
         return self.popped_chain()
@@ -561,7 +425,7 @@ class Virtqueue:
         """
         if not self._started:
             raise ValueError(f"queue {self.index} is not started")
-        _check(lib.vr_unpop(self._q), f"queue {self.index}: unpop")
+        check_native(lib.vr_unpop(self._q), f"queue {self.index}: unpop")
 
     def push(self, head: int, length: int) -> None:
         """Return chain `head` to the driver with `length` bytes written."""
@@ -571,7 +435,7 @@ class Virtqueue:
             raise ValueError("length must fit 32 bits")
         if not 0 <= head < self._num:
             raise ValueError(f"head {head} out of range")
-        _check(lib.vr_push(self._q, head, length), f"queue {self.index}: push")
+        check_native(lib.vr_push(self._q, head, length), f"queue {self.index}: push")
 
     def notify(self) -> bool:
         """Signal the call eventfd if the suppression rules allow; True if signalled."""

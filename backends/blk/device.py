@@ -23,6 +23,7 @@ from .engine import BlkEngine
 from .config import BlkConfig
 from .request import ID_BYTES, SECTOR_SIZE, BlkFeature
 from . import sandbox as _sandbox  # noqa: F401 (registers the seccomp profile)
+from .spec import SPEC
 
 __all__ = ["BlkDevice", "BlkOptions", "CAPABILITIES", "open_backing"]
 
@@ -36,7 +37,7 @@ _MAX_DISCARD_SEG = 1
 _DEFAULT_SIZE = 1 << 30
 
 # docs/interop/vhost-user.json: VHostUserBackendCapabilitiesBlock
-CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
+CAPABILITIES = SPEC.capabilities()  # static; the program may add run-time probes
 
 
 @dataclass
@@ -92,8 +93,8 @@ def open_backing(opts: BlkOptions) -> tuple[int, int]:
 
 
 class BlkDevice(VirtioDevice):
-    device_type = "blk"
-    virtio_id = 2
+    device_type = SPEC.name
+    virtio_id = SPEC.virtio_id
 
     def __init__(self, opts: BlkOptions):
         super().__init__()

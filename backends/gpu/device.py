@@ -44,13 +44,14 @@ from .display import Display, NullDisplay, PngDisplay, SocketDisplay, default_mo
 from .display_protocol import CursorPosMsg, CursorUpdateMsg, ScanoutMsg, UpdateMsg
 from .resources import DEFAULT_MAX_HOSTMEM, GpuError, ResourceTable, to_x8r8g8b8
 from . import sandbox as _sandbox  # noqa: F401 (registers the seccomp profile)
+from .spec import SPEC
 
 __all__ = ["GpuDevice", "GpuOptions", "CAPABILITIES"]
 
 log = logging.getLogger(__name__)
 
 # docs/interop/vhost-user.json, VHostUserBackendCapabilitiesGPU: only what works.
-CAPABILITIES = {"type": "gpu", "features": []}
+CAPABILITIES = SPEC.capabilities()  # static; the program may add run-time probes
 
 _CTRL, _CURSOR = 0, 1
 # The most command bytes read from one chain: attach-backing with its largest entry list.
@@ -86,8 +87,8 @@ def _read_prefix(memory, segments, limit: int) -> bytes:
 
 
 class GpuDevice(VirtioDevice):
-    device_type = "gpu"
-    virtio_id = 16
+    device_type = SPEC.name
+    virtio_id = SPEC.virtio_id
     num_queues = 2
     max_queue_size = 32768
     device_features = 1 << GpuFeature.VIRTIO_GPU_F_EDID

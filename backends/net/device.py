@@ -26,14 +26,15 @@ from .engine import NetRxQueue, NetSwitch, NetTxEngine
 from .ctrl import NetControl
 from .header import OFFLOAD_FEATURES, NetFeature
 from . import sandbox as _sandbox  # noqa: F401 (registers the seccomp profile)
+from .spec import SPEC
 
 __all__ = ["NetDevice", "NetOptions", "NetSwitchPorts", "CAPABILITIES", "rarp_frame"]
 
 log = logging.getLogger(__name__)
 
 # docs/interop/vhost-user.json: VHostUserBackendCapabilitiesNet (none defined yet).
-CAPABILITIES = {"type": "net", "features": []}
-_VIRTIO_ID_NET = 1
+CAPABILITIES = SPEC.capabilities()  # static; the program may add run-time probes
+
 _MAX_PAIRS = 16
 MIN_MTU, MAX_MTU = 68, 65535        # virtio 1.2 5.1.4.1: mtu >= 68; a 16-bit field
 DEFAULT_MTU = 1500
@@ -86,8 +87,8 @@ class NetSwitchPorts:
 
 
 class NetDevice(VirtioDevice):
-    device_type = "net"
-    virtio_id = _VIRTIO_ID_NET
+    device_type = SPEC.name
+    virtio_id = SPEC.virtio_id
     device_protocol_features = ((1 << ProtocolFeature.MQ) | (1 << ProtocolFeature.RARP)
                                 | (1 << ProtocolFeature.MTU))
 

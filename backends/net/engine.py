@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from vhost_user._native import ffi, lib
 from vhost_user.engine import Engine
-from vhost_user.virtqueue import check_native
+from vhost_user.chain import check_native
 
 if TYPE_CHECKING:  # pragma: no cover
     from vhost_user.virtqueue import Virtqueue

@@ -29,14 +29,15 @@ from dataclasses import dataclass
 from . import sandbox as _sandbox  # noqa: F401 (registers the seccomp profile)
 from vhost_user.device import VirtioDevice, queue_size_problem
 from vhost_user.errors import DeviceError
+from .spec import SPEC
 
 __all__ = ["RngDevice", "RngOptions", "CAPABILITIES", "VIRTIO_ID_RNG"]
 
 log = logging.getLogger(__name__)
 
-VIRTIO_ID_RNG = 4
+VIRTIO_ID_RNG = SPEC.virtio_id
 #: docs/interop/vhost-user.json has no rng capabilities of its own
-CAPABILITIES = {"type": "rng", "features": []}
+CAPABILITIES = SPEC.capabilities()  # static; the program may add run-time probes
 #: the most one request gets: Linux's hw_random reads at most 64 bytes at a
 #: time, virtio_rng up to a page; a huge guest buffer must not make us draw MiBs
 MAX_PER_REQUEST = 64 << 10
@@ -52,8 +53,8 @@ class RngOptions:
 
 
 class RngDevice(VirtioDevice):
-    device_type = "rng"
-    virtio_id = VIRTIO_ID_RNG
+    device_type = SPEC.name
+    virtio_id = SPEC.virtio_id
     num_queues = 1
 
     def __init__(self, opts: RngOptions | None = None) -> None:

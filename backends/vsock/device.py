@@ -57,6 +57,7 @@ from .host import HostSide
 from .router import Verdict
 from .rxpath import MAX_PACKET, RxPath
 from . import sandbox as _sandbox  # noqa: F401 (registers the seccomp profile)
+from .spec import SPEC
 from .packet import (
     HEADER_SIZE, HOST_CID, Header, Op, SeqFlag, ShutdownFlag, SockType,
     VsockFeature, pack_config, pack_event,
@@ -66,7 +67,7 @@ __all__ = ["VsockDevice", "VmOptions", "CAPABILITIES", "MAX_PACKET", "DEFAULT_TX
 
 log = logging.getLogger(__name__)
 
-CAPABILITIES = {"type": "vsock", "features": []}
+CAPABILITIES = SPEC.capabilities()  # static; the program may add run-time probes
 RX, TX, EVENT = 0, 1, 2
 #: queued bytes (relayed and control packets) above which senders toward a VM wait
 RELAY_LIMIT = 8 << 20
@@ -89,8 +90,8 @@ class VmOptions:
 
 
 class VsockDevice(RxPath, VirtioDevice):
-    device_type = "vsock"
-    virtio_id = 19
+    device_type = SPEC.name
+    virtio_id = SPEC.virtio_id
     num_queues = 3
     device_features = 1 << VsockFeature.SEQPACKET
     device_protocol_features = 1 << ProtocolFeature.CONFIG

@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vhost_user._native import ffi, lib
-from vhost_user.virtqueue import Chain, Virtqueue, check_native
+from vhost_user.chain import Chain, check_native
+from vhost_user.virtqueue import Virtqueue
 
 __all__ = ["ConnCounters", "ConnTable", "TxOutcome", "RxOutcome", "tx_burst", "rx_fill",
            "TX_EMPTY", "TX_MORE", "TX_SLOW", "TX_PARTIAL", "TX_ATTENTION",

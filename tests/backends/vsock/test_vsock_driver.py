@@ -280,7 +280,7 @@ def test_drvvsock_refuses_rx_heads_that_are_not_in_flight():
 
 
 def test_vsock_bench_reports_both_directions_and_runs_twice_on_one_backend(vm):
-    from vhost_user.frontend.bench import run_vsock_bench
+    from vhost_user.backends.vsock.bench import run_vsock_bench
 
     bp, sock, uds = vm()
     for port in (5555, 5655):   # the second attach gets a TRANSPORT_RESET first

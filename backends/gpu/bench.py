@@ -1,0 +1,83 @@
+"""`vhost-user-bench gpu`: full-frame TRANSFER_TO_HOST_2D + RESOURCE_FLUSH cycles.
+
+Every back-end gets its own driver and display listener (QEMU's side); they
+take turns in slices so machine noise hits them alike.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from vhost_user.frontend.bench import process_cpu_seconds
+
+from .driver import GpuDriver
+
+__all__ = ["add_arguments", "run", "run_gpu_bench"]
+
+
+def add_arguments(p) -> None:
+    """The options of `vhost-user-bench gpu`."""
+    p.add_argument("--socket", "-s", action="append", required=True,
+                   help="back-end socket (repeat to compare back-ends in the same run)")
+    p.add_argument("--pid", type=int, action="append", help="back-end pid per --socket (CPU time)")
+    p.add_argument("--label", action="append", help="name per --socket")
+    p.add_argument("--width", type=int, default=1920)
+    p.add_argument("--height", type=int, default=1080)
+    p.add_argument("--runtime", type=float, default=5.0, help="seconds per back-end")
+    p.add_argument("--rounds", type=int, default=5, help="alternate the back-ends this often")
+    p.add_argument("--json", action="store_true", help="print the reports as JSON")
+
+
+def run_gpu_bench(sockets: list[str], *, pids=None, labels=None, width: int = 1920,
+                  height: int = 1080, runtime: float = 5.0, rounds: int = 5) -> list[dict]:
+    """Cycles/s of full-frame TRANSFER_TO_HOST_2D + RESOURCE_FLUSH per back-end.
+
+    Every back-end gets its own driver and display listener (QEMU's side, which
+    receives each UPDATE); the back-ends take turns in `rounds` slices so that
+    machine noise hits them alike.
+    """
+
+    pids = list(pids or []) + [None] * len(sockets)
+    labels = list(labels or []) + [f"backend{i}" for i in range(len(sockets))]
+    ram = -(-(width * height * 4 + (32 << 20)) // (2 << 20)) * (2 << 20)
+    drivers = []
+    try:
+        for path in sockets:
+            drv = GpuDriver.connect(path, outputs=[(width, height)], ram_size=ram)
+            drivers.append(drv)
+            drv.setup_frame(1, width, height)
+        stats = [{"label": labels[i], "cycles": 0, "errors": 0, "elapsed_s": 0.0, "cpu_s": 0.0}
+                 for i in range(len(sockets))]
+        for _ in range(rounds):
+            for i, drv in enumerate(drivers):
+                cpu0 = process_cpu_seconds(pids[i]) if pids[i] else 0.0
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < runtime / rounds:
+                    stats[i]["errors"] += drv.frame_cycles(1, width, height, 1)
+                    stats[i]["cycles"] += 1
+                stats[i]["elapsed_s"] += time.monotonic() - t0
+                stats[i]["cpu_s"] += (process_cpu_seconds(pids[i]) - cpu0) if pids[i] else 0.0
+    finally:
+        for drv in drivers:
+            drv.close()
+    for i, st in enumerate(stats):
+        st["cycles_per_s"] = st["cycles"] / st["elapsed_s"]
+        st["mb_s"] = st["cycles_per_s"] * width * height * 4 / 1e6
+        st["cpu_ms_per_cycle"] = (st["cpu_s"] / st["cycles"] * 1e3) if pids[i] and st["cycles"] else None
+        st["ratio_to_first"] = st["cycles_per_s"] / stats[0]["cycles_per_s"]
+    return stats
+
+
+def run(args) -> int:
+    """Run `vhost-user-bench gpu` with its parsed options; the exit code."""
+    stats = run_gpu_bench(args.socket, pids=args.pid, labels=args.label, width=args.width,
+                          height=args.height, runtime=args.runtime, rounds=args.rounds)
+    for st in stats:
+        if args.json:
+            print(json.dumps(st))
+            continue
+        cpu = f"  backend cpu {st['cpu_ms_per_cycle']:.2f} ms/cycle" if st["cpu_ms_per_cycle"] else ""
+        print(f"{st['label']}: {args.width}x{args.height} transfer+flush {st['cycles_per_s']:.1f} "
+              f"cycles/s ({st['mb_s']:.0f} MB/s, x{st['ratio_to_first']:.2f}) errors "
+              f"{st['errors']}{cpu}")
+    return 0 if all(st["errors"] == 0 for st in stats) else 1

@@ -1,1 +1,0 @@
-"""Package data: vhost-user.json description files."""
