@@ -81,7 +81,7 @@ class BlkEngine(Engine):
         self._cfg.writethrough = int(writethrough)
         if self._ctx is None:
             return
-        with self._vq._paused():
+        with self._vq.paused():
             lib.vr_blk_set_mode(self._ctx, capacity_sectors, int(writethrough))
 
     def unbind(self) -> None:
