@@ -5,7 +5,8 @@ we build is a `LocalProtocolError`), packs itself to little-endian bytes and
 unpacks itself from bytes (a bad payload the peer sent is a recoverable
 `MalformedPayload`). Fixed layouts are described once, as a `_LAYOUT` of
 (field name, struct code) pairs with `None` names for padding; the range
-checks and the struct are derived from it, so a layout cannot disagree with
+checks and the struct are derived from it (protocol/layout.py, which the device
+headers use too), so a layout cannot disagree with
 its validation. Variable-size payloads (memory table, config space, raw bytes)
 pack and unpack by hand.
 
@@ -30,6 +31,7 @@ from .constants import (
     VRING_NOFD_MASK,
 )
 from .errors import LocalProtocolError, MalformedPayload
+from .layout import WireStruct, check_bytes, check_uint
 
 __all__ = [
     "Payload", "Empty", "U64", "VringFdRequest", "VringState", "VringAddress",
@@ -38,30 +40,12 @@ __all__ = [
     "SharedObject", "ShmemConfig", "ShmemMap", "RawPayload",
 ]
 
-_UINT_BITS = {"B": 8, "H": 16, "I": 32, "Q": 64}
-
-
 def _check_uint(owner: str, name: str, value: object, bits: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise LocalProtocolError(f"{owner}.{name} must be an int, not {type(value).__name__}")
-    if not 0 <= value < 1 << bits:
-        raise LocalProtocolError(f"{owner}.{name}={value} does not fit in u{bits}")
+    check_uint(owner, name, value, bits, LocalProtocolError)
 
 
 def _check_bytes(owner: str, name: str, value: object, length: int | None) -> None:
-    if not isinstance(value, bytes):
-        raise LocalProtocolError(f"{owner}.{name} must be bytes, not {type(value).__name__}")
-    if length is not None and len(value) != length:
-        raise LocalProtocolError(f"{owner}.{name} must be {length} bytes, not {len(value)}")
-
-
-def _check_field(owner: str, name: str, value: object, code: str) -> None:
-    if code in _UINT_BITS:
-        _check_uint(owner, name, value, _UINT_BITS[code])
-    elif code.endswith("s"):
-        _check_bytes(owner, name, value, int(code[:-1]))
-    else:  # pragma: no cover - a layout typo, caught by the import-time tests
-        raise TypeError(f"{owner}.{name}: unsupported struct code {code!r}")
+    check_bytes(owner, name, value, length, LocalProtocolError)
 
 
 def _expect_size(cls: type, data: bytes, size: int) -> None:
@@ -106,32 +90,14 @@ class Payload:
 
 
 @dataclass(frozen=True)
-class _Struct(Payload):
-    """A payload with one fixed little-endian layout, declared as `_LAYOUT`."""
+class _Struct(WireStruct, Payload):
+    """A payload with one fixed little-endian layout, declared as `_LAYOUT` (protocol/layout.py).
 
-    _LAYOUT: ClassVar[tuple[tuple[str | None, str], ...]] = ()
-    _STRUCT: ClassVar[struct.Struct] = struct.Struct("<")
-    _FIELDS: ClassVar[tuple[str, ...]] = ()
+    A bad value we build is a LocalProtocolError; bytes of the wrong size or
+    that do not validate are the peer's MalformedPayload."""
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if "_LAYOUT" in cls.__dict__:
-            cls._STRUCT = struct.Struct("<" + "".join(code for _, code in cls._LAYOUT))
-            cls._FIELDS = tuple(name for name, _ in cls._LAYOUT if name)
-            cls.SIZE = cls._STRUCT.size
-
-    def __post_init__(self) -> None:
-        owner = type(self).__name__
-        for name, code in self._LAYOUT:
-            if name:
-                _check_field(owner, name, getattr(self, name), code)
-        self._validate()
-
-    def _validate(self) -> None:
-        """Checks beyond field widths; subclasses override."""
-
-    def pack(self) -> bytes:
-        return self._STRUCT.pack(*(getattr(self, name) for name in self._FIELDS))
+    _BUILD_ERROR = LocalProtocolError
+    _WIRE_ERROR = MalformedPayload
 
     @classmethod
     def unpack(cls, data: bytes):

@@ -8,7 +8,9 @@ libvirt and crosvm hand over: serve that session, exit 0 when it ends);
 logging to stderr with `-v`/`--log-level`, no daemonizing.
 
 Signals: SIGTERM, SIGINT and SIGHUP stop cleanly and remove the socket files
-that are still ours; SIGUSR1 logs one `stats {...}` JSON line of counters.
+that are still ours; SIGUSR1 logs one `stats {...}` JSON line of counters. A
+back-end may give SIGHUP its own meaning (`signals=`: blk re-reads its image's
+size).
 
 systemd: with LISTEN_FDS, an endpoint given as `--socket PATH` (or vsock's
 `socket=PATH`) is served on the inherited socket whose FileDescriptorName is
@@ -358,11 +360,13 @@ def print_info(args, capabilities: dict, name: str) -> int | None:
 
 # -- serving ----------------------------------------------------------------------------------
 def run_backend(args, make_device: Callable[[], VirtioDevice], capabilities: dict,
-                name: str, *, sandbox_profile: str | None = None) -> int:
+                name: str, *, sandbox_profile: str | None = None,
+                signals: dict[int, Callable[[VirtioDevice], object]] | None = None) -> int:
     """Print capabilities or serve one device until stopped; return the exit code.
 
     Capabilities are static so that printing them opens no image. The sandbox
     profile defaults to the device's name in its spec (backends/<dev>/spec.py).
+    `signals` (see serve_devices) gives a signal a device action instead of stopping.
     """
     done = print_info(args, capabilities, name)
     if done is not None:
@@ -373,7 +377,7 @@ def run_backend(args, make_device: Callable[[], VirtioDevice], capabilities: dic
         raise UsageError("one of --socket PATH or --fd N is required")
     profile = sandbox_profile or devices.by_program(name).name
     sandbox = profile if getattr(args, "sandbox", False) else None
-    return serve_devices([(found[0], make_device)], sandbox=sandbox, args=args)
+    return serve_devices([(found[0], make_device)], sandbox=sandbox, args=args, signals=signals)
 
 
 def enter_fs_sandbox(args) -> str:
@@ -447,7 +451,8 @@ StatsLabel = Callable[[VirtioDevice, Endpoint], str]
 def serve_devices(entries: list[tuple[Endpoint, Callable[[], VirtioDevice]]],
                   on_loop: Callable[[asyncio.AbstractEventLoop], None] | None = None,
                   sandbox: str | None = None, *, args=None, label: StatsLabel | None = None,
-                  extra_counters: Callable[[], dict] | None = None) -> int:
+                  extra_counters: Callable[[], dict] | None = None,
+                  signals: dict[int, Callable[[VirtioDevice], object]] | None = None) -> int:
     """Serve several devices in one process (net ports, vsock VMs) until stopped.
 
     A set-up error is one line and exit code 1, after closing whatever was
@@ -455,7 +460,8 @@ def serve_devices(entries: list[tuple[Endpoint, Callable[[], VirtioDevice]]],
     lets a back-end add its own tasks (a TAP reader, a capture writer) before
     serving. `args` gives the program name and `--pidfile`; `label` names a
     device in the SIGUSR1 line (default: its endpoint) and `extra_counters`
-    adds entries to it. Returns 0 once every server is done: stopped by a
+    adds entries to it. `signals` maps a signal to an action run on every
+    device (in place of stopping, for SIGHUP). Returns 0 once every server is done: stopped by a
     signal, or each connected `--fd` front-end gone.
     """
     prog = getattr(args, "prog_name", None) or "vhost-user"
@@ -485,17 +491,25 @@ def serve_devices(entries: list[tuple[Endpoint, Callable[[], VirtioDevice]]],
 
     # uvloop drops a signal that arrives before the loop runs, so until then plain
     # handlers note it; arm() hands the signals to the loop once it runs.
-    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    def device_action(action: Callable[[VirtioDevice], object]) -> Callable[[], None]:
+        def run() -> None:
+            for device in devices:
+                action(device)
+        return run
+
+    actions: dict[int, Callable[[], None]] = {
+        signal.SIGTERM: stop, signal.SIGINT: stop, signal.SIGHUP: stop, signal.SIGUSR1: dump,
+    }
+    actions.update({sig: device_action(fn) for sig, fn in (signals or {}).items()})
     early: list[int] = []
-    for sig in (*stops, signal.SIGUSR1):
+    for sig in actions:
         signal.signal(sig, lambda signum, _frame: early.append(signum))
 
     def arm() -> None:
-        for sig in stops:
-            loop.add_signal_handler(sig, stop)
-        loop.add_signal_handler(signal.SIGUSR1, dump)
+        for sig, action in actions.items():
+            loop.add_signal_handler(sig, action)
         for signum in early:
-            dump() if signum == signal.SIGUSR1 else stop()
+            actions[signum]()
 
     def close_all() -> None:
         for server in servers:

@@ -55,6 +55,8 @@ class VirtioDevice:
 
     def __init__(self) -> None:
         self.acked_features = 0
+        #: protocol features of the current session (SET_PROTOCOL_FEATURES), set by the session
+        self.acked_protocol_features = 0
 
     # -- negotiation -------------------------------------------------------
     def features(self) -> int:

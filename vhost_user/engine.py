@@ -46,7 +46,7 @@ class Engine:
         """The native queue has stopped; release per-run native state."""
 
     def lock(self) -> None:
-        """Hold off other threads that write a worker-less queue (see `Virtqueue._paused`)."""
+        """Hold off other threads that write a worker-less queue (see `Virtqueue.paused`)."""
 
     def unlock(self) -> None:
         """Undo `lock()`."""

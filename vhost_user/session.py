@@ -209,6 +209,7 @@ class Session:
         if unknown:
             raise RemoteProtocolError(f"SET_PROTOCOL_FEATURES acks unoffered bits {unknown:#x}", recoverable=True)
         self.protocol_features = value
+        self.device.acked_protocol_features = value
 
     def _set_owner(self, msg, bag):
         self.owner = True
@@ -438,6 +439,7 @@ class Session:
             self._inflight.close()
             self._inflight = None
         self.device.reset()
+        self.device.acked_protocol_features = 0
 
 
 class WithFds:

@@ -209,20 +209,20 @@ class Virtqueue:
 
     def set_event_idx(self, on: bool) -> None:
         """Whether VIRTIO_RING_F_EVENT_IDX was negotiated."""
-        with self._paused():
+        with self.paused():
             lib.vr_queue_set_event_idx(self._q, int(bool(on)))
             self._event_idx = bool(on)
 
     def set_kick(self, fd: int | None) -> None:
         """SET_VRING_KICK; takes ownership of fd and closes the previous one."""
-        with self._paused():
+        with self.paused():
             old, self._kick = self._kick, fd
             self._apply_fds()
         _close(old, keep=fd)
 
     def set_call(self, fd: int | None) -> None:
         """SET_VRING_CALL; takes ownership of fd and closes the previous one."""
-        with self._paused():
+        with self.paused():
             old, self._call = self._call, fd
             self._apply_fds()
         _close(old, keep=fd)
@@ -353,7 +353,7 @@ class Virtqueue:
             return
         memory.acquire()
         native = NativeMemory(memory)
-        with self._paused():
+        with self.paused():
             rc = lib.vr_queue_set_mem(self._q, native.table)
             if rc >= 0:
                 old_native, old_mem = self._native_mem, self._memory
@@ -509,7 +509,10 @@ class Virtqueue:
             except OSError:
                 pass
 
-    def _paused(self) -> _Pause:
+    def paused(self) -> _Pause:
+        """A context in which the queue's worker is parked at a batch boundary (every
+        popped chain completed and pushed) and nothing else drives the queue, so the
+        control thread may change what the engine works with (a resized disk)."""
         return _Pause(self)
 
 

@@ -1,7 +1,12 @@
-"""`vhost-user-blk`: serve a disk image (or an in-memory disk) to a VMM."""
+"""`vhost-user-blk`: serve a disk image (or an in-memory disk) to a VMM.
+
+SIGHUP does not stop it (SIGTERM and SIGINT do): it re-reads the image's
+size, so a disk grown (or shrunk) on the host resizes under a running guest.
+"""
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from vhost_user.cli import UsageError, base_parser, parse_size, run_backend, run_main
@@ -49,7 +54,9 @@ def _main(args) -> int:
             logical_block_size=args.logical_block_size, direct=args.direct,
         ))
 
-    return run_backend(args, make_device, CAPABILITIES, "vhost-user-blk")
+    # SIGHUP: re-read the image's size and tell the front-end (online resize).
+    return run_backend(args, make_device, CAPABILITIES, "vhost-user-blk",
+                       signals={signal.SIGHUP: BlkDevice.resize})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,6 +89,14 @@ void vr_blk_get_stats(const struct vr_blk *b, struct vr_blk_stats *out)
     *out = b->stats;
 }
 
+/* Resize and cache mode; only while the queue's worker is parked (between
+ * batches), so no request sees a half-changed disk. */
+void vr_blk_set_mode(struct vr_blk *b, uint64_t capacity, int writethrough)
+{
+    b->cfg.capacity = capacity;
+    b->cfg.writethrough = writethrough;
+}
+
 /* ---- segment helpers ---- */
 
 /* iovecs for len bytes of segs[0..n) after skipping skip bytes. */
@@ -374,6 +382,12 @@ static int blk_one(struct vr_blk *b, struct vr_queue *q,
         default:
             st = VIRTIO_BLK_S_UNSUPP;
             break;
+        }
+        /* 5.2.5: writeback 0 is a writethrough cache: a write is on
+         * stable storage before it completes. */
+        if (st == VIRTIO_BLK_S_OK && b->cfg.writethrough && (hdr.type == VIRTIO_BLK_T_OUT ||
+            hdr.type == VIRTIO_BLK_T_WRITE_ZEROES || hdr.type == VIRTIO_BLK_T_DISCARD)) {
+            st = fdatasync(b->cfg.fd) == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
         }
     }
     if (st == VIRTIO_BLK_S_IOERR) {

@@ -15,6 +15,7 @@ struct vr_blk_config {
     int fd;
     int read_only;
     int direct;                    /* fd was opened with O_DIRECT */
+    int writethrough;              /* fdatasync before completing a write */
     uint64_t capacity;             /* in 512-byte sectors */
     uint32_t logical_block_size;
     uint32_t max_discard_sectors;  /* 0 = discard unsupported */
@@ -36,6 +37,7 @@ struct vr_blk *vr_blk_new(const struct vr_blk_config *cfg);
 void vr_blk_free(struct vr_blk *b);
 int vr_blk_handle(void *ctx, struct vr_queue *q);
 void vr_blk_get_stats(const struct vr_blk *b, struct vr_blk_stats *out);
+void vr_blk_set_mode(struct vr_blk *b, uint64_t capacity, int writethrough);
 
 /* cdef-end */
 

@@ -3,6 +3,15 @@
 Device semantics only: which features to offer, the config space, and a
 native request engine per queue. Requests never pass through Python: each
 queue's worker thread runs the C engine (backends/blk/blk.c) over the image fd.
+
+Online resize: `resize()` (SIGHUP in `vhost-user-blk`) reads the image's
+size again, gives every running engine the new capacity with its worker
+parked (so nothing popped after it can pass the new end, and nothing popped
+before it is still running), and tells the front-end with
+BACKEND_CONFIG_CHANGE_MSG; QEMU then reads config space and raises the
+guest's config interrupt. Cache mode (VIRTIO_BLK_F_CONFIG_WCE): the driver
+writes the `writeback` byte; 0 makes the engines fdatasync every write before
+completing it.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from dataclasses import dataclass
 
 from vhost_user.device import VirtioDevice, queue_size_problem
 from vhost_user.errors import DeviceError
-from vhost_user.protocol import ProtocolFeature
+from vhost_user.protocol import BackendRequest, Message, ProtocolFeature
 from .engine import BlkEngine
 
 from .config import BlkConfig
@@ -35,6 +44,8 @@ _BLKDISCARDZEROES = 0x127C
 _MAX_DISCARD_SECTORS = (1 << 32) - 1 >> 9 << 9  # keep it 4 KiB aligned
 _MAX_DISCARD_SEG = 1
 _DEFAULT_SIZE = 1 << 30
+# virtio 1.2, 5.2.4: offset of the u8 `writeback` in struct virtio_blk_config
+_WRITEBACK_OFFSET = 32
 
 # docs/interop/vhost-user.json: VHostUserBackendCapabilitiesBlock
 CAPABILITIES = SPEC.capabilities()  # static; the program may add run-time probes
@@ -75,14 +86,7 @@ def open_backing(opts: BlkOptions) -> tuple[int, int]:
             ) from None
         raise DeviceError(f"{opts.image}: cannot open image: {exc.strerror}") from None
     try:
-        st = os.fstat(fd)
-        if stat.S_ISBLK(st.st_mode):
-            buf = fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8)
-            size = struct.unpack("<Q", buf)[0]
-        elif stat.S_ISREG(st.st_mode):
-            size = st.st_size
-        else:
-            raise DeviceError(f"{opts.image}: neither a regular file nor a block device")
+        size = backing_size(fd, opts.image)
     except BaseException:
         os.close(fd)
         raise
@@ -90,6 +94,17 @@ def open_backing(opts: BlkOptions) -> tuple[int, int]:
         os.close(fd)
         raise DeviceError(f"{opts.image}: smaller than one sector ({size} bytes)")
     return fd, size
+
+
+def backing_size(fd: int, name: str) -> int:
+    """The size in bytes of an open image: a regular file or a block device."""
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        buf = fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8)
+        return struct.unpack("<Q", buf)[0]
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size
+    raise DeviceError(f"{name}: neither a regular file nor a block device")
 
 
 class BlkDevice(VirtioDevice):
@@ -112,9 +127,11 @@ class BlkDevice(VirtioDevice):
         self.max_queue_size = opts.queue_size
         self.fd, self.size = open_backing(opts)
         self.capacity = self.size // SECTOR_SIZE
+        self.writeback = 1
         self._engines: dict[int, BlkEngine] = {}
+        self._backend_channel = None
         bits = [BlkFeature.SEG_MAX, BlkFeature.BLK_SIZE, BlkFeature.FLUSH,
-                BlkFeature.TOPOLOGY, BlkFeature.MQ]
+                BlkFeature.TOPOLOGY, BlkFeature.CONFIG_WCE, BlkFeature.MQ]
         if opts.read_only:
             bits.append(BlkFeature.RO)
         else:
@@ -136,6 +153,7 @@ class BlkDevice(VirtioDevice):
             seg_max=min(self.max_queue_size, 256) - 2,  # what QEMU's default queues carry
             blk_size=lbs,
             num_queues=self.num_queues,
+            writeback=self.writeback,
             min_io_size=1,
             opt_io_size=0,
             max_discard_sectors=_MAX_DISCARD_SECTORS if writable else 0,
@@ -152,6 +170,68 @@ class BlkDevice(VirtioDevice):
             raise DeviceError(f"config read {offset}+{size} beyond {len(space)} bytes")
         return space[offset: offset + size]
 
+    def set_config(self, offset: int, data: bytes, flags: int) -> None:
+        """The driver's config write: only the `writeback` byte is writable (5.2.4)."""
+        if offset != _WRITEBACK_OFFSET or len(data) != 1:
+            raise DeviceError(f"config write {offset}+{len(data)}: only the writeback byte "
+                              f"({_WRITEBACK_OFFSET}+1) is writable")
+        if not self.has_feature(BlkFeature.CONFIG_WCE):
+            raise DeviceError("config write of writeback without VIRTIO_BLK_F_CONFIG_WCE")
+        if data[0] not in (0, 1):
+            raise DeviceError(f"writeback {data[0]}: must be 0 (writethrough) or 1 (writeback)")
+        if data[0] != self.writeback:
+            self.writeback = data[0]
+            log.info("cache mode: %s", "writeback" if self.writeback else "writethrough")
+            self._update_engines()
+
+    def set_backend_channel(self, channel) -> None:
+        self._backend_channel = channel
+
+    def resize(self) -> bool:
+        """Read the image's size again and serve the new capacity (SIGHUP).
+
+        Returns True when the capacity changed. The front-end hears of it
+        through BACKEND_CONFIG_CHANGE_MSG when it negotiated CONFIG and
+        BACKEND_REQ. Problems are logged, never raised: the disk goes on.
+        """
+        name = self.opts.image
+        if name is None:
+            log.warning("resize: the in-memory disk has a fixed size (--size); nothing to re-read")
+            return False
+        try:
+            size = backing_size(self.fd, name)
+        except (OSError, DeviceError) as exc:
+            log.warning("resize: %s: %s", name, getattr(exc, "strerror", None) or exc)
+            return False
+        capacity = size // SECTOR_SIZE
+        if capacity == 0:
+            log.warning("resize: %s: smaller than one sector (%d bytes); keeping %d sectors",
+                        name, size, self.capacity)
+            return False
+        if capacity == self.capacity:
+            log.info("resize: %s: still %d sectors", name, capacity)
+            return False
+        old, self.capacity, self.size = self.capacity, capacity, size
+        self._update_engines()
+        log.info("resize: %s: %d -> %d sectors", name, old, capacity)
+        self._notify_config_change()
+        return True
+
+    def _update_engines(self) -> None:
+        for engine in self._engines.values():
+            engine.set_mode(self.capacity, writethrough=not self.writeback)
+
+    def _notify_config_change(self) -> None:
+        channel = self._backend_channel
+        if channel is None or not self.acked_protocol_features & (1 << ProtocolFeature.CONFIG):
+            log.info("resize: the front-end gets no config-change message "
+                     "(needs protocol features CONFIG and BACKEND_REQ)")
+            return
+        try:
+            channel.send(Message.make(BackendRequest.BACKEND_CONFIG_CHANGE_MSG))
+        except OSError as exc:
+            log.warning("resize: cannot send BACKEND_CONFIG_CHANGE_MSG: %s", exc.strerror or exc)
+
     def queue_handler(self, index: int) -> BlkEngine:
         engine = BlkEngine(
             self.fd,
@@ -164,6 +244,7 @@ class BlkDevice(VirtioDevice):
             max_write_zeroes_sectors=_MAX_DISCARD_SECTORS,
             max_write_zeroes_seg=_MAX_DISCARD_SEG,
             direct=self.opts.direct,
+            writethrough=not self.writeback,
         )
         self._engines[index] = engine
         return engine
@@ -174,6 +255,7 @@ class BlkDevice(VirtioDevice):
     def reset(self) -> None:
         super().reset()
         self._engines.clear()
+        self.writeback = 1  # 5.2.5: the device starts in writeback mode (FLUSH offered)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -4,7 +4,9 @@
 queue (vhost_user.engine protocol) it allocates a C context and the
 queue's worker runs `vr_blk_handle` on every kick: whole requests
 (read, write, flush, discard, write-zeroes, get-id) are done in C with
-the GIL released, so Python never sees them.
+the GIL released, so Python never sees them. `set_mode` changes the
+capacity (online resize) and the cache mode (writeback / writethrough) of a
+running queue between two batches, with the queue's worker parked.
 """
 from __future__ import annotations
 
@@ -21,13 +23,12 @@ class BlkEngine(Engine):
                  serial: bytes | str = b"", logical_block_size: int = 512,
                  max_discard_sectors: int = 0, max_discard_seg: int = 1,
                  max_write_zeroes_sectors: int = 0, max_write_zeroes_seg: int = 1,
-                 direct: bool = False) -> None:
+                 direct: bool = False, writethrough: bool = False) -> None:
         if isinstance(serial, str):
             serial = serial.encode()
         if fd < 0:
             raise ValueError("BlkEngine needs an open fd")
-        if not 0 <= capacity_sectors < 1 << 55:
-            raise ValueError(f"bad capacity {capacity_sectors}")
+        _check_capacity(capacity_sectors)
         if len(serial) > 20:
             raise ValueError("serial is at most 20 bytes")
         lbs = logical_block_size
@@ -43,6 +44,7 @@ class BlkEngine(Engine):
         cfg.fd = fd
         cfg.read_only = int(read_only)
         cfg.direct = int(direct)
+        cfg.writethrough = int(writethrough)
         cfg.capacity = capacity_sectors
         cfg.logical_block_size = lbs
         cfg.max_discard_sectors = max_discard_sectors
@@ -52,6 +54,7 @@ class BlkEngine(Engine):
         ffi.memmove(cfg.serial, serial.ljust(20, b"\0"), 20)
         self._cfg = cfg
         self._ctx = None
+        self._vq = None
         self._totals = dict.fromkeys(_BLK_STATS, 0)
 
     # Engine protocol: called by Virtqueue.start/stop only.
@@ -63,7 +66,23 @@ class BlkEngine(Engine):
         if ctx == ffi.NULL:
             raise MemoryError("cannot allocate the virtio-blk engine")
         self._ctx = ctx
+        self._vq = vq
         return ffi.addressof(lib, "vr_blk_handle"), ctx
+
+    def set_mode(self, capacity_sectors: int, writethrough: bool) -> None:
+        """New capacity and cache mode, for this run and the next ones.
+
+        On a running queue the worker is parked first (the pause every
+        control-plane change of a queue uses), so the requests already popped
+        have completed under the old values and every later one sees the new.
+        """
+        _check_capacity(capacity_sectors)
+        self._cfg.capacity = capacity_sectors
+        self._cfg.writethrough = int(writethrough)
+        if self._ctx is None:
+            return
+        with self._vq.paused():
+            lib.vr_blk_set_mode(self._ctx, capacity_sectors, int(writethrough))
 
     def unbind(self) -> None:
         if self._ctx is not None:
@@ -71,6 +90,7 @@ class BlkEngine(Engine):
                 self._totals[k] += v
             lib.vr_blk_free(self._ctx)
             self._ctx = None
+            self._vq = None
 
     def _native_stats(self) -> dict[str, int]:
         if self._ctx is None:
@@ -84,6 +104,11 @@ class BlkEngine(Engine):
         """Request and byte counters (reads, writes, flushes, ..., bytes_read, bytes_written)."""
         cur = self._native_stats()
         return {k: self._totals[k] + cur[k] for k in _BLK_STATS}
+
+
+def _check_capacity(sectors: int) -> None:
+    if not 0 <= sectors < 1 << 55:
+        raise ValueError(f"bad capacity {sectors}")
 
 
 _BLK_STATS = ("reads", "writes", "flushes", "discards", "write_zeroes", "get_ids",

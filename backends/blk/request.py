@@ -1,15 +1,16 @@
 """virtio-blk request layout (virtio spec 5.2.6), shared by device and driver.
 
 Pure data: constants and pack/unpack helpers. The back-end's hot path parses
-requests in C (backends/blk/blk.c); this module is the readable reference used by the
+requests in C (blk.c); this module is the readable reference used by the
 built-in front-end's driver model, the tests and the fuzzers.
 """
 
 from __future__ import annotations
 
 import enum
-import struct
 from dataclasses import dataclass
+
+from vhost_user.protocol.layout import WireStruct
 
 __all__ = [
     "SECTOR_SIZE",
@@ -60,46 +61,21 @@ class BlkFeature(enum.IntEnum):
     WRITE_ZEROES = 14
 
 
-_HEADER = struct.Struct("<IIQ")
-_SEGMENT = struct.Struct("<QII")
-
-
 @dataclass(frozen=True)
-class RequestHeader:
+class RequestHeader(WireStruct):
     """struct virtio_blk_outhdr: type, reserved, sector."""
 
     type: int
     sector: int
     reserved: int = 0
-
-    SIZE = _HEADER.size
-
-    def pack(self) -> bytes:
-        return _HEADER.pack(self.type, self.reserved, self.sector)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> "RequestHeader":
-        if len(data) != _HEADER.size:
-            raise ValueError(f"request header needs {_HEADER.size} bytes, got {len(data)}")
-        type_, reserved, sector = _HEADER.unpack(data)
-        return cls(type_, sector, reserved)
+    _LAYOUT = (("type", "I"), ("reserved", "I"), ("sector", "Q"))
 
 
 @dataclass(frozen=True)
-class DiscardSegment:
+class DiscardSegment(WireStruct):
     """struct virtio_blk_discard_write_zeroes: sector, num_sectors, flags."""
 
     sector: int
     num_sectors: int
     flags: int = 0
-
-    SIZE = _SEGMENT.size
-
-    def pack(self) -> bytes:
-        return _SEGMENT.pack(self.sector, self.num_sectors, self.flags)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> "DiscardSegment":
-        if len(data) != _SEGMENT.size:
-            raise ValueError(f"discard segment needs {_SEGMENT.size} bytes, got {len(data)}")
-        return cls(*_SEGMENT.unpack(data))
+    _LAYOUT = (("sector", "Q"), ("num_sectors", "I"), ("flags", "I"))

@@ -14,6 +14,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from vhost_user.protocol.layout import WireStruct
+
 __all__ = [
     "CtrlType", "GpuFeature", "Format", "BadCommand", "CtrlHeader", "Rect",
     "GetDisplayInfo", "RespDisplayInfo", "DisplayOne", "GetEdid", "RespEdid",
@@ -106,12 +108,8 @@ class BadCommand(ValueError):
         self.error = error
 
 
-_HDR = struct.Struct("<IIQIB3x")
-HDR_SIZE = _HDR.size  # 24
-
-
 @dataclass(frozen=True)
-class CtrlHeader:
+class CtrlHeader(WireStruct):
     """struct virtio_gpu_ctrl_hdr, which starts every command and response."""
 
     type: int
@@ -119,16 +117,10 @@ class CtrlHeader:
     fence_id: int = 0
     ctx_id: int = 0
     ring_idx: int = 0
-    SIZE: ClassVar[int] = HDR_SIZE
-
-    def pack(self) -> bytes:
-        return _HDR.pack(self.type, self.flags, self.fence_id, self.ctx_id, self.ring_idx)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> "CtrlHeader":
-        if len(data) < HDR_SIZE:
-            raise BadCommand(f"command of {len(data)} bytes is shorter than its header")
-        return cls(*_HDR.unpack_from(data))
+    _LAYOUT = (("type", "I"), ("flags", "I"), ("fence_id", "Q"), ("ctx_id", "I"),
+               ("ring_idx", "B"), (None, "3x"))
+    _WIRE_ERROR = BadCommand
+    _PREFIX = True  # unpack reads it off the front of a command
 
     def response(self, type_: int) -> "CtrlHeader":
         """The header of the response to this command: fence and context echoed if fenced."""
@@ -136,6 +128,9 @@ class CtrlHeader:
             return CtrlHeader(type_, FLAG_FENCE | (self.flags & FLAG_INFO_RING_IDX),
                               self.fence_id, self.ctx_id, self.ring_idx)
         return CtrlHeader(type_)
+
+
+HDR_SIZE = CtrlHeader.SIZE  # 24
 
 
 @dataclass(frozen=True)
@@ -362,12 +357,15 @@ class TransferToHost2d:
 
 
 @dataclass(frozen=True)
-class MemEntry:
+class MemEntry(WireStruct):
+    """struct virtio_gpu_mem_entry: one guest range of a resource's backing."""
+
     addr: int
     length: int
+    _LAYOUT = (("addr", "Q"), ("length", "I"), (None, "4x"))
 
 
-_MEM_ENTRY = struct.Struct("<QI4x")
+_MEM_ENTRY = MemEntry._STRUCT
 
 
 @_body
@@ -485,25 +483,20 @@ class UpdateCursor:
 
 CURSOR_CMD_SIZE = UpdateCursor.SIZE  # 56
 
-_CONFIG = struct.Struct("<IIII")
-
-
 @dataclass(frozen=True)
-class GpuConfig:
-    """struct virtio_gpu_config (device config space)."""
+class GpuConfig(WireStruct):
+    """struct virtio_gpu_config (device config space); unpack pads a short read with zeroes."""
 
     events_read: int = 0
     events_clear: int = 0
     num_scanouts: int = 1
     num_capsets: int = 0
-    SIZE: ClassVar[int] = _CONFIG.size
-
-    def pack(self) -> bytes:
-        return _CONFIG.pack(self.events_read, self.events_clear, self.num_scanouts, self.num_capsets)
+    _LAYOUT = (("events_read", "I"), ("events_clear", "I"), ("num_scanouts", "I"),
+               ("num_capsets", "I"))
 
     @classmethod
     def unpack(cls, data: bytes) -> "GpuConfig":
-        return cls(*_CONFIG.unpack_from(data.ljust(cls.SIZE, b"\0")))
+        return super().unpack(bytes(data[:cls.SIZE]).ljust(cls.SIZE, b"\0"))
 
 
 _PARSERS = {

@@ -8,15 +8,15 @@ two bytes are num_buffers) and 10 bytes otherwise.
 from __future__ import annotations
 
 import enum
-import struct
 from dataclasses import dataclass
+
+from vhost_user.protocol.layout import WireStruct
 
 __all__ = ["NetFeature", "NetHeader", "HEADER_SIZE", "header_size", "Flag", "GsoType",
            "OFFLOAD_FEATURES"]
 
 HEADER_SIZE = 12
 _LEGACY_SIZE = 10
-_FMT = struct.Struct("<BBHHHHH")
 
 
 class NetFeature(enum.IntEnum):
@@ -72,8 +72,8 @@ def header_size(features: int) -> int:
 
 
 @dataclass(frozen=True)
-class NetHeader:
-    """struct virtio_net_hdr_v1."""
+class NetHeader(WireStruct):
+    """struct virtio_net_hdr_v1; the 10-byte legacy header is its first 10 bytes."""
 
     flags: int = 0
     gso_type: int = 0
@@ -82,21 +82,13 @@ class NetHeader:
     csum_start: int = 0
     csum_offset: int = 0
     num_buffers: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("flags", "gso_type"):
-            if not 0 <= getattr(self, name) <= 0xFF:
-                raise ValueError(f"{name} must fit 8 bits")
-        for name in ("hdr_len", "gso_size", "csum_start", "csum_offset", "num_buffers"):
-            if not 0 <= getattr(self, name) <= 0xFFFF:
-                raise ValueError(f"{name} must fit 16 bits")
+    _LAYOUT = (("flags", "B"), ("gso_type", "B"), ("hdr_len", "H"), ("gso_size", "H"),
+               ("csum_start", "H"), ("csum_offset", "H"), ("num_buffers", "H"))
 
     def pack(self, size: int = HEADER_SIZE) -> bytes:
         if size not in (HEADER_SIZE, _LEGACY_SIZE):
             raise ValueError("header size is 10 or 12")
-        raw = _FMT.pack(self.flags, self.gso_type, self.hdr_len, self.gso_size,
-                        self.csum_start, self.csum_offset, self.num_buffers)
-        return raw[:size]
+        return super().pack()[:size]
 
     @classmethod
     def unpack(cls, data: bytes, size: int = HEADER_SIZE) -> "NetHeader":
@@ -104,6 +96,5 @@ class NetHeader:
             raise ValueError("header size is 10 or 12")
         if len(data) < size:
             raise ValueError(f"virtio-net header needs {size} bytes, got {len(data)}")
-        raw = bytes(data[:size]).ljust(HEADER_SIZE, b"\0")
-        f = _FMT.unpack(raw)
+        f = cls._STRUCT.unpack(bytes(data[:size]).ljust(HEADER_SIZE, b"\0"))
         return cls(*f[:6], num_buffers=f[6] if size == HEADER_SIZE else 1)

@@ -12,6 +12,8 @@ import enum
 import struct
 from dataclasses import dataclass, replace
 
+from vhost_user.protocol.layout import WireStruct
+
 __all__ = [
     "HEADER_SIZE", "HOST_CID", "VMADDR_CID_ANY", "Op", "SockType", "ShutdownFlag",
     "SeqFlag", "VsockFeature", "EVENT_TRANSPORT_RESET", "Header", "PacketError",
@@ -25,8 +27,6 @@ HOST_CID = 2
 VMADDR_CID_ANY = 0xFFFFFFFF
 EVENT_TRANSPORT_RESET = 0
 
-_HDR = struct.Struct("<QQIIIHHIII")
-assert _HDR.size == HEADER_SIZE
 
 
 class PacketError(ValueError):
@@ -74,8 +74,8 @@ class VsockFeature(enum.IntEnum):
 
 
 @dataclass(frozen=True)
-class Header:
-    """struct virtio_vsock_hdr, little-endian, 44 bytes."""
+class Header(WireStruct):
+    """struct virtio_vsock_hdr, little-endian, 44 bytes; unpack reads it off the front of a packet."""
 
     src_cid: int = 0
     dst_cid: int = 0
@@ -86,20 +86,18 @@ class Header:
     op: int = Op.INVALID
     flags: int = 0
     buf_alloc: int = 0
-    fwd_cnt: int = 0
+    fwd_cnt: int = 0  #: a running count: its low 32 bits are what goes on the wire
+    _LAYOUT = (("src_cid", "Q"), ("dst_cid", "Q"), ("src_port", "I"), ("dst_port", "I"),
+               ("len", "I"), ("type", "H"), ("op", "H"), ("flags", "I"), ("buf_alloc", "I"),
+               ("fwd_cnt", "I"))
+    _BUILD_ERROR = PacketError
+    _WIRE_ERROR = PacketError
+    _PREFIX = True
 
-    def pack(self) -> bytes:
-        try:
-            return _HDR.pack(self.src_cid, self.dst_cid, self.src_port, self.dst_port, self.len,
-                             self.type, self.op, self.flags, self.buf_alloc, self.fwd_cnt & 0xFFFFFFFF)
-        except struct.error as exc:
-            raise PacketError(f"header field out of range: {exc}") from None
-
-    @classmethod
-    def unpack(cls, data: bytes | bytearray | memoryview) -> "Header":
-        if len(data) < HEADER_SIZE:
-            raise PacketError(f"packet of {len(data)} bytes is shorter than the {HEADER_SIZE}-byte header")
-        return cls(*_HDR.unpack_from(data))
+    def __post_init__(self) -> None:
+        if isinstance(self.fwd_cnt, int) and self.fwd_cnt >= 0:
+            object.__setattr__(self, "fwd_cnt", self.fwd_cnt & 0xFFFFFFFF)
+        super().__post_init__()
 
     def reply(self, **fields) -> "Header":
         """A header going the other way: source and destination swapped, len 0, flags 0."""
@@ -120,11 +118,14 @@ class Header:
                 f" type {self.type} len {self.len} flags {self.flags:#x}")
 
 
+assert Header.SIZE == HEADER_SIZE
+
+
 def pack_header_into(buf, src_cid: int, dst_cid: int, src_port: int, dst_port: int, length: int,
                      sock_type: int, op: int, flags: int, buf_alloc: int, fwd_cnt: int) -> None:
     """Write a header straight into a writable buffer (the data path's fast way; no object)."""
-    _HDR.pack_into(buf, 0, src_cid, dst_cid, src_port, dst_port, length, sock_type, op, flags,
-                   buf_alloc, fwd_cnt & 0xFFFFFFFF)
+    Header.pack_into(buf, 0, src_cid, dst_cid, src_port, dst_port, length, sock_type, op, flags,
+                     buf_alloc, fwd_cnt & 0xFFFFFFFF)
 
 
 def pack_config(guest_cid: int) -> bytes:

@@ -179,12 +179,28 @@ def test_print_description_names_the_running_program_not_a_path_lookup(prog, tmp
 
 
 # -- signals ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("prog", PROGRAMS)
+# vhost-user-blk gives SIGHUP its own meaning: re-read the image's size (online resize).
+SIGHUP_STOPS = [p for p in PROGRAMS if p != "vhost-user-blk"]
+
+
+@pytest.mark.parametrize("prog", SIGHUP_STOPS)
 def test_sighup_stops_cleanly_and_removes_the_socket(prog, sockdir):
     bp = start(prog, sockdir)
     assert bp.stop(signal.SIGHUP) == 0, bp.log()
     assert not os.path.exists(bp.socket)
     assert "Traceback" not in bp.log()
+
+
+def test_sighup_to_blk_resizes_instead_of_stopping(sockdir):
+    bp = start("vhost-user-blk", sockdir)
+    try:
+        bp.proc.send_signal(signal.SIGHUP)
+        wait_log(bp, "resize:")
+        with BlkDriver.connect(bp.socket) as drv:
+            drv.read(0, 512)
+        assert bp.alive()
+    finally:
+        assert bp.stop() == 0, bp.log()
 
 
 def _stats_lines(text: str) -> list[dict]:

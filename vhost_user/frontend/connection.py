@@ -115,6 +115,7 @@ class Frontend:
         self.shmem_config = None
         self.queues: dict[int, QueueHandle] = {}
         self._backend_req: socket.socket | None = None
+        self._backend_channel: BlockingChannel | None = None
         self.inflight: tuple[int, InflightDescription] | None = None
         self._driver_features = 0
         self._wanted_protocol = profile.protocol_features
@@ -368,6 +369,24 @@ class Frontend:
     def reset_device(self) -> None:
         self.call(R.RESET_DEVICE)
 
+    # -- the back-end's requests (SET_BACKEND_REQ_FD) ---------------------------------
+    def backend_request(self, timeout: float = 10.0) -> Message | None:
+        """Wait up to `timeout` s for one request on the back-end channel; None if
+        none came. A request asking for an ack (NEED_REPLY) is acked with 0, as
+        QEMU does once it handled it; its fds are the caller's."""
+        if self._backend_req is None:
+            raise LocalProtocolError("no back-end channel (BACKEND_REQ not negotiated)")
+        if self._backend_channel is None:
+            self._backend_channel = BlockingChannel(self._backend_req, MessageDecoder.for_frontend(), timeout)
+        self._backend_req.settimeout(timeout)
+        try:
+            msg = self._backend_channel.receive()
+        except TimeoutError:
+            return None
+        if msg is not None and msg.need_reply:
+            self._backend_channel.send(msg.ack(True))
+        return msg
+
     # -- teardown -------------------------------------------------------------------
     def close(self) -> None:
         for q in self.queues.values():
@@ -377,6 +396,7 @@ class Frontend:
         if self._backend_req is not None:
             self._backend_req.close()
             self._backend_req = None
+            self._backend_channel = None
         if self.inflight is not None:
             close_fds((self.inflight[0],))
             self.inflight = None
