@@ -222,6 +222,7 @@ class DeviceServer:
         channel = AsyncChannel(conn, decoder)
         session = Session(self.device, channel)
         self._session = session
+        disconnected = False
         try:
             while True:
                 try:
@@ -235,7 +236,7 @@ class DeviceServer:
                     _nack_malformed(session, exc)
                     continue
                 if msg is None:
-                    log.info("front-end disconnected")
+                    disconnected = True  # logged once the session's state is released
                     return
                 log.debug("<- %s flags=%#x fds=%d", msg.request.name, msg.flags, len(msg.fds))
                 try:
@@ -252,6 +253,10 @@ class DeviceServer:
             session.close()
             channel.close()
             self._session = None
+            if disconnected:
+                # After the device reset: a host client that connects once this line is
+                # out belongs to the next session, never to the one being torn down.
+                log.info("front-end disconnected")
 
     def close(self) -> None:
         """Stop serving; remove the socket file we created if it is still ours."""
