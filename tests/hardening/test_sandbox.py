@@ -67,7 +67,7 @@ def test_sandbox_is_on_by_default_and_blk_serves_under_it(sockdir, shm_image):
         _assert_private_root(bp.pid, bp.log())
         # io_uring operations would bypass seccomp: the event loop must not hold a ring.
         assert "anon_inode:[io_uring]" not in _fd_targets(bp.pid) and "io_uring" not in bp.log(), bp.log()[-2000:]
-        assert bp.alive()
+        assert bp.running
     finally:
         assert bp.stop() == 0, bp.log()[-3000:]
     # removed at exit through directory fds: the paths are not in the private root
@@ -342,7 +342,7 @@ def test_sandboxed_backend_serves_refuses_and_dies_on_execve(name, sockdir, monk
         assert f"{name} profile active" in bp.log()
         _assert_private_root(bp.pid, bp.log())
         assert "anon_inode:[io_uring]" not in _fd_targets(bp.pid)
-        assert bp.alive()
+        assert bp.running
         _probe_and_expect_sigsys(bp)
     finally:
         bp.stop()
@@ -398,7 +398,7 @@ def test_gpu_virgl_is_confined_after_the_renderer_is_up_and_still_renders(sockdi
         assert st["NoNewPrivs"].strip() == "1" and st["Seccomp"].strip() == "2", bp.log()[-2000:]
         assert "gpu-virgl profile active" in bp.log()
         _assert_private_root(bp.pid, bp.log())
-        assert bp.alive()
+        assert bp.running
         _probe_and_expect_sigsys(bp)
     finally:
         bp.stop()

@@ -135,7 +135,7 @@ def test_hostile_ring_breaks_only_its_queue_and_backend_keeps_serving(backend, c
         _wait_log(backend, "queue 0")
         # The other queue of the same device keeps working.
         assert drv.read(0, 512, queue=1) == b"ok" * 256
-    assert backend.alive()
+    assert backend.running
     with BlkDriver.connect(backend.socket, num_queues=2) as drv:
         assert drv.read(0, 512, queue=0) == b"ok" * 256
 
@@ -278,4 +278,4 @@ def test_disconnect_at_every_negotiation_step_leaves_backend_serving(backend):
     with BlkDriver.connect(backend.socket, num_queues=2) as drv:
         drv.write(0, b"x" * 512, queue=1)
         assert drv.read(0, 512) == b"x" * 512
-    assert backend.alive()
+    assert backend.running

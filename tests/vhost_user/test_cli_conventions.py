@@ -20,7 +20,8 @@ from importlib import metadata
 
 import pytest
 
-from backends_proc import BackendProcess, spawn
+from backends_proc import spawn
+from harness.backend import BackendProcess
 from vhost_user.backends.gpu.commands import CtrlType as T
 from vhost_user.backends.blk.driver import BlkDriver
 from vhost_user.backends.gpu.driver import GpuDriver
@@ -203,7 +204,7 @@ def test_sigusr1_logs_one_json_line_of_counters_and_keeps_serving(prog, sockdir)
         assert entry["sessions"] == 0 and entry["connected"] is False
         bp.proc.send_signal(signal.SIGUSR1)
         wait_log(bp, " stats {", 2)
-        assert bp.alive()
+        assert bp.running
     finally:
         assert bp.stop() == 0
 
@@ -260,7 +261,7 @@ def test_a_live_socket_is_never_taken_over(prog, sockdir):
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 1
         assert out.stderr == f"{prog}: error: {first.socket}: another back-end is serving {first.socket}\n"
-        assert first.alive()
+        assert first.running
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(first.socket)   # still the first one's socket
         s.close()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from backends_proc import BackendProcess
+from harness.backend import BackendProcess
 from vhost_user.backends.gpu.commands import CtrlType as T
 from vhost_user.backends.blk.driver import BlkDriver
 from vhost_user.backends.gpu.driver import GpuDriver
@@ -89,7 +89,7 @@ def activate(argv: list[str], sockets: list[socket.socket], log_path: str, *, na
                                 pass_fds=fds, env=env, stdout=log, stderr=subprocess.STDOUT)
     for s in sockets:
         s.close()
-    return BackendProcess(proc, "", log_path)
+    return BackendProcess.adopt(proc, "", log_path)
 
 
 def module(prog: str) -> list[str]:
@@ -239,7 +239,7 @@ def test_ready_is_sent_once_the_socket_listens(sockdir):
         proc = subprocess.Popen(module("blk") + ["--socket", path, "--size", "8M"],
                                 env=dict(os.environ, NOTIFY_SOCKET=notify.env), stdout=log,
                                 stderr=subprocess.STDOUT)
-    bp = BackendProcess(proc, path, log_path)
+    bp = BackendProcess.adopt(proc, path, log_path)
     try:
         assert notify.next() == "READY=1", bp.log()
         with BlkDriver.connect(path) as drv:   # no waiting for the file: it listens already

@@ -133,7 +133,7 @@ def test_gpu_hostile_commands_get_errors_and_the_device_keeps_working(gpu_backen
         # still serving
         assert drv.create_2d(2, 8, 8) == T.RESP_OK_NODATA
         assert drv.unref(2) == T.RESP_OK_NODATA
-    assert bp.alive()
+    assert bp.running
     assert open_fds() == fds_before
 
 

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from backends_proc import BackendProcess, wait_for_socket
+from backends_proc import wait_for_socket
+from harness.backend import BackendProcess
 
 NET = [sys.executable, "-m", "vhost_user.backends.net"]
 
@@ -52,7 +53,7 @@ def start_net(workdir: str, ports: int = 2, *args: str, prefix: list[str] | None
     log = open(log_path, "wb")
     proc = subprocess.Popen(argv, stdout=stdout or log, stderr=log)
     log.close()
-    bp = NetBackend(proc, socks[0] if socks else "", log_path)
+    bp = NetBackend.adopt(proc, socks[0] if socks else "", log_path)
     bp.socks = socks
     try:
         for s in socks:

@@ -62,7 +62,7 @@ def test_vsock_out_of_bounds_buffer_breaks_only_that_vms_queue(sockdir, vsock_pr
         assert select.select([bad.txq.err_fd], [], [], 10)[0], "no error notification"
         _wait_log(bp, "queue 1")
         _still_works(good, listener)
-        assert bp.alive()
+        assert bp.running
 
 
 def _publish_raw(drv: VsockDriver, *, addr: int, length: int) -> None:

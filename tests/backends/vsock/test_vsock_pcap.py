@@ -11,7 +11,8 @@ import sys
 import threading
 import time
 
-from backends_proc import BackendProcess, require_tool, wait_for_socket
+from backends_proc import require_tool, wait_for_socket
+from harness.backend import BackendProcess
 from vhost_user.backends.vsock.packet import HEADER_SIZE, Header, Op
 from vhost_user.backends.vsock.pcap import LINKTYPE_VSOCK
 from vhost_user.backends.vsock.driver import VsockDriver
@@ -266,7 +267,7 @@ def test_vsock_pcap_full_capture_ring_drops_frames_not_stream_bytes(sockdir):
                                  "--socket", sock, "--uds-path", uds, "--pcap", "-",
                                  "--capture-buffer", "64K"], stdout=w, stderr=log)
     os.close(w)
-    bp = BackendProcess(proc, sock, log_path)
+    bp = BackendProcess.adopt(proc, sock, log_path)
     chunks: list[bytes] = []
     drain = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(r, 1 << 20), b"")))
     try:
