@@ -20,46 +20,13 @@ import pytest
 
 from harness.backend import BackendProcess
 from harness.fixtures import require_tool
+from harness.guestnet import add_net, guest_ip, line_value, ping_until
 
 pytestmark = pytest.mark.guest
 
 NET = [sys.executable, "-m", "vhost_user.backends.net"]
 MAC = ["52:54:00:12:34:%02x" % (i + 1) for i in range(2)]
 MiB = 1 << 20
-
-
-def add_net(vm, sock: Path, mac: str, pairs: int = 1) -> None:
-    mq = f",mq=on,vectors={2 * pairs + 2}" if pairs > 1 else ""
-    vm.add_args("-chardev", f"socket,id=n0,path={sock}",
-                "-netdev", f"vhost-user,id=net0,chardev=n0,queues={pairs}",
-                "-device", f"virtio-net-pci,netdev=net0,mac={mac}{mq}")
-
-
-def guest_ip(addr: str) -> str:
-    """Bring eth0 up with `addr` (busybox ip)."""
-    return f"""
-        ip link set lo up
-        ip link set eth0 up
-        ip addr add {addr}/24 dev eth0
-    """
-
-
-def ping_until(peer: str) -> str:
-    return f"""
-        ok=0
-        for i in $(seq 1 60); do
-            if ping -c 1 -W 1 {peer} > /dev/null 2>&1; then ok=1; break; fi
-        done
-        [ $ok = 1 ] || {{ echo "no ping reply from {peer}"; exit 1; }}
-        ping -c 3 {peer} | grep -q ' 0% packet loss' && echo "ping {peer} ok"
-    """
-
-
-def line_value(result, label: str) -> list[str]:
-    for line in result.lines:
-        if line.startswith(label + " "):
-            return line.split()[1:]
-    raise AssertionError(f"guest printed no {label!r} line:\n{result.output}")
 
 
 def test_two_guests_ping_and_move_64_mib_over_tcp(guest_vm, short_tmp, tmp_path):
