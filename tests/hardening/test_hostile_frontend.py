@@ -14,14 +14,12 @@ import os
 import select
 import socket
 import struct
-import subprocess
 import sys
 import time
 
 import pytest
 
-from backends_proc import wait_for_socket
-from harness.backend import BackendProcess
+from backends_proc import spawn
 from vhost_user.frontend import Frontend, FrontendError
 from vhost_user.protocol import (
     HEADER_SIZE,
@@ -61,12 +59,9 @@ def backend(request, tmp_path_factory):
     sock = f"/tmp/vu-hostile-{os.getpid()}-{request.param}.sock"
     argv = [sys.executable, "-m"] + [a.replace("{sock}", sock) for a in BACKENDS[request.param]]
     log_path = str(d / "backend.log")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    bp = BackendProcess.adopt(proc, sock, log_path)
+    bp = spawn(argv, sock, log_path)
     bp.extra["queues"] = 1 if request.param in ONE_QUEUE else 2
     try:
-        wait_for_socket(sock, proc, log_path=log_path)
         _serves_next_frontend(bp)  # warm-up: lazily created fds exist from now on
         bp.extra["baseline"] = _settled_fd_count(bp, None)
         yield bp

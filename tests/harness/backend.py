@@ -13,6 +13,7 @@ every test; ``backends_proc`` builds its starters on it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -207,6 +208,27 @@ class BackendProcess:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def wait_log(self, needle: str, timeout: float = 20.0, count: int = 1) -> str:
+        """The whole log once ``needle`` is in it ``count`` times; AssertionError
+        quoting the log's tail if that takes over ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log()
+            if text.count(needle) >= count:
+                return text
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{needle!r} x{count} not in the back-end log:\n{text[-3000:]}")
+            time.sleep(0.05)
+
+    def log_stats(self, timeout: float = 10.0) -> dict:
+        """Send SIGUSR1, on which every back-end logs one ``stats {...}`` line, and
+        return that new line's JSON."""
+        before = self.log().count(" stats {")
+        self.proc.send_signal(signal.SIGUSR1)
+        text = self.wait_log(" stats {", timeout, count=before + 1)
+        lines = [line for line in text.splitlines() if " stats {" in line]
+        return json.loads(lines[-1].split(" stats ", 1)[1])
 
     def log_tail(self, lines: int = 30) -> str:
         """The last ``lines`` lines the back-end printed."""

@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -156,23 +155,13 @@ def test_net_ports_match_passed_sockets_by_path_not_by_order(sockdir):
             drv.send(b"", raw=bytes(12))   # a runt from the port served on p0
             drv.wait_tx()
             bp.proc.send_signal(signal.SIGUSR1)
-            text = _wait_for(bp, " stats {")
+            text = bp.wait_log(" stats {")
         stats = json.loads(text.split(" stats ", 1)[1].splitlines()[0])
         assert stats[f"port 0 ({paths[0]})"]["tx_runt"] == 1
         assert stats[f"port 1 ({paths[1]})"]["tx_runt"] == 0
     finally:
         assert bp.stop() == 0, bp.log()
         notify.close()
-
-
-def _wait_for(bp: BackendProcess, needle: str) -> str:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        text = bp.log()
-        if needle in text:
-            return text
-        time.sleep(0.05)
-    raise AssertionError(f"{needle!r} not in the log:\n{bp.log()[-3000:]}")
 
 
 def test_fdnames_select_vsock_vms(sockdir):

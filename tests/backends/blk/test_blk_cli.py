@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from backends_proc import wait_for_socket
+from backends_proc import spawn
 from harness.backend import BackendProcess
 from vhost_user.backends.blk.driver import BlkDriver
 
@@ -52,12 +52,8 @@ def test_missing_image_is_a_clear_error(sockdir):
 def test_direct_image_serves_io(sockdir, shm_image):
     image = shm_image(8 << 20)
     sock = os.path.join(sockdir, "d.sock")
-    log = os.path.join(sockdir, "d.log")
-    proc = subprocess.Popen(BLK + ["--socket", sock, "--image", image, "--direct"],
-                            stderr=open(log, "wb"))
-    bp = BackendProcess.adopt(proc, sock, log)
+    bp = spawn(BLK + ["--socket", sock, "--image", image, "--direct"], sock, os.path.join(sockdir, "d.log"))
     try:
-        wait_for_socket(sock, proc, log_path=log)
         with BlkDriver.connect(sock) as drv:
             drv.write(8, b"d" * 4096)
             assert drv.read(8, 4096) == b"d" * 4096

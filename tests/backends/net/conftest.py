@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -24,25 +22,7 @@ class NetBackend(BackendProcess):
 
     def stats(self, timeout: float = 5.0) -> list[dict[str, int]]:
         """Per-port counters (SIGUSR1 makes the back-end log them as JSON)."""
-        before = self.log().count(" stats {")
-        self.proc.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            lines = [l for l in self.log().splitlines() if " stats {" in l]
-            if len(lines) > before:
-                data = json.loads(lines[-1].split(" stats ", 1)[1])
-                return list(data.values())
-            time.sleep(0.05)
-        raise AssertionError(f"no stats line in the log:\n{self.log()[-2000:]}")
-
-    def wait_log(self, needle: str, timeout: float = 5.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log()
-            if needle in text:
-                return text
-            time.sleep(0.05)
-        raise AssertionError(f"{needle!r} not in back-end log:\n{self.log()[-3000:]}")
+        return list(self.log_stats(timeout).values())
 
 
 def start_net(workdir: str, ports: int = 2, *args: str, prefix: list[str] | None = None,

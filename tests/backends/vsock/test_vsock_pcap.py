@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import struct
 import subprocess
 import sys
 import threading
-import time
 
 from backends_proc import require_tool, wait_for_socket
 from harness.backend import BackendProcess
@@ -102,19 +99,6 @@ MiB = 1 << 20
 _MON = struct.Struct("<QQIIHHH2s")       # struct af_vsockmon_hdr (linux/vsockmon.h)
 _VIRTIO = struct.Struct("<QQIIIHHIII")   # struct virtio_vsock_hdr (virtio 1.2, 5.10.6)
 _MON_OP = {1: 1, 2: 1, 3: 2, 4: 2, 5: 4, 6: 3, 7: 3}  # virtio op -> af_vsockmon op
-
-
-def _stats(bp) -> dict:
-    """The SIGUSR1 stats line (every back-end logs one), as JSON."""
-    before = bp.log().count(" stats {")
-    os.kill(bp.pid, signal.SIGUSR1)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        lines = [line for line in bp.log().splitlines() if " stats {" in line]
-        if len(lines) > before:
-            return json.loads(lines[-1].split(" stats ", 1)[1])
-        time.sleep(0.05)
-    raise AssertionError(f"no stats line:\n{bp.log()[-2000:]}")
 
 
 def _vm(stats: dict, cid: int) -> dict:
@@ -227,7 +211,7 @@ def test_vsock_pcap_under_c_load_holds_every_packet_and_each_streams_bytes(sockd
         ga.send(a_to_b, timeout=60)
         back = ga.recv_exact(len(b_to_a), timeout=60)
         assert sha(sib["got"]) == sha(a_to_b) and sha(back) == sha(b_to_a)
-        stats = _stats(bp)
+        stats = bp.log_stats()
         ports = {"g": g.local_port, "gc": gc.local_port, "gc_peer": gc.peer_port, "ga": ga.local_port}
         for s in (g, gc, ga):
             s.close()
@@ -276,7 +260,7 @@ def test_vsock_pcap_full_capture_ring_drops_frames_not_stream_bytes(sockdir):
         up, down = os.urandom(3 * MiB), os.urandom(2 * MiB)
         with VsockDriver.attach(sock) as drv:
             g, gc, h, c = _host_stream(drv, listener, uds, up, down)
-            stats = _stats(bp)
+            stats = bp.log_stats()
             g.close()
             gc.close()
         vm3 = _vm(stats, 3)
@@ -332,7 +316,7 @@ def test_vsock_pcap_of_the_c_path_is_dissected_by_tshark(sockdir, vsock_proc):
     up, down = os.urandom(MiB), os.urandom(MiB)
     with VsockDriver.attach(sock) as drv:
         g, gc, h, c = _host_stream(drv, listener, uds, up, down)
-        stats = _stats(bp)
+        stats = bp.log_stats()
         g.close()
         gc.close()
     bp.stop()
