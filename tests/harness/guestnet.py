@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["add_net", "guest_ip", "line_value", "ping_until"]
+__all__ = ["add_net", "guest_ip", "line_value", "ping_until", "send_until_acked"]
 
 
 def add_net(vm, sock: str | Path, mac: str, pairs: int = 1, reconnect_ms: int | None = None) -> None:
@@ -47,6 +47,28 @@ def ping_until(peer: str, confirm: bool = True) -> str:
             if ping -c 1 -W 1 {peer} > /dev/null 2>&1; then ok=1; break; fi
         done
         [ $ok = 1 ] || {{ echo "no ping reply from {peer}"; exit 1; }}{check}
+    """
+
+
+def send_until_acked(peer: str, port: int, ack_port: int, tries: int, ack_wait: int) -> str:
+    """Send /tmp/d to `peer`:`port` with nc and print the peer's answer as ``ack ANSWER``.
+
+    The answer arrives on `ack_port` (listened on first); the send is tried up to
+    `tries` times a second apart (until the peer listens), the answer awaited up
+    to `ack_wait` seconds.
+    """
+    return f"""
+        mkfifo /tmp/f; exec 3<>/tmp/f
+        nc -l -p {ack_port} <&3 > /tmp/ack &
+        for i in $(seq 1 {tries}); do
+            nc {peer} {port} < /tmp/d && break
+            sleep 1
+        done
+        for i in $(seq 1 {ack_wait}); do
+            [ -s /tmp/ack ] && break
+            sleep 1
+        done
+        echo "ack $(cat /tmp/ack)"
     """
 
 

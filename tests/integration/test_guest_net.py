@@ -20,7 +20,7 @@ import pytest
 
 from harness.backend import BackendProcess
 from harness.fixtures import require_tool
-from harness.guestnet import add_net, guest_ip, line_value, ping_until
+from harness.guestnet import add_net, guest_ip, line_value, ping_until, send_until_acked
 
 pytestmark = pytest.mark.guest
 
@@ -52,19 +52,7 @@ def test_two_guests_ping_and_move_64_mib_over_tcp(guest_vm, short_tmp, tmp_path)
         client.start(guest_ip("10.0.0.2") + """
             dd if=/dev/urandom of=/tmp/d bs=1M count=64 2>/dev/null
             echo "sent $(sha256sum < /tmp/d | cut -d' ' -f1)"
-        """ + ping_until("10.0.0.1") + """
-            mkfifo /tmp/f; exec 3<>/tmp/f
-            nc -l -p 5001 <&3 > /tmp/ack &
-            for i in $(seq 1 60); do
-                nc 10.0.0.1 5000 < /tmp/d && break
-                sleep 1
-            done
-            for i in $(seq 1 240); do
-                [ -s /tmp/ack ] && break
-                sleep 1
-            done
-            echo "ack $(cat /tmp/ack)"
-        """)
+        """ + ping_until("10.0.0.1") + send_until_acked("10.0.0.1", 5000, 5001, tries=60, ack_wait=240))
         sent = client.wait(timeout=300)
         got = server.wait(timeout=300)
     finally:
@@ -131,18 +119,7 @@ def test_guest_reaches_a_tap_port_in_a_namespace(guest_vm, short_tmp, tmp_path, 
             echo "mq-bit $(cut -c23 /sys/class/net/eth0/device/features)"
             dd if=/dev/urandom of=/tmp/d bs=1M count=8 2>/dev/null
             echo "sent $(sha256sum < /tmp/d | cut -d' ' -f1)"
-            mkfifo /tmp/f; exec 3<>/tmp/f
-            nc -l -p 5002 <&3 > /tmp/ack &
-            for i in $(seq 1 30); do
-                nc 10.9.0.1 5001 < /tmp/d && break
-                sleep 1
-            done
-            for i in $(seq 1 120); do
-                [ -s /tmp/ack ] && break
-                sleep 1
-            done
-            echo "ack $(cat /tmp/ack)"
-        """, timeout=240)
+        """ + send_until_acked("10.9.0.1", 5001, 5002, tries=30, ack_wait=120), timeout=240)
     finally:
         if listener is not None:
             listener.kill()
