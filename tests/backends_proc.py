@@ -7,19 +7,15 @@ wait for their socket, and stop exactly the processes they started.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
 
-# One require_tool for every test (skip on a developer machine, fail in CI);
-# re-exported here for the tests that import it from backends_proc.
+from harness.backend import BackendProcess, wait_for_socket
+# One require_tool and one wait_for_socket for every test (require_tool skips
+# on a developer machine, fails in CI); re-exported for the tests that import
+# them from here.
 from harness.fixtures import require_tool
 
-__all__ = [
-    "BackendProcess", "spawn", "start_blk", "start_qsd_blk", "require_tool", "wait_for_socket", "open_fds",
-]
+__all__ = ["spawn", "start_blk", "start_qsd_blk", "require_tool", "wait_for_socket", "open_fds"]
 
 
 def open_fds() -> set[int]:
@@ -27,62 +23,12 @@ def open_fds() -> set[int]:
     return {int(x) for x in os.listdir("/proc/self/fd")}
 
 
-def wait_for_socket(path: str, proc: subprocess.Popen, timeout: float = 20.0, log_path: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if os.path.exists(path):
-            return
-        if proc.poll() is not None:
-            tail = open(log_path, errors="replace").read()[-4000:] if log_path else ""
-            raise RuntimeError(f"back-end exited with {proc.returncode} before listening:\n{tail}")
-        time.sleep(0.02)
-    raise TimeoutError(f"no socket at {path} after {timeout} s")
-
-
-@dataclass
-class BackendProcess:
-    proc: subprocess.Popen
-    socket: str
-    log_path: str
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-
 def spawn(argv: list[str], sock: str, log_path: str, **kw) -> BackendProcess:
-    """Start `argv` with its output in `log_path`; return once `sock` exists."""
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, **kw)
-    log.close()
-    bp = BackendProcess(proc, sock, log_path)
-    try:
-        wait_for_socket(sock, proc, log_path=log_path)
-    except BaseException:
-        bp.stop(signal.SIGKILL)
-        raise
-    return bp
+    """Start `argv` (Popen keywords in `kw`) with its output in a fresh `log_path`;
+    return once `sock` exists (no probe connection: tests count the back-end's
+    front-ends and log lines)."""
+    open(log_path, "wb").close()
+    return BackendProcess(argv, sock, log_path, probe_connect=False, **kw).start(timeout=20.0)
 
 
 def start_blk(workdir, *args: str, sock: str | None = None, image: str | None = None,

@@ -8,7 +8,8 @@ import socket
 import sys
 import time
 
-from backends_proc import BackendProcess, spawn
+from backends_proc import spawn
+from harness.backend import BackendProcess
 
 __all__ = ["start_vsock", "host_listener", "host_connect", "connect_when_listening", "read_line", "recv_all",
            "sha"]

@@ -16,6 +16,7 @@ guest memory (the control queue handler writes responses itself);
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from vhost_user.backends.gpu.commands import (
     BadCommand,
@@ -31,7 +32,7 @@ from vhost_user.backends.gpu.device import GpuDevice, GpuOptions
 from vhost_user.fuzzing.guestram import FuzzRam
 from vhost_user.fuzzing.reader import ByteReader
 
-__all__ = ["run_one", "seeds"]
+__all__ = ["control_round", "run_one", "seeds"]
 
 _MAX_HOSTMEM = 1 << 20
 _COMMANDS = [T.CMD_GET_DISPLAY_INFO, T.CMD_GET_EDID, T.CMD_RESOURCE_CREATE_2D, T.CMD_RESOURCE_UNREF,
@@ -39,6 +40,7 @@ _COMMANDS = [T.CMD_GET_DISPLAY_INFO, T.CMD_GET_EDID, T.CMD_RESOURCE_CREATE_2D, T
              T.CMD_RESOURCE_ATTACH_BACKING, T.CMD_RESOURCE_DETACH_BACKING, T.CMD_GET_CAPSET_INFO,
              T.CMD_GET_CAPSET, T.CMD_RESOURCE_CREATE_BLOB, T.CMD_UPDATE_CURSOR, T.CMD_MOVE_CURSOR]
 _RESP_MIN = 0x1100
+_RESP_ERR_MIN = 0x1200
 _RAM: FuzzRam | None = None
 
 
@@ -105,7 +107,7 @@ def run_one(data: bytes) -> None:
             if r.u8() % 6 == 0:
                 _cursor(dev, cmd)
             else:
-                _control(dev, cmd, memory)
+                control_round(dev, cmd, memory)
             assert dev.resources.hostmem <= _MAX_HOSTMEM, f"hostmem {dev.resources.hostmem} over the limit"
         ram.check_writes(before, [])
     finally:
@@ -113,18 +115,28 @@ def run_one(data: bytes) -> None:
         memory.close()
 
 
-def _control(dev: GpuDevice, cmd: bytes, memory) -> None:
+def control_round(dev: GpuDevice, cmd: bytes, memory, parse_check: Callable[[bytes], object] = parse) -> bool:
+    """Run one control command through ``dev.execute`` and check the answer.
+
+    Shared by the gpu-commands and gpu-3d targets: ``parse_check(cmd)`` may
+    raise only BadCommand; the response is at least a header, of a response
+    type, and echoes a fenced command's fence flag and id. Returns True if the
+    command succeeded (an OK_* response).
+    """
     try:
-        parse(cmd)
+        parse_check(cmd)
     except BadCommand:
         pass
     response = dev.execute(cmd, memory)
     assert isinstance(response, bytes) and len(response) >= HDR_SIZE, response
     rhdr = CtrlHeader.unpack(response)
     assert rhdr.type >= _RESP_MIN, f"response type {rhdr.type:#x} is not a response"
-    if len(cmd) >= HDR_SIZE:
-        hdr = CtrlHeader.unpack(cmd)
-        assert rhdr.fence_id == (hdr.fence_id if hdr.flags & 1 else rhdr.fence_id)
+    if len(cmd) < HDR_SIZE:
+        return False
+    hdr = CtrlHeader.unpack(cmd)
+    if hdr.flags & 1:
+        assert rhdr.flags & 1 and rhdr.fence_id == hdr.fence_id, f"fence {hdr.fence_id} not echoed"
+    return rhdr.type < _RESP_ERR_MIN
 
 
 def _cursor(dev: GpuDevice, cmd: bytes) -> None:

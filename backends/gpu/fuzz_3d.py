@@ -43,6 +43,7 @@ import struct
 
 from vhost_user.backends.gpu.commands import CtrlHeader, CtrlType as T, HDR_SIZE, BadCommand, parse_cursor
 from vhost_user.backends.gpu.commands3d import PARSERS_3D
+from vhost_user.backends.gpu.fuzz import control_round
 
 from vhost_user.fuzzing.guestram import FuzzRam
 from vhost_user.fuzzing.reader import ByteReader
@@ -51,7 +52,6 @@ __all__ = ["run_one", "seeds", "shared_device", "unavailable_reason"]
 
 _MAX_HOSTMEM = 16 << 20
 _RSS_LIMIT = 1 << 30  # libFuzzer's -rss_limit_mb under atheris; checked here for the mutation loop
-_RESP_MIN = 0x1100
 _U32 = 0xFFFFFFFF
 
 # virgl_hw.h: targets (pipe_texture_target), a spread of formats, bind flags
@@ -387,25 +387,17 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _control(dev, cmd: bytes, memory) -> bool:
-    """One command through `execute`; checks the response; True if it succeeded."""
+def _parse_3d(cmd: bytes) -> None:
+    """The 3D parser of `cmd`'s type, if it has one (it may raise only BadCommand)."""
     if len(cmd) >= HDR_SIZE:
         parser = PARSERS_3D.get(CtrlHeader.unpack(cmd).type)
         if parser is not None:
-            try:
-                parser(cmd)
-            except BadCommand:
-                pass
-    response = dev.execute(cmd, memory)
-    assert isinstance(response, bytes) and len(response) >= HDR_SIZE, response
-    rhdr = CtrlHeader.unpack(response)
-    assert rhdr.type >= _RESP_MIN, f"response type {rhdr.type:#x} is not a response"
-    if len(cmd) < HDR_SIZE:
-        return False
-    hdr = CtrlHeader.unpack(cmd)
-    if hdr.flags & 1:
-        assert rhdr.flags & 1 and rhdr.fence_id == hdr.fence_id, f"fence {hdr.fence_id} not echoed"
-    return rhdr.type < 0x1200
+            parser(cmd)
+
+
+def _control(dev, cmd: bytes, memory) -> bool:
+    """One command through `execute`; checks the response; True if it succeeded."""
+    return control_round(dev, cmd, memory, _parse_3d)
 
 
 def _cursor(dev, cmd: bytes) -> None:

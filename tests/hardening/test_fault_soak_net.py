@@ -17,43 +17,13 @@ import threading
 import pytest
 
 from harness.backend import BackendProcess
+from harness.guestnet import add_net, guest_ip, line_value, ping_until
 
 pytestmark = pytest.mark.guest
 
 NET = [sys.executable, "-m", "vhost_user.backends.net"]
 MAC = ["52:54:00:12:35:%02x" % (i + 1) for i in range(2)]
 STREAM_MB = 8
-
-
-def _add_net(vm, sock, mac: str) -> None:
-    vm.add_args("-chardev", f"socket,id=n0,path={sock},reconnect-ms=100",
-                "-netdev", "vhost-user,id=net0,chardev=n0",
-                "-device", f"virtio-net-pci,netdev=net0,mac={mac}")
-
-
-def _setup(addr: str) -> str:
-    return f"""
-        ip link set lo up
-        ip link set eth0 up
-        ip addr add {addr}/24 dev eth0
-    """
-
-
-def _ping(peer: str) -> str:
-    return f"""
-        ok=0
-        for i in $(seq 1 60); do
-            if ping -c 1 -W 1 {peer} > /dev/null 2>&1; then ok=1; break; fi
-        done
-        [ $ok = 1 ] || {{ echo "no ping reply from {peer}"; exit 1; }}
-    """
-
-
-def _value(result, label: str) -> list[str]:
-    for line in result.lines:
-        if line.startswith(label + " "):
-            return line.split()[1:]
-    raise AssertionError(f"guest printed no {label!r} line:\n{result.output}")
 
 
 def test_tcp_between_guests_survives_backend_kills(guest_vm, short_tmp, tmp_path):
@@ -63,9 +33,9 @@ def test_tcp_between_guests_survives_backend_kills(guest_vm, short_tmp, tmp_path
     kills = 0
     try:
         server, client = guest_vm(memory_mb=384), guest_vm(memory_mb=384)
-        _add_net(server, socks[0], MAC[0])
-        _add_net(client, socks[1], MAC[1])
-        server.start(_setup("10.0.1.1") + _ping("10.0.1.2") + """
+        add_net(server, socks[0], MAC[0], reconnect_ms=100)
+        add_net(client, socks[1], MAC[1], reconnect_ms=100)
+        server.start(guest_ip("10.0.1.1") + ping_until("10.0.1.2", confirm=False) + """
             mkfifo /tmp/f; exec 3<>/tmp/f
             nc -l -p 5000 <&3 > /tmp/r
             echo "recv $(sha256sum < /tmp/r | cut -d' ' -f1) $(wc -c < /tmp/r)"
@@ -73,10 +43,10 @@ def test_tcp_between_guests_survives_backend_kills(guest_vm, short_tmp, tmp_path
             echo done | nc 10.0.1.2 5001
             sleep 2
         """)
-        client.start(_setup("10.0.1.2") + f"""
+        client.start(guest_ip("10.0.1.2") + f"""
             dd if=/dev/urandom of=/tmp/d bs=1M count={STREAM_MB} 2>/dev/null
             echo "sent $(sha256sum < /tmp/d | cut -d' ' -f1)"
-        """ + _ping("10.0.1.1") + f"""
+        """ + ping_until("10.0.1.1", confirm=False) + f"""
             mkfifo /tmp/f; exec 3<>/tmp/f
             nc -l -p 5001 <&3 > /tmp/ack &
             vhu_mark sending
@@ -106,6 +76,6 @@ def test_tcp_between_guests_survives_backend_kills(guest_vm, short_tmp, tmp_path
         backend.stop()
     print(f"net soak: {kills} back-end kills during a {STREAM_MB} MiB TCP stream, every byte checked")
     assert kills >= 3, "the stream ended before the back-end was killed three times"
-    digest, size = _value(got, "recv")
+    digest, size = line_value(got, "recv")
     assert int(size) == STREAM_MB << 20, got.output
-    assert digest == _value(sent, "sent")[0], "the TCP stream changed across back-end restarts"
+    assert digest == line_value(sent, "sent")[0], "the TCP stream changed across back-end restarts"

@@ -14,13 +14,12 @@ import os
 import select
 import socket
 import struct
-import subprocess
 import sys
 import time
 
 import pytest
 
-from backends_proc import BackendProcess, wait_for_socket
+from backends_proc import spawn
 from vhost_user.frontend import Frontend, FrontendError
 from vhost_user.protocol import (
     HEADER_SIZE,
@@ -60,12 +59,9 @@ def backend(request, tmp_path_factory):
     sock = f"/tmp/vu-hostile-{os.getpid()}-{request.param}.sock"
     argv = [sys.executable, "-m"] + [a.replace("{sock}", sock) for a in BACKENDS[request.param]]
     log_path = str(d / "backend.log")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    bp = BackendProcess(proc, sock, log_path)
+    bp = spawn(argv, sock, log_path)
     bp.extra["queues"] = 1 if request.param in ONE_QUEUE else 2
     try:
-        wait_for_socket(sock, proc, log_path=log_path)
         _serves_next_frontend(bp)  # warm-up: lazily created fds exist from now on
         bp.extra["baseline"] = _settled_fd_count(bp, None)
         yield bp
@@ -104,7 +100,7 @@ def _serves_next_frontend(bp) -> None:
 
 def _after_case(bp, log_before: int, needle: str | None) -> None:
     """The shared verdict: alive, a log line, every fd closed, next front-end served."""
-    assert bp.alive(), f"back-end died:\n{bp.log()[-3000:]}"
+    assert bp.running, f"back-end died:\n{bp.log()[-3000:]}"
     new_log = bp.log()[log_before:]
     deadline = time.monotonic() + 10
     while needle is not None and needle not in new_log and time.monotonic() < deadline:
@@ -524,5 +520,5 @@ def test_hostile_disconnect_at_every_negotiation_step(backend):
                 item.close() if isinstance(item, socket.socket) else os.close(item)
         baseline = backend.extra["baseline"]
         assert _settled_fd_count(backend, baseline) == baseline, f"fd leak after {stop_after} steps"
-        assert backend.alive()
+        assert backend.running
     _after_case(backend, mark, "front-end disconnected")

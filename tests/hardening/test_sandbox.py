@@ -54,20 +54,38 @@ def _io_round(sock: str) -> None:
         drv.fe.get_inflight_fd(128)
 
 
+def _assert_confined(bp, profile: str) -> None:
+    """NO_NEW_PRIVS and a seccomp filter are on, the log names the `profile`, and the
+    process has a private root."""
+    st = _status(bp.pid)
+    assert st["NoNewPrivs"].strip() == "1" and st["Seccomp"].strip() == "2", bp.log()[-2000:]  # SECCOMP_MODE_FILTER
+    assert f"{profile} profile active" in bp.log()
+    _assert_private_root(bp.pid, bp.log())
+
+
+def _probe_and_expect_sigsys(bp) -> None:
+    """SIGUSR2 makes a back-end under VHOST_USER_SANDBOX_PROBE=1 try what its sandbox
+    forbids: each try is refused and the last one, execve, kills it with SIGSYS."""
+    os.kill(bp.pid, signal.SIGUSR2)
+    rc = bp.proc.wait(20)
+    log = bp.log()
+    assert rc == -signal.SIGSYS, f"exit {rc}, expected death by SIGSYS:\n{log[-3000:]}"
+    for what in ("fork", "socket(AF_INET)", "open for writing"):
+        assert f"sandbox probe: {what} refused: EPERM" in log, log[-3000:]
+    assert "sandbox probe: read /etc/passwd refused: ENOENT" in log, log[-3000:]
+    assert "ALLOWED" not in log and "execve ran" not in log
+
+
 def test_sandbox_is_on_by_default_and_blk_serves_under_it(sockdir, shm_image):
     pidfile = os.path.join(sockdir, "blk.pid")
     bp = start_blk(sockdir, "--num-queues", "2", "--pidfile", pidfile, image=shm_image(8 << 20))
     try:
         _io_round(bp.socket)
         _io_round(bp.socket)  # and a second front-end after the first left
-        st = _status(bp.pid)
-        assert st["NoNewPrivs"].strip() == "1"
-        assert st["Seccomp"].strip() == "2"  # SECCOMP_MODE_FILTER
-        assert "blk profile active" in bp.log()
-        _assert_private_root(bp.pid, bp.log())
+        _assert_confined(bp, "blk")
         # io_uring operations would bypass seccomp: the event loop must not hold a ring.
         assert "anon_inode:[io_uring]" not in _fd_targets(bp.pid) and "io_uring" not in bp.log(), bp.log()[-2000:]
-        assert bp.alive()
+        assert bp.running
     finally:
         assert bp.stop() == 0, bp.log()[-3000:]
     # removed at exit through directory fds: the paths are not in the private root
@@ -90,14 +108,7 @@ def test_sandboxed_blk_refuses_fork_socket_and_writes_and_dies_on_execve(sockdir
     bp = start_blk(sockdir, "--num-queues", "2", image=shm_image(8 << 20))
     try:
         _io_round(bp.socket)
-        os.kill(bp.pid, signal.SIGUSR2)
-        rc = bp.proc.wait(20)
-        log = bp.log()
-        assert rc == -signal.SIGSYS, f"exit {rc}, expected death by SIGSYS:\n{log[-3000:]}"
-        for what in ("fork", "socket(AF_INET)", "open for writing"):
-            assert f"sandbox probe: {what} refused: EPERM" in log, log[-3000:]
-        assert "sandbox probe: read /etc/passwd refused: ENOENT" in log, log[-3000:]
-        assert "ALLOWED" not in log and "execve ran" not in log
+        _probe_and_expect_sigsys(bp)
     finally:
         bp.stop()
 
@@ -306,17 +317,6 @@ def _gpu_frame_reaches_png(sock: str, directory: str) -> None:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def _probe_and_expect_sigsys(bp) -> None:
-    os.kill(bp.pid, signal.SIGUSR2)
-    rc = bp.proc.wait(20)
-    log = bp.log()
-    assert rc == -signal.SIGSYS, f"exit {rc}, expected death by SIGSYS:\n{log[-3000:]}"
-    for what in ("fork", "socket(AF_INET)", "open for writing"):
-        assert f"sandbox probe: {what} refused: EPERM" in log, log[-3000:]
-    assert "sandbox probe: read /etc/passwd refused: ENOENT" in log, log[-3000:]
-    assert "ALLOWED" not in log and "execve ran" not in log
-
-
 @pytest.mark.parametrize("name", sorted(_OTHER_BACKENDS))
 def test_sandboxed_backend_serves_refuses_and_dies_on_execve(name, sockdir, monkeypatch):
     monkeypatch.setenv("VHOST_USER_SANDBOX_PROBE", "1")
@@ -337,12 +337,9 @@ def test_sandboxed_backend_serves_refuses_and_dies_on_execve(name, sockdir, monk
             s.sendall(b"CONNECT 1234\n")
             s.close()
             _vsock_guest_reaches_host_port(bp.socket, os.path.join(sockdir, "vsock.uds"))
-        st = _status(bp.pid)
-        assert st["NoNewPrivs"].strip() == "1" and st["Seccomp"].strip() == "2", bp.log()[-2000:]
-        assert f"{name} profile active" in bp.log()
-        _assert_private_root(bp.pid, bp.log())
+        _assert_confined(bp, name)
         assert "anon_inode:[io_uring]" not in _fd_targets(bp.pid)
-        assert bp.alive()
+        assert bp.running
         _probe_and_expect_sigsys(bp)
     finally:
         bp.stop()
@@ -394,11 +391,8 @@ def test_gpu_virgl_is_confined_after_the_renderer_is_up_and_still_renders(sockdi
     try:
         _virgl_red_frame(bp.socket)
         _virgl_red_frame(bp.socket)  # a second front-end: a new context, a new frame
-        st = _status(bp.pid)
-        assert st["NoNewPrivs"].strip() == "1" and st["Seccomp"].strip() == "2", bp.log()[-2000:]
-        assert "gpu-virgl profile active" in bp.log()
-        _assert_private_root(bp.pid, bp.log())
-        assert bp.alive()
+        _assert_confined(bp, "gpu-virgl")
+        assert bp.running
         _probe_and_expect_sigsys(bp)
     finally:
         bp.stop()

@@ -98,7 +98,8 @@ def test_fuzz_target_under_asan_ubsan_has_zero_reports(sanitized, target, tmp_pa
 
 
 def test_sanitized_blk_backend_process_runs_the_overlay(sanitized, sockdir):
-    from backends_proc import BackendProcess, wait_for_socket
+    from backends_proc import wait_for_socket
+    from harness.backend import BackendProcess
     from vhost_user.backends.blk.driver import BlkDriver
 
     sock = os.path.join(sockdir, "san.sock")
@@ -106,7 +107,7 @@ def test_sanitized_blk_backend_process_runs_the_overlay(sanitized, sockdir):
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "vhost_user.backends.blk", "--socket", sock, "-v",
                                  "--size", "8M"], env=sanitized, stdout=log, stderr=subprocess.STDOUT)
-    bp = BackendProcess(proc, sock, log_path)
+    bp = BackendProcess.adopt(proc, sock, log_path)
     try:
         wait_for_socket(sock, proc, log_path=log_path)
         with BlkDriver.connect(sock) as drv:

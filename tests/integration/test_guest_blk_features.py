@@ -18,13 +18,13 @@ import errno
 import hashlib
 import os
 import secrets
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from harness.backend import BackendProcess
+from harness.guestblk import ours_argv, sparse_image
 
 pytestmark = pytest.mark.guest
 
@@ -33,17 +33,6 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 _SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
-
-
-def ours_argv(image: Path, sock: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "vhost_user.backends.blk", "--socket", str(sock),
-            "--image", str(image), "--num-queues", "1", "-v", *extra]
-
-
-def sparse_image(path: Path, size: int) -> Path:
-    with open(path, "wb") as handle:
-        handle.truncate(size)
-    return path
 
 
 def allocated(path: Path) -> int:

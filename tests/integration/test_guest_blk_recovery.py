@@ -25,13 +25,13 @@ import hashlib
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from harness.backend import BackendProcess
+from harness.guestblk import ours_argv, sparse_image
 from harness.fixtures import require_tool
 
 pytestmark = pytest.mark.guest
@@ -40,17 +40,6 @@ MiB = 1 << 20
 KILLS_MIN = 3   # the issue asks for "several times in one run"
 KILLS_MAX = 10  # bound on the loop that waits for a kill with requests in flight
 RESUBMIT_RE = re.compile(r"queue (\d+): (\d+) request\(s\) to resubmit from the inflight region")
-
-
-def ours_argv(image: Path, sock: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "vhost_user.backends.blk", "--socket", str(sock),
-            "--image", str(image), "--num-queues", "1", "-v", *extra]
-
-
-def sparse_image(path: Path, size: int) -> Path:
-    with open(path, "wb") as handle:
-        handle.truncate(size)
-    return path
 
 
 def image_sha(path: Path, offset: int, length: int) -> str:

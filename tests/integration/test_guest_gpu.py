@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from harness.fixtures import require_tool
+from harness.guestgpu import BLOCK, expected_frame
 
 pytestmark = pytest.mark.guest
 
@@ -29,7 +30,6 @@ GPU_BACKENDS = {
                                 sock, "--virgl", "--verbose"],
     "qemu": lambda sock: [require_tool(QEMU_GPU), "--socket-path", sock],
 }
-BLOCK = bytes((i * 7 + 13) % 255 + 1 for i in range(1004))  # 251 pixels: rows do not repeat
 
 
 @pytest.fixture(params=sorted(GPU_BACKENDS))
@@ -75,13 +75,6 @@ sleep 120
 """
 
 
-def _expected(stride: int, width: int, height: int) -> np.ndarray:
-    size = stride * height
-    frame = (BLOCK * (size // len(BLOCK) + 1))[:size]
-    fb = np.frombuffer(frame, np.uint8).reshape(height, stride)
-    return fb[:, :width * 4].reshape(height, width, 4)[:, :, [2, 1, 0]]
-
-
 def _read_ppm(path: str) -> np.ndarray:
     data = open(path, "rb").read()
     parts = data.split(maxsplit=4)
@@ -110,9 +103,9 @@ def test_guest_fb0_image_reaches_the_qmp_screendump(guest_vm, gpu_socket, tmp_pa
                 "-device", f"vhost-user-gpu-pci,id=gpu0,chardev=g0,xres={xres},yres={yres}")
     vm.start(_script(xres * 4 * yres))
     vm.wait_for_marker("written", timeout=120)
-    shot = _screen_matches(vm, str(tmp_path / "shot.ppm"), _expected(xres * 4, xres, yres))
+    shot = _screen_matches(vm, str(tmp_path / "shot.ppm"), expected_frame(xres, yres, xres * 4))
     assert shot is not None and shot.shape == (yres, xres, 3)
-    assert np.array_equal(shot, _expected(xres * 4, xres, yres))
+    assert np.array_equal(shot, expected_frame(xres, yres, xres * 4))
 
 
 def test_guest_second_scanout_shows_the_cloned_framebuffer(guest_vm, gpu_socket, tmp_path):
@@ -124,7 +117,7 @@ def test_guest_second_scanout_shows_the_cloned_framebuffer(guest_vm, gpu_socket,
     vm.wait_for_marker("written", timeout=120)
     # fbdev clones one 800x600 framebuffer onto both CRTCs but its visible (and
     # flushed) area is the smallest mode, 640x480: head 0 shows that corner.
-    visible = _expected(stride, 640, 480)
+    visible = expected_frame(640, 480, stride)
     head0 = np.zeros((600, 800, 3), np.uint8)
     head0[:480, :640] = visible
     for head, expect in enumerate([head0, visible]):

@@ -20,46 +20,13 @@ import pytest
 
 from harness.backend import BackendProcess
 from harness.fixtures import require_tool
+from harness.guestnet import add_net, guest_ip, line_value, ping_until, send_until_acked
 
 pytestmark = pytest.mark.guest
 
 NET = [sys.executable, "-m", "vhost_user.backends.net"]
 MAC = ["52:54:00:12:34:%02x" % (i + 1) for i in range(2)]
 MiB = 1 << 20
-
-
-def add_net(vm, sock: Path, mac: str, pairs: int = 1) -> None:
-    mq = f",mq=on,vectors={2 * pairs + 2}" if pairs > 1 else ""
-    vm.add_args("-chardev", f"socket,id=n0,path={sock}",
-                "-netdev", f"vhost-user,id=net0,chardev=n0,queues={pairs}",
-                "-device", f"virtio-net-pci,netdev=net0,mac={mac}{mq}")
-
-
-def guest_ip(addr: str) -> str:
-    """Bring eth0 up with `addr` (busybox ip)."""
-    return f"""
-        ip link set lo up
-        ip link set eth0 up
-        ip addr add {addr}/24 dev eth0
-    """
-
-
-def ping_until(peer: str) -> str:
-    return f"""
-        ok=0
-        for i in $(seq 1 60); do
-            if ping -c 1 -W 1 {peer} > /dev/null 2>&1; then ok=1; break; fi
-        done
-        [ $ok = 1 ] || {{ echo "no ping reply from {peer}"; exit 1; }}
-        ping -c 3 {peer} | grep -q ' 0% packet loss' && echo "ping {peer} ok"
-    """
-
-
-def line_value(result, label: str) -> list[str]:
-    for line in result.lines:
-        if line.startswith(label + " "):
-            return line.split()[1:]
-    raise AssertionError(f"guest printed no {label!r} line:\n{result.output}")
 
 
 def test_two_guests_ping_and_move_64_mib_over_tcp(guest_vm, short_tmp, tmp_path):
@@ -85,19 +52,7 @@ def test_two_guests_ping_and_move_64_mib_over_tcp(guest_vm, short_tmp, tmp_path)
         client.start(guest_ip("10.0.0.2") + """
             dd if=/dev/urandom of=/tmp/d bs=1M count=64 2>/dev/null
             echo "sent $(sha256sum < /tmp/d | cut -d' ' -f1)"
-        """ + ping_until("10.0.0.1") + """
-            mkfifo /tmp/f; exec 3<>/tmp/f
-            nc -l -p 5001 <&3 > /tmp/ack &
-            for i in $(seq 1 60); do
-                nc 10.0.0.1 5000 < /tmp/d && break
-                sleep 1
-            done
-            for i in $(seq 1 240); do
-                [ -s /tmp/ack ] && break
-                sleep 1
-            done
-            echo "ack $(cat /tmp/ack)"
-        """)
+        """ + ping_until("10.0.0.1") + send_until_acked("10.0.0.1", 5000, 5001, tries=60, ack_wait=240))
         sent = client.wait(timeout=300)
         got = server.wait(timeout=300)
     finally:
@@ -164,18 +119,7 @@ def test_guest_reaches_a_tap_port_in_a_namespace(guest_vm, short_tmp, tmp_path, 
             echo "mq-bit $(cut -c23 /sys/class/net/eth0/device/features)"
             dd if=/dev/urandom of=/tmp/d bs=1M count=8 2>/dev/null
             echo "sent $(sha256sum < /tmp/d | cut -d' ' -f1)"
-            mkfifo /tmp/f; exec 3<>/tmp/f
-            nc -l -p 5002 <&3 > /tmp/ack &
-            for i in $(seq 1 30); do
-                nc 10.9.0.1 5001 < /tmp/d && break
-                sleep 1
-            done
-            for i in $(seq 1 120); do
-                [ -s /tmp/ack ] && break
-                sleep 1
-            done
-            echo "ack $(cat /tmp/ack)"
-        """, timeout=240)
+        """ + send_until_acked("10.9.0.1", 5001, 5002, tries=30, ack_wait=120), timeout=240)
     finally:
         if listener is not None:
             listener.kill()

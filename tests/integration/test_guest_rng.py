@@ -10,10 +10,7 @@ limit shows the guest is slowed, not starved or fed garbage.
 
 from __future__ import annotations
 
-import json
-import signal
 import sys
-import time
 
 import pytest
 
@@ -43,18 +40,6 @@ def _value(result, label: str) -> str:
     raise AssertionError(f"guest printed no {label!r} line:\n{result.output}")
 
 
-def _stats(backend: BackendProcess) -> dict:
-    mark = len(backend.log_path.read_text())
-    backend.kill(signal.SIGUSR1)
-    for _ in range(100):
-        text = backend.log_path.read_text()[mark:]
-        for line in text.splitlines():
-            if " stats {" in line:
-                return json.loads(line.split(" stats ", 1)[1])
-        time.sleep(0.05)
-    raise AssertionError("no stats line after SIGUSR1:\n" + backend.log_tail())
-
-
 @pytest.mark.parametrize("limit", [None, 16384])
 def test_guest_reads_hwrng_from_our_backend(guest_vm, short_tmp, tmp_path, limit):
     extra = ["--max-bytes", str(limit), "--period", "200"] if limit else []
@@ -70,7 +55,7 @@ def test_guest_reads_hwrng_from_our_backend(guest_vm, short_tmp, tmp_path, limit
         assert _value(result, "bytes") == "65536", result.output
         assert int(_value(result, "values")) == 256, result.output
         assert "halves differ" in result.lines, result.output
-        stats = next(iter(_stats(backend).values()))
+        stats = next(iter(backend.log_stats().values()))
         assert stats["bytes"] >= 65536 and stats["source_errors"] == 0, stats
         if limit:
             assert stats["rate_limited"] > 0, stats

@@ -11,7 +11,6 @@ import os
 import select
 import socket
 import struct
-import time
 
 import pytest
 
@@ -41,16 +40,6 @@ def backend(sockdir, shm_image):
 
 def _wait_readable(fd: int, timeout: float = 5.0) -> bool:
     return bool(select.select([fd], [], [], timeout)[0])
-
-
-def _wait_log(bp, needle: str, timeout: float = 5.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = bp.log()
-        if needle in text:
-            return text
-        time.sleep(0.05)
-    raise AssertionError(f"{needle!r} not in back-end log:\n{bp.log()[-3000:]}")
 
 
 class RawRing:
@@ -132,10 +121,10 @@ def test_hostile_ring_breaks_only_its_queue_and_backend_keeps_serving(backend, c
         else:
             raw.publish(0)
         assert _wait_readable(raw.q.err_fd), "queue 0 did not signal its err eventfd"
-        _wait_log(backend, "queue 0")
+        backend.wait_log("queue 0")
         # The other queue of the same device keeps working.
         assert drv.read(0, 512, queue=1) == b"ok" * 256
-    assert backend.alive()
+    assert backend.running
     with BlkDriver.connect(backend.socket, num_queues=2) as drv:
         assert drv.read(0, 512, queue=0) == b"ok" * 256
 
@@ -173,7 +162,7 @@ def test_unknown_request_gets_nack_and_session_continues(backend):
         assert (request, flags & HeaderFlag.REPLY, size) == (99, HeaderFlag.REPLY, 8)
         assert value != 0
         assert fe.call(R.GET_QUEUE_NUM).payload.value == 2
-    _wait_log(backend, "99")
+    backend.wait_log("99")
 
 
 def test_wrong_payload_size_gets_nack_and_session_continues(backend):
@@ -206,7 +195,7 @@ def test_vring_setup_before_set_owner_is_refused(backend):
         _expect_nack(fe, R.SET_VRING_NUM)
     finally:
         fe.close()
-    _wait_log(backend, "before SET_OWNER")
+    backend.wait_log("before SET_OWNER")
 
 
 @pytest.mark.parametrize("state", [VringState(7, 64), VringState(0, 1 << 20), VringState(0, 100)])
@@ -278,4 +267,4 @@ def test_disconnect_at_every_negotiation_step_leaves_backend_serving(backend):
     with BlkDriver.connect(backend.socket, num_queues=2) as drv:
         drv.write(0, b"x" * 512, queue=1)
         assert drv.read(0, 512) == b"x" * 512
-    assert backend.alive()
+    assert backend.running

@@ -35,6 +35,7 @@ import pytest
 from harness import short_tempdir
 from harness.backend import BackendProcess
 from harness.fixtures import guest_unavailable, require_tool
+from harness.guestgpu import BLOCK, expected_frame
 from harness.libvirt import LibvirtDaemon, LibvirtGuest, process_cmdline
 
 pytestmark = pytest.mark.guest
@@ -43,7 +44,6 @@ MiB = 1 << 20
 IMAGE_MB = 64
 #: Sorts before QEMU's 50-qemu-gpu.json: libvirt takes the first gpu description by file name.
 GPU_DESCRIPTION = "40-vhost-user-gpu.json"
-BLOCK = bytes((i * 7 + 13) % 255 + 1 for i in range(1004))  # 251 pixels: rows do not repeat
 MAGIC = b"vhu-host-restart"
 
 
@@ -100,14 +100,6 @@ sleep 300
 """
 
 
-def _expected(width: int, height: int, stride: int) -> np.ndarray:
-    """The RGB image the XRGB8888 (little-endian: B, G, R, X) framebuffer bytes show."""
-    size = stride * height
-    frame = (BLOCK * (size // len(BLOCK) + 1))[:size]
-    fb = np.frombuffer(frame, np.uint8).reshape(height, stride)
-    return fb[:, :width * 4].reshape(height, width, 4)[:, :, [2, 1, 0]]
-
-
 def _screenshot(daemon: LibvirtDaemon, name: str, path: Path) -> np.ndarray:
     from PIL import Image
     daemon.virsh("screenshot", name, str(path), "--screen", "0")
@@ -151,7 +143,7 @@ def test_libvirt_starts_our_gpu_backend_and_its_scanout_is_the_screenshot(
     match = re.search(r"geometry (\d+),(\d+) (\d+)", vm.console.read_text(errors="replace"))
     assert match, vm.console_tail()
     width, height, stride = map(int, match.groups())
-    expect = _expected(width, height, stride)
+    expect = expected_frame(width, height, stride)
     deadline = time.monotonic() + 30  # fbdev's deferred flush lands a little after the write
     shot = _screenshot(libvirt_daemon, "vhu-gpu", tmp_path / "shot.png")
     while not (shot.shape == expect.shape and np.array_equal(shot, expect)) \

@@ -15,12 +15,12 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import time
 from importlib import metadata
 
 import pytest
 
-from backends_proc import BackendProcess, spawn
+from backends_proc import spawn
+from harness.backend import BackendProcess
 from vhost_user.backends.gpu.commands import CtrlType as T
 from vhost_user.backends.blk.driver import BlkDriver
 from vhost_user.backends.gpu.driver import GpuDriver
@@ -49,16 +49,6 @@ def start(prog: str, sockdir: str, *args: str, name: str = "b") -> BackendProces
     sock = os.path.join(sockdir, f"{name}.sock")
     argv = argv_of(prog) + ["--socket", sock, VERBOSE.get(prog, "-v"), *EXTRA[prog], *args]
     return spawn(argv, sock, os.path.join(sockdir, f"{name}.log"))
-
-
-def wait_log(bp: BackendProcess, needle: str, count: int = 1, timeout: float = 20.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = bp.log()
-        if text.count(needle) >= count:
-            return text
-        time.sleep(0.05)
-    raise AssertionError(f"{needle!r} x{count} not in the log:\n{bp.log()[-3000:]}")
 
 
 # -- --fd with a connected socket --------------------------------------------------------
@@ -212,14 +202,14 @@ def test_sigusr1_logs_one_json_line_of_counters_and_keeps_serving(prog, sockdir)
     bp = start(prog, sockdir)
     try:
         bp.proc.send_signal(signal.SIGUSR1)
-        text = wait_log(bp, " stats {")
+        text = bp.wait_log(" stats {")
         (stats,) = _stats_lines(text)
         (entry,) = stats.values()
         assert bp.socket in next(iter(stats))
         assert entry["sessions"] == 0 and entry["connected"] is False
         bp.proc.send_signal(signal.SIGUSR1)
-        wait_log(bp, " stats {", 2)
-        assert bp.alive()
+        bp.wait_log(" stats {", count=2)
+        assert bp.running
     finally:
         assert bp.stop() == 0
 
@@ -231,7 +221,7 @@ def test_sigusr1_line_has_per_queue_counters_of_the_running_session(sockdir):
             for i in range(3):
                 drv.write(8 * i, b"q" * 4096)
             bp.proc.send_signal(signal.SIGUSR1)
-            (stats,) = _stats_lines(wait_log(bp, " stats {"))
+            (stats,) = _stats_lines(bp.wait_log(" stats {"))
         entry = stats[bp.socket]
         assert entry["connected"] is True
         assert entry["queues"]["0"]["requests"] >= 3
@@ -243,7 +233,7 @@ def test_vsock_sigusr1_shows_the_device_drop_counters(sockdir):
     bp = start("vhost-user-vsock", sockdir)
     try:
         bp.proc.send_signal(signal.SIGUSR1)
-        (stats,) = _stats_lines(wait_log(bp, " stats {"))
+        (stats,) = _stats_lines(bp.wait_log(" stats {"))
         (entry,) = stats.values()
         assert {"dropped", "rst_sent", "connections"} <= set(entry)
     finally:
@@ -258,7 +248,7 @@ def test_net_sigusr1_is_one_handler_with_drop_lines_and_port_names(sockdir):
             drv.send(b"", raw=bytes(12))   # a header and no frame: a runt, counted and logged
             drv.wait_tx()
             bp.proc.send_signal(signal.SIGUSR1)
-            text = wait_log(bp, " stats {")
+            text = bp.wait_log(" stats {")
         (stats,) = _stats_lines(text)
         assert list(stats) == [f"port 0 ({bp.socket})"]
         assert stats[f"port 0 ({bp.socket})"]["tx_runt"] == 1
@@ -276,7 +266,7 @@ def test_a_live_socket_is_never_taken_over(prog, sockdir):
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 1
         assert out.stderr == f"{prog}: error: {first.socket}: another back-end is serving {first.socket}\n"
-        assert first.alive()
+        assert first.running
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(first.socket)   # still the first one's socket
         s.close()
@@ -314,7 +304,7 @@ def test_a_stale_socket_file_is_replaced(sockdir):
     dead.close()   # the file stays, nobody listens: what a killed back-end leaves
     bp = start("vhost-user-blk", sockdir)
     try:
-        wait_log(bp, "ready")   # the path existed before: wait for the back-end, not the file
+        bp.wait_log("ready")   # the path existed before: wait for the back-end, not the file
         with BlkDriver.connect(path) as drv:
             assert drv.read(0, 512) == bytes(512)
     finally:
@@ -342,7 +332,7 @@ def test_pidfile_written_when_ready_locked_and_removed_on_stop(prog, sockdir):
     pidfile = os.path.join(sockdir, "b.pid")
     bp = start(prog, sockdir, "--pidfile", pidfile)
     try:
-        wait_log(bp, "ready")
+        bp.wait_log("ready")
         with open(pidfile) as f:
             assert f.read() == f"{bp.pid}\n"
         other = os.path.join(sockdir, "other.sock")
@@ -362,7 +352,7 @@ def test_stale_pidfile_of_a_dead_process_is_taken_over(sockdir):
         f.write("999999\n")   # no lock held: the process that wrote it is gone
     bp = start("vhost-user-blk", sockdir, "--pidfile", pidfile)
     try:
-        wait_log(bp, "ready")
+        bp.wait_log("ready")
         assert open(pidfile).read() == f"{bp.pid}\n"
     finally:
         assert bp.stop() == 0

@@ -22,17 +22,16 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 
 import numpy as np
 import pytest
 
 from backends_proc import open_fds
+from pngread import read_png
 from vhost_user.backends.blk.config import CONFIG_SPACE_SIZE, BlkConfig
 from vhost_user.backends.blk.request import RequestType
 from vhost_user.backends.gpu.commands import CtrlType as T, Format, Rect
@@ -360,24 +359,6 @@ def test_vsock_gives_credit_back_for_what_a_full_host_socket_took(sockdir):
 
 
 # -- gpu -----------------------------------------------------------------------------------
-def _read_png(path: str) -> np.ndarray:
-    """Decode our 8-bit RGB PNG (filter 0 rows) with zlib only."""
-    data = open(path, "rb").read()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, idat, w, h = 8, b"", 0, 0
-    while pos < len(data):
-        n, tag = struct.unpack_from(">I4s", data, pos)
-        body = data[pos + 8:pos + 8 + n]
-        if tag == b"IHDR":
-            w, h = struct.unpack_from(">II", body)
-        elif tag == b"IDAT":
-            idat += body
-        pos += 12 + n
-    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + w * 3)
-    assert np.all(raw[:, 0] == 0)
-    return raw[:, 1:].reshape(h, w, 3)
-
-
 def test_gpu_under_crosvm_shows_the_guest_frame_in_the_png_display(sockdir):
     out = os.path.join(sockdir, "png")
     be = Connected(sockdir, "gpu", "--display", f"png:{out}", verbose="--verbose")
@@ -399,7 +380,7 @@ def test_gpu_under_crosvm_shows_the_guest_frame_in_the_png_display(sockdir):
             deadline = time.monotonic() + 10
             while not os.path.exists(path) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert np.array_equal(_read_png(path), img.reshape(h, w, 4)[:, :, [2, 1, 0]])
+            assert np.array_equal(read_png(path), img.reshape(h, w, 4)[:, :, [2, 1, 0]])
             # the guest's config-changed handler clears events_read (offset 4) by a write
             assert fe.get_config(4) == bytes(4)
             fe.set_config(4, (1).to_bytes(4, "little"))   # refused, it would be a log line

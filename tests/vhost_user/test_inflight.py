@@ -68,6 +68,19 @@ def new_queue(ring, mem, region, base=None, handler=None, offset=0, kick=None):
     return vq
 
 
+def _three_popped(ram, region):
+    """A started queue with three one-buffer chains published and popped (none pushed):
+    (ring, memory, queue, their heads, the popped chains)."""
+    ring = SplitRing(ram, NUM)
+    buf = ram.alloc(16)
+    mem = ram.memory()
+    vq = new_queue(ring, mem, region)
+    heads = [ring.add_chain([(buf, 16)]) for _ in range(3)]
+    ring.publish(*heads)
+    chains = [vq.pop() for _ in range(3)]
+    return ring, mem, vq, heads, chains
+
+
 def test_inflight_region_initialised_on_first_start(ram, region):
     ring = SplitRing(ram, NUM)
     mem = ram.memory()
@@ -79,13 +92,7 @@ def test_inflight_region_initialised_on_first_start(ram, region):
 
 
 def test_inflight_set_at_pop_cleared_at_push(ram, region):
-    ring = SplitRing(ram, NUM)
-    buf = ram.alloc(16)
-    mem = ram.memory()
-    vq = new_queue(ring, mem, region)
-    heads = [ring.add_chain([(buf, 16)]) for _ in range(3)]
-    ring.publish(*heads)
-    chains = [vq.pop() for _ in range(3)]
+    ring, mem, vq, heads, chains = _three_popped(ram, region)
     assert region.inflight() == sorted(heads)
     assert [region.desc(h)[2] for h in heads] == [0, 1, 2]
     vq.push(chains[1].head, 0)
@@ -122,13 +129,7 @@ def test_inflight_listed_and_resubmitted_after_crash(ram, region):
 
 
 def test_inflight_recovers_batch_interrupted_after_used_idx(ram, region):
-    ring = SplitRing(ram, NUM)
-    buf = ram.alloc(16)
-    mem = ram.memory()
-    vq = new_queue(ring, mem, region)
-    heads = [ring.add_chain([(buf, 16)]) for _ in range(3)]
-    ring.publish(*heads)
-    chains = [vq.pop() for _ in range(3)]
+    ring, mem, vq, heads, chains = _three_popped(ram, region)
     vq.push(chains[0].head, 0)
     vq.push(chains[1].head, 0)
     vq.close()

@@ -16,13 +16,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from backends_proc import BackendProcess
+from harness.backend import BackendProcess
 from vhost_user.backends.gpu.commands import CtrlType as T
 from vhost_user.backends.blk.driver import BlkDriver
 from vhost_user.backends.gpu.driver import GpuDriver
@@ -89,7 +88,7 @@ def activate(argv: list[str], sockets: list[socket.socket], log_path: str, *, na
                                 pass_fds=fds, env=env, stdout=log, stderr=subprocess.STDOUT)
     for s in sockets:
         s.close()
-    return BackendProcess(proc, "", log_path)
+    return BackendProcess.adopt(proc, "", log_path)
 
 
 def module(prog: str) -> list[str]:
@@ -156,23 +155,13 @@ def test_net_ports_match_passed_sockets_by_path_not_by_order(sockdir):
             drv.send(b"", raw=bytes(12))   # a runt from the port served on p0
             drv.wait_tx()
             bp.proc.send_signal(signal.SIGUSR1)
-            text = _wait_for(bp, " stats {")
+            text = bp.wait_log(" stats {")
         stats = json.loads(text.split(" stats ", 1)[1].splitlines()[0])
         assert stats[f"port 0 ({paths[0]})"]["tx_runt"] == 1
         assert stats[f"port 1 ({paths[1]})"]["tx_runt"] == 0
     finally:
         assert bp.stop() == 0, bp.log()
         notify.close()
-
-
-def _wait_for(bp: BackendProcess, needle: str) -> str:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        text = bp.log()
-        if needle in text:
-            return text
-        time.sleep(0.05)
-    raise AssertionError(f"{needle!r} not in the log:\n{bp.log()[-3000:]}")
 
 
 def test_fdnames_select_vsock_vms(sockdir):
@@ -239,7 +228,7 @@ def test_ready_is_sent_once_the_socket_listens(sockdir):
         proc = subprocess.Popen(module("blk") + ["--socket", path, "--size", "8M"],
                                 env=dict(os.environ, NOTIFY_SOCKET=notify.env), stdout=log,
                                 stderr=subprocess.STDOUT)
-    bp = BackendProcess(proc, path, log_path)
+    bp = BackendProcess.adopt(proc, path, log_path)
     try:
         assert notify.next() == "READY=1", bp.log()
         with BlkDriver.connect(path) as drv:   # no waiting for the file: it listens already

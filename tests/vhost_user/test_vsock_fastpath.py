@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import socket
+from contextlib import contextmanager
 
 from hypothesis import given, settings, strategies as st
 
@@ -63,19 +64,33 @@ def test_vsock_credit_follows_the_spec_formula_and_never_goes_negative():
     assert credit(rec) == 0
 
 
-def test_vsock_rx_fill_never_writes_past_its_iovec_array(ram):
-    """A second rx buffer split into IOV_CAP one-byte pieces after a first one: C
-    builds no iovec beyond its array (under ASan, tests/hardening/test_sanitizers.py
-    runs this file, an overflow is a report): the split buffer waits for the next
-    readv, which it fills alone."""
+@contextmanager
+def _started_ring(ram, index: int):
+    """A started 16-entry split ring on queue `index` and a non-blocking socketpair
+    (`host` is the connection's fd C reads or writes, `peer` the host program);
+    everything is closed afterwards."""
     ring = SplitRing(ram, 16)
-    vq = Virtqueue(0)
+    vq = Virtqueue(index)
     ring.setup(vq)
     memory = ram.memory()
     vq.start(memory)
     host, peer = socket.socketpair()
     try:
         host.setblocking(False)
+        yield ring, vq, host, peer
+    finally:
+        host.close()
+        peer.close()
+        vq.close()
+        memory.close()
+
+
+def test_vsock_rx_fill_never_writes_past_its_iovec_array(ram):
+    """A second rx buffer split into IOV_CAP one-byte pieces after a first one: C
+    builds no iovec beyond its array (under ASan, tests/hardening/test_sanitizers.py
+    runs this file, an overflow is a report): the split buffer waits for the next
+    readv, which it fills alone."""
+    with _started_ring(ram, 0) as (ring, vq, host, peer):
         peer.sendall(bytes(range(256)) * 16)
         rec = ConnCounters(2, 1234, 5678, host.fileno(), 1)
         rec.peer_buf_alloc = 1 << 20
@@ -89,24 +104,12 @@ def test_vsock_rx_fill_never_writes_past_its_iovec_array(ram):
         assert ring.reap() == [(first, HDR + 100), (split, HDR + IOV_CAP)]
         data = (bytes(range(256)) * 16)[100:100 + IOV_CAP]
         assert bytes(ram.read(pieces + 2 * i, 1)[0] for i in range(IOV_CAP)) == data
-    finally:
-        host.close()
-        peer.close()
-        vq.close()
-        memory.close()
 
 
 def test_vsock_tx_burst_never_writes_past_its_iovec_array(ram):
     """The tx twin: a packet whose payload is IOV_CAP one-byte pieces after another
     packet goes to the next writev, not past the iovec array, and every byte arrives."""
-    ring = SplitRing(ram, 16)
-    vq = Virtqueue(1)
-    ring.setup(vq)
-    memory = ram.memory()
-    vq.start(memory)
-    host, peer = socket.socketpair()
-    try:
-        host.setblocking(False)
+    with _started_ring(ram, 1) as (ring, vq, host, peer):
         rec = ConnCounters(2, 1234, 5678, host.fileno(), 1)
         rec.state, rec.buf_alloc = 1, 1 << 20          # VS_ESTABLISHED
         table = ConnTable()
@@ -134,8 +137,3 @@ def test_vsock_tx_burst_never_writes_past_its_iovec_array(ram):
         assert peer.recv(1 << 16) == payload[:100 + IOV_CAP]
         assert [h for h, _ in ring.reap()] == heads
         table.remove(rec)
-    finally:
-        host.close()
-        peer.close()
-        vq.close()
-        memory.close()

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from backends_proc import BackendProcess, wait_for_socket
+from backends_proc import spawn
+from harness.backend import BackendProcess
 from vhost_user.backends.blk.driver import BlkDriver
 
 BLK = [sys.executable, "-m", "vhost_user.backends.blk"]
@@ -51,12 +52,8 @@ def test_missing_image_is_a_clear_error(sockdir):
 def test_direct_image_serves_io(sockdir, shm_image):
     image = shm_image(8 << 20)
     sock = os.path.join(sockdir, "d.sock")
-    log = os.path.join(sockdir, "d.log")
-    proc = subprocess.Popen(BLK + ["--socket", sock, "--image", image, "--direct"],
-                            stderr=open(log, "wb"))
-    bp = BackendProcess(proc, sock, log)
+    bp = spawn(BLK + ["--socket", sock, "--image", image, "--direct"], sock, os.path.join(sockdir, "d.log"))
     try:
-        wait_for_socket(sock, proc, log_path=log)
         with BlkDriver.connect(sock) as drv:
             drv.write(8, b"d" * 4096)
             assert drv.read(8, 4096) == b"d" * 4096
@@ -79,7 +76,7 @@ def test_fd_serves_inherited_listening_socket(sockdir, shm_image):
     proc = subprocess.Popen(BLK + ["--fd", str(fd), "--image", shm_image(8 << 20)],
                             pass_fds=(fd,), stderr=open(log, "wb"))
     listener.close()
-    bp = BackendProcess(proc, path, log)
+    bp = BackendProcess.adopt(proc, path, log)
     try:
         with BlkDriver.connect(path) as drv:
             drv.write(0, b"f" * 512)
@@ -100,7 +97,7 @@ def test_systemd_socket_activation_on_fd_3(sockdir, shm_image):
                              "--image", shm_image(8 << 20)],
                             pass_fds=(listener.fileno(),), stderr=open(log, "wb"))
     listener.close()
-    bp = BackendProcess(proc, path, log)
+    bp = BackendProcess.adopt(proc, path, log)
     try:
         with BlkDriver.connect(path) as drv:
             drv.write(0, b"s" * 512)

@@ -207,7 +207,7 @@ def test_server_reconnect_serves_fresh_session_with_same_disk(ours):
     for _ in range(3):
         with BlkDriver.connect(bp.socket) as drv:
             assert drv.read(64, 512) == b"persist!" * 64
-    assert bp.alive()
+    assert bp.running
 
 
 def test_server_survives_front_end_vanishing_mid_io(ours):
@@ -218,7 +218,7 @@ def test_server_survives_front_end_vanishing_mid_io(ours):
     drv.close()  # gone with requests in flight
     with BlkDriver.connect(bp.socket) as drv2:
         assert drv2.read(0, 512) in (b"z" * 512, b"\0" * 512)
-    assert bp.alive()
+    assert bp.running
 
 
 def test_sigterm_stops_cleanly_and_removes_socket(ours):

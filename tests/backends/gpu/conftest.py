@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from backends_proc import BackendProcess, require_tool, spawn
+from backends_proc import require_tool, spawn
+from harness.backend import BackendProcess
 
 QEMU_GPU = "/usr/lib/qemu/vhost-user-gpu"
 

@@ -8,7 +8,8 @@ import socket
 import subprocess
 import sys
 
-from backends_proc import BackendProcess, require_tool, wait_for_socket
+from backends_proc import require_tool, wait_for_socket
+from harness.backend import BackendProcess
 from vhost_user.backends.gpu.commands import CtrlType as T
 from vhost_user.backends.gpu.virgl import virgl_unavailable_reason
 from vhost_user.backends.gpu.driver import GpuDriver
@@ -55,7 +56,7 @@ def test_gpu_serves_on_an_inherited_fd(sockdir):
                                  str(lsock.fileno()), "--verbose"], pass_fds=(lsock.fileno(),),
                                 stdout=log, stderr=subprocess.STDOUT)
     lsock.close()
-    bp = BackendProcess(proc, path, log_path)
+    bp = BackendProcess.adopt(proc, path, log_path)
     try:
         wait_for_socket(path, proc)
         with GpuDriver.connect(path) as drv:

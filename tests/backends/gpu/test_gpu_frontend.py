@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 import struct
 import time
-import zlib
 
 import numpy as np
 
 from backends_proc import open_fds
+from pngread import read_png
 from vhost_user.backends.gpu.commands import (
     FLAG_FENCE,
     CtrlHeader,
@@ -133,7 +133,7 @@ def test_gpu_hostile_commands_get_errors_and_the_device_keeps_working(gpu_backen
         # still serving
         assert drv.create_2d(2, 8, 8) == T.RESP_OK_NODATA
         assert drv.unref(2) == T.RESP_OK_NODATA
-    assert bp.alive()
+    assert bp.running
     assert open_fds() == fds_before
 
 
@@ -154,24 +154,6 @@ def test_gpu_display_socket_is_replaced_on_each_driver_start(gpu_backend):
             second.close()
 
 
-def _read_png(path: str) -> np.ndarray:
-    data = open(path, "rb").read()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, idat, w, h = 8, b"", 0, 0
-    while pos < len(data):
-        n, tag = struct.unpack_from(">I4s", data, pos)
-        body = data[pos + 8:pos + 8 + n]
-        assert zlib.crc32(tag + body) == struct.unpack_from(">I", data, pos + 8 + n)[0]
-        if tag == b"IHDR":
-            w, h = struct.unpack_from(">II", body)
-        elif tag == b"IDAT":
-            idat += body
-        pos += 12 + n
-    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + w * 3)
-    assert np.all(raw[:, 0] == 0)
-    return raw[:, 1:].reshape(h, w, 3)
-
-
 def test_gpu_headless_png_display_without_a_display_socket(gpu_backend, sockdir):
     out = os.path.join(sockdir, "png")
     bp = gpu_backend("ours", "--display", f"png:{out}", "--resolution", "320x200")
@@ -186,7 +168,7 @@ def test_gpu_headless_png_display_without_a_display_socket(gpu_backend, sockdir)
         deadline = time.monotonic() + 10
         while not os.path.exists(path) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert np.array_equal(_read_png(path), img.reshape(20, 30, 4)[:, :, [2, 1, 0]])
+        assert np.array_equal(read_png(path), img.reshape(20, 30, 4)[:, :, [2, 1, 0]])
         assert drv.unref(1) == T.RESP_OK_NODATA
         assert not os.path.exists(path)
 
@@ -218,9 +200,6 @@ def test_gpu_display_that_goes_away_is_counted_and_the_guest_keeps_working(gpu_b
     """QEMU's display socket closing is a drop of pixels, never of guest work: the
     commands still succeed, the failure and every message not shown are counted in
     the SIGUSR1 stats line."""
-    import json
-    import signal
-
     bp = gpu_backend("ours")
     with GpuDriver.connect(bp.socket) as drv:
         _show(drv, 1, 8, 8, b"\x02" * 256)
@@ -229,12 +208,7 @@ def test_gpu_display_that_goes_away_is_counted_and_the_guest_keeps_working(gpu_b
         for _ in range(3):
             assert drv.transfer(1, Rect(0, 0, 8, 8)) == T.RESP_OK_NODATA
             assert drv.flush(1, Rect(0, 0, 8, 8)) == T.RESP_OK_NODATA
-        os.kill(bp.pid, signal.SIGUSR1)
-        deadline = time.monotonic() + 10
-        while " stats {" not in bp.log() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        line = next(l for l in bp.log().splitlines() if " stats {" in l)
-        (entry,) = json.loads(line.split(" stats ", 1)[1]).values()
+        (entry,) = bp.log_stats().values()
         assert entry["display_failures"] == 1
         assert entry["display_messages_dropped"] >= 2  # the first failing flush is the failure itself
         assert "display disabled" in bp.log()

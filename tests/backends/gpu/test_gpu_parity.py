@@ -134,7 +134,7 @@ def test_parity_same_responses_and_display_as_qemu_vhost_user_gpu(gpu_backend):
         bp = gpu_backend(which)
         with GpuDriver.connect(bp.socket) as drv:
             transcripts[which] = run_sequence(drv)
-            assert bp.alive(), bp.log()
+            assert bp.running, bp.log()
     qemu, ours = transcripts["qemu"], transcripts["ours"]
     for a, b in zip(qemu[0], ours[0]):
         assert a == b, f"step {a[0]!r} differs"

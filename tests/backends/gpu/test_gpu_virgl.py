@@ -93,7 +93,7 @@ def test_virgl_clear_renders_and_reaches_the_display(virgl_ok, gpu_backend):
         assert drv.flush(5, Rect(0, 0, 32, 24)) == T.RESP_OK_NODATA
         assert drv.listener.wait_for(G.UPDATE, 2)
         assert np.all(drv.listener.rgb(0) == np.array([0, 255, 0], np.uint8))
-    assert bp.alive()
+    assert bp.running
 
 
 def test_virgl_2d_resources_show_guest_pixels(virgl_ok, gpu_backend):
@@ -120,4 +120,4 @@ def test_virgl_2d_resources_show_guest_pixels(virgl_ok, gpu_backend):
         assert drv.attach_backing(3, outside) == T.RESP_ERR_UNSPEC
         assert drv.attach_backing(3, drv.alloc_backing(256)) == T.RESP_OK_NODATA
         assert drv.transfer(3, Rect(0, 0, 8, 8)) == T.RESP_OK_NODATA
-    assert bp.alive()
+    assert bp.running

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from backends_proc import BackendProcess, wait_for_socket
+from backends_proc import wait_for_socket
+from harness.backend import BackendProcess
 
 NET = [sys.executable, "-m", "vhost_user.backends.net"]
 
@@ -23,25 +22,7 @@ class NetBackend(BackendProcess):
 
     def stats(self, timeout: float = 5.0) -> list[dict[str, int]]:
         """Per-port counters (SIGUSR1 makes the back-end log them as JSON)."""
-        before = self.log().count(" stats {")
-        self.proc.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            lines = [l for l in self.log().splitlines() if " stats {" in l]
-            if len(lines) > before:
-                data = json.loads(lines[-1].split(" stats ", 1)[1])
-                return list(data.values())
-            time.sleep(0.05)
-        raise AssertionError(f"no stats line in the log:\n{self.log()[-2000:]}")
-
-    def wait_log(self, needle: str, timeout: float = 5.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log()
-            if needle in text:
-                return text
-            time.sleep(0.05)
-        raise AssertionError(f"{needle!r} not in back-end log:\n{self.log()[-3000:]}")
+        return list(self.log_stats(timeout).values())
 
 
 def start_net(workdir: str, ports: int = 2, *args: str, prefix: list[str] | None = None,
@@ -52,7 +33,7 @@ def start_net(workdir: str, ports: int = 2, *args: str, prefix: list[str] | None
     log = open(log_path, "wb")
     proc = subprocess.Popen(argv, stdout=stdout or log, stderr=log)
     log.close()
-    bp = NetBackend(proc, socks[0] if socks else "", log_path)
+    bp = NetBackend.adopt(proc, socks[0] if socks else "", log_path)
     bp.socks = socks
     try:
         for s in socks:

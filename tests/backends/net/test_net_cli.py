@@ -142,7 +142,7 @@ def test_capture_overflow_drops_from_the_capture_not_the_switch(net_backend, soc
 def test_inherited_listening_fds_serve_ports(sockdir):
     import socket as so
 
-    from backends_proc import BackendProcess
+    from harness.backend import BackendProcess
 
     paths = [os.path.join(sockdir, f"fd{i}.sock") for i in range(2)]
     listeners = []
@@ -155,7 +155,7 @@ def test_inherited_listening_fds_serve_ports(sockdir):
     log_path = os.path.join(sockdir, "fd.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=log, pass_fds=[s.fileno() for s in listeners])
-    bp = BackendProcess(proc, paths[0], log_path)
+    bp = BackendProcess.adopt(proc, paths[0], log_path)
     try:
         for s in listeners:
             s.close()

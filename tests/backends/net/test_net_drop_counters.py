@@ -8,9 +8,7 @@ stays intact (the capture holds whole records only).
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import time
 
@@ -18,18 +16,6 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from vhost_user.backends.net.driver import NetDriver
-
-
-def _stats(bp) -> dict:
-    before = bp.log().count(" stats {")
-    bp.proc.send_signal(signal.SIGUSR1)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        lines = [l for l in bp.log().splitlines() if " stats {" in l]
-        if len(lines) > before:
-            return json.loads(lines[-1].split(" stats ", 1)[1])
-        time.sleep(0.05)
-    raise AssertionError(f"no stats line:\n{bp.log()[-2000:]}")
 
 
 def test_net_capture_and_rx_drops_show_in_the_sigusr1_line(net_backend):
@@ -47,7 +33,7 @@ def test_net_capture_and_rx_drops_show_in_the_sigusr1_line(net_backend):
             a.send(frame)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            stats = _stats(bp)
+            stats = bp.log_stats()
             port_b = next(v for k, v in stats.items() if k.startswith("port 1"))
             if stats.get("capture", {}).get("frames_dropped", 0) and port_b["rx_no_room"]:
                 break

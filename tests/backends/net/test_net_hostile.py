@@ -89,7 +89,7 @@ def test_tx_descriptor_out_of_bounds_breaks_only_that_queue(net_backend):
     bp.wait_log("outside guest memory on queue 1")
     assert b.poll() == [] and c.poll() == []
     _still_switching(a, b, c)   # a's rx queue still receives
-    assert bp.alive()
+    assert bp.running
 
 
 def test_rx_descriptor_out_of_bounds_breaks_only_that_rx_queue(net_backend):
@@ -109,7 +109,7 @@ def test_rx_descriptor_out_of_bounds_breaks_only_that_rx_queue(net_backend):
     assert select.select([rx.err_fd], [], [], 5)[0], "rx queue did not signal its err eventfd"
     bp.wait_log("outside guest memory on queue 0")
     _still_switching_from(c, a)
-    assert bp.alive()
+    assert bp.running
 
 
 def _still_switching_from(src: NetDriver, dst: NetDriver) -> None:

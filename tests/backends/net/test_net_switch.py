@@ -315,7 +315,7 @@ def test_port_reconnecting_under_flood_does_not_disturb_the_others(net_backend):
         stop.set()
         t.join()
     a.wait_tx()                          # every flood frame went through the switch
-    assert bp.alive() and sent[0] > 0
+    assert bp.running and sent[0] > 0
     flood = _udp(0, BCAST, b"flood")
     backlog = b.poll()
     assert backlog and all(f == flood for _, f in backlog)   # b received intact frames

@@ -13,9 +13,7 @@ ends, with no later byte of that connection delivered.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import signal
 import socket
 import threading
 import time
@@ -35,16 +33,7 @@ def _pattern(i: int, n: int) -> bytes:
 
 def _counters(bp, cid: int) -> dict:
     """VM `cid`'s entry of the SIGUSR1 stats line (the line every back-end logs)."""
-    before = bp.log().count(" stats {")
-    os.kill(bp.pid, signal.SIGUSR1)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        lines = [l for l in bp.log().splitlines() if " stats {" in l]
-        if len(lines) > before:
-            stats = json.loads(lines[-1].split(" stats ", 1)[1])
-            return next(v for k, v in stats.items() if f"vm{cid}.sock" in k)
-        time.sleep(0.05)
-    raise AssertionError("no stats line")
+    return next(v for k, v in bp.log_stats().items() if f"vm{cid}.sock" in k)
 
 
 def _two_vms(sockdir, vsock_proc):

@@ -91,7 +91,7 @@ def test_drvvsock_guest_to_host_delivers_exactly_the_counted_pattern(vm, tx_buff
         _check_model_carries_on(drv, uds, 5001)
     listener.close()
     assert "ignores credit" not in bp.log()
-    assert bp.alive()
+    assert bp.running
 
 
 def test_drvvsock_host_to_guest_counts_every_byte_and_ends_at_shutdown(vm):
@@ -116,7 +116,7 @@ def test_drvvsock_host_to_guest_counts_every_byte_and_ends_at_shutdown(vm):
         g.close()
         assert g.state == "closed"
         _check_model_carries_on(drv, uds, 6001)
-    assert bp.alive()
+    assert bp.running
 
 
 def test_drvvsock_drops_packets_of_other_connections(vm):

@@ -12,6 +12,7 @@ import re
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 from vsock_proc import host_connect, host_listener, read_line, recv_all, sha
 from vhost_user.backends.vsock.driver import VsockDriver
@@ -61,28 +62,43 @@ def test_vsock_stream_bytes_move_in_c_both_ways(one_vm):
     assert line["c_in"] >= len(down) // 2
 
 
-def test_vsock_full_host_socket_gives_short_writes_and_keeps_every_byte_in_order(sockdir, vsock_proc):
-    """The host program reads late: the socket fills mid-packet, C hands the packet back
-    with the count it wrote, Python queues the rest; the guest's credit bounds the queue."""
+@contextmanager
+def _stream_to_a_late_reader(sockdir, vsock_proc, port: int, nbytes: int, *, tx_slots: int, delay: float):
+    """A back-end with a 1 MiB tx buffer and a guest stream to host `port`, whose host
+    reader has a 4 KiB receive buffer and starts `delay` s late (so the host socket
+    fills). Yields (bp, g, received): `received()` waits for the reader and returns
+    the `nbytes` it read. The stream is closed at the end."""
     sock, uds = os.path.join(sockdir, "vm.sock"), os.path.join(sockdir, "vm.vsock")
     bp = vsock_proc("--guest-cid", "3", "--socket", sock, "--uds-path", uds, "--tx-buffer-size", "1M",
                     wait_for=sock)
-    listener = host_listener(uds + "_7001")
-    data = os.urandom(16 * MiB)
-    with VsockDriver.attach(sock, tx_slots=64) as drv:
-        g = drv.connect(7001)
+    listener = host_listener(f"{uds}_{port}")
+    with VsockDriver.attach(sock, tx_slots=tx_slots) as drv:
+        g = drv.connect(port)
         h, _ = listener.accept()
         h.settimeout(30)
         h.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         got: list[bytes] = []
-        reader = threading.Thread(target=lambda: got.append(recv_all(h, len(data), delay=1.0)))
+        reader = threading.Thread(target=lambda: got.append(recv_all(h, nbytes, delay=delay)))
         reader.start()
-        g.send(data, timeout=60)
-        reader.join(60)
-        assert g.tx_cnt - g.peer_fwd_cnt <= g.peer_buf_alloc
+
+        def received() -> bytes:
+            reader.join(60)
+            return got[0]
+
+        yield bp, g, received
         g.close()
-        port = g.local_port
-    assert sha(got[0]) == sha(data)
+
+
+def test_vsock_full_host_socket_gives_short_writes_and_keeps_every_byte_in_order(sockdir, vsock_proc):
+    """The host program reads late: the socket fills mid-packet, C hands the packet back
+    with the count it wrote, Python queues the rest; the guest's credit bounds the queue."""
+    data = os.urandom(16 * MiB)
+    with _stream_to_a_late_reader(sockdir, vsock_proc, 7001, len(data), tx_slots=64, delay=1.0) as (bp, g, received):
+        g.send(data, timeout=60)
+        got = received()
+        assert g.tx_cnt - g.peer_fwd_cnt <= g.peer_buf_alloc
+    port = g.local_port
+    assert sha(got) == sha(data)
     line = _close_line(bp, port)
     assert line["out"] == len(data)
     assert line["short"] >= 1, line
@@ -140,25 +156,13 @@ def test_vsock_small_packets_in_flight_with_a_slow_reader_arrive_in_order(sockdi
     """Many 4 KiB packets queued at once (C writes a run of them with one writev) while the
     host socket keeps filling: a short write cuts a run; what was cut and what followed must
     still arrive once each, in order."""
-    sock, uds = os.path.join(sockdir, "vm.sock"), os.path.join(sockdir, "vm.vsock")
-    bp = vsock_proc("--guest-cid", "3", "--socket", sock, "--uds-path", uds, "--tx-buffer-size", "1M",
-                    wait_for=sock)
-    listener = host_listener(uds + "_7004")
     data = os.urandom(8 * MiB)
-    with VsockDriver.attach(sock, tx_slots=128) as drv:
-        g = drv.connect(7004)
-        h, _ = listener.accept()
-        h.settimeout(30)
-        h.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        got: list[bytes] = []
-        reader = threading.Thread(target=lambda: got.append(recv_all(h, len(data), delay=0.5)))
-        reader.start()
+    with _stream_to_a_late_reader(sockdir, vsock_proc, 7004, len(data), tx_slots=128, delay=0.5) as (bp, g, received):
         view = memoryview(data)
         for off in range(0, len(data), 4096):
             g.send(view[off:off + 4096], timeout=60)
-        reader.join(60)
-        g.close()
-        port = g.local_port
-    assert sha(got[0]) == sha(data)
+        got = received()
+    port = g.local_port
+    assert sha(got) == sha(data)
     line = _close_line(bp, port)
     assert line["out"] == len(data) and line["short"] >= 1 and line["c_out"] > 0, line

@@ -17,16 +17,6 @@ from vhost_user.frontend.splitring import append_avail, write_desc
 from vsock_proc import host_connect, host_listener, read_line
 
 
-def _wait_log(bp, text: str, timeout: float = 10.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        log = bp.log()
-        if text in log:
-            return log
-        time.sleep(0.05)
-    raise AssertionError(f"no {text!r} in the back-end log:\n{bp.log()[-3000:]}")
-
-
 def _still_works(drv: VsockDriver, listener: socket.socket) -> None:
     g = drv.connect(int(listener.getsockname().rsplit("_", 1)[1]))
     h, _ = listener.accept()
@@ -46,7 +36,7 @@ def test_vsock_header_claiming_more_than_the_chain_is_dropped_and_reset(one_vm):
         drv.fe.ram.write(gpa, lie.pack() + b"0123456789")
         drv.send_chain([(gpa, HEADER_SIZE + 10, False)])
         drv.wait_for(lambda: g.reset, 10, "RST")
-        _wait_log(bp, "header claims 1000 payload bytes, chain holds 10")
+        bp.wait_log("header claims 1000 payload bytes, chain holds 10")
         h.settimeout(5)
         assert h.recv(100) == b""  # nothing of the bogus packet reached the host; connection closed
         _still_works(drv, listener)
@@ -60,9 +50,9 @@ def test_vsock_out_of_bounds_buffer_breaks_only_that_vms_queue(sockdir, vsock_pr
     with VsockDriver.attach(socks[3]) as bad, VsockDriver.attach(socks[4]) as good:
         _publish_raw(bad, addr=1 << 40, length=4096)  # far outside guest RAM
         assert select.select([bad.txq.err_fd], [], [], 10)[0], "no error notification"
-        _wait_log(bp, "queue 1")
+        bp.wait_log("queue 1")
         _still_works(good, listener)
-        assert bp.alive()
+        assert bp.running
 
 
 def _publish_raw(drv: VsockDriver, *, addr: int, length: int) -> None:
@@ -81,7 +71,7 @@ def test_vsock_packet_for_unknown_connection_gets_rst(one_vm):
         drv.wait_for(lambda: any(p.op == Op.RST and p.dst_port == 777 for p in drv.received), 10, "RST")
         rst = next(p for p in drv.received if p.op == Op.RST)
         assert (rst.src_cid, rst.src_port, rst.dst_cid) == (HOST_CID, 888, drv.cid)
-        _wait_log(bp, "RW 3:777 -> 2:888")
+        bp.wait_log("RW 3:777 -> 2:888")
 
 
 def test_vsock_guest_ignoring_credit_is_reset_and_logged(one_vm):
@@ -98,7 +88,7 @@ def test_vsock_guest_ignoring_credit_is_reset_and_logged(one_vm):
             sent += len(chunk)
             drv.poll(0)
         drv.wait_for(lambda: g.reset, 10, "RST for the credit violation")
-        _wait_log(bp, "guest ignores credit")
+        bp.wait_log("guest ignores credit")
         _still_works(drv, listener)
 
 
@@ -108,7 +98,7 @@ def test_vsock_spoofed_source_cid_is_dropped(one_vm):
     with VsockDriver.attach(sock) as drv:
         drv.send_packet(Header(src_cid=99, dst_cid=HOST_CID, src_port=1, dst_port=5002,
                                type=SockType.STREAM, op=Op.REQUEST))
-        _wait_log(bp, "source CID 99 dropped")
+        bp.wait_log("source CID 99 dropped")
         listener.settimeout(0.3)
         with pytest.raises(socket.timeout):
             listener.accept()  # no connection was made on behalf of the spoofed CID
@@ -150,7 +140,7 @@ def test_vsock_sibling_flood_on_no_connection_is_refused_and_never_delivered(soc
             a.send_packet(hdr, chunk)
             a.poll(0)
         a.wait_for(lambda: any(p.op == Op.RST and p.src_cid == 4 for p in a.received), 10, "RST")
-        _wait_log(bp, "for no open sibling connection")
+        bp.wait_log("for no open sibling connection")
         _still_works(a, listener)
         b.poll(0.2)  # the flooded VM never saw a byte of it
         assert not any(p.op == Op.RW for p in b.received)
@@ -167,7 +157,7 @@ def test_vsock_bad_connect_line_is_closed_and_logged(one_vm, line):
         c.sendall(line)
         assert c.recv(100) == b""  # closed without an answer
         c.close()
-        _wait_log(bp, "no valid CONNECT line")
+        bp.wait_log("no valid CONNECT line")
         drv.poll(0.1)
         assert not any(p.op == Op.REQUEST for p in drv.received)  # the guest never heard of it
         _still_works(drv, listener)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import struct
 import subprocess
 import sys
 import threading
-import time
 
-from backends_proc import BackendProcess, require_tool, wait_for_socket
+from backends_proc import require_tool, wait_for_socket
+from harness.backend import BackendProcess
 from vhost_user.backends.vsock.packet import HEADER_SIZE, Header, Op
 from vhost_user.backends.vsock.pcap import LINKTYPE_VSOCK
 from vhost_user.backends.vsock.driver import VsockDriver
@@ -101,19 +99,6 @@ MiB = 1 << 20
 _MON = struct.Struct("<QQIIHHH2s")       # struct af_vsockmon_hdr (linux/vsockmon.h)
 _VIRTIO = struct.Struct("<QQIIIHHIII")   # struct virtio_vsock_hdr (virtio 1.2, 5.10.6)
 _MON_OP = {1: 1, 2: 1, 3: 2, 4: 2, 5: 4, 6: 3, 7: 3}  # virtio op -> af_vsockmon op
-
-
-def _stats(bp) -> dict:
-    """The SIGUSR1 stats line (every back-end logs one), as JSON."""
-    before = bp.log().count(" stats {")
-    os.kill(bp.pid, signal.SIGUSR1)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        lines = [line for line in bp.log().splitlines() if " stats {" in line]
-        if len(lines) > before:
-            return json.loads(lines[-1].split(" stats ", 1)[1])
-        time.sleep(0.05)
-    raise AssertionError(f"no stats line:\n{bp.log()[-2000:]}")
 
 
 def _vm(stats: dict, cid: int) -> dict:
@@ -226,7 +211,7 @@ def test_vsock_pcap_under_c_load_holds_every_packet_and_each_streams_bytes(sockd
         ga.send(a_to_b, timeout=60)
         back = ga.recv_exact(len(b_to_a), timeout=60)
         assert sha(sib["got"]) == sha(a_to_b) and sha(back) == sha(b_to_a)
-        stats = _stats(bp)
+        stats = bp.log_stats()
         ports = {"g": g.local_port, "gc": gc.local_port, "gc_peer": gc.peer_port, "ga": ga.local_port}
         for s in (g, gc, ga):
             s.close()
@@ -266,7 +251,7 @@ def test_vsock_pcap_full_capture_ring_drops_frames_not_stream_bytes(sockdir):
                                  "--socket", sock, "--uds-path", uds, "--pcap", "-",
                                  "--capture-buffer", "64K"], stdout=w, stderr=log)
     os.close(w)
-    bp = BackendProcess(proc, sock, log_path)
+    bp = BackendProcess.adopt(proc, sock, log_path)
     chunks: list[bytes] = []
     drain = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(r, 1 << 20), b"")))
     try:
@@ -275,7 +260,7 @@ def test_vsock_pcap_full_capture_ring_drops_frames_not_stream_bytes(sockdir):
         up, down = os.urandom(3 * MiB), os.urandom(2 * MiB)
         with VsockDriver.attach(sock) as drv:
             g, gc, h, c = _host_stream(drv, listener, uds, up, down)
-            stats = _stats(bp)
+            stats = bp.log_stats()
             g.close()
             gc.close()
         vm3 = _vm(stats, 3)
@@ -331,7 +316,7 @@ def test_vsock_pcap_of_the_c_path_is_dissected_by_tshark(sockdir, vsock_proc):
     up, down = os.urandom(MiB), os.urandom(MiB)
     with VsockDriver.attach(sock) as drv:
         g, gc, h, c = _host_stream(drv, listener, uds, up, down)
-        stats = _stats(bp)
+        stats = bp.log_stats()
         g.close()
         gc.close()
     bp.stop()
