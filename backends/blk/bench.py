@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 from vhost_user.cli import parse_size
 from vhost_user.frontend.bench import process_cpu_seconds
-from vhost_user.frontend.driver_ring import bench_area_size
+from .driver_load import bench_area_size, run_blk_load
 
 from .driver import BlkDriver
 
@@ -99,7 +99,8 @@ def run_blk_bench(spec: BlkBenchSpec) -> BlkBenchReport:
 
         def one(q: int) -> None:
             try:
-                results[q] = driver.queues[q].ring.run_blk_bench(
+                results[q] = run_blk_load(
+                    driver.queues[q].ring,
                     write=write, block_size=spec.block_size, queue_depth=qd, random=random,
                     capacity_sectors=capacity, data_offset=area[q],
                     duration_s=spec.runtime, seed=spec.seed + q)

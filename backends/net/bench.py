@@ -45,7 +45,7 @@ def run_net_bench(pairs: list[tuple[str, str]], *, frame_sizes=(64, 1500), pids=
     MAC; the generator then sends unicast UDP frames to it. Back-ends take
     turns in `rounds` slices so machine noise hits them alike.
     """
-    from vhost_user.frontend.driver_ring import run_net_bench as drive
+    from .driver_load import run_net_bench as drive
 
 
     pids = list(pids or []) + [None] * len(pairs)

@@ -22,7 +22,7 @@ from vhost_user.backends.vsock.packet import (
     HEADER_SIZE, HOST_CID, Header, Op, SeqFlag, ShutdownFlag, SockType, VsockFeature,
     unpack_config, unpack_event,
 )
-from vhost_user.frontend.driver_ring import VsockBenchResult, VsockConnState, run_vsock_stream_bench
+from .driver_load import VsockBenchResult, VsockConnState, run_vsock_stream_bench
 from vhost_user.errors import VhostUserError
 from vhost_user.frontend import QEMU, Frontend, Profile
 from vhost_user.frontend.driver import Driver

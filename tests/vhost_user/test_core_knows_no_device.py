@@ -20,8 +20,11 @@ from vhost_user.engine import Engine
 from vhost_user.virtqueue import Virtqueue
 
 REPO = Path(__file__).resolve().parents[2]
-CORE = [REPO / "vhost_user" / "virtqueue.py", REPO / "vhost_user" / "engine.py"]
-DEVICE_C_PREFIXES = ("vr_blk_", "vr_net_", "vs_")   # backends/blk/blk.c, net/net.c, vsock/vsock.c
+CORE = [REPO / "vhost_user" / "virtqueue.py", REPO / "vhost_user" / "engine.py",
+        REPO / "vhost_user" / "chain.py", REPO / "vhost_user" / "frontend" / "driver_ring.py"]
+#: device C symbols, device side and driver side (backends/<dev>/*.c)
+DEVICE_C_PREFIXES = ("vr_blk_", "vr_net_", "vs_", "drv_blk_", "drv_net_", "drv_vsock_", "drv_bench_",
+                     "DRV_VSOCK_")
 #: the C names each device owns, device side and driver side (backends/<dev>/*.c, *.h)
 DEVICE_C_NAMES = {
     "blk": ("vr_blk_", "drv_blk_", "drv_bench_", "virtio_blk_"),

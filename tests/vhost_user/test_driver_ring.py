@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from vhost_user.frontend.driver_ring import BenchResult, DriverQueue, bench_area_size, ring_layout
+from vhost_user.backends.blk.driver_load import BenchResult, bench_area_size, run_blk_load
+from vhost_user.frontend.driver_ring import DriverQueue, ring_layout
 from vhost_user.errors import DescriptorIndexOutOfRange, VirtqueueError
 
 GPA_BASE = 0x4000_0000
@@ -385,7 +386,8 @@ def run_bench(area: Area, *, event_idx=False, base_index=0, write=False, random=
         with FakeDevice(area, q, event_idx=event_idx, base_index=base_index, handler=handler):
             kw.setdefault("queue_depth", 8)
             try:
-                result = q.run_blk_bench(
+                result = run_blk_load(
+                    q,
                     write=write, block_size=BLOCK, random=random, capacity_sectors=CAPACITY,
                     data_offset=DATA_OFFSET, seed=42, **kw,
                 )
@@ -436,13 +438,13 @@ def test_bench_latency_percentiles_track_device_delay(area):
 def test_bench_stalled_device_times_out(area):
     with area.queue(64) as q:  # nobody serves the queue
         with pytest.raises(TimeoutError):
-            q.run_blk_bench(
-                write=False, block_size=BLOCK, queue_depth=4, random=True, capacity_sectors=CAPACITY,
+            run_blk_load(
+                q, write=False, block_size=BLOCK, queue_depth=4, random=True, capacity_sectors=CAPACITY,
                 data_offset=DATA_OFFSET, requests=10, seed=1, stall_timeout_s=0.1,
             )
         with pytest.raises(ValueError, match="in flight"):
-            q.run_blk_bench(
-                write=False, block_size=BLOCK, queue_depth=4, random=True, capacity_sectors=CAPACITY,
+            run_blk_load(
+                q, write=False, block_size=BLOCK, queue_depth=4, random=True, capacity_sectors=CAPACITY,
                 data_offset=DATA_OFFSET, requests=10, seed=1,
             )
 
@@ -467,7 +469,7 @@ def test_bench_rejects_bad_parameters(area, override):
     args.update(override)
     with area.queue(256) as q:
         with pytest.raises(ValueError):
-            q.run_blk_bench(**args)
+            run_blk_load(q, **args)
         assert not q.broken
 
 

@@ -220,7 +220,7 @@ class _Rings:
 
 def test_drvvsock_counts_malformed_and_foreign_packets_and_reposts_every_buffer():
     from vhost_user.backends.vsock.packet import Header
-    from vhost_user.frontend.driver_ring import VsockConnState, run_vsock_stream_bench
+    from vhost_user.backends.vsock.driver_load import VsockConnState, run_vsock_stream_bench
 
     r = _Rings()
     try:
@@ -259,7 +259,7 @@ def test_drvvsock_counts_malformed_and_foreign_packets_and_reposts_every_buffer(
 
 
 def test_drvvsock_refuses_rx_heads_that_are_not_in_flight():
-    from vhost_user.frontend.driver_ring import VsockConnState, run_vsock_stream_bench
+    from vhost_user.backends.vsock.driver_load import VsockConnState, run_vsock_stream_bench
 
     r = _Rings()
     try:
