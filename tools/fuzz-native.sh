@@ -22,7 +22,7 @@ blk=backends/blk net=backends/net vsock=backends/vsock  # each device's C sits i
 declare -A sources=(
   [ring]="csrc/fuzz/fuzz_ring.c $core"
   [blk]="csrc/fuzz/fuzz_blk.c $blk/blk.c $core $trace"
-  [net]="csrc/fuzz/fuzz_net.c $net/net.c $net/net_offload.c $net/net_filter.c csrc/capture.c $core $trace -lpthread"
+  [net]="csrc/fuzz/fuzz_net.c $net/net.c $net/net_mac.c $net/net_rx.c $net/net_offload.c $net/net_filter.c csrc/capture.c $core $trace -lpthread"
   [vsock]="csrc/fuzz/fuzz_vsock.c $vsock/vsock.c $core $trace -lpthread"
 )
 flags="-g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined

@@ -1,0 +1,101 @@
+/*
+ * net_mac.c - the switch's MAC table: learning, ageing, lookup (a probed
+ * hash table under one lock; see net.h for the theory of operation).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "clock.h"
+#include "capture.h"
+#include "net.h"
+#include "net_switch.h"
+#include "net_filter.h"
+#include "net_offload.h"
+
+/* ---- MAC table ---- */
+
+static inline uint64_t mac_key(const uint8_t *m)
+{
+    uint64_t k = 0;
+    for (int i = 0; i < 6; i++)
+        k = k << 8 | m[i];
+    return k | 1ull << 48;
+}
+
+static inline uint32_t mac_hash(uint64_t k)
+{
+    k *= 0x9E3779B97F4A7C15ull;
+    return (uint32_t)(k >> 40) & (MAC_BUCKETS - 1);
+}
+
+static int lookup_locked(struct vr_net_switch *sw, uint64_t key, uint64_t now)
+{
+    uint32_t h = mac_hash(key);
+    for (int i = 0; i < MAC_PROBE; i++) {
+        struct mac_entry *e = &sw->macs[(h + i) & (MAC_BUCKETS - 1)];
+        if (e->key == key)
+            return now - e->seen < sw->ageing_ns ? e->port : -1;
+    }
+    return -1;
+}
+
+static void learn_locked(struct vr_net_switch *sw, uint64_t key, int port, uint64_t now)
+{
+    uint32_t h = mac_hash(key);
+    struct mac_entry *victim = NULL;
+    for (int i = 0; i < MAC_PROBE; i++) {
+        struct mac_entry *e = &sw->macs[(h + i) & (MAC_BUCKETS - 1)];
+        if (e->key == key) {
+            e->port = port;
+            e->seen = now;
+            return;
+        }
+        if (!victim || e->key == 0 || (victim->key != 0 && e->seen < victim->seen))
+            if (!victim || victim->key != 0)
+                victim = e;
+    }
+    victim->key = key;
+    victim->port = port;
+    victim->seen = now;
+}
+
+/* Learn src, look up dst; -1 = flood. */
+int net_switch_lookup(struct vr_net_switch *sw, const uint8_t *eth, int src, uint64_t now)
+{
+    int dst = -1;
+    int learn = !(eth[6] & 1) && mac_key(eth + 6) != 1ull << 48;
+    int unicast = !(eth[0] & 1);
+    if (!learn && !unicast)
+        return -1;
+    pthread_mutex_lock(&sw->mac_lock);
+    if (learn)
+        learn_locked(sw, mac_key(eth + 6), src, now);
+    if (unicast)
+        dst = lookup_locked(sw, mac_key(eth), now);
+    pthread_mutex_unlock(&sw->mac_lock);
+    return dst;
+}
+
+int vr_net_mac_lookup(struct vr_net_switch *sw, const uint8_t *mac)
+{
+    pthread_mutex_lock(&sw->mac_lock);
+    int port = lookup_locked(sw, mac_key(mac), vr_clock_ns());
+    pthread_mutex_unlock(&sw->mac_lock);
+    return port;
+}
+
+void vr_net_port_forget(struct vr_net_switch *sw, int port)
+{
+    pthread_mutex_lock(&sw->mac_lock);
+    for (int i = 0; i < MAC_BUCKETS; i++)
+        if (sw->macs[i].key && sw->macs[i].port == port)
+            sw->macs[i].key = 0;
+    pthread_mutex_unlock(&sw->mac_lock);
+}

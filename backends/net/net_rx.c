@@ -1,0 +1,265 @@
+/*
+ * net_rx.c - delivery of a switched frame into a port's rx ring
+ * (mergeable buffers, offload checks, per-port filters) or its TAP.
+ * virtio-net header and offloads: virtio 1.2, 5.1.6.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "clock.h"
+#include "capture.h"
+#include "net.h"
+#include "net_switch.h"
+#include "net_filter.h"
+#include "net_offload.h"
+
+/* ---- delivery ---- */
+
+static void write_segs(const struct vr_mem *m, const struct vr_seg *segs, uint32_t n,
+                       uint32_t skip, const uint8_t *src, uint32_t len)
+{
+    for (uint32_t k = 0; k < n && len > 0; k++) {
+        uint32_t l = segs[k].len;
+        if (skip >= l) {
+            skip -= l;
+            continue;
+        }
+        uint32_t take = l - skip < len ? l - skip : len;
+        memcpy(vr_seg_host(m, &segs[k]) + skip, src, take);
+        src += take;
+        len -= take;
+        skip = 0;
+    }
+}
+
+static void mark_dirty(struct vr_net_tx *t, struct rxq *r)
+{
+    for (uint32_t i = 0; i < t->ndirty; i++)
+        if (t->dirty[i] == r)
+            return;
+    if (t->ndirty < sizeof(t->dirty) / sizeof(t->dirty[0]))
+        t->dirty[t->ndirty++] = r;
+}
+
+void net_flush_notify(struct vr_net_tx *t)
+{
+    for (uint32_t i = 0; i < t->ndirty; i++) {
+        struct rxq *r = t->dirty[i];
+        pthread_mutex_lock(&r->lock);
+        if (r->q && r->q->started)
+            vr_notify(r->q);
+        pthread_mutex_unlock(&r->lock);
+    }
+    t->ndirty = 0;
+}
+
+/* Copy one frame (with header h) into the rx buffers of a virtio port. */
+static int copy_to_rx(struct vr_net_tx *t, struct port *dst, struct rxq *r,
+                      const uint8_t *hdr, uint32_t hl, const uint8_t *f, uint32_t len)
+{
+    struct vr_queue *q = r->q;
+    uint64_t feat = __atomic_load_n(&dst->features, __ATOMIC_ACQUIRE);
+    int mrg = has(feat, VR_NET_F_MRG_RXBUF);
+    uint32_t need = hl + len, done = 0, n = 0;
+    struct vr_chain c0 = {.cap = VR_MAX_SEGS, .segs = t->segs0};
+    struct vr_chain c = {.cap = VR_MAX_SEGS, .segs = t->segs};
+    while (done < need) {
+        struct vr_chain *ch = n == 0 ? &c0 : &c;
+        int rc = (n < MAX_MERGE) ? vr_pop(q, ch) : 0;
+        /* 5.1.6.3.1: the header must fit in the first buffer. */
+        if (rc <= 0 || (!mrg && ch->write_len < need) || ch->write_len == 0 ||
+            (n == 0 && ch->write_len < hl)) {
+            if (rc > 0)
+                n++;
+            if (q->broken)
+                return -1;
+            if (q->inflight) {   /* cannot rewind: hand them back empty */
+                for (uint32_t i = 0; i < n; i++)
+                    t->lens[i] = 0;
+                vr_push_batch(q, t->heads, t->lens, n);
+            } else {   /* undo the pops: the chains stay available to the driver */
+                vr_unpop_n(q, n);
+            }
+            r->st.rx_no_room++;
+            return -1;
+        }
+        uint32_t nread = ch->nread;
+        uint32_t room = ch->write_len > need - done ? need - done : (uint32_t)ch->write_len;
+        /* Header bytes go in after the pops (num_buffers is known then). */
+        if (n == 0) {
+            write_segs(q->mem, ch->segs + nread, ch->nseg - nread, hl, f, room - hl);
+        } else {
+            write_segs(q->mem, ch->segs + nread, ch->nseg - nread, 0, f + (done - hl), room);
+        }
+        t->heads[n] = ch->head;
+        t->lens[n] = room;
+        done += room;
+        n++;
+    }
+    uint8_t h[12];
+    memcpy(h, hdr, hl);
+    if (hl == 12)
+        put_le16(h + 10, (uint16_t)n);
+    write_segs(q->mem, c0.segs + c0.nread, c0.nseg - c0.nread, 0, h, hl);
+    vr_push_batch(q, t->heads, t->lens, n);
+    r->st.rx_frames++;
+    r->st.rx_bytes += len;
+    return 0;
+}
+
+static void pack_hdr(uint8_t *b, const struct vr_net_hdr *h)
+{
+    b[0] = h->flags;
+    b[1] = h->gso_type;
+    put_le16(b + 2, h->hdr_len);
+    put_le16(b + 4, h->gso_size);
+    put_le16(b + 6, h->csum_start);
+    put_le16(b + 8, h->csum_offset);
+    put_le16(b + 10, 1);
+}
+
+static int deliver_one(struct vr_net_tx *t, struct port *dst, const struct vr_net_hdr *h,
+                       const uint8_t *f, uint32_t len)
+{
+    uint8_t hb[12];
+    if ((h->gso_type & ~GSO_ECN) == GSO_NONE && vr_net_over_mtu(__atomic_load_n(&dst->mtu, __ATOMIC_ACQUIRE), f, len)) {
+        STAT(dst, rx_over_mtu, 1);   /* dropped whole, never cut to size */
+        return -1;
+    }
+    pack_hdr(hb, h);
+    if (dst->tap_fd >= 0) {
+        struct iovec iov[2] = {{hb, 12}, {(void *)f, len}};
+        ssize_t r;
+        do {
+            r = writev(dst->tap_fd, iov, 2);
+        } while (r < 0 && errno == EINTR);
+        if (r < 0) {
+            STAT(dst, rx_no_room, 1);
+            return -1;
+        }
+        STAT(dst, rx_frames, 1);
+        STAT(dst, rx_bytes, len);
+        return 0;
+    }
+    uint64_t feat = __atomic_load_n(&dst->features, __ATOMIC_ACQUIRE);
+    uint32_t hl = hdr_len_of(feat);
+    /* 5.1.6.5.5: only the first `pairs` rx queues take frames. */
+    uint32_t nq = __atomic_load_n(&dst->pairs, __ATOMIC_ACQUIRE);
+    if (nq == 0 || nq > VR_NET_MAX_QP)
+        nq = VR_NET_MAX_QP;
+    for (uint32_t k = 0; k < nq; k++) {
+        struct rxq *r = &dst->rxq[(t->rxsel + k) % nq];
+        if (!__atomic_load_n(&r->q, __ATOMIC_ACQUIRE))
+            continue;
+        pthread_mutex_lock(&r->lock);
+        struct vr_queue *q = r->q;
+        if (!q || !q->started || q->broken) {
+            pthread_mutex_unlock(&r->lock);
+            continue;
+        }
+        int rc = copy_to_rx(t, dst, r, hb, hl, f, len);
+        pthread_mutex_unlock(&r->lock);
+        if (rc == 0)
+            mark_dirty(t, r);
+        return rc;
+    }
+    STAT(dst, rx_not_ready, 1);
+    return -1;
+}
+
+struct seg_ctx {
+    struct vr_net_tx *t;
+    struct port *dst;
+};
+
+static void emit_segment(void *ctx, const uint8_t *seg, uint32_t len)
+{
+    struct seg_ctx *sc = ctx;
+    struct vr_net_hdr none = {0};
+    deliver_one(sc->t, sc->dst, &none, seg, len);
+}
+
+/* Hand a peer only the offloads it negotiated (5.1.6.4). */
+static void deliver(struct vr_net_tx *t, struct port *dst, struct vr_net_hdr *h, uint8_t *f,
+                    uint32_t len)
+{
+    if (dst->tap_fd < 0) {
+        uint64_t feat = __atomic_load_n(&dst->features, __ATOMIC_ACQUIRE);
+        uint8_t gso = h->gso_type & ~GSO_ECN;
+        if (gso != GSO_NONE) {
+            int ok = has(feat, gso == GSO_TCPV4 ? VR_NET_F_GUEST_TSO4 : VR_NET_F_GUEST_TSO6) &&
+                     (!(h->gso_type & GSO_ECN) || has(feat, VR_NET_F_GUEST_ECN));
+            if (!ok) {
+                struct seg_ctx sc = {t, dst};
+                if (vr_net_segment(h, f, len, t->seg, emit_segment, &sc) < 0)
+                    STAT(dst, rx_no_room, 1);
+                else
+                    STAT(dst, segmented, 1);
+                return;
+            }
+        }
+        if (!has(feat, VR_NET_F_GUEST_CSUM)) {
+            if (h->flags & HDR_F_NEEDS_CSUM) {
+                /* Done in place: the frame is now complete for every peer. */
+                vr_net_resolve_csum(f, len, h);
+                h->flags &= ~HDR_F_NEEDS_CSUM;
+                STAT(dst, csum_resolved, 1);
+            }
+            struct vr_net_hdr plain = *h;
+            plain.flags = 0;
+            deliver_one(t, dst, &plain, f, len);
+            return;
+        }
+    }
+    deliver_one(t, dst, h, f, len);
+}
+
+static void deliver_filtered(struct vr_net_tx *t, struct port *dst, struct vr_net_hdr *h,
+                             uint8_t *f, uint32_t len)
+{
+    if (!vr_net_filter_accepts(&dst->filter, f)) {
+        STAT(dst, rx_filtered, 1);
+        return;
+    }
+    deliver(t, dst, h, f, len);
+}
+
+/* One frame from port `src` (header of hl bytes + frame in t->frame). */
+void net_switch_frame(struct vr_net_tx *t, uint32_t hl, uint32_t total)
+{
+    struct vr_net_switch *sw = t->sw;
+    struct port *sp = &sw->ports[t->port];
+    if (total < hl + ETH_HLEN) {
+        TXSTAT(t, tx_runt, 1);
+        return;
+    }
+    uint8_t *b = t->frame, *f = b + hl;
+    uint32_t len = total - hl;
+    struct vr_net_hdr h = {b[0], b[1], le16(b + 2), le16(b + 4), le16(b + 6), le16(b + 8)};
+    uint64_t feat = __atomic_load_n(&sp->features, __ATOMIC_ACQUIRE);
+    if (vr_net_check_hdr(&h, feat, len, sp->tap_fd < 0) < 0) {
+        TXSTAT(t, tx_bad_header, 1);
+        return;
+    }
+    TXSTAT(t, tx_frames, 1);
+    TXSTAT(t, tx_bytes, len);
+    capture(sw, f, len);
+    t->rxsel = sp->tap_fd >= 0 || t->qp >= VR_NET_MAX_QP ? vr_net_flow_hash(f, len) : t->qp;
+    int dst = net_switch_lookup(sw, f, t->port, t->now);
+    if (dst >= 0) {
+        if (dst != t->port)
+            deliver_filtered(t, &sw->ports[dst], &h, f, len);
+        return;
+    }
+    TXSTAT(t, flooded, 1);
+    for (int i = 0; i < sw->nports; i++)
+        if (i != t->port && sw->ports[i].used)
+            deliver_filtered(t, &sw->ports[i], &h, f, len);
+}
