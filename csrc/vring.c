@@ -428,6 +428,41 @@ int vr_segs_iov(const struct vr_mem *m, const struct vr_seg *segs, uint32_t n,
     return (int)cnt;
 }
 
+/* Walk segs[0, n) from byte `skip` for `len` bytes, copying to or from `buf`. */
+static uint64_t segs_copy(const struct vr_mem *m, const struct vr_seg *segs, uint32_t n,
+                          uint64_t skip, uint8_t *buf, uint64_t len, int to_guest)
+{
+    uint64_t done = 0;
+    for (uint32_t k = 0; k < n && done < len; k++) {
+        uint64_t l = segs[k].len;
+        if (skip >= l) {
+            skip -= l;
+            continue;
+        }
+        uint64_t take = l - skip < len - done ? l - skip : len - done;
+        uint8_t *g = vr_seg_host(m, &segs[k]) + skip;
+        if (to_guest)
+            memcpy(g, buf + done, take);
+        else
+            memcpy(buf + done, g, take);
+        done += take;
+        skip = 0;
+    }
+    return done;
+}
+
+uint64_t vr_segs_gather(const struct vr_mem *m, const struct vr_seg *segs, uint32_t n,
+                        uint64_t skip, void *dst, uint64_t len)
+{
+    return segs_copy(m, segs, n, skip, dst, len, 0);
+}
+
+uint64_t vr_segs_scatter(const struct vr_mem *m, const struct vr_seg *segs, uint32_t n,
+                         uint64_t skip, const void *src, uint64_t len)
+{
+    return segs_copy(m, segs, n, skip, (uint8_t *)src, len, 1);
+}
+
 /* Pop up to n chains (each with its own segs/cap); returns the count. */
 int vr_pop_batch(struct vr_queue *q, struct vr_chain *chains, uint32_t n)
 {

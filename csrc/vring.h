@@ -208,6 +208,13 @@ int vr_avail_pending(struct vr_queue *q);
  * iov[cap - 1] is written). */
 int vr_segs_iov(const struct vr_mem *m, const struct vr_seg *segs, uint32_t n,
                 uint64_t skip, uint64_t limit, struct iovec *iov, uint32_t cap);
+/* Copy `len` bytes out of segs[0, n) from byte `skip` on into dst (gather),
+ * or from src into them (scatter); stops at the chain's end and returns the
+ * bytes copied.  The segments were checked against guest memory by vr_pop. */
+uint64_t vr_segs_gather(const struct vr_mem *m, const struct vr_seg *segs, uint32_t n,
+                        uint64_t skip, void *dst, uint64_t len);
+uint64_t vr_segs_scatter(const struct vr_mem *m, const struct vr_seg *segs, uint32_t n,
+                         uint64_t skip, const void *src, uint64_t len);
 
 /* inflight.c (called by vring.c) */
 int vr_inflight_recover(struct vr_queue *q);

@@ -99,26 +99,6 @@ void vr_blk_set_mode(struct vr_blk *b, uint64_t capacity, int writethrough)
 
 /* ---- segment helpers ---- */
 
-/* iovecs for len bytes of segs[0..n) after skipping skip bytes. */
-/* Copy len bytes out of the segments (header, discard ranges). */
-static void gather(const struct vr_mem *m, const struct vr_seg *segs,
-                   uint32_t n, uint64_t skip, void *dst, uint64_t len)
-{
-    uint8_t *out = dst;
-    for (uint32_t k = 0; k < n && len > 0; k++) {
-        uint64_t l = segs[k].len;
-        if (skip >= l) {
-            skip -= l;
-            continue;
-        }
-        uint64_t take = l - skip < len ? l - skip : len;
-        memcpy(out, vr_seg_host(m, &segs[k]) + skip, take);
-        out += take;
-        len -= take;
-        skip = 0;
-    }
-}
-
 static void iov_advance(struct iovec **iov, int *cnt, size_t n)
 {
     while (n > 0 && *cnt > 0) {
@@ -304,7 +284,7 @@ static uint8_t blk_dwz(struct vr_blk *b, struct vr_queue *q,
     uint32_t n = (uint32_t)(dlen / sizeof(struct dwz_seg));
     /* Copy every range to a local first, check them all, then act. */
     for (uint32_t k = 0; k < n; k++) {
-        gather(q->mem, c->segs, c->nread, 16 + 16ull * k, &b->dwz[k], sizeof(b->dwz[k]));
+        vr_segs_gather(q->mem, c->segs, c->nread, 16 + 16ull * k, &b->dwz[k], sizeof(b->dwz[k]));
         const struct dwz_seg *s = &b->dwz[k];
         /* 5.2.6.2: unknown flag bits, or unmap on discard: UNSUPP. */
         if ((s->flags & ~WZ_UNMAP) || (discard && s->flags))
@@ -360,7 +340,7 @@ static int blk_one(struct vr_blk *b, struct vr_queue *q,
     if (c->read_len < sizeof(hdr)) {
         st = VIRTIO_BLK_S_IOERR;
     } else {
-        gather(q->mem, c->segs, c->nread, 0, &hdr, sizeof(hdr));
+        vr_segs_gather(q->mem, c->segs, c->nread, 0, &hdr, sizeof(hdr));
         switch (hdr.type) {
         case VIRTIO_BLK_T_IN:
             st = blk_rw(b, q, c, hdr.sector, 0, used);

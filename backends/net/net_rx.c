@@ -22,23 +22,6 @@
 
 /* ---- delivery ---- */
 
-static void write_segs(const struct vr_mem *m, const struct vr_seg *segs, uint32_t n,
-                       uint32_t skip, const uint8_t *src, uint32_t len)
-{
-    for (uint32_t k = 0; k < n && len > 0; k++) {
-        uint32_t l = segs[k].len;
-        if (skip >= l) {
-            skip -= l;
-            continue;
-        }
-        uint32_t take = l - skip < len ? l - skip : len;
-        memcpy(vr_seg_host(m, &segs[k]) + skip, src, take);
-        src += take;
-        len -= take;
-        skip = 0;
-    }
-}
-
 static void mark_dirty(struct vr_net_tx *t, struct rxq *r)
 {
     for (uint32_t i = 0; i < t->ndirty; i++)
@@ -94,9 +77,9 @@ static int copy_to_rx(struct vr_net_tx *t, struct port *dst, struct rxq *r,
         uint32_t room = ch->write_len > need - done ? need - done : (uint32_t)ch->write_len;
         /* Header bytes go in after the pops (num_buffers is known then). */
         if (n == 0) {
-            write_segs(q->mem, ch->segs + nread, ch->nseg - nread, hl, f, room - hl);
+            vr_segs_scatter(q->mem, ch->segs + nread, ch->nseg - nread, hl, f, room - hl);
         } else {
-            write_segs(q->mem, ch->segs + nread, ch->nseg - nread, 0, f + (done - hl), room);
+            vr_segs_scatter(q->mem, ch->segs + nread, ch->nseg - nread, 0, f + (done - hl), room);
         }
         t->heads[n] = ch->head;
         t->lens[n] = room;
@@ -107,7 +90,7 @@ static int copy_to_rx(struct vr_net_tx *t, struct port *dst, struct rxq *r,
     memcpy(h, hdr, hl);
     if (hl == 12)
         put_le16(h + 10, (uint16_t)n);
-    write_segs(q->mem, c0.segs + c0.nread, c0.nseg - c0.nread, 0, h, hl);
+    vr_segs_scatter(q->mem, c0.segs + c0.nread, c0.nseg - c0.nread, 0, h, hl);
     vr_push_batch(q, t->heads, t->lens, n);
     r->st.rx_frames++;
     r->st.rx_bytes += len;

@@ -62,7 +62,7 @@ def test_config_write_outside_writeback_is_refused(backend, offset, data, why):
     _wait_log(backend, why)
     with BlkDriver.connect(backend.socket) as drv:
         assert BlkConfig.unpack(_space(drv)).writeback == 1
-    assert backend.alive()
+    assert backend.running
 
 
 def test_writeback_write_without_config_wce_is_refused(backend):
@@ -88,7 +88,7 @@ def test_config_write_whose_size_field_lies_is_refused(backend, claimed, sent):
         if reply is not None:
             assert reply.request == R.SET_CONFIG and reply.payload.value != 0
             assert _space(drv) == before
-    assert backend.alive()
+    assert backend.running
     with BlkDriver.connect(backend.socket) as drv:
         assert BlkConfig.unpack(_space(drv)).writeback == 1
         drv.read(0, 512)

@@ -188,7 +188,7 @@ def test_sighup_to_blk_resizes_instead_of_stopping(sockdir):
         wait_log(bp, "resize:")
         with BlkDriver.connect(bp.socket) as drv:
             drv.read(0, 512)
-        assert bp.alive()
+        assert bp.running
     finally:
         assert bp.stop() == 0, bp.log()
 

@@ -125,7 +125,7 @@ def test_blk_sighup_keeps_serving_when_the_size_is_unchanged(disk):
         _wait_log(bp, r"still 32768 sectors")
         assert _config(drv).capacity == 32768
         drv.read(0, 512)
-    assert bp.alive()
+    assert bp.running
 
 
 def test_blk_sighup_on_the_in_memory_disk_says_it_cannot_resize(sockdir):
@@ -136,7 +136,7 @@ def test_blk_sighup_on_the_in_memory_disk_says_it_cannot_resize(sockdir):
             _wait_log(bp, r"in-memory disk has a fixed size")
             assert _config(drv).capacity == 8 * MiB // 512
             drv.write(0, b"m" * 512)
-        assert bp.alive()
+        assert bp.running
     finally:
         bp.stop()
 
