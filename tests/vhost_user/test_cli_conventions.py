@@ -185,7 +185,7 @@ def test_sighup_to_blk_resizes_instead_of_stopping(sockdir):
     bp = start("vhost-user-blk", sockdir)
     try:
         bp.proc.send_signal(signal.SIGHUP)
-        wait_log(bp, "resize:")
+        bp.wait_log("resize:")
         with BlkDriver.connect(bp.socket) as drv:
             drv.read(0, 512)
         assert bp.running
