@@ -12,11 +12,14 @@
  * the queue.  All buffers are allocated once in vr_blk_new().
  *
  * With cfg.io_threads > 0 the engine owns a pool of that many I/O threads
- * (blk_pool.c): the data transfer of a read or write of at least
- * POOL_MIN_LEN bytes is cut into pieces at 4 KiB multiples of the request,
- * run by the pool and the worker at once; the status is written, and the
- * chain pushed, only after every piece finished, and any failed piece
- * fails the whole request.  Small requests never touch the pool.
+ * (blk_pool.c).  The data transfer of a read or write of at least
+ * POOL_MIN_LEN bytes is cut into pieces at 4 KiB multiples of the request
+ * and deferred: the pieces of up to DEFER_MAX such requests of one batch
+ * form one job, run by the pool and the worker at once, before the used
+ * entries are pushed (and before a flush, discard or write-zeroes is
+ * served).  A request's status is written only after every one of its
+ * pieces finished; any failed piece fails that request alone.  Small
+ * requests never touch the pool and are served at once.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -38,7 +41,9 @@
 #define POOL_MIN_LEN (128u * 1024u)   /* smallest request the pool splits */
 #define POOL_PIECE_MIN (64u * 1024u)  /* smallest piece */
 #define POOL_ALIGN 4096u              /* cuts at multiples of this many bytes */
-#define MAX_PIECES (VR_POOL_MAX_THREADS + 1)
+#define MAX_PIECES (VR_POOL_MAX_THREADS + 1)  /* per request */
+#define DEFER_MAX 8                           /* large requests per job */
+#define ST_DEFERRED 0xff                      /* internal: status written when the job ends */
 
 #ifndef FALLOC_FL_KEEP_SIZE
 #define FALLOC_FL_KEEP_SIZE 0x01
@@ -64,6 +69,13 @@ struct blk_piece {
     uint64_t off, len, done;
 };
 
+struct blk_deferred {      /* a large request whose pieces are in the job */
+    uint8_t *status;       /* its status byte (guest memory, valid during vr_blk_handle) */
+    uint32_t slot;         /* its entry in heads/lens */
+    unsigned first, n;     /* its pieces */
+    int write;
+};
+
 struct vr_blk {
     struct vr_blk_config cfg;
     struct vr_blk_stats stats;
@@ -78,9 +90,10 @@ struct vr_blk {
     /* the I/O pool (NULL when cfg.io_threads is 0) and its job */
     struct vr_pool *pool;
     uint8_t *pool_bounce[VR_POOL_MAX_THREADS + 1]; /* per thread, O_DIRECT only; [0] = bounce */
-    unsigned npieces;
-    struct blk_piece pieces[MAX_PIECES];
-    struct iovec piov[VR_MAX_SEGS + MAX_PIECES];
+    unsigned npieces, ndefer, npiov;
+    struct blk_deferred defer[DEFER_MAX];
+    struct blk_piece pieces[DEFER_MAX * MAX_PIECES];
+    struct iovec piov[DEFER_MAX * (VR_MAX_SEGS + MAX_PIECES)];
 };
 
 static void pool_release(struct vr_blk *b)
@@ -263,17 +276,17 @@ static void piece_run(void *arg, unsigned k, unsigned thread)
                    &pc->done);
 }
 
-/* Cut iov[0..cnt) (len bytes at file offset off) into n pieces of step
- * bytes (the last takes the rest); entries that straddle a cut are split
- * in b->piov, which holds at most cnt + n - 1 entries. */
+/* Append n pieces of step bytes (the last takes the rest) covering
+ * iov[0..cnt) (len bytes at file offset off) to the job; entries that
+ * straddle a cut are split in b->piov (cnt + n - 1 entries at most). */
 static void cut_pieces(struct vr_blk *b, const struct iovec *iov, int cnt, uint64_t off,
                        uint64_t len, int write, unsigned n, uint64_t step)
 {
-    struct iovec *out = b->piov;
+    struct iovec *out = b->piov + b->npiov;
     int k = 0;                 /* input entry */
     size_t used = 0;           /* bytes of iov[k] already given to a piece */
     for (unsigned p = 0; p < n; p++) {
-        struct blk_piece *pc = &b->pieces[p];
+        struct blk_piece *pc = &b->pieces[b->npieces + p];
         uint64_t want = p + 1 < n ? step : len - step * (n - 1);
         pc->iov = out;
         pc->cnt = 0;
@@ -297,12 +310,49 @@ static void cut_pieces(struct vr_blk *b, const struct iovec *iov, int cnt, uint6
             }
         }
     }
-    b->npieces = n;
+    b->npiov = (unsigned)(out - b->piov);
+    b->npieces += n;
 }
 
-/* do_rw over the pool: every piece has finished when this returns. */
-static int pool_rw(struct vr_blk *b, const struct iovec *iov, int cnt, uint64_t off,
-                   uint64_t len, int write, uint64_t *done)
+/* Run the job: every piece of every deferred request, on the pool and
+ * this thread; then write their statuses and used lengths. */
+static void job_finish(struct vr_blk *b, struct vr_queue *q)
+{
+    if (b->ndefer == 0)
+        return;
+    vr_pool_run(b->pool, piece_run, b, b->npieces);
+    for (unsigned i = 0; i < b->ndefer; i++) {
+        const struct blk_deferred *d = &b->defer[i];
+        uint64_t done = 0;
+        int rc = 0;
+        for (unsigned p = d->first; p < d->first + d->n; p++) {
+            done += b->pieces[p].done;
+            if (rc == 0)
+                rc = b->pieces[p].rc;
+        }
+        if (d->write) {
+            b->stats.writes++;
+            b->stats.bytes_written += done;
+            q->stats.bytes_written += done;
+        } else {
+            b->stats.reads++;
+            b->stats.bytes_read += done;
+            q->stats.bytes_read += done;
+            b->lens[d->slot] += (uint32_t)done;
+        }
+        if (rc != 0) {
+            b->stats.io_errors++;
+            q->stats.io_errors++;
+        }
+        b->stats.pooled++;
+        *d->status = rc == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
+    }
+    b->ndefer = b->npieces = b->npiov = 0;
+}
+
+/* Put a large transfer into the job (running the job first when it is full). */
+static uint8_t pool_defer(struct vr_blk *b, struct vr_queue *q, const struct iovec *iov,
+                          int cnt, uint64_t off, uint64_t len, int write, uint8_t *status)
 {
     unsigned n = vr_pool_threads(b->pool) + 1;
     if (len / POOL_PIECE_MIN < n)
@@ -310,17 +360,16 @@ static int pool_rw(struct vr_blk *b, const struct iovec *iov, int cnt, uint64_t 
     uint64_t step = (len / n + POOL_ALIGN - 1) / POOL_ALIGN * POOL_ALIGN;
     while (n > 1 && step * (n - 1) >= len)  /* rounding up may leave the last piece empty */
         n--;
+    if (b->ndefer == DEFER_MAX || b->npiov + (unsigned)cnt + n > sizeof(b->piov) / sizeof(b->piov[0]))
+        job_finish(b, q);
+    struct blk_deferred *d = &b->defer[b->ndefer++];
+    d->status = status;
+    d->slot = b->nbatch;
+    d->first = b->npieces;
+    d->n = n;
+    d->write = write;
     cut_pieces(b, iov, cnt, off, len, write, n, step);
-    vr_pool_run(b->pool, piece_run, b, n);
-    int rc = 0;
-    *done = 0;
-    for (unsigned p = 0; p < n; p++) {
-        *done += b->pieces[p].done;
-        if (rc == 0)
-            rc = b->pieces[p].rc;
-    }
-    b->stats.pooled++;
-    return rc;
+    return ST_DEFERRED;
 }
 
 static int write_zeroes_slow(struct vr_blk *b, uint64_t off, uint64_t len)
@@ -357,7 +406,7 @@ static int range_ok(const struct vr_blk *b, uint64_t sector, uint64_t nsec)
 
 static uint8_t blk_rw(struct vr_blk *b, struct vr_queue *q,
                       const struct vr_chain *c, uint64_t sector, int write,
-                      uint32_t *used)
+                      uint32_t *used, uint8_t *status)
 {
     uint64_t len = write ? c->read_len - 16 : c->write_len - 1;
     uint64_t done = 0;
@@ -377,9 +426,9 @@ static uint8_t blk_rw(struct vr_blk *b, struct vr_queue *q,
         return VIRTIO_BLK_S_IOERR;
     if (b->cfg.direct)
         b->bounce_is_zero = 0;   /* an O_DIRECT retry may use the bounce buffer */
-    int rc = b->pool && len >= POOL_MIN_LEN
-                 ? pool_rw(b, b->iov, cnt, sector * 512, len, write, &done)
-                 : do_rw(b, b->bounce, b->iov, cnt, sector * 512, len, write, &done);
+    if (b->pool && len >= POOL_MIN_LEN)
+        return pool_defer(b, q, b->iov, cnt, sector * 512, len, write, status);
+    int rc = do_rw(b, b->bounce, b->iov, cnt, sector * 512, len, write, &done);
     if (write) {
         b->stats.writes++;
         b->stats.bytes_written += done;
@@ -486,12 +535,13 @@ static int blk_one(struct vr_blk *b, struct vr_queue *q,
         gather(q->mem, c->segs, c->nread, 0, &hdr, sizeof(hdr));
         switch (hdr.type) {
         case VIRTIO_BLK_T_IN:
-            st = blk_rw(b, q, c, hdr.sector, 0, used);
+            st = blk_rw(b, q, c, hdr.sector, 0, used, status);
             break;
         case VIRTIO_BLK_T_OUT:
-            st = blk_rw(b, q, c, hdr.sector, 1, used);
+            st = blk_rw(b, q, c, hdr.sector, 1, used, status);
             break;
         case VIRTIO_BLK_T_FLUSH:
+            job_finish(b, q);  /* the deferred writes go first */
             st = fdatasync(b->cfg.fd) == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
             b->stats.flushes++;
             break;
@@ -500,6 +550,7 @@ static int blk_one(struct vr_blk *b, struct vr_queue *q,
             break;
         case VIRTIO_BLK_T_DISCARD:
         case VIRTIO_BLK_T_WRITE_ZEROES:
+            job_finish(b, q);
             st = blk_dwz(b, q, c, hdr.type);
             break;
         default:
@@ -507,6 +558,8 @@ static int blk_one(struct vr_blk *b, struct vr_queue *q,
             break;
         }
     }
+    if (st == ST_DEFERRED)
+        return 0;  /* job_finish() writes the status */
     if (st == VIRTIO_BLK_S_IOERR) {
         b->stats.io_errors++;
         q->stats.io_errors++;
@@ -519,6 +572,7 @@ static int blk_one(struct vr_blk *b, struct vr_queue *q,
 
 static void flush_used(struct vr_blk *b, struct vr_queue *q)
 {
+    job_finish(b, q);  /* every piece done before any used entry is pushed */
     if (b->nbatch) {
         vr_push_batch(q, b->heads, b->lens, b->nbatch);
         b->nbatch = 0;
@@ -530,7 +584,7 @@ int vr_blk_handle(void *ctx, struct vr_queue *q)
 {
     struct vr_blk *b = ctx;
     struct vr_chain c = {.cap = VR_MAX_SEGS, .segs = b->segs};
-    uint32_t used;
+    uint32_t used = 0;
 
     b->nbatch = 0;
     for (;;) {

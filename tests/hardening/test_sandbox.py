@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -97,7 +98,9 @@ def test_sandboxed_blk_starts_its_io_threads_confined_and_serves_large_requests(
         with BlkDriver.connect(bp.socket) as drv:
             drv.write(24, data, split=3)
             assert drv.read(24, len(data), split=2) == data
-            pool = _threads_named(bp.pid, "blk-io")
+            deadline = time.monotonic() + 10
+            while len(pool := _threads_named(bp.pid, "blk-io")) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)  # each thread names itself once it runs
             assert len(pool) == 2, bp.log()[-2000:]
             for tid in pool:
                 with open(f"/proc/{bp.pid}/task/{tid}/status") as f:

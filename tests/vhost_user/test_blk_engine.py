@@ -409,6 +409,49 @@ def test_blk_short_read_in_one_piece_fails_that_request_only(disk, io_threads):
         rig.close()
 
 
+
+@pytest.mark.parametrize("io_threads", [0, 2])
+def test_blk_batch_of_large_writes_then_flush_then_reads(disk, io_threads):
+    """More large requests than one pool job holds, a flush among them, small ones between."""
+    rig = BlkRig(disk, io_threads=io_threads, num=128)
+    try:
+        rng = random.Random(3)
+        size = 256 * 1024
+        heads, statuses, blobs = [], [], []
+        for i in range(11):
+            data = rng.randbytes(size if i != 5 else 4096)
+            buf = rig.ram.alloc(len(data))
+            rig.ram.write(buf, data)
+            st = rig.status_buf()
+            heads.append(rig.ring.add_chain(rig.header(T_OUT, i * size // 512) + rig.split(buf, len(data), 3), st))
+            statuses.append(st[0][0])
+            blobs.append(data)
+            if i == 6:
+                st = rig.status_buf()
+                heads.append(rig.ring.add_chain(rig.header(T_FLUSH), st))
+                statuses.append(st[0][0])
+        rig.ring.publish(*heads)
+        os.eventfd_write(rig.kick, 1)
+        wait_for(lambda: rig.ring.used_idx == len(heads))
+        assert len(rig.ring.reap()) == len(heads)
+        assert [rig.ram.read(g, 1)[0] for g in statuses] == [S_OK] * len(heads)
+        for i, data in enumerate(blobs):
+            assert os.pread(disk, len(data), i * size) == data
+        assert rig.engine.stats["pooled"] == (10 if io_threads else 0)
+        assert rig.engine.stats["writes"] == 11 and rig.engine.stats["flushes"] == 1
+        outs = [rig.ram.alloc(size) for _ in range(10)]
+        heads = [rig.ring.add_chain(rig.header(T_IN, i * size // 512), [(o, size)] + rig.status_buf())
+                 for i, o in enumerate(outs)]
+        rig.ring.publish(*heads)
+        os.eventfd_write(rig.kick, 1)
+        got = []
+        wait_for(lambda: got.extend(rig.ring.reap()) or len(got) == 10)
+        assert sorted(used for _, used in got) == [size + 1] * 10
+        for i, o in enumerate(outs):
+            assert rig.ram.read(o, size) == (blobs[i] if i != 5 else os.pread(disk, size, i * size))
+    finally:
+        rig.close()
+
 def test_blk_pool_write_error_is_ioerr(tmp_path):
     path = tmp_path / "ro.img"
     path.write_bytes(bytes(DISK))
@@ -452,7 +495,7 @@ def test_blk_pool_threads_live_from_bind_to_unbind(disk):
     base = _pool_threads()
     rig = BlkRig(disk, io_threads=3)
     try:
-        assert _pool_threads() == base + 3
+        wait_for(lambda: _pool_threads() == base + 3)  # each names itself once running
         assert rig.read(0, MB)[0] == S_OK
         rig.vq.update_memory(new := rig.ram.memory())  # a memory swap between batches
         rig.mem.close()
