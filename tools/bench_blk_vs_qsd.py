@@ -97,6 +97,8 @@ def main() -> int:
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     ap.add_argument("--qsd-aio", choices=["threads", "io_uring"], default="threads",
                     help="qemu-storage-daemon's I/O engine (its default is threads)")
+    ap.add_argument("--case", action="append", choices=[c[0] for c in CASES], metavar="LABEL",
+                    help="run only this case (repeatable; default all): " + ", ".join(c[0] for c in CASES))
     ap.add_argument("--io-threads", type=int, metavar="N",
                     help="our back-end's --io-threads (default: its own default)")
     args = ap.parse_args()
@@ -113,7 +115,7 @@ def main() -> int:
             f.write(chunk)
     rows = []
     try:
-        for label, rw, bs, qd, queues in CASES:
+        for label, rw, bs, qd, queues in [c for c in CASES if not args.case or c[0] in args.case]:
             ours, peer = [], []
             for _ in range(args.rounds):
                 ours.append(measure(start_ours, d, image, rw, bs, qd, queues, args.runtime))

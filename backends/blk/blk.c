@@ -17,7 +17,8 @@
  * and deferred: the pieces of up to DEFER_MAX such requests of one batch
  * form one job, run by the pool and the worker at once, before the used
  * entries are pushed (and before a flush, discard or write-zeroes is
- * served).  A request's status is written only after every one of its
+ * served).  A full job is run and its requests pushed at once, so the
+ * driver refills while the next job runs.  A request's status is written only after every one of its
  * pieces finished; any failed piece fails that request alone.  Small
  * requests never touch the pool and are served at once.
  */
@@ -42,7 +43,7 @@
 #define POOL_PIECE_MIN (64u * 1024u)  /* smallest piece */
 #define POOL_ALIGN 4096u              /* cuts at multiples of this many bytes */
 #define MAX_PIECES (VR_POOL_MAX_THREADS + 1)  /* per request */
-#define DEFER_MAX 8                           /* large requests per job */
+#define DEFER_MAX 4                           /* large requests per job */
 #define ST_DEFERRED 0xff                      /* internal: status written when the job ends */
 
 #ifndef FALLOC_FL_KEEP_SIZE
@@ -350,7 +351,10 @@ static void job_finish(struct vr_blk *b, struct vr_queue *q)
     b->ndefer = b->npieces = b->npiov = 0;
 }
 
-/* Put a large transfer into the job (running the job first when it is full). */
+static void flush_used(struct vr_blk *b, struct vr_queue *q);
+
+/* Put a large transfer into the job (running the job, and pushing what is
+ * done, first when it is full). */
 static uint8_t pool_defer(struct vr_blk *b, struct vr_queue *q, const struct iovec *iov,
                           int cnt, uint64_t off, uint64_t len, int write, uint8_t *status)
 {
@@ -361,7 +365,7 @@ static uint8_t pool_defer(struct vr_blk *b, struct vr_queue *q, const struct iov
     while (n > 1 && step * (n - 1) >= len)  /* rounding up may leave the last piece empty */
         n--;
     if (b->ndefer == DEFER_MAX || b->npiov + (unsigned)cnt + n > sizeof(b->piov) / sizeof(b->piov[0]))
-        job_finish(b, q);
+        flush_used(b, q);  /* runs the job; the current request takes slot 0 */
     struct blk_deferred *d = &b->defer[b->ndefer++];
     d->status = status;
     d->slot = b->nbatch;
