@@ -6,7 +6,7 @@ built-in front-end (`vhost-user-bench`, C driver loop). Runs are interleaved
 (ours, peer, ours, peer, ...) so drift on the machine hits both alike, and the
 report gives ratios. Back-end CPU time per request comes from /proc.
 
-    python3 tools/bench_blk_vs_qsd.py [--runtime 5] [--rounds 2] [--qsd-aio io_uring] [--markdown]
+    python3 tools/bench_blk_vs_qsd.py [--runtime 5] [--rounds 2] [--qsd-aio io_uring] [--io-threads N] [--markdown]
 """
 
 from __future__ import annotations
@@ -42,10 +42,14 @@ def _wait_socket(path: str, proc: subprocess.Popen) -> None:
         time.sleep(0.02)
 
 
+OURS_EXTRA: list[str] = []
+
+
 def start_ours(d: str, image: str, queues: int) -> tuple[subprocess.Popen, str]:
     sock = os.path.join(d, "ours.sock")
     proc = subprocess.Popen([sys.executable, "-m", "vhost_user.backends.blk", "--socket", sock,
-                             "--image", image, "--num-queues", str(queues), "--queue-size", "512"],
+                             "--image", image, "--num-queues", str(queues), "--queue-size", "512",
+                             *OURS_EXTRA],
                             stderr=subprocess.DEVNULL)
     _wait_socket(sock, proc)
     return proc, sock
@@ -93,9 +97,15 @@ def main() -> int:
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     ap.add_argument("--qsd-aio", choices=["threads", "io_uring"], default="threads",
                     help="qemu-storage-daemon's I/O engine (its default is threads)")
+    ap.add_argument("--case", action="append", choices=[c[0] for c in CASES], metavar="LABEL",
+                    help="run only this case (repeatable; default all): " + ", ".join(c[0] for c in CASES))
+    ap.add_argument("--io-threads", type=int, metavar="N",
+                    help="our back-end's --io-threads (default: its own default)")
     args = ap.parse_args()
     global QSD_AIO
     QSD_AIO = args.qsd_aio
+    if args.io_threads is not None:
+        OURS_EXTRA[:] = ["--io-threads", str(args.io_threads)]
 
     d = tempfile.mkdtemp(prefix="vu-bench-", dir="/dev/shm")
     image = os.path.join(d, "disk.img")
@@ -105,7 +115,7 @@ def main() -> int:
             f.write(chunk)
     rows = []
     try:
-        for label, rw, bs, qd, queues in CASES:
+        for label, rw, bs, qd, queues in [c for c in CASES if not args.case or c[0] in args.case]:
             ours, peer = [], []
             for _ in range(args.rounds):
                 ours.append(measure(start_ours, d, image, rw, bs, qd, queues, args.runtime))

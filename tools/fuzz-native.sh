@@ -21,7 +21,7 @@ trace="csrc/fuzz/fuzz_trace.c -Wl,--wrap=vr_pop,--wrap=vr_pop_batch"
 blk=backends/blk net=backends/net vsock=backends/vsock  # each device's C sits in its folder
 declare -A sources=(
   [ring]="csrc/fuzz/fuzz_ring.c $core"
-  [blk]="csrc/fuzz/fuzz_blk.c $blk/blk.c $core $trace"
+  [blk]="csrc/fuzz/fuzz_blk.c $blk/blk.c $blk/blk_pool.c $core $trace -lpthread"
   [net]="csrc/fuzz/fuzz_net.c $net/net.c $net/net_mac.c $net/net_rx.c $net/net_offload.c $net/net_filter.c csrc/capture.c $core $trace -lpthread"
   [vsock]="csrc/fuzz/fuzz_vsock.c $vsock/vsock.c $core $trace -lpthread"
 )

@@ -11,7 +11,8 @@ import sys
 
 from vhost_user.cli import UsageError, base_parser, parse_size, run_backend, run_main
 
-from .device import CAPABILITIES, BlkDevice, BlkOptions
+from .device import CAPABILITIES, BlkDevice, BlkOptions, default_io_threads
+from .engine import MAX_IO_THREADS
 from .request import SECTOR_SIZE
 
 DEFAULT_SIZE = 1 << 30
@@ -30,6 +31,10 @@ def build_parser():
     p.add_argument("--serial", default="", help="serial number returned by GET_ID (≤ 20 bytes)")
     p.add_argument("--logical-block-size", type=int, default=512, help="logical block size in bytes")
     p.add_argument("--direct", action="store_true", help="open the image with O_DIRECT")
+    p.add_argument("--io-threads", type=int, default=None, metavar="N",
+                   help="I/O threads per queue that share reads and writes of 128 KiB or more "
+                        f"(0..{MAX_IO_THREADS}; 0 = the queue's worker does all I/O; "
+                        "default min(4, CPUs))")
     return p
 
 
@@ -44,14 +49,24 @@ def _disk_size(args) -> int:
     return args.size
 
 
+def _io_threads(args) -> int:
+    if args.io_threads is None:
+        return default_io_threads()
+    if not 0 <= args.io_threads <= MAX_IO_THREADS:
+        raise UsageError(f"--io-threads {args.io_threads}: not in 0..{MAX_IO_THREADS}")
+    return args.io_threads
+
+
 def _main(args) -> int:
     size = _disk_size(args)
+    io_threads = _io_threads(args)
 
     def make_device() -> BlkDevice:
         return BlkDevice(BlkOptions(
             image=args.image, size=size, num_queues=args.num_queues,
             queue_size=args.queue_size, read_only=args.read_only, serial=args.serial,
             logical_block_size=args.logical_block_size, direct=args.direct,
+            io_threads=io_threads,
         ))
 
     # SIGHUP: re-read the image's size and tell the front-end (online resize).

@@ -10,6 +10,17 @@
  * on iovecs built from the chain's segments).  Any I/O failure becomes
  * VIRTIO_BLK_S_IOERR; only a chain with no room for a status byte breaks
  * the queue.  All buffers are allocated once in vr_blk_new().
+ *
+ * With cfg.io_threads > 0 the engine owns a pool of that many I/O threads
+ * (blk_pool.c).  The data transfer of a read or write of at least
+ * POOL_MIN_LEN bytes is cut into pieces at 4 KiB multiples of the request
+ * and deferred: the pieces of up to DEFER_MAX such requests of one batch
+ * form one job, run by the pool and the worker at once, before the used
+ * entries are pushed (and before a flush, discard or write-zeroes is
+ * served).  A full job is run and its requests pushed at once, so the
+ * driver refills while the next job runs.  A request's status is written only after every one of its
+ * pieces finished; any failed piece fails that request alone.  Small
+ * requests never touch the pool and are served at once.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -21,12 +32,19 @@
 #include <unistd.h>
 
 #include "blk.h"
+#include "blk_pool.h"
 #include "blk_hdr.h" /* struct virtio_blk_outhdr, shared with the driver side */
 
 #define WZ_UNMAP 1u
 #define MAX_DWZ_SEGS 256  /* discard/write-zeroes segments per request */
 #define BOUNCE_SIZE (256u * 1024u)
 #define BATCH 32
+#define POOL_MIN_LEN (128u * 1024u)   /* smallest request the pool splits */
+#define POOL_PIECE_MIN (64u * 1024u)  /* smallest piece */
+#define POOL_ALIGN 4096u              /* cuts at multiples of this many bytes */
+#define MAX_PIECES (VR_POOL_MAX_THREADS + 1)  /* per request */
+#define DEFER_MAX 4                           /* large requests per job */
+#define ST_DEFERRED 0xff                      /* internal: status written when the job ends */
 
 #ifndef FALLOC_FL_KEEP_SIZE
 #define FALLOC_FL_KEEP_SIZE 0x01
@@ -44,6 +62,21 @@ struct dwz_seg {           /* virtio_blk_discard_write_zeroes */
     uint32_t flags;
 };
 
+struct blk_piece {
+    struct iovec *iov;     /* a slice of vr_blk.piov */
+    int cnt;
+    int write;
+    int rc;                /* 0 or -errno */
+    uint64_t off, len, done;
+};
+
+struct blk_deferred {      /* a large request whose pieces are in the job */
+    uint8_t *status;       /* its status byte (guest memory, valid during vr_blk_handle) */
+    uint32_t slot;         /* its entry in heads/lens */
+    unsigned first, n;     /* its pieces */
+    int write;
+};
+
 struct vr_blk {
     struct vr_blk_config cfg;
     struct vr_blk_stats stats;
@@ -55,7 +88,40 @@ struct vr_blk {
     struct dwz_seg dwz[MAX_DWZ_SEGS];
     struct vr_seg segs[VR_MAX_SEGS];
     struct iovec iov[VR_MAX_SEGS];
+    /* the I/O pool (NULL when cfg.io_threads is 0) and its job */
+    struct vr_pool *pool;
+    uint8_t *pool_bounce[VR_POOL_MAX_THREADS + 1]; /* per thread, O_DIRECT only; [0] = bounce */
+    unsigned npieces, ndefer, npiov;
+    struct blk_deferred defer[DEFER_MAX];
+    struct blk_piece pieces[DEFER_MAX * MAX_PIECES];
+    struct iovec piov[DEFER_MAX * (VR_MAX_SEGS + MAX_PIECES)];
 };
+
+static void pool_release(struct vr_blk *b)
+{
+    vr_pool_free(b->pool);
+    b->pool = NULL;
+    for (unsigned t = 1; t <= VR_POOL_MAX_THREADS; t++) {
+        free(b->pool_bounce[t]);
+        b->pool_bounce[t] = NULL;
+    }
+}
+
+/* The pool and, for O_DIRECT, one bounce buffer per pool thread. */
+static int pool_setup(struct vr_blk *b)
+{
+    unsigned n = b->cfg.io_threads;
+    b->pool_bounce[0] = b->bounce;
+    if (n == 0)
+        return 0;
+    if (n > VR_POOL_MAX_THREADS)
+        return -1;
+    for (unsigned t = 1; b->cfg.direct && t <= n; t++)
+        if (posix_memalign((void **)&b->pool_bounce[t], 4096, BOUNCE_SIZE) != 0)
+            return -1;
+    b->pool = vr_pool_new(n);
+    return b->pool ? 0 : -1;
+}
 
 struct vr_blk *vr_blk_new(const struct vr_blk_config *cfg)
 {
@@ -73,12 +139,17 @@ struct vr_blk *vr_blk_new(const struct vr_blk_config *cfg)
         b->cfg.max_discard_seg = MAX_DWZ_SEGS;
     if (b->cfg.max_write_zeroes_seg > MAX_DWZ_SEGS || b->cfg.max_write_zeroes_seg == 0)
         b->cfg.max_write_zeroes_seg = MAX_DWZ_SEGS;
+    if (pool_setup(b) < 0) {
+        vr_blk_free(b);
+        return NULL;
+    }
     return b;
 }
 
 void vr_blk_free(struct vr_blk *b)
 {
     if (b) {
+        pool_release(b);
         free(b->bounce);
         free(b);
     }
@@ -115,10 +186,9 @@ static void iov_advance(struct iovec **iov, int *cnt, size_t n)
 }
 
 /* Bounce path for O_DIRECT with guest buffers that are not aligned. */
-static int bounce_rw(struct vr_blk *b, struct iovec *iov, int cnt,
+static int bounce_rw(int fd, uint8_t *bounce, struct iovec *iov, int cnt,
                      uint64_t off, uint64_t len, int write, uint64_t *done)
 {
-    b->bounce_is_zero = 0;
     while (len > 0) {
         size_t chunk = len < BOUNCE_SIZE ? len : BOUNCE_SIZE;
         if (write) {
@@ -127,14 +197,14 @@ static int bounce_rw(struct vr_blk *b, struct iovec *iov, int cnt,
             int c = cnt;
             for (; c > 0 && got < chunk; v++, c--) {
                 size_t t = v->iov_len < chunk - got ? v->iov_len : chunk - got;
-                memcpy(b->bounce + got, v->iov_base, t);
+                memcpy(bounce + got, v->iov_base, t);
                 got += t;
             }
         }
         size_t pos = 0;
         while (pos < chunk) {
-            ssize_t r = write ? pwrite(b->cfg.fd, b->bounce + pos, chunk - pos, off + pos)
-                              : pread(b->cfg.fd, b->bounce + pos, chunk - pos, off + pos);
+            ssize_t r = write ? pwrite(fd, bounce + pos, chunk - pos, off + pos)
+                              : pread(fd, bounce + pos, chunk - pos, off + pos);
             if (r < 0 && errno == EINTR)
                 continue;
             if (r <= 0)
@@ -147,7 +217,7 @@ static int bounce_rw(struct vr_blk *b, struct iovec *iov, int cnt,
             int c = cnt;
             for (; c > 0 && put < chunk; v++, c--) {
                 size_t t = v->iov_len < chunk - put ? v->iov_len : chunk - put;
-                memcpy(v->iov_base, b->bounce + put, t);
+                memcpy(v->iov_base, bounce + put, t);
                 put += t;
             }
         }
@@ -159,9 +229,10 @@ static int bounce_rw(struct vr_blk *b, struct iovec *iov, int cnt,
     return 0;
 }
 
-/* Whole transfer, looping on short reads/writes; *done counts bytes. */
-static int do_rw(struct vr_blk *b, struct iovec *iov, int cnt, uint64_t off,
-                 uint64_t len, int write, uint64_t *done)
+/* Whole transfer, looping on short reads/writes; *done counts bytes.
+ * bounce is the calling thread's own buffer (O_DIRECT retries). */
+static int do_rw(const struct vr_blk *b, uint8_t *bounce, struct iovec *iov, int cnt,
+                 uint64_t off, uint64_t len, int write, uint64_t *done)
 {
     *done = 0;
     while (len > 0) {
@@ -171,7 +242,7 @@ static int do_rw(struct vr_blk *b, struct iovec *iov, int cnt, uint64_t off,
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0 && errno == EINVAL && b->cfg.direct)
-            return bounce_rw(b, iov, cnt, off, len, write, done);
+            return bounce_rw(b->cfg.fd, bounce, iov, cnt, off, len, write, done);
         if (r < 0)
             return -errno;
         if (r == 0)
@@ -182,6 +253,128 @@ static int do_rw(struct vr_blk *b, struct iovec *iov, int cnt, uint64_t off,
         *done += (uint64_t)r;
     }
     return 0;
+}
+
+/* ---- large requests over the I/O pool ---- */
+
+static void piece_run(void *arg, unsigned k, unsigned thread)
+{
+    struct vr_blk *b = arg;
+    struct blk_piece *pc = &b->pieces[k];
+    pc->rc = do_rw(b, b->pool_bounce[thread], pc->iov, pc->cnt, pc->off, pc->len, pc->write,
+                   &pc->done);
+}
+
+/* Append n pieces of step bytes (the last takes the rest) covering
+ * iov[0..cnt) (len bytes at file offset off) to the job; entries that
+ * straddle a cut are split in b->piov (cnt + n - 1 entries at most). */
+static void cut_pieces(struct vr_blk *b, const struct iovec *iov, int cnt, uint64_t off,
+                       uint64_t len, int write, unsigned n, uint64_t step)
+{
+    struct iovec *out = b->piov + b->npiov;
+    int k = 0;                 /* input entry */
+    size_t used = 0;           /* bytes of iov[k] already given to a piece */
+    for (unsigned p = 0; p < n; p++) {
+        struct blk_piece *pc = &b->pieces[b->npieces + p];
+        uint64_t want = p + 1 < n ? step : len - step * (n - 1);
+        pc->iov = out;
+        pc->cnt = 0;
+        pc->off = off + step * p;
+        pc->len = want;
+        pc->write = write;
+        pc->rc = 0;
+        pc->done = 0;
+        while (want > 0 && k < cnt) {
+            size_t avail = iov[k].iov_len - used;
+            size_t take = avail < want ? avail : (size_t)want;
+            out->iov_base = (uint8_t *)iov[k].iov_base + used;
+            out->iov_len = take;
+            out++;
+            pc->cnt++;
+            want -= take;
+            used += take;
+            if (used == iov[k].iov_len) {
+                k++;
+                used = 0;
+            }
+        }
+    }
+    b->npiov = (unsigned)(out - b->piov);
+    b->npieces += n;
+}
+
+/* Run the job: every piece of every deferred request, on the pool and
+ * this thread; then write their statuses and used lengths. */
+static void job_finish(struct vr_blk *b, struct vr_queue *q)
+{
+    if (b->ndefer == 0)
+        return;
+    vr_pool_run(b->pool, piece_run, b, b->npieces);
+    /* 5.2.5 writethrough: the job's writes are on stable storage before
+     * any of them completes (one sync covers them all). */
+    int sync_failed = 0;
+    if (b->cfg.writethrough) {
+        for (unsigned i = 0; i < b->ndefer; i++) {
+            if (b->defer[i].write) {
+                sync_failed = fdatasync(b->cfg.fd) != 0;
+                break;
+            }
+        }
+    }
+    for (unsigned i = 0; i < b->ndefer; i++) {
+        const struct blk_deferred *d = &b->defer[i];
+        uint64_t done = 0;
+        int rc = 0;
+        for (unsigned p = d->first; p < d->first + d->n; p++) {
+            done += b->pieces[p].done;
+            if (rc == 0)
+                rc = b->pieces[p].rc;
+        }
+        if (d->write && sync_failed && rc == 0)
+            rc = -1;
+        if (d->write) {
+            b->stats.writes++;
+            b->stats.bytes_written += done;
+            q->stats.bytes_written += done;
+        } else {
+            b->stats.reads++;
+            b->stats.bytes_read += done;
+            q->stats.bytes_read += done;
+            b->lens[d->slot] += (uint32_t)done;
+        }
+        if (rc != 0) {
+            b->stats.io_errors++;
+            q->stats.io_errors++;
+        }
+        b->stats.pooled++;
+        *d->status = rc == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
+    }
+    b->ndefer = b->npieces = b->npiov = 0;
+}
+
+static void flush_used(struct vr_blk *b, struct vr_queue *q);
+
+/* Put a large transfer into the job (running the job, and pushing what is
+ * done, first when it is full). */
+static uint8_t pool_defer(struct vr_blk *b, struct vr_queue *q, const struct iovec *iov,
+                          int cnt, uint64_t off, uint64_t len, int write, uint8_t *status)
+{
+    unsigned n = vr_pool_threads(b->pool) + 1;
+    if (len / POOL_PIECE_MIN < n)
+        n = (unsigned)(len / POOL_PIECE_MIN);
+    uint64_t step = (len / n + POOL_ALIGN - 1) / POOL_ALIGN * POOL_ALIGN;
+    while (n > 1 && step * (n - 1) >= len)  /* rounding up may leave the last piece empty */
+        n--;
+    if (b->ndefer == DEFER_MAX || b->npiov + (unsigned)cnt + n > sizeof(b->piov) / sizeof(b->piov[0]))
+        flush_used(b, q);  /* runs the job; the current request takes slot 0 */
+    struct blk_deferred *d = &b->defer[b->ndefer++];
+    d->status = status;
+    d->slot = b->nbatch;
+    d->first = b->npieces;
+    d->n = n;
+    d->write = write;
+    cut_pieces(b, iov, cnt, off, len, write, n, step);
+    return ST_DEFERRED;
 }
 
 static int write_zeroes_slow(struct vr_blk *b, uint64_t off, uint64_t len)
@@ -218,7 +411,7 @@ static int range_ok(const struct vr_blk *b, uint64_t sector, uint64_t nsec)
 
 static uint8_t blk_rw(struct vr_blk *b, struct vr_queue *q,
                       const struct vr_chain *c, uint64_t sector, int write,
-                      uint32_t *used)
+                      uint32_t *used, uint8_t *status)
 {
     uint64_t len = write ? c->read_len - 16 : c->write_len - 1;
     uint64_t done = 0;
@@ -236,7 +429,11 @@ static uint8_t blk_rw(struct vr_blk *b, struct vr_queue *q,
                           VR_MAX_SEGS);
     if (cnt < 0)   /* not reached: a chain has at most VR_MAX_SEGS segments */
         return VIRTIO_BLK_S_IOERR;
-    int rc = do_rw(b, b->iov, cnt, sector * 512, len, write, &done);
+    if (b->cfg.direct)
+        b->bounce_is_zero = 0;   /* an O_DIRECT retry may use the bounce buffer */
+    if (b->pool && len >= POOL_MIN_LEN)
+        return pool_defer(b, q, b->iov, cnt, sector * 512, len, write, status);
+    int rc = do_rw(b, b->bounce, b->iov, cnt, sector * 512, len, write, &done);
     if (write) {
         b->stats.writes++;
         b->stats.bytes_written += done;
@@ -343,12 +540,13 @@ static int blk_one(struct vr_blk *b, struct vr_queue *q,
         vr_segs_gather(q->mem, c->segs, c->nread, 0, &hdr, sizeof(hdr));
         switch (hdr.type) {
         case VIRTIO_BLK_T_IN:
-            st = blk_rw(b, q, c, hdr.sector, 0, used);
+            st = blk_rw(b, q, c, hdr.sector, 0, used, status);
             break;
         case VIRTIO_BLK_T_OUT:
-            st = blk_rw(b, q, c, hdr.sector, 1, used);
+            st = blk_rw(b, q, c, hdr.sector, 1, used, status);
             break;
         case VIRTIO_BLK_T_FLUSH:
+            job_finish(b, q);  /* the deferred writes go first */
             st = fdatasync(b->cfg.fd) == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
             b->stats.flushes++;
             break;
@@ -357,6 +555,7 @@ static int blk_one(struct vr_blk *b, struct vr_queue *q,
             break;
         case VIRTIO_BLK_T_DISCARD:
         case VIRTIO_BLK_T_WRITE_ZEROES:
+            job_finish(b, q);
             st = blk_dwz(b, q, c, hdr.type);
             break;
         default:
@@ -370,6 +569,8 @@ static int blk_one(struct vr_blk *b, struct vr_queue *q,
             st = fdatasync(b->cfg.fd) == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
         }
     }
+    if (st == ST_DEFERRED)
+        return 0;  /* job_finish() writes the status */
     if (st == VIRTIO_BLK_S_IOERR) {
         b->stats.io_errors++;
         q->stats.io_errors++;
@@ -382,6 +583,7 @@ static int blk_one(struct vr_blk *b, struct vr_queue *q,
 
 static void flush_used(struct vr_blk *b, struct vr_queue *q)
 {
+    job_finish(b, q);  /* every piece done before any used entry is pushed */
     if (b->nbatch) {
         vr_push_batch(q, b->heads, b->lens, b->nbatch);
         b->nbatch = 0;
@@ -393,7 +595,7 @@ int vr_blk_handle(void *ctx, struct vr_queue *q)
 {
     struct vr_blk *b = ctx;
     struct vr_chain c = {.cap = VR_MAX_SEGS, .segs = b->segs};
-    uint32_t used;
+    uint32_t used = 0;
 
     b->nbatch = 0;
     for (;;) {

@@ -23,12 +23,14 @@ struct vr_blk_config {
     uint32_t max_write_zeroes_sectors; /* 0 = write zeroes unsupported */
     uint32_t max_write_zeroes_seg;
     uint8_t serial[VR_BLK_SERIAL_LEN];
+    uint32_t io_threads;           /* I/O pool threads for large requests, 0..16; 0 = none */
 };
 
 struct vr_blk_stats {
     uint64_t reads, writes, flushes, discards, write_zeroes, get_ids;
     uint64_t unsupported, io_errors;
     uint64_t bytes_read, bytes_written;
+    uint64_t pooled;               /* requests whose transfer was split over the I/O pool */
 };
 
 struct vr_blk;

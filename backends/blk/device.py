@@ -27,14 +27,14 @@ from dataclasses import dataclass
 from vhost_user.device import VirtioDevice, queue_size_problem
 from vhost_user.errors import DeviceError
 from vhost_user.protocol import BackendRequest, Message, ProtocolFeature
-from .engine import BlkEngine
+from .engine import MAX_IO_THREADS, BlkEngine
 
 from .config import BlkConfig
 from .request import ID_BYTES, SECTOR_SIZE, BlkFeature
 from . import sandbox as _sandbox  # noqa: F401 (registers the seccomp profile)
 from .spec import SPEC
 
-__all__ = ["BlkDevice", "BlkOptions", "CAPABILITIES", "open_backing"]
+__all__ = ["BlkDevice", "BlkOptions", "CAPABILITIES", "default_io_threads", "open_backing"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,16 @@ class BlkOptions:
     serial: str = ""
     logical_block_size: int = 512
     direct: bool = False
+    io_threads: int = 0
+
+
+def default_io_threads() -> int:
+    """The --io-threads default: min(4, the CPUs this process may run on)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except OSError:
+        cpus = os.cpu_count() or 1
+    return min(4, cpus)
 
 
 def open_backing(opts: BlkOptions) -> tuple[int, int]:
@@ -120,6 +130,8 @@ class BlkDevice(VirtioDevice):
             raise DeviceError(f"--num-queues {opts.num_queues} must be 1..256")
         if (problem := queue_size_problem(opts.queue_size)) is not None:
             raise DeviceError(problem)
+        if not 0 <= opts.io_threads <= MAX_IO_THREADS:
+            raise DeviceError(f"--io-threads {opts.io_threads} must be 0..{MAX_IO_THREADS}")
         if len(opts.serial.encode()) > ID_BYTES:
             raise DeviceError(f"--serial is longer than {ID_BYTES} bytes")
         self.opts = opts
@@ -245,6 +257,7 @@ class BlkDevice(VirtioDevice):
             max_write_zeroes_seg=_MAX_DISCARD_SEG,
             direct=self.opts.direct,
             writethrough=not self.writeback,
+            io_threads=self.opts.io_threads,
         )
         self._engines[index] = engine
         return engine

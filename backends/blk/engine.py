@@ -6,14 +6,20 @@ queue's worker runs `vr_blk_handle` on every kick: whole requests
 (read, write, flush, discard, write-zeroes, get-id) are done in C with
 the GIL released, so Python never sees them. `set_mode` changes the
 capacity (online resize) and the cache mode (writeback / writethrough) of a
-running queue between two batches, with the queue's worker parked.
+running queue between two batches, with the queue's worker parked. With
+`io_threads` > 0 the context also owns that many C I/O threads
+(blk_pool.c), started at bind and joined at unbind, which share the
+transfer of large reads and writes.
 """
 from __future__ import annotations
 
 from vhost_user._native import ffi, lib
 from vhost_user.engine import Engine
 
-__all__ = ["BlkEngine"]
+__all__ = ["BlkEngine", "MAX_IO_THREADS"]
+
+#: most I/O pool threads per queue (VR_POOL_MAX_THREADS in blk_pool.h)
+MAX_IO_THREADS = 16
 
 
 class BlkEngine(Engine):
@@ -23,7 +29,7 @@ class BlkEngine(Engine):
                  serial: bytes | str = b"", logical_block_size: int = 512,
                  max_discard_sectors: int = 0, max_discard_seg: int = 1,
                  max_write_zeroes_sectors: int = 0, max_write_zeroes_seg: int = 1,
-                 direct: bool = False, writethrough: bool = False) -> None:
+                 direct: bool = False, writethrough: bool = False, io_threads: int = 0) -> None:
         if isinstance(serial, str):
             serial = serial.encode()
         if fd < 0:
@@ -40,6 +46,8 @@ class BlkEngine(Engine):
                         ("max_write_zeroes_seg", max_write_zeroes_seg)):
             if not 0 <= v <= 0xFFFFFFFF:
                 raise ValueError(f"{name} {v} out of range")
+        if not 0 <= io_threads <= MAX_IO_THREADS:
+            raise ValueError(f"io_threads {io_threads} is not in 0..{MAX_IO_THREADS}")
         cfg = ffi.new("struct vr_blk_config *")
         cfg.fd = fd
         cfg.read_only = int(read_only)
@@ -51,6 +59,7 @@ class BlkEngine(Engine):
         cfg.max_discard_seg = max_discard_seg
         cfg.max_write_zeroes_sectors = max_write_zeroes_sectors
         cfg.max_write_zeroes_seg = max_write_zeroes_seg
+        cfg.io_threads = io_threads
         ffi.memmove(cfg.serial, serial.ljust(20, b"\0"), 20)
         self._cfg = cfg
         self._ctx = None
@@ -64,7 +73,9 @@ class BlkEngine(Engine):
             raise ValueError("a BlkEngine serves one queue at a time")
         ctx = lib.vr_blk_new(self._cfg)
         if ctx == ffi.NULL:
-            raise MemoryError("cannot allocate the virtio-blk engine")
+            raise MemoryError("cannot allocate the virtio-blk engine"
+                              + (f" or start its {self._cfg.io_threads} I/O threads"
+                                 if self._cfg.io_threads else ""))
         self._ctx = ctx
         self._vq = vq
         return ffi.addressof(lib, "vr_blk_handle"), ctx
@@ -112,4 +123,4 @@ def _check_capacity(sectors: int) -> None:
 
 
 _BLK_STATS = ("reads", "writes", "flushes", "discards", "write_zeroes", "get_ids",
-              "unsupported", "io_errors", "bytes_read", "bytes_written")
+              "unsupported", "io_errors", "bytes_read", "bytes_written", "pooled")

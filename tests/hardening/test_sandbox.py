@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -91,6 +92,43 @@ def test_sandbox_is_on_by_default_and_blk_serves_under_it(sockdir, shm_image):
     # removed at exit through directory fds: the paths are not in the private root
     assert not os.path.exists(bp.socket) and not os.path.exists(pidfile), os.listdir(sockdir)
 
+
+
+def _threads_named(pid: int, name: str) -> list[int]:
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if f.read().strip() == name:
+                    out.append(int(tid))
+        except FileNotFoundError:
+            pass  # ended meanwhile
+    return out
+
+
+def test_sandboxed_blk_starts_its_io_threads_confined_and_serves_large_requests(sockdir, shm_image):
+    """The I/O pool is created when a queue starts, after confinement: clone, futex and
+    the threads' stacks must be allowed, and the new threads carry the filter."""
+    image = shm_image(8 << 20)
+    bp = start_blk(sockdir, "--io-threads", "2", image=image)
+    try:
+        data = os.urandom(1 << 20)  # the driver's largest request
+        with BlkDriver.connect(bp.socket) as drv:
+            drv.write(24, data, split=3)
+            assert drv.read(24, len(data), split=2) == data
+            deadline = time.monotonic() + 10
+            while len(pool := _threads_named(bp.pid, "blk-io")) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)  # each thread names itself once it runs
+            assert len(pool) == 2, bp.log()[-2000:]
+            for tid in pool:
+                with open(f"/proc/{bp.pid}/task/{tid}/status") as f:
+                    assert "Seccomp:\t2" in f.read()
+        with open(image, "rb") as f:
+            f.seek(24 * 512)
+            assert f.read(len(data)) == data
+        assert "blk profile active" in bp.log() and bp.alive()
+    finally:
+        assert bp.stop() == 0, bp.log()[-3000:]
 
 def test_no_sandbox_leaves_the_process_unconfined(sockdir, shm_image):
     bp = start_blk(sockdir, "--no-sandbox", image=shm_image(8 << 20))

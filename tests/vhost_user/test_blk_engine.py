@@ -23,14 +23,14 @@ class BlkRig:
     """Guest RAM + ring + Virtqueue(BlkEngine) + a driver that submits requests."""
 
     def __init__(self, fd: int, *, read_only=False, num=64, serial=b"SN-1234", direct=False,
-                 layout=((0, 8 * MB), (8 * MB, 8 * MB))):
+                 layout=((0, 8 * MB), (8 * MB, 8 * MB)), io_threads=0):
         self.ram = GuestRam(list(layout))
         self.ring = SplitRing(self.ram, num)
         self.fd = fd
         self.engine = BlkEngine(fd, CAPACITY, read_only=read_only, serial=serial,
                                 max_discard_sectors=1 << 20, max_discard_seg=16,
                                 max_write_zeroes_sectors=1 << 20, max_write_zeroes_seg=16,
-                                direct=direct)
+                                direct=direct, io_threads=io_threads)
         self.vq = Virtqueue(0)
         self.ring.setup(self.vq)
         self.kick = os.eventfd(0, os.EFD_CLOEXEC)
@@ -313,3 +313,203 @@ def test_blk_rig_lifecycle_leaks_no_fds(fd_check):
         assert rig.read(0, 4096)[2] == b"q" * 4096
         rig.close()
     os.close(fd)
+
+
+# -- the I/O pool (--io-threads): large requests split over C threads -----------------------
+
+def _pool_threads() -> int:
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                n += f.read().strip() == "blk-io"
+        except OSError:
+            continue
+    return n
+
+
+def _mixed_pieces(rig, gpa: int, n: int) -> list[tuple[int, int]]:
+    """Segments of mixed sizes (odd ones too) so cuts at 4 KiB multiples fall inside them."""
+    sizes, left = [], n
+    for size in (512, 4096 * 3 + 512, 65536 - 512, 100_000, 1, 4095, 262_144 + 7):
+        if left <= size:
+            break
+        sizes.append(size)
+        left -= size
+    sizes.append(left)
+    out, at = [], gpa
+    for size in sizes:
+        out.append((at, size))
+        at += size
+    return out
+
+
+@pytest.mark.parametrize("io_threads", [0, 1, 3])
+@pytest.mark.parametrize("length", [MB, MB + 512, 128 * 1024, 3 * MB - 512])
+def test_blk_large_requests_match_the_image_with_and_without_the_pool(disk, io_threads, length):
+    rig = BlkRig(disk, io_threads=io_threads)
+    try:
+        data = random.Random(length).randbytes(length)
+        buf = rig.ram.alloc(length, 1)
+        rig.ram.write(buf, data)
+        sector = 17
+        st, _ = rig.submit(rig.header(T_OUT, sector) + _mixed_pieces(rig, buf, length), rig.status_buf())
+        assert st == S_OK
+        assert os.pread(disk, length, sector * 512) == data
+        os.pwrite(disk, data[::-1], sector * 512)  # the image changes under the guest: reads see it
+        out = rig.ram.alloc_guarded(length)
+        st, used = rig.submit(rig.header(T_IN, sector), _mixed_pieces(rig, out, length) + rig.status_buf())
+        assert (st, used) == (S_OK, length + 1)
+        assert rig.ram.read(out, length) == data[::-1]
+        rig.ram.check_guards()
+        assert rig.engine.stats["pooled"] == (2 if io_threads else 0)
+    finally:
+        rig.close()
+
+
+def test_blk_pool_request_crossing_a_region_boundary(disk):
+    rig = BlkRig(disk, io_threads=2)
+    try:
+        data = os.urandom(MB + 4096)
+        buf = 8 * MB - 300_000  # starts in region 0, ends in region 1
+        rig.ram.write(buf, data)
+        assert rig.submit(rig.header(T_OUT, 8) + [(buf, 300_000), (8 * MB, len(data) - 300_000)],
+                          rig.status_buf())[0] == S_OK
+        assert os.pread(disk, len(data), 8 * 512) == data
+        st, _, got = rig.read(8, len(data), pieces=5)
+        assert (st, got) == (S_OK, data)
+        assert rig.engine.stats["pooled"] == 2
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("io_threads", [0, 3])
+def test_blk_short_read_in_one_piece_fails_that_request_only(disk, io_threads):
+    """The file shrank under us: the last pieces of a 1 MiB read hit end of file."""
+    rig = BlkRig(disk, io_threads=io_threads)
+    try:
+        os.pwrite(disk, b"k" * MB, 0)
+        os.ftruncate(disk, MB + 512 * 1024)      # capacity still says 8 MiB
+        bad_buf, good_buf = rig.ram.alloc(MB), rig.ram.alloc(MB)
+        bad_st, good_st = rig.status_buf(), rig.status_buf()
+        bad = rig.ring.add_chain(rig.header(T_IN, 2048), [(bad_buf, MB)] + bad_st)   # 1..2 MiB
+        good = rig.ring.add_chain(rig.header(T_IN, 0), [(good_buf, MB)] + good_st)
+        rig.ring.publish(bad, good)                # one batch: the failure must not spill over
+        os.eventfd_write(rig.kick, 1)
+        got = []
+        wait_for(lambda: got.extend(rig.ring.reap()) or len(got) == 2)
+        assert rig.ram.read(bad_st[0][0], 1)[0] == S_IOERR
+        assert rig.ram.read(good_st[0][0], 1)[0] == S_OK
+        assert rig.ram.read(good_buf, MB) == b"k" * MB
+        assert rig.engine.stats["io_errors"] == 1 and rig.engine.stats["reads"] == 2
+        assert rig.engine.stats["pooled"] == (2 if io_threads else 0)
+        assert not rig.vq.broken
+        assert rig.read(0, 4096)[0] == S_OK        # and the queue goes on
+    finally:
+        rig.close()
+
+
+
+@pytest.mark.parametrize("io_threads", [0, 2])
+def test_blk_batch_of_large_writes_then_flush_then_reads(disk, io_threads):
+    """More large requests than one pool job holds, a flush among them, small ones between."""
+    rig = BlkRig(disk, io_threads=io_threads, num=128)
+    try:
+        rng = random.Random(3)
+        size = 256 * 1024
+        heads, statuses, blobs = [], [], []
+        for i in range(11):
+            data = rng.randbytes(size if i != 5 else 4096)
+            buf = rig.ram.alloc(len(data))
+            rig.ram.write(buf, data)
+            st = rig.status_buf()
+            heads.append(rig.ring.add_chain(rig.header(T_OUT, i * size // 512) + rig.split(buf, len(data), 3), st))
+            statuses.append(st[0][0])
+            blobs.append(data)
+            if i == 6:
+                st = rig.status_buf()
+                heads.append(rig.ring.add_chain(rig.header(T_FLUSH), st))
+                statuses.append(st[0][0])
+        rig.ring.publish(*heads)
+        os.eventfd_write(rig.kick, 1)
+        wait_for(lambda: rig.ring.used_idx == len(heads))
+        assert len(rig.ring.reap()) == len(heads)
+        assert [rig.ram.read(g, 1)[0] for g in statuses] == [S_OK] * len(heads)
+        for i, data in enumerate(blobs):
+            assert os.pread(disk, len(data), i * size) == data
+        assert rig.engine.stats["pooled"] == (10 if io_threads else 0)
+        assert rig.engine.stats["writes"] == 11 and rig.engine.stats["flushes"] == 1
+        outs = [rig.ram.alloc(size) for _ in range(10)]
+        heads = [rig.ring.add_chain(rig.header(T_IN, i * size // 512), [(o, size)] + rig.status_buf())
+                 for i, o in enumerate(outs)]
+        rig.ring.publish(*heads)
+        os.eventfd_write(rig.kick, 1)
+        got = []
+        wait_for(lambda: got.extend(rig.ring.reap()) or len(got) == 10)
+        assert sorted(used for _, used in got) == [size + 1] * 10
+        for i, o in enumerate(outs):
+            assert rig.ram.read(o, size) == (blobs[i] if i != 5 else os.pread(disk, size, i * size))
+    finally:
+        rig.close()
+
+def test_blk_pool_write_error_is_ioerr(tmp_path):
+    path = tmp_path / "ro.img"
+    path.write_bytes(bytes(DISK))
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # every piece's pwritev fails with EBADF
+    rig = BlkRig(fd, io_threads=2)
+    try:
+        assert rig.write(0, b"w" * MB, pieces=3)[0] == S_IOERR
+        assert rig.engine.stats["pooled"] == 1 and rig.engine.stats["io_errors"] == 1
+        assert rig.read(0, MB)[0] == S_OK
+    finally:
+        rig.close()
+        os.close(fd)
+
+
+def test_blk_pool_direct_misaligned_buffers_bounce_per_thread(tmp_path):
+    path = tmp_path / "direct.img"
+    path.write_bytes(bytes(DISK))
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        pytest.skip("O_DIRECT not supported here")
+    rig = BlkRig(fd, direct=True, io_threads=3)
+    try:
+        data = os.urandom(2 * MB)
+        buf = rig.ram.alloc(len(data) + 3, 4096) + 3  # misaligned: every piece bounces
+        rig.ram.write(buf, data)
+        assert rig.submit(rig.header(T_OUT, 8) + [(buf, len(data))], rig.status_buf())[0] == S_OK
+        out = rig.ram.alloc(len(data) + 5, 4096) + 5
+        st, _ = rig.submit(rig.header(T_IN, 8), [(out, len(data))] + rig.status_buf())
+        assert st == S_OK and rig.ram.read(out, len(data)) == data
+        with open(path, "rb") as f:
+            f.seek(8 * 512)
+            assert f.read(len(data)) == data
+        assert rig.engine.stats["pooled"] == 2
+    finally:
+        rig.close()
+        os.close(fd)
+
+
+def test_blk_pool_threads_live_from_bind_to_unbind(disk):
+    base = _pool_threads()
+    rig = BlkRig(disk, io_threads=3)
+    try:
+        wait_for(lambda: _pool_threads() == base + 3)  # each names itself once running
+        assert rig.read(0, MB)[0] == S_OK
+        rig.vq.update_memory(new := rig.ram.memory())  # a memory swap between batches
+        rig.mem.close()
+        rig.mem = new
+        assert rig.read(0, MB)[0] == S_OK
+        rig.vq.stop()
+        assert _pool_threads() == base                  # joined when the queue stopped
+    finally:
+        rig.close()
+    assert _pool_threads() == base
+
+
+def test_blk_engine_refuses_too_many_io_threads():
+    with pytest.raises(ValueError, match="io_threads"):
+        BlkEngine(0, 10, io_threads=17)
+    with pytest.raises(ValueError, match="io_threads"):
+        BlkEngine(0, 10, io_threads=-1)

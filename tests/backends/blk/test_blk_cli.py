@@ -43,6 +43,14 @@ def test_direct_without_image_is_a_usage_error(sockdir):
     assert out.returncode == 2 and "O_DIRECT" in out.stderr and "Traceback" not in out.stderr
 
 
+
+@pytest.mark.parametrize("value", ["17", "-1"])
+def test_io_threads_out_of_range_is_a_usage_error(sockdir, value):
+    out = subprocess.run(BLK + ["--socket", os.path.join(sockdir, "s"), "--io-threads", value],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and f"--io-threads {value}" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
 def test_missing_image_is_a_clear_error(sockdir):
     out = subprocess.run(BLK + ["--socket", os.path.join(sockdir, "s"), "--image", "/nonexistent/x"],
                          capture_output=True, text=True)

@@ -162,8 +162,8 @@ def test_blk_set_config_writethrough_reads_back(disk):
         assert drv.config.writeback == 1
 
 
-def _count_fdatasync(bp, drv: BlkDriver, writes: int) -> int:
-    """fdatasync calls the back-end makes while `writes` 4 KiB writes complete."""
+def _count_fdatasync(bp, drv: BlkDriver, writes: int, size: int = 4096) -> int:
+    """fdatasync calls the back-end makes while `writes` writes of `size` bytes complete."""
     strace = require_tool("strace")
     out = os.path.join(os.path.dirname(bp.log_path), "strace.out")
     tracer = subprocess.Popen([strace, "-f", "-qq", "-e", "trace=fdatasync", "-o", out,
@@ -175,7 +175,7 @@ def _count_fdatasync(bp, drv: BlkDriver, writes: int) -> int:
             time.sleep(0.05)
         assert _traced(bp.pid), "strace did not attach"
         for i in range(writes):
-            drv.write(i * 8, os.urandom(4096))
+            drv.write(i * (size // 512), os.urandom(size))
     finally:
         tracer.send_signal(signal.SIGINT)
         tracer.wait(10)
@@ -199,3 +199,17 @@ def test_blk_writethrough_syncs_every_write_before_completing_it(disk):
         assert _count_fdatasync(bp, drv, 4) == 0  # writeback: only a flush syncs
         drv.fe.set_config(WRITEBACK_OFFSET, b"\0")
         assert _count_fdatasync(bp, drv, 4) == 4
+
+
+def test_blk_writethrough_syncs_large_writes_the_io_pool_carries(sockdir, shm_image):
+    """A 256 KiB write is split over the I/O threads: in writethrough it still
+    completes only after a sync (one per job, here one write per job)."""
+    bp = start_blk(sockdir, "--io-threads", "2", image=shm_image(16 * MiB))
+    try:
+        with BlkDriver.connect(bp.socket) as drv:
+            drv.write(0, b"w" * 512)
+            drv.fe.set_config(WRITEBACK_OFFSET, b"\0")
+            assert _count_fdatasync(bp, drv, 3, size=256 << 10) == 3
+            assert bp.log_stats()["queues"]["0"]["pooled"] == 3
+    finally:
+        bp.stop()
