@@ -1,4 +1,13 @@
-"""virtio-gpu (2D) back-end: drop-in for QEMU's vhost-user-gpu."""
+"""virtio-gpu back-end: drop-in for QEMU's vhost-user-gpu (2D, and 3D through virglrenderer).
+
+What lives here: `spec.py` (the registry's declaration), `device.py` /
+`device3d.py` (the control and cursor queues), `commands.py` /
+`commands3d.py` (the command layouts), `resources.py`, `display.py` +
+`display_protocol.py` (QEMU's display socket), `edid.py`, `virgl.py` (the
+virglrenderer binding), `driver.py`, `bench.py`, `fuzz.py` / `fuzz_3d.py`,
+`sandbox.py`, `__main__.py`. It has no C engine of its own: pixel copies
+are numpy, 3D is virglrenderer.
+"""
 
 import os as _os
 

@@ -140,3 +140,15 @@ def test_an_entry_point_cannot_take_the_name_of_a_device_folder(tmp_path, monkey
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ValueError, match="'blk' is declared by an entry point"):
         registry.specs()
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_device_folder_docstring_names_every_file_in_the_folder(name):
+    """What lives where is said where a reader lands: the package's opening docstring."""
+    import ast
+
+    folder = REPO / "backends" / name
+    doc = ast.get_docstring(ast.parse((folder / "__init__.py").read_text())) or ""
+    files = sorted(p.name for p in folder.iterdir()
+                   if p.suffix in (".py", ".c") and p.name != "__init__.py")
+    assert files and [f for f in files if f"`{f}`" not in doc] == []
