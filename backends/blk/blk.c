@@ -39,8 +39,8 @@
 #define MAX_DWZ_SEGS 256  /* discard/write-zeroes segments per request */
 #define BOUNCE_SIZE (256u * 1024u)
 #define BATCH 32
-#define POOL_MIN_LEN (128u * 1024u)   /* smallest request the pool splits */
-#define POOL_PIECE_MIN (64u * 1024u)  /* smallest piece */
+#define POOL_MIN_LEN (128u * 1024u)   /* smallest request the pool splits, by default */
+/* smallest piece: half the smallest pooled request (64 KiB by default) */
 #define POOL_ALIGN 4096u              /* cuts at multiples of this many bytes */
 #define MAX_PIECES (VR_POOL_MAX_THREADS + 1)  /* per request */
 #define DEFER_MAX 4                           /* large requests per job */
@@ -80,6 +80,7 @@ struct blk_deferred {      /* a large request whose pieces are in the job */
 struct vr_blk {
     struct vr_blk_config cfg;
     struct vr_blk_stats stats;
+    uint64_t pool_min, piece_min;  /* cfg.pool_min_len or POOL_MIN_LEN, and half of it */
     uint8_t *bounce;       /* aligned, for O_DIRECT retries and zeroes */
     int bounce_is_zero;
     uint32_t nbatch;
@@ -135,6 +136,8 @@ struct vr_blk *vr_blk_new(const struct vr_blk_config *cfg)
     memset(b->bounce, 0, BOUNCE_SIZE);
     b->bounce_is_zero = 1;
     b->cfg = *cfg;
+    b->pool_min = cfg->pool_min_len ? cfg->pool_min_len : POOL_MIN_LEN;
+    b->piece_min = b->pool_min / 2 ? b->pool_min / 2 : 1;
     if (b->cfg.max_discard_seg > MAX_DWZ_SEGS || b->cfg.max_discard_seg == 0)
         b->cfg.max_discard_seg = MAX_DWZ_SEGS;
     if (b->cfg.max_write_zeroes_seg > MAX_DWZ_SEGS || b->cfg.max_write_zeroes_seg == 0)
@@ -360,8 +363,8 @@ static uint8_t pool_defer(struct vr_blk *b, struct vr_queue *q, const struct iov
                           int cnt, uint64_t off, uint64_t len, int write, uint8_t *status)
 {
     unsigned n = vr_pool_threads(b->pool) + 1;
-    if (len / POOL_PIECE_MIN < n)
-        n = (unsigned)(len / POOL_PIECE_MIN);
+    if (len / b->piece_min < n)
+        n = (unsigned)(len / b->piece_min);
     uint64_t step = (len / n + POOL_ALIGN - 1) / POOL_ALIGN * POOL_ALIGN;
     while (n > 1 && step * (n - 1) >= len)  /* rounding up may leave the last piece empty */
         n--;
@@ -431,7 +434,7 @@ static uint8_t blk_rw(struct vr_blk *b, struct vr_queue *q,
         return VIRTIO_BLK_S_IOERR;
     if (b->cfg.direct)
         b->bounce_is_zero = 0;   /* an O_DIRECT retry may use the bounce buffer */
-    if (b->pool && len >= POOL_MIN_LEN)
+    if (b->pool && len >= b->pool_min)
         return pool_defer(b, q, b->iov, cnt, sector * 512, len, write, status);
     int rc = do_rw(b, b->bounce, b->iov, cnt, sector * 512, len, write, &done);
     if (write) {

@@ -24,6 +24,7 @@ struct vr_blk_config {
     uint32_t max_write_zeroes_seg;
     uint8_t serial[VR_BLK_SERIAL_LEN];
     uint32_t io_threads;           /* I/O pool threads for large requests, 0..16; 0 = none */
+    uint32_t pool_min_len;         /* smallest request (bytes) the pool splits; 0 = 128 KiB */
 };
 
 struct vr_blk_stats {

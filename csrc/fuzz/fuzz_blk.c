@@ -73,6 +73,7 @@ static struct vr_blk *engine_for(const struct vr_blk_config *cfg)
     h = h * 31 + cfg->max_discard_seg;
     h = h * 31 + cfg->max_write_zeroes_sectors;
     h = h * 31 + cfg->max_write_zeroes_seg;
+    h = h * 31 + cfg->io_threads * 7 + cfg->pool_min_len;
     h %= 256;
     if (!cache[h].b || memcmp(&cache[h].cfg, cfg, sizeof(*cfg)) != 0) {
         vr_blk_free(cache[h].b);
@@ -104,6 +105,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     cfg.max_write_zeroes_sectors = fg_u8(&r) % 2 ? 1u + fg_u16(&r) : 0;
     cfg.max_write_zeroes_seg = fg_u8(&r) % 8;
     memcpy(cfg.serial, "fuzz-serial", 11);
+    /* The I/O pool, with a threshold low enough for this small guest RAM to
+     * reach it: pieces, jobs and the used entries pushed after them. */
+    cfg.io_threads = fg_u8(&r) % 3;
+    cfg.pool_min_len = 512u << (fg_u8(&r) % 5);
     struct vr_blk *b = engine_for(&cfg);
     if (fg_ring(&g, &r, &q, 0, &num, NULL) == 0) {
         plant_requests(&g, &r, num);
