@@ -126,7 +126,7 @@ def test_sandboxed_blk_starts_its_io_threads_confined_and_serves_large_requests(
         with open(image, "rb") as f:
             f.seek(24 * 512)
             assert f.read(len(data)) == data
-        assert "blk profile active" in bp.log() and bp.alive()
+        assert "blk profile active" in bp.log() and bp.running
     finally:
         assert bp.stop() == 0, bp.log()[-3000:]
 
