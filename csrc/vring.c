@@ -479,6 +479,22 @@ int vr_pop_batch(struct vr_queue *q, struct vr_chain *chains, uint32_t n)
 
 /* ---- push ---- */
 
+/* Migration: mark what a push wrote (dirtylog.c): each chain's buffers,
+ * the used elements (which may wrap the ring) and used->idx. */
+static void log_push(struct vr_queue *q, const struct vr_log *lg, const uint16_t *heads,
+                     const uint32_t *lens, uint32_t n, uint16_t first)
+{
+    for (uint32_t k = 0; k < n; k++)
+        vr_log_chain(q, lg, heads[k], lens[k]);
+    uint32_t slot = first & (q->num - 1);
+    uint32_t run = n < q->num - slot ? n : q->num - slot;
+    vr_log_used(q, lg, 4 + 8ull * slot, 8ull * run);
+    if (run < n)
+        vr_log_used(q, lg, 4, 8ull * (n - run));
+    vr_log_used(q, lg, 2, 2);
+    vr_log_kick(lg);
+}
+
 int vr_push_batch(struct vr_queue *q, const uint16_t *heads,
                   const uint32_t *lens, uint32_t n)
 {
@@ -501,6 +517,7 @@ int vr_push_batch(struct vr_queue *q, const uint16_t *heads,
         if (r)
             vr_inflight_link(q, heads[k]);
     }
+    uint16_t first = idx;
     idx = (uint16_t)(idx + n);
     /* virtio 1.2, 2.7.8 / 2.7.13 (device side): the elements must be
      * visible before the new idx: release store. */
@@ -508,6 +525,9 @@ int vr_push_batch(struct vr_queue *q, const uint16_t *heads,
     q->used_idx = idx;
     if (r)
         vr_inflight_done(q, heads, n);
+    const struct vr_log *lg = vr_log_active(q);
+    if (lg)
+        log_push(q, lg, heads, lens, n, first);
     return VR_OK;
 }
 
@@ -566,13 +586,23 @@ int vr_notify(struct vr_queue *q)
     return vr_notify_force(q);
 }
 
+/* A 16-bit used-ring field (flags, avail_event) changed: log it. */
+static void log_used_field(struct vr_queue *q, uint64_t off)
+{
+    const struct vr_log *lg = vr_log_active(q);
+    if (lg)
+        vr_log_used(q, lg, off, 2);
+}
+
 void vr_disable_notify(struct vr_queue *q)
 {
     if (!q->started || q->broken)
         return;
     /* With EVENT_IDX, a stale avail_event already suppresses kicks. */
-    if (!q->event_idx)
+    if (!q->event_idx) {
         st16(USED_FLAGS(q), ld16(USED_FLAGS(q)) | VR_USED_F_NO_NOTIFY);
+        log_used_field(q, 0);
+    }
 }
 
 /* Re-enable kicks; returns 1 if work arrived meanwhile (the standard race). */
@@ -580,11 +610,14 @@ int vr_enable_notify(struct vr_queue *q)
 {
     if (!q->started || q->broken)
         return 0;
-    if (q->event_idx)
+    if (q->event_idx) {
         /* 2.7.10: ask for a kick once avail->idx moves past last_avail. */
         st16(AVAIL_EVENT(q), q->last_avail_idx);
-    else
+        log_used_field(q, 4 + 8ull * q->num);
+    } else {
         st16(USED_FLAGS(q), ld16(USED_FLAGS(q)) & ~VR_USED_F_NO_NOTIFY);
+        log_used_field(q, 0);
+    }
     /* 2.7.10: full barrier after writing avail_event / flags before
      * re-reading avail->idx. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);

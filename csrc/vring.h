@@ -100,6 +100,7 @@ struct vr_stats {
     uint64_t bytes_read;     /* device-side, filled by engines */
     uint64_t bytes_written;
     uint64_t io_errors;
+    uint64_t log_missed; /* dirty pages past the end of the log */
 };
 
 /* Layout of the split inflight region (vhost-user.rst, "Inflight I/O
@@ -118,6 +119,16 @@ struct vr_inflight_region {
     uint16_t last_batch_head;
     uint16_t used_idx;
     struct vr_inflight_desc desc[];
+};
+
+/* Dirty page log (vhost-user.rst, "Migration"; see dirtylog.c): bit
+ * (page % 8) of byte (page / 8) per 4 KiB guest-physical page, shared with
+ * the front-end.  Immutable once a queue points at it. */
+#define VR_LOG_PAGE 4096
+struct vr_log {
+    uint8_t *base;
+    uint64_t size;       /* bytes */
+    int call_fd;         /* SET_LOG_FD eventfd, or -1 */
 };
 
 struct vr_queue;
@@ -150,6 +161,11 @@ struct vr_queue {
     uint64_t inflight_counter;
     uint16_t *resubmit;        /* heads to pop before the avail ring */
     uint32_t nresubmit, resubmit_pos;
+    /* dirty logging (dirtylog.c); written by the control thread while
+     * the worker runs, so only through atomics */
+    const struct vr_log *log;  /* NULL unless VHOST_F_LOG_ALL and a log */
+    uint64_t log_used_gpa;     /* log_guest_addr of SET_VRING_ADDR */
+    int log_used;              /* VHOST_VRING_F_LOG */
     /* failure state */
     int broken;
     char errmsg[160];
@@ -215,6 +231,18 @@ uint64_t vr_segs_gather(const struct vr_mem *m, const struct vr_seg *segs, uint3
                         uint64_t skip, void *dst, uint64_t len);
 uint64_t vr_segs_scatter(const struct vr_mem *m, const struct vr_seg *segs, uint32_t n,
                          uint64_t skip, const void *src, uint64_t len);
+
+/* dirtylog.c: set from the control thread at any time */
+void vr_queue_set_log(struct vr_queue *q, const struct vr_log *log);
+void vr_queue_set_log_used(struct vr_queue *q, int on, uint64_t used_gpa);
+uint64_t vr_log_write(const struct vr_log *log, uint64_t gpa, uint64_t len);
+/* cdef-end */
+/* dirtylog.c (called by vring.c) */
+const struct vr_log *vr_log_active(struct vr_queue *q);
+void vr_log_kick(const struct vr_log *log);
+void vr_log_used(struct vr_queue *q, const struct vr_log *log, uint64_t off, uint64_t len);
+void vr_log_chain(struct vr_queue *q, const struct vr_log *log, uint16_t head, uint32_t len);
+/* cdef-begin */
 
 /* inflight.c (called by vring.c) */
 int vr_inflight_recover(struct vr_queue *q);

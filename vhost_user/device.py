@@ -52,6 +52,10 @@ class VirtioDevice:
     #: unoffered bits a front-end is known to ack anyway (QEMU's vhost-user-gpu-pci acks
     #: VIRTIO_F_RING_RESET); SET_FEATURES drops them with a log line instead of failing
     ignored_acked_features: int = 0
+    #: whether every guest write the device makes lies in a chain it completes
+    #: with push: the core then logs them for live migration (vhost_user/dirtylog.py)
+    #: and offers LOG_SHMFD and VHOST_F_LOG_ALL; a device writing elsewhere says False
+    dirty_log: bool = True
 
     def __init__(self) -> None:
         self.acked_features = 0

@@ -25,9 +25,11 @@ from typing import Callable
 
 from vhost_user.channel import AsyncChannel, BackendChannel, close_fds
 from vhost_user.device import VirtioDevice
+from vhost_user.dirtylog import DirtyLogs
 from vhost_user.errors import GuestMemoryError, RemoteProtocolError, UnsupportedRequest, VhostUserError
 from vhost_user.memory import GuestMemory
 from vhost_user.protocol import (
+    VHOST_F_LOG_ALL,
     VHOST_USER_F_PROTOCOL_FEATURES,
     ConfigSpace,
     Empty,
@@ -65,7 +67,7 @@ _NEEDS_OWNER = frozenset({
     R.SET_FEATURES, R.SET_MEM_TABLE, R.ADD_MEM_REG, R.REM_MEM_REG,
     R.SET_VRING_NUM, R.SET_VRING_ADDR, R.SET_VRING_BASE, R.GET_VRING_BASE,
     R.SET_VRING_KICK, R.SET_VRING_CALL, R.SET_VRING_ERR, R.SET_VRING_ENABLE,
-    R.GET_INFLIGHT_FD, R.SET_INFLIGHT_FD,
+    R.GET_INFLIGHT_FD, R.SET_INFLIGHT_FD, R.SET_LOG_BASE, R.SET_LOG_FD,
 })
 
 # crosvm reads config space without negotiating CONFIG; serving it is harmless.
@@ -115,13 +117,16 @@ class Session:
         self._backend_sock: socket.socket | None = None
         self._inflight: mmap.mmap | None = None
         self._inflight_queue_size = 0
+        self._logs = DirtyLogs()
 
     # -- helpers ------------------------------------------------------------
     def offered_features(self) -> int:
-        return self.device.features() | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
+        log_all = (1 << VHOST_F_LOG_ALL) if self.device.dirty_log else 0
+        return self.device.features() | (1 << VHOST_USER_F_PROTOCOL_FEATURES) | log_all
 
     def offered_protocol_features(self) -> int:
-        return SERVER_PROTOCOL_FEATURES | self.device.protocol_features()
+        log_shmfd = (1 << PF.LOG_SHMFD) if self.device.dirty_log else 0
+        return SERVER_PROTOCOL_FEATURES | self.device.protocol_features() | log_shmfd
 
     def has_protocol_feature(self, bit: int) -> bool:
         return bool(self.protocol_features & (1 << bit))
@@ -169,6 +174,10 @@ class Session:
             payload, fds = payload.payload, payload.fds
         try:
             kind = reply_kind(msg.request, msg.flags, reply_ack=self.has_protocol_feature(PF.REPLY_ACK))
+            if msg.request == R.SET_LOG_BASE and self.has_protocol_feature(PF.LOG_SHMFD):
+                kind = ReplyKind.BODY  # vhost-user.rst: with LOG_SHMFD the back-end answers
+                if not ok:
+                    payload = U64(1)
             if kind is ReplyKind.BODY:
                 if payload is None:
                     payload = _error_reply(msg)
@@ -191,8 +200,15 @@ class Session:
             value, unknown = value & ~ignored, unknown & ~ignored
         if unknown:
             raise RemoteProtocolError(f"SET_FEATURES acks unoffered bits {unknown:#x}", recoverable=True)
+        transport = (1 << VHOST_USER_F_PROTOCOL_FEATURES) | (1 << VHOST_F_LOG_ALL)
+        # QEMU toggles LOG_ALL on a running device when migration starts and
+        # ends: that changes only the dirty log, not the device.
+        log_only = (value ^ self.features) & ~transport == 0 and any(vq.started for vq in self.queues)
         self.features = value
-        self.device.set_features(value & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES))
+        self._apply_dirty_log()
+        if log_only:
+            return
+        self.device.set_features(value & ~transport)
         event_idx = bool(value & (1 << VirtioFeature.VIRTIO_RING_F_EVENT_IDX))
         for vq in self.queues:
             vq.set_event_idx(event_idx)
@@ -225,6 +241,7 @@ class Session:
         self._enabled = [False] * len(self.queues)
         self._addr_set = [False] * len(self.queues)
         self.features = 0
+        self._apply_dirty_log()
         self.status = 0
         self.device.reset()
 
@@ -280,10 +297,17 @@ class Session:
     def _set_vring_addr(self, msg, bag):
         p = msg.payload
         vq = self._queue(p.index)
+        gpa = self.has_protocol_feature(PF.GPA_ADDRESSES)
+        if vq.started and vq.same_rings(p.descriptor, p.available, p.used, gpa):
+            # Migration start/end: only VHOST_VRING_F_LOG and log_guest_addr change.
+            vq.set_log_flags(p.flags, p.log)
+            return
+        was_running = vq.started
         self._stop_for_change(vq, "addr")
-        vq.set_addr(p.descriptor, p.available, p.used, flags=p.flags, log=p.log,
-                    gpa=self.has_protocol_feature(PF.GPA_ADDRESSES))
+        vq.set_addr(p.descriptor, p.available, p.used, flags=p.flags, log=p.log, gpa=gpa)
         self._addr_set[p.index] = True
+        if was_running:
+            self._maybe_start(p.index)
 
     def _set_vring_base(self, msg, bag):
         vq = self._queue(msg.payload.index)
@@ -385,6 +409,26 @@ class Session:
     def _get_status(self, msg, bag):
         return U64(self.status)
 
+    # -- dirty logging (vhost_user/dirtylog.py) ------------------------------------
+    def _set_log_base(self, msg, bag):
+        if not self.has_protocol_feature(PF.LOG_SHMFD):
+            raise UnsupportedRequest("SET_LOG_BASE without LOG_SHMFD (a log in our address space)")
+        p = msg.payload
+        new = self._logs.set_base(bag.take(), p.mmap_size, p.mmap_offset, self.memory)
+        log.info("dirty log: %d bytes (%d pages)", new.size, new.size * 8)
+        self._apply_dirty_log()
+        return U64(0)
+
+    def _set_log_fd(self, msg, bag):
+        self._logs.set_call_fd(bag.take())
+        self._apply_dirty_log()
+
+    def _apply_dirty_log(self) -> None:
+        """Point every queue at the current log while VHOST_F_LOG_ALL is acked."""
+        active = self._logs.current if self.features & (1 << VHOST_F_LOG_ALL) else None
+        for vq in self.queues:
+            vq.set_dirty_log(active)
+
     def _get_inflight_fd(self, msg, bag):
         p = msg.payload
         if not 0 < p.num_queues <= len(self.queues) or not 0 < p.queue_size <= self.device.max_queue_size:
@@ -438,6 +482,7 @@ class Session:
         if self._inflight is not None:
             self._inflight.close()
             self._inflight = None
+        self._logs.close()
         self.device.reset()
         self.device.acked_protocol_features = 0
 
@@ -495,4 +540,6 @@ _HANDLERS: dict[R, Callable] = {
     R.NET_SET_MTU: Session._net_set_mtu,
     R.GPU_SET_SOCKET: Session._gpu_set_socket,
     R.GET_STATUS: Session._get_status,
+    R.SET_LOG_BASE: Session._set_log_base,
+    R.SET_LOG_FD: Session._set_log_fd,
 }

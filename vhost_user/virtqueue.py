@@ -53,6 +53,7 @@ from vhost_user.chain import (
 from vhost_user.engine import Engine
 from vhost_user.errors import VirtqueueError
 from vhost_user.memory import GuestMemory
+from vhost_user.protocol import VHOST_VRING_F_LOG
 
 __all__ = ["Virtqueue", "Chain", "Engine", "check_native", "inflight_queue_size", "MAX_QUEUE_SIZE"]
 
@@ -92,6 +93,7 @@ class Virtqueue:
         self._event_idx = False
         self._inflight: tuple[Any, int] | None = None
         self._inflight_buf = None
+        self._dirty_log = None
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
@@ -170,7 +172,7 @@ class Virtqueue:
         lib.vr_queue_get_stats(self._q, s)
         out = {"requests": s.requests, "kicks": s.kicks, "notifies": s.notifies,
                "bytes_read": s.bytes_read, "bytes_written": s.bytes_written,
-               "io_errors": s.io_errors}
+               "io_errors": s.io_errors, "log_missed": s.log_missed}
         if self._engine is not None:
             out.update(self._engine.stats)
         return out
@@ -187,8 +189,9 @@ class Virtqueue:
                  gpa: bool = False) -> None:
         """SET_VRING_ADDR: front-end virtual addresses (guest physical if gpa=True).
 
-        The rings are checked against guest memory at start(); `log` is kept
-        for dirty logging, which is not implemented.
+        The rings are checked against guest memory at start(); with
+        VHOST_VRING_F_LOG in `flags`, used-ring writes are logged at the
+        guest-physical address `log` while a dirty log is set.
         """
         for name, v in (("desc", desc), ("avail", avail), ("used", used)):
             if not 0 <= v < 1 << 64:
@@ -196,6 +199,34 @@ class Virtqueue:
         check_native(lib.vr_queue_set_addr(self._q, desc, avail, used, int(gpa)),
                f"queue {self.index}: set_addr")
         self._addr = (desc, avail, used, flags, log, gpa)
+        self._apply_log_used()
+
+    def same_rings(self, desc: int, avail: int, used: int, gpa: bool) -> bool:
+        """Whether these are the ring addresses the queue has (a SET_VRING_ADDR
+        that only turns used-ring logging on or off)."""
+        return self._addr is not None and self._addr[:3] == (desc, avail, used) \
+            and self._addr[5] == gpa
+
+    def set_log_flags(self, flags: int, log: int) -> None:
+        """Change only VHOST_VRING_F_LOG and log_guest_addr; safe while running."""
+        if self._addr is None:
+            raise ValueError(f"queue {self.index}: no ring addresses")
+        desc, avail, used, _, _, gpa = self._addr
+        self._addr = (desc, avail, used, flags, log, gpa)
+        self._apply_log_used()
+
+    def set_dirty_log(self, dirty_log: Any) -> None:
+        """Mark this queue's guest writes in `dirty_log` (a DirtyLog), or stop with None.
+
+        An atomic pointer store in C, so safe while the worker runs; the
+        caller keeps the log mapped until the queue is closed.
+        """
+        self._dirty_log = dirty_log
+        lib.vr_queue_set_log(self._q, ffi.NULL if dirty_log is None else dirty_log.native)
+
+    def _apply_log_used(self) -> None:
+        on = self._addr is not None and bool(self._addr[3] & VHOST_VRING_F_LOG)
+        lib.vr_queue_set_log_used(self._q, int(on), self._addr[4] if on else 0)
 
     def set_base(self, last_avail_idx: int) -> None:
         """SET_VRING_BASE: the avail index to continue from."""
@@ -378,6 +409,7 @@ class Virtqueue:
         self._event_idx = False
         self._inflight = None
         self._engine = None
+        self._dirty_log = None
 
     def close(self) -> None:
         """reset() and release the control eventfd; the object is unusable afterwards."""

@@ -103,6 +103,11 @@ class BlkDriver(Driver):
             fe.close()
             raise
 
+    def slot_addresses(self, queue: int = 0) -> list[tuple[int, int, int]]:
+        """(header, status, data) guest addresses of each request slot of `queue`
+        (what a dirty-log test expects a back-end to mark)."""
+        return [(s.header, s.status, s.data) for s in self._slots[queue]]
+
     @property
     def read_only(self) -> bool:
         return self.fe.has_feature(BlkFeature.RO)

@@ -93,6 +93,9 @@ class GpuDevice(VirtioDevice):
     max_queue_size = 32768
     device_features = 1 << GpuFeature.VIRTIO_GPU_F_EDID
     device_protocol_features = 1 << ProtocolFeature.CONFIG
+    # TRANSFER_FROM_HOST and virgl write resource backing pages outside any
+    # chain: not logged, so no migration offer (QEMU's vhost-user-gpu has none).
+    dirty_log = False
     # QEMU 10's vhost-user-gpu-pci passes the guest's VIRTIO_F_RING_RESET (bit 40) through
     # although no back-end offers it; the Linux driver never resets a GPU queue.
     ignored_acked_features = 1 << 40

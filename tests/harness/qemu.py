@@ -166,6 +166,7 @@ class GuestVM:
         self._extra: list[str] = []
         self._ndev = 0
         self._proc: subprocess.Popen | None = None
+        self.command: list[str] = []
         self._qmp: _Qmp | None = None
         self._token = ""
         self._started = 0.0
@@ -237,6 +238,7 @@ class GuestVM:
         initrd = boot_initrd(self.initramfs, script, self._token,
                              self.workdir / "initrd.cpio", layers)
         cmd = self.command_line(initrd)
+        self.command = cmd
         (self.workdir / "qemu-cmdline.txt").write_text(" ".join(cmd) + "\n")
         self.console.write_bytes(b"")
         self._stderr = open(self.workdir / "qemu-stderr.log", "wb")

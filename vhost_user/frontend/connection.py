@@ -34,6 +34,7 @@ from vhost_user.protocol import (
     Empty,
     FrontendRequest as R,
     InflightDescription,
+    LogDescription,
     MemoryTable,
     Message,
     MessageDecoder,
@@ -368,6 +369,17 @@ class Frontend:
 
     def reset_device(self) -> None:
         self.call(R.RESET_DEVICE)
+
+    def set_log_base(self, fd: int | None, size: int, offset: int = 0) -> int:
+        """SET_LOG_BASE with the log memfd, as QEMU sends it (no NEED_REPLY; with
+        LOG_SHMFD the back-end answers with a u64, whose meaning the spec leaves
+        open: QEMU ignores it); returns that value.
+        `fd` None sends none (a hostile front-end)."""
+        self.call(R.SET_LOG_BASE, LogDescription(size, offset), fds=() if fd is None else (fd,),
+                  ack=False)
+        if not self.has_protocol_feature(PF.LOG_SHMFD):
+            return 0
+        return self._receive_reply(R.SET_LOG_BASE).payload.value
 
     # -- the back-end's requests (SET_BACKEND_REQ_FD) ---------------------------------
     def backend_request(self, timeout: float = 10.0) -> Message | None:

@@ -107,9 +107,9 @@ class Profile:
 QEMU = Profile(
     name="qemu",
     protocol_features=(
-        (1 << PF.MQ) | (1 << PF.REPLY_ACK) | (1 << PF.BACKEND_REQ) | (1 << PF.CONFIG)
-        | (1 << PF.INFLIGHT_SHMFD) | (1 << PF.RESET_DEVICE) | (1 << PF.CONFIGURE_MEM_SLOTS)
-        | (1 << PF.STATUS)
+        (1 << PF.MQ) | (1 << PF.LOG_SHMFD) | (1 << PF.REPLY_ACK) | (1 << PF.BACKEND_REQ)
+        | (1 << PF.CONFIG) | (1 << PF.INFLIGHT_SHMFD) | (1 << PF.RESET_DEVICE)
+        | (1 << PF.CONFIGURE_MEM_SLOTS) | (1 << PF.STATUS)
     ),
     opening=("features", "protocol_features", "queue_num", "max_mem_slots", "backend_req",
              "owner", "set_features"),
