@@ -1,5 +1,6 @@
-"""Live migration of a running Linux guest whose disk is our vhost-user-blk.
+"""Live migration of running Linux guests whose devices are our back-ends.
 
+blk: 
 Two QEMU 10 processes on this machine, each with its own back-end process
 on the same image (QEMU serves one front-end per socket; the destination's
 connects while the source still runs). Once QEMU's first pass has sent
@@ -23,8 +24,9 @@ import sys
 
 import pytest
 
-from harness.backend import BackendProcess
 from harness import migration
+from harness.backend import BackendProcess
+from harness.guestnet import add_net, guest_ip, line_value, ping_until
 
 pytestmark = pytest.mark.guest
 
@@ -135,3 +137,65 @@ def test_guest_blk_migrates_between_qemu_processes_without_losing_a_page(
             dest.close()
         src_be.stop()
         dst_be.stop()
+
+
+NET = [sys.executable, "-m", "vhost_user.backends.net"]
+MACS = ("52:54:00:12:34:01", "52:54:00:12:34:02")
+
+
+def test_guest_net_tcp_stream_survives_migration_of_its_receiver(guest_vm, short_tmp, tmp_path):
+    """Guest A receives 64 MiB over TCP from guest B through our switch while A
+    migrates to a second QEMU on a third port of the same back-end; every byte
+    arrives (sha256 at both ends) and the switch learns A's MAC on the new port."""
+    socks = [short_tmp / f"vm{i}.sock" for i in range(3)]
+    argv = NET + [a for s in socks for a in ("--socket", str(s))] + ["-v"]
+    backend = BackendProcess(argv, socks[2], tmp_path / "net.log").start()
+    dest = None
+    try:
+        server, client = guest_vm(), guest_vm()
+        add_net(server, socks[0], MACS[0])
+        add_net(client, socks[1], MACS[1])
+        server.start(guest_ip("10.0.0.1") + ping_until("10.0.0.2", confirm=False) + """
+            mkfifo /tmp/f; exec 3<>/tmp/f
+            vhu_mark listening
+            nc -l -p 5000 <&3 > /tmp/r
+            digest=$(sha256sum < /tmp/r | cut -d' ' -f1)
+            echo "recv $digest $(wc -c < /tmp/r)"
+            echo "$digest" | nc 10.0.0.2 5001
+            sleep 2
+        """)
+        client.start(guest_ip("10.0.0.2") + """
+            dd if=/dev/urandom of=/tmp/d bs=1M count=64 2>/dev/null
+            echo "sent $(sha256sum < /tmp/d | cut -d' ' -f1)"
+        """ + ping_until("10.0.0.1", confirm=False) + """
+            mkfifo /tmp/f; exec 3<>/tmp/f
+            nc -l -p 5001 <&3 > /tmp/ack &
+            vhu_mark sending
+            # 1 MiB every 0.1 s at least: the stream outlasts the migration.
+            i=0
+            while [ $i -lt 64 ]; do
+                dd if=/tmp/d bs=1M skip=$i count=1 2>/dev/null; i=$((i + 1)); sleep 0.1
+            done | nc 10.0.0.1 5000
+            echo "nc-rc $?"
+            for i in $(seq 1 300); do [ -s /tmp/ack ] && break; sleep 1; done
+            echo "ack $(cat /tmp/ack)"
+        """)
+        server.wait_for_marker("listening", timeout=180)
+        dest = migration.incoming(server, tmp_path / "dest", {str(socks[0]): str(socks[2])})
+        client.wait_for_marker("sending", timeout=180)
+        info = migration.migrate(server, dest, **{"max-bandwidth": 1 << 30})
+        assert info["status"] == "completed"
+        sent = client.wait(timeout=400)
+        got = dest.wait(timeout=400)
+        digest, size = line_value(got, "recv")
+        assert int(size) == 64 * MiB, got.output
+        assert digest == line_value(sent, "sent")[0] == line_value(sent, "ack")[0], sent.output
+        # The stream was still running when the receiver moved.
+        assert "recv " not in server.console.read_text(errors="replace")
+        log = backend.log_tail(400)
+        assert "dirty log:" in log, log
+        assert backend.running, log
+    finally:
+        if dest is not None:
+            dest.close()
+        backend.stop()
