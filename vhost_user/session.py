@@ -404,7 +404,15 @@ class Session:
         self.device.set_gpu_socket(bag.take())
 
     def _set_status(self, msg, bag):
-        self.status = msg.payload.value & 0xFF
+        """SET_STATUS: the driver's status byte. 0 stops every queue at once (what
+        virtio's reset means for the rings); the device keeps its state, since
+        QEMU 10 sends 0 on every vhost stop, a VM pause included, and a paused
+        guest's vsock connections must survive. RESET_DEVICE forgets everything."""
+        value = msg.payload.value & 0xFF
+        if value == 0 and self.status != 0:
+            self._stop_all()
+            log.info("SET_STATUS 0: every queue stopped")
+        self.status = value
 
     def _get_status(self, msg, bag):
         return U64(self.status)

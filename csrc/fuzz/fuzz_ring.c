@@ -1,7 +1,8 @@
 /*
  * fuzz_ring.c - libFuzzer harness for the split-ring walker (vring.c,
- * memory.c, inflight.c): direct and indirect chains, event idx, and
- * inflight recovery from a region the (hostile) front-end filled.
+ * memory.c, inflight.c, dirtylog.c): direct and indirect chains, event idx,
+ * inflight recovery from a region the (hostile) front-end filled, and the
+ * dirty log's chain walk at push (a log of any size, any used-ring address).
  *
  * Checks, beyond AddressSanitizer/UBSan:
  *   - every segment a pop returns lies inside its region, readable first;
@@ -25,6 +26,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uint32_t npopped = 0, num = 0;
     struct fg_snapshot snap;
     void *inflight = NULL;
+    uint8_t *logbits = NULL;
+    struct vr_log lg = {.call_fd = -1};
 
     fg_guest_init(&g);
     int with_inflight = fg_u8(&r) % 4 == 0;
@@ -101,10 +104,28 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 npopped = npopped > n ? npopped - n : 0;
             break;
         }
-        case 6:
-            if (vr_should_notify(&q))
-                vr_notify(&q);
+        case 6: {
+            uint8_t how = fg_u8(&r);
+            if (how & 1) {
+                if (vr_should_notify(&q))
+                    vr_notify(&q);
+            } else if (how & 2) {
+                /* Migration starts (or its log is replaced): a bitmap of a
+                 * fuzzed size, often smaller than guest memory, and the
+                 * used ring logged at a fuzzed guest address. */
+                free(logbits);
+                lg.size = 1 + fg_u8(&r) % 64;
+                lg.base = logbits = malloc(lg.size);
+                if (!logbits)
+                    abort();
+                memset(logbits, 0, lg.size);
+                vr_queue_set_log(&q, &lg);
+                vr_queue_set_log_used(&q, how & 4, (how & 8) ? fg_u64(&r) : FG_USED);
+            } else {
+                vr_queue_set_log(&q, NULL);
+            }
             break;
+        }
         default:
             if (fg_u8(&r) & 1)
                 vr_disable_notify(&q);
@@ -126,6 +147,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 out:
     vr_queue_fini(&q);
     free(inflight);
+    free(logbits);
     fg_guest_free(&g);
     return 0;
 }

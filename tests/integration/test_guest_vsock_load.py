@@ -195,7 +195,6 @@ def test_guest_vsock_128_streams_into_a_paused_guest_lose_nothing(guest_vm, shor
         empty = received.count(EMPTY)
         retries = rb.output.count("retry ")
         assert empty <= retries, f"{empty} empty guest streams but only {retries} connect retries"
-        print("DIAG", retries, empty, len(received), len(set(received) & set(_values(rb, "s"))), len(_values(rb, "s"))); print(backend.log_tail())
         assert [h for h in received if h != EMPTY] == _values(rb, "s"), \
             "a guest-to-guest stream lost or changed bytes"
         assert _values(ra, "h") == sorted(hashlib.sha256(d).hexdigest() for d in host_data), \

@@ -357,10 +357,13 @@ class Frontend:
         """Stop every queue (crosvm's `virtio_sleep` and `reset`); returns each base."""
         return {i: self.stop_queue(i) for i in sorted(self.queues)}
 
-    def resume(self, bases: dict[int, int]) -> None:
+    def resume(self, bases: dict[int, int], *, mem_table: bool = True) -> None:
         """Activate again with the same rings from `bases` (crosvm's `virtio_wake`):
-        SET_FEATURES if changed, the memory table, then each queue's set-up."""
-        self.set_mem_table()
+        SET_FEATURES if changed, the memory table, then each queue's set-up.
+        `mem_table=False` is QEMU's restart after a stop: its memory slots did
+        not change, so it sends none."""
+        if mem_table:
+            self.set_mem_table()
         for index, base in sorted(bases.items()):
             q = self.queues[index]
             q.base = base
