@@ -85,6 +85,19 @@ class VirtioDevice:
         raise UnsupportedRequest(f"{self.device_type} config space is read-only")
 
     # -- queues ----------------------------------------------------------------
+    # -- device state (SET_DEVICE_STATE_FD, vhost_user/devicestate.py) ----------
+    def save_state(self) -> bytes:
+        """The device's internal state while every queue is stopped (crosvm's
+        snapshot); rings, features and memory are the front-end's to restore.
+        A device with nothing of its own returns b"" (the default)."""
+        return b""
+
+    def load_state(self, data: bytes) -> None:
+        """Apply what `save_state` returned, in a new process (crosvm's restore);
+        raise ValueError to refuse it."""
+        if data:
+            raise ValueError(f"{self.device_type} keeps no device state, got {len(data)} bytes")
+
     def queue_handler(self, index: int) -> Any:
         """Return the handler that serves queue `index` (a native engine or a callable)."""
         raise UnsupportedRequest(f"{self.device_type} does not serve queue {index}")

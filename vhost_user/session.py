@@ -25,6 +25,7 @@ from typing import Callable
 
 from vhost_user.channel import AsyncChannel, BackendChannel, close_fds
 from vhost_user.device import VirtioDevice
+from vhost_user.devicestate import LOAD, SAVE, STOPPED, StateTransfer
 from vhost_user.dirtylog import DirtyLogs
 from vhost_user.errors import GuestMemoryError, RemoteProtocolError, UnsupportedRequest, VhostUserError
 from vhost_user.memory import GuestMemory
@@ -61,6 +62,7 @@ SERVER_PROTOCOL_FEATURES = (
     | (1 << PF.RESET_DEVICE)
     | (1 << PF.CONFIGURE_MEM_SLOTS)
     | (1 << PF.STATUS)
+    | (1 << PF.DEVICE_STATE)
 )
 
 _NEEDS_OWNER = frozenset({
@@ -118,6 +120,7 @@ class Session:
         self._inflight: mmap.mmap | None = None
         self._inflight_queue_size = 0
         self._logs = DirtyLogs()
+        self._state: StateTransfer | None = None
 
     # -- helpers ------------------------------------------------------------
     def offered_features(self) -> int:
@@ -437,6 +440,36 @@ class Session:
         for vq in self.queues:
             vq.set_dirty_log(active)
 
+    # -- device state (vhost_user/devicestate.py) -----------------------------------
+    def _set_device_state_fd(self, msg, bag):
+        p = msg.payload
+        fd = bag.take()
+        try:
+            if p.direction not in (SAVE, LOAD):
+                raise RemoteProtocolError(f"device state direction {p.direction} unknown", recoverable=True)
+            if p.phase != STOPPED:
+                raise RemoteProtocolError(f"device state phase {p.phase}: only STOPPED (0) is served",
+                                          recoverable=True)
+            running = [vq.index for vq in self.queues if vq.started]
+            if running:
+                raise RemoteProtocolError(f"device state transfer while queues {running} run",
+                                          recoverable=True)
+            if self._state is not None and self._state.running:
+                raise RemoteProtocolError("a device state transfer is still running", recoverable=True)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._state = StateTransfer(self.device, p.direction, fd)
+        return U64(_VRING_NOFD)  # success, and we use the front-end's fd
+
+    def _check_device_state(self, msg, bag):
+        if self._state is None:
+            raise RemoteProtocolError("CHECK_DEVICE_STATE without a transfer", recoverable=True)
+        state, self._state = self._state, None
+        if not state.check():
+            raise VhostUserError(f"device state transfer failed: {state.error}")
+        return U64(0)
+
     def _get_inflight_fd(self, msg, bag):
         p = msg.payload
         if not 0 < p.num_queues <= len(self.queues) or not 0 < p.queue_size <= self.device.max_queue_size:
@@ -550,4 +583,6 @@ _HANDLERS: dict[R, Callable] = {
     R.GET_STATUS: Session._get_status,
     R.SET_LOG_BASE: Session._set_log_base,
     R.SET_LOG_FD: Session._set_log_fd,
+    R.SET_DEVICE_STATE_FD: Session._set_device_state_fd,
+    R.CHECK_DEVICE_STATE: Session._check_device_state,
 }

@@ -44,6 +44,7 @@ from .display import Display, NullDisplay, PngDisplay, SocketDisplay, default_mo
 from .display_protocol import CursorPosMsg, CursorUpdateMsg, ScanoutMsg, UpdateMsg
 from .resources import DEFAULT_MAX_HOSTMEM, GpuError, ResourceTable, to_x8r8g8b8
 from . import sandbox as _sandbox  # noqa: F401 (registers the seccomp profile)
+from . import state as gpu_state
 from .spec import SPEC
 
 __all__ = ["GpuDevice", "GpuOptions", "CAPABILITIES"]
@@ -169,6 +170,23 @@ class GpuDevice(VirtioDevice):
         with self._lock:
             self.resources.clear()
             self.scanouts = [_Scanout() for _ in range(MAX_SCANOUTS)]
+
+    # -- device state (crosvm snapshot / restore; see state.py) -------------------
+    def save_state(self) -> bytes:
+        with self._lock:
+            return gpu_state.save(self.resources, self.scanouts)
+
+    def load_state(self, data: bytes) -> None:
+        with self._lock:
+            self.scanouts = gpu_state.load(data, self.resources, _Scanout, MAX_SCANOUTS)
+            for i, s in enumerate(self.scanouts):
+                if s.resource_id:   # show the restored frame at once
+                    res = self.resources.find(s.resource_id)
+                    self.display.scanout(ScanoutMsg(i, s.rect.width, s.rect.height))
+                    self.display.update(UpdateMsg(i, 0, 0, s.rect.width, s.rect.height),
+                                        to_x8r8g8b8(res, s.rect))
+        log.info("restored %d resource(s), %d scanout(s)", len(self.resources),
+                 sum(1 for s in self.scanouts if s.resource_id))
 
     def _drop_display(self) -> None:
         old, self.display = self.display, self.fallback

@@ -89,6 +89,13 @@ class VirglGpuDevice(GpuDevice):
             T.CMD_SUBMIT_3D: self._v_submit,
         })
 
+    def save_state(self) -> bytes:
+        """virglrenderer's resources and contexts cannot be serialised: refuse them."""
+        if self.res3d or self.contexts:
+            raise ValueError(f"{len(self.res3d)} virgl resource(s) and {len(self.contexts)} "
+                             "context(s) live in virglrenderer and cannot be saved")
+        return super().save_state()
+
     def get_config(self, offset: int, size: int) -> bytes:
         space = bytearray(super().get_config(0, 16))
         struct.pack_into("<I", space, 12, len(self.caps))

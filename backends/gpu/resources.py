@@ -192,6 +192,9 @@ class ResourceTable:
     def __len__(self) -> int:
         return len(self._res)
 
+    def ids(self) -> list[int]:
+        return list(self._res)
+
     def get(self, resource_id: int) -> Resource | None:
         return self._res.get(resource_id)
 

@@ -41,9 +41,12 @@ from vhost_user.backends.gpu.driver import DRIVER_FEATURES as GPU_FEATURES, GpuD
 from vhost_user.backends.net.driver import DRIVER_FEATURES as NET_FEATURES, NetDriver
 from vhost_user.backends.vsock.driver import DRIVER_FEATURES as VSOCK_FEATURES, VsockDriver
 from vhost_user.frontend import CROSVM, QEMU, Frontend, GuestRam
+from vhost_user.devicestate import pack_state
+from vhost_user.frontend.connection import FrontendError
+from vhost_user.frontend.migration import load_device_state, save_device_state
 from vhost_user.frontend.profiles import crosvm_ram_layout
 from vhost_user.protocol import (
-    FrontendRequest as R, MessageDecoder, ProtocolFeature as PF, VirtioFeature as VF, spec_for,
+    DeviceStateTransfer, FrontendRequest as R, MessageDecoder, ProtocolFeature as PF, VirtioFeature as VF, spec_for,
 )
 from vhost_user.protocol.constants import HeaderFlag
 from vsock_proc import host_connect, host_listener, read_line, recv_all
@@ -580,3 +583,99 @@ def test_crosvm_ram_layout_matches_its_x86_64_regions():
     assert crosvm_ram_layout(4 << 30) == [(0, 640 << 10), (640 << 10, 384 << 10),
                                           (MB, 0xD000_0000 - MB), (1 << 32, (4 << 30) - 0xD000_0000)]
     assert CROSVM.with_max_queue_size(1000).queue_size == 512
+
+
+# -- snapshot / restore (DEVICE_STATE) ---------------------------------------------------------
+def _wait_png(path: str, want: np.ndarray) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            try:
+                if np.array_equal(read_png(path), want):
+                    return
+            except (OSError, ValueError):
+                pass  # being written
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never showed the expected frame")
+
+
+def test_gpu_snapshot_restores_resources_into_a_new_backend_process(sockdir):
+    """crosvm's snapshot: suspend, SET_DEVICE_STATE_FD (SAVE) and CHECK; a new back-end
+    process gets the state (LOAD) before it is woken, shows the frame at once, and
+    the restored resource keeps its backing: the guest's next transfer and flush work."""
+    w, h = 64, 48
+    rgb = lambda img: img.reshape(h, w, 4)[:, :, [2, 1, 0]]  # noqa: E731
+    first = np.random.default_rng(3).integers(0, 256, (h, w * 4), dtype=np.uint8)
+    second = np.random.default_rng(4).integers(0, 256, (h, w * 4), dtype=np.uint8)
+    ram = _crosvm_ram()
+    try:
+        out_a, out_b = os.path.join(sockdir, "png-a"), os.path.join(sockdir, "png-b")
+        a = Connected(sockdir, "gpu", "--display", f"png:{out_a}", verbose="--verbose")
+        try:
+            fe = Frontend(a.socks[0], ram, profile=CROSVM)
+            fe.negotiate(GPU_FEATURES)
+            drv = GpuDriver(fe, None)
+            assert drv.create_2d(1, w, h, Format.B8G8R8X8_UNORM) == T.RESP_OK_NODATA
+            backing = drv.alloc_backing(w * h * 4)
+            drv.write_backing(backing, first.tobytes())
+            for status in (drv.attach_backing(1, backing), drv.set_scanout(0, 1, Rect(0, 0, w, h)),
+                           drv.transfer(1, Rect(0, 0, w, h)), drv.flush(1, Rect(0, 0, w, h))):
+                assert status == T.RESP_OK_NODATA
+            fe.suspend()
+            state = save_device_state(fe)
+            fe.close()
+            a.finish()
+        finally:
+            a.kill()
+        assert b"VHUSTATE" in state[:8]
+
+        b = Connected(sockdir, "gpu", "--display", f"png:{out_b}", verbose="--verbose")
+        try:
+            fe = Frontend(b.socks[0], ram, profile=CROSVM)
+            fe.negotiate(GPU_FEATURES)
+            load_device_state(fe, state)
+            _wait_png(os.path.join(out_b, "scanout-0.png"), rgb(first))   # shown at once
+            drv = GpuDriver(fe, None)
+            drv.write_backing(backing, second.tobytes())
+            assert drv.transfer(1, Rect(0, 0, w, h)) == T.RESP_OK_NODATA
+            assert drv.flush(1, Rect(0, 0, w, h)) == T.RESP_OK_NODATA
+            _wait_png(os.path.join(out_b, "scanout-0.png"), rgb(second))
+            fe.close()
+            log = b.finish()
+            assert "restored 1 resource(s), 1 scanout(s)" in log, log
+        finally:
+            b.kill()
+    finally:
+        ram.close()
+
+
+def test_device_state_refuses_damage_other_devices_and_running_queues(sockdir):
+    """A damaged state, a blk state into a gpu, a running queue and a non-pipe fd are
+    refused with a reason; the back-end goes on serving."""
+    be = Connected(sockdir, "blk")
+    try:
+        fe = _crosvm(be.socks[0], BLK_FEATURES)
+        try:
+            state = save_device_state(fe)            # blk keeps none of its own: framing only
+            bad = bytearray(state)
+            bad[-1] ^= 1
+            with pytest.raises(FrontendError):
+                load_device_state(fe, bytes(bad))
+            with pytest.raises(FrontendError):
+                load_device_state(fe, pack_state("gpu", b""))
+            load_device_state(fe, state)
+            with open(os.devnull, "rb") as f:
+                reply = fe.call(R.SET_DEVICE_STATE_FD, DeviceStateTransfer(0, 0), fds=(f.fileno(),))
+            assert reply.payload.value & 0xFF
+            drv = BlkDriver(fe)                     # queues run now
+            with pytest.raises(FrontendError):
+                save_device_state(fe)
+            drv.write(0, b"x" * 512)
+            assert drv.read(0, 512) == b"x" * 512
+        finally:
+            _close(fe)
+        log = be.log()
+        for reason in ("checksum mismatch", "state of a 'gpu' device", "while queues", "not a pipe"):
+            assert reason in log, log
+    finally:
+        be.kill()

@@ -8,6 +8,9 @@ device keeps running. It then reads and clears the bitmap at each pass and
 re-sends the pages whose bit came back. `DirtyLog` does the same on a
 `Frontend`, so a test can see which pages a back-end marks; it drives
 qemu-storage-daemon just as it drives ours.
+
+`save_device_state` / `load_device_state` are crosvm's snapshot and restore
+of a suspended device (SET_DEVICE_STATE_FD through a pipe, CHECK_DEVICE_STATE).
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from vhost_user.protocol import (
     VHOST_F_LOG_ALL,
     VHOST_LOG_PAGE,
     VHOST_VRING_F_LOG,
+    DeviceStateTransfer,
     FrontendRequest as R,
     ProtocolFeature as PF,
     U64,
     VringAddress,
 )
 
-__all__ = ["DirtyLog", "qemu_log_size"]
+__all__ = ["DirtyLog", "qemu_log_size", "save_device_state", "load_device_state"]
 
 _CHUNK = VHOST_LOG_PAGE * 64  # one 64-bit word of the bitmap
 
@@ -86,3 +90,55 @@ class DirtyLog:
     def close(self) -> None:
         self.bitmap.close()
         os.close(self._fd)
+
+
+def save_device_state(fe: Frontend) -> bytes:
+    """crosvm's snapshot of a suspended device: SET_DEVICE_STATE_FD (SAVE, STOPPED)
+    with a pipe's write end, read to EOF, then CHECK_DEVICE_STATE."""
+    rd, wr = os.pipe2(os.O_CLOEXEC)
+    try:
+        reply = fe.call(R.SET_DEVICE_STATE_FD, DeviceStateTransfer(0, 0), fds=(wr,))
+        os.close(wr)
+        wr = -1
+        _check_transfer_reply(reply.payload.value)
+        chunks = []
+        while chunk := os.read(rd, 1 << 20):
+            chunks.append(chunk)
+    finally:
+        os.close(rd)
+        if wr >= 0:
+            os.close(wr)
+    _check_state(fe)
+    return b"".join(chunks)
+
+
+def load_device_state(fe: Frontend, data: bytes) -> None:
+    """crosvm's restore, before the device is woken: the state through a pipe's
+    read end (LOAD, STOPPED), then CHECK_DEVICE_STATE."""
+    rd, wr = os.pipe2(os.O_CLOEXEC)
+    try:
+        reply = fe.call(R.SET_DEVICE_STATE_FD, DeviceStateTransfer(1, 0), fds=(rd,))
+        os.close(rd)
+        rd = -1
+        _check_transfer_reply(reply.payload.value)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(wr, view):]
+    finally:
+        os.close(wr)
+        if rd >= 0:
+            os.close(rd)
+    _check_state(fe)
+
+
+def _check_transfer_reply(value: int) -> None:
+    if value & 0xFF:
+        raise FrontendError(f"back-end refused SET_DEVICE_STATE_FD (error {value & 0xFF})")
+    if not value & 0x100:
+        raise FrontendError("back-end returned a transfer fd of its own (not supported here)")
+
+
+def _check_state(fe: Frontend) -> None:
+    value = fe.call(R.CHECK_DEVICE_STATE).payload.value
+    if value != 0:
+        raise FrontendError(f"CHECK_DEVICE_STATE failed ({value:#x})")
