@@ -95,11 +95,6 @@ class DirtyLog:
         """The `struct vr_log *` a queue points at (only for Virtqueue)."""
         return self._native
 
-    def pages(self) -> set[int]:
-        """Page numbers whose bit is set (tests and diagnostics)."""
-        data = bytes(self.mapping)
-        return {i * 8 + b for i, byte in enumerate(data) if byte for b in range(8) if byte >> b & 1}
-
     def release(self) -> None:
         ffi.release(self._buf)
 

@@ -166,7 +166,7 @@ class GuestVM:
         self._extra: list[str] = []
         self._ndev = 0
         self._proc: subprocess.Popen | None = None
-        self.command: list[str] = []
+        self._argv: list[str] = []
         self._qmp: _Qmp | None = None
         self._token = ""
         self._started = 0.0
@@ -196,6 +196,11 @@ class GuestVM:
         device += "".join(f",{k.replace('_', '-')}={v}" for k, v in props.items())
         self._extra += ["-chardev", spec, "-device", device]
         return dev
+
+    @property
+    def command(self) -> list[str]:
+        """QEMU's argv as this harness started it (empty before start)."""
+        return self._argv
 
     def command_line(self, initrd: Path) -> list[str]:
         """The full QEMU argv for booting ``initrd`` (public for debugging)."""
@@ -238,7 +243,7 @@ class GuestVM:
         initrd = boot_initrd(self.initramfs, script, self._token,
                              self.workdir / "initrd.cpio", layers)
         cmd = self.command_line(initrd)
-        self.command = cmd
+        self._argv = cmd
         (self.workdir / "qemu-cmdline.txt").write_text(" ".join(cmd) + "\n")
         self.console.write_bytes(b"")
         self._stderr = open(self.workdir / "qemu-stderr.log", "wb")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 
 import pytest
 
@@ -46,39 +47,41 @@ def _used_ring_pages(drv: BlkDriver) -> set[int]:
     return _pages(ring.used_gpa, 4 + 8 * drv.queues[0].size)
 
 
+@contextmanager
+def _logging(drv: BlkDriver):
+    """A migration started on `drv`'s connection, its bitmap cleared: the DirtyLog."""
+    dirty = DirtyLog(drv.fe)
+    try:
+        dirty.start()
+        dirty.clear()
+        yield dirty
+    finally:
+        dirty.close()
+
+
 def test_dirty_log_marks_read_buffers_status_and_used_ring(blk_sock):
     with BlkDriver.connect(blk_sock.socket, slots_per_queue=1, max_io=IO) as drv:
         header, status, data = drv.slot_addresses()[0]
-        dirty = DirtyLog(drv.fe)
-        try:
-            dirty.start()
-            dirty.clear()
+        with _logging(drv) as dirty:
             drv.read(0, IO)
             marked = dirty.pages()
-            assert _pages(data, IO) <= marked
-            assert status // PAGE in marked
-            assert marked & _used_ring_pages(drv)
-            # Nothing far from what was written: data, status (+header), used ring.
-            allowed = _pages(data, IO) | {status // PAGE, header // PAGE} | _used_ring_pages(drv)
-            assert marked <= allowed, sorted(marked - allowed)
-        finally:
-            dirty.close()
+        assert _pages(data, IO) <= marked
+        assert status // PAGE in marked
+        assert marked & _used_ring_pages(drv)
+        # Nothing far from what was written: data, status (+header), used ring.
+        allowed = _pages(data, IO) | {status // PAGE, header // PAGE} | _used_ring_pages(drv)
+        assert marked <= allowed, sorted(marked - allowed)
 
 
 def test_dirty_log_leaves_buffers_the_device_only_read(blk_sock):
     with BlkDriver.connect(blk_sock.socket, slots_per_queue=1, max_io=IO) as drv:
         _, status, data = drv.slot_addresses()[0]
-        dirty = DirtyLog(drv.fe)
-        try:
-            dirty.start()
-            dirty.clear()
+        with _logging(drv) as dirty:
             drv.write(8, os.urandom(IO))
             marked = dirty.pages()
-            assert status // PAGE in marked
-            # The write's data pages were only read by the device.
-            assert not marked & _pages(data + PAGE, IO - 2 * PAGE)
-        finally:
-            dirty.close()
+        assert status // PAGE in marked
+        # The write's data pages were only read by the device.
+        assert not marked & _pages(data + PAGE, IO - 2 * PAGE)
 
 
 def test_dirty_log_stops_with_log_all_off_and_io_goes_on(blk_sock):
@@ -128,14 +131,9 @@ def test_dirty_log_refuses_bad_log_regions(sockdir, shm_image):
                 a.close()
                 b.close()
             # A good log after all that still works.
-            dirty = DirtyLog(drv.fe)
-            try:
-                dirty.start()
-                dirty.clear()
+            with _logging(drv) as dirty:
                 drv.read(0, IO)
                 assert dirty.pages()
-            finally:
-                dirty.close()
         assert bp.running
         log = bp.log_tail(100)
         for reason in ("smaller than the", "beyond the fd", "not a memfd", "carries no fd"):
