@@ -35,8 +35,9 @@ static int process(struct vr_queue *q, vr_handler_fn fn, void *ctx)
 {
     int more;
     do {
-        uint16_t before = q->last_avail_idx;
-        uint32_t before_resub = q->resubmit_pos;
+        /* progress = chains popped (a packed ring's slot may come round
+         * to where it was) */
+        uint64_t before = q->stats.requests;
         vr_disable_notify(q);
         int rc = fn(ctx, q);
         if (q->broken)
@@ -45,7 +46,7 @@ static int process(struct vr_queue *q, vr_handler_fn fn, void *ctx)
             return VR_RUN_ERROR;
         vr_notify(q);
         more = vr_enable_notify(q);
-        if (q->last_avail_idx == before && q->resubmit_pos == before_resub)
+        if (q->stats.requests == before)
             break;
     } while (more);
     return VR_RUN_CONTROL;

@@ -86,10 +86,23 @@ void vr_queue_init(struct vr_queue *q, uint32_t index)
 
 int vr_queue_set_num(struct vr_queue *q, uint32_t num)
 {
-    /* virtio 1.2, 2.7: split Queue Size is a power of 2, at most 32768. */
-    if (q->started || num == 0 || num > VR_MAX_QUEUE_SIZE || (num & (num - 1)))
+    /* virtio 1.2, 2.7: split Queue Size is a power of 2, at most 32768;
+     * 2.8: a packed one is any size up to 32768. */
+    if (q->started || num == 0 || num > VR_MAX_QUEUE_SIZE || (!q->packed && (num & (num - 1))))
         return -VR_E_INVAL;
+    if (num != q->num)
+        vr_packed_release(q);
     q->num = num;
+    return VR_OK;
+}
+
+int vr_queue_set_packed(struct vr_queue *q, int on)
+{
+    if (q->started)
+        return -VR_E_STATE;
+    if (q->packed != !!on)
+        vr_packed_release(q);
+    q->packed = !!on;
     return VR_OK;
 }
 
@@ -105,17 +118,35 @@ int vr_queue_set_addr(struct vr_queue *q, uint64_t desc, uint64_t avail,
     return VR_OK;
 }
 
-int vr_queue_set_base(struct vr_queue *q, uint16_t last_avail_idx)
+/* Split: the avail index.  Packed (vhost-user.rst, SET_VRING_BASE): bits
+ * 0-14 the next avail slot, 15 its wrap counter, 16-30 the next used slot,
+ * 31 its wrap counter; the slots are checked against the size at start.
+ * A new base forgets the chains in flight. */
+int vr_queue_set_base(struct vr_queue *q, uint32_t base)
 {
     if (q->started)
         return -VR_E_STATE;
-    q->last_avail_idx = last_avail_idx;
+    if (!q->packed) {
+        if (base > 0xffff)
+            return -VR_E_INVAL;
+        q->last_avail_idx = (uint16_t)base;
+        return VR_OK;
+    }
+    q->last_avail_idx = base & 0x7fff;
+    q->avail_wrap = (base >> 15) & 1;
+    q->used_idx = (base >> 16) & 0x7fff;
+    q->used_wrap = base >> 31;
+    if (q->pk_ndesc)
+        memset(q->pk_ndesc, 0, q->num * sizeof(uint16_t));
     return VR_OK;
 }
 
-uint16_t vr_queue_get_base(const struct vr_queue *q)
+uint32_t vr_queue_get_base(const struct vr_queue *q)
 {
-    return q->last_avail_idx;
+    if (!q->packed)
+        return q->last_avail_idx;
+    return (uint32_t)q->last_avail_idx | (uint32_t)q->avail_wrap << 15
+           | (uint32_t)q->used_idx << 16 | (uint32_t)q->used_wrap << 31;
 }
 
 void vr_queue_set_event_idx(struct vr_queue *q, int on)
@@ -150,16 +181,20 @@ static int map_rings(struct vr_queue *q, const struct vr_mem *m)
 {
     uint32_t n = q->num;
     /* virtio 1.2, 2.7 (table "Virtqueue Part Alignment Size"): descriptor
-     * table 16, available ring 2, used ring 4 bytes. */
-    if ((q->desc_addr & 15) || (q->avail_addr & 1) || (q->used_addr & 3))
+     * table 16, available ring 2, used ring 4 bytes; 2.8: packed ring 16,
+     * event suppression areas 4 bytes each. */
+    uint64_t amask = q->packed ? 3 : 1;
+    uint64_t asize = q->packed ? VR_EVENT_AREA_SIZE : vr_avail_size(n);
+    uint64_t usize = q->packed ? VR_EVENT_AREA_SIZE : vr_used_size(n);
+    if ((q->desc_addr & 15) || (q->avail_addr & amask) || (q->used_addr & 3))
         return -VR_E_ALIGN;
     /* Each part, including the event fields, must lie inside one region. */
     uint8_t *d = map_ring(q, m, q->desc_addr, vr_desc_size(n));
-    uint8_t *a = map_ring(q, m, q->avail_addr, vr_avail_size(n));
-    uint8_t *u = map_ring(q, m, q->used_addr, vr_used_size(n));
+    uint8_t *a = map_ring(q, m, q->avail_addr, asize);
+    uint8_t *u = map_ring(q, m, q->used_addr, usize);
     if (!d || !a || !u)
         return -VR_E_RING;
-    if (((uintptr_t)d & 15) || ((uintptr_t)a & 1) || ((uintptr_t)u & 3))
+    if (((uintptr_t)d & 15) || ((uintptr_t)a & amask) || ((uintptr_t)u & 3))
         return -VR_E_ALIGN;
     q->desc = d;
     q->avail = a;
@@ -179,6 +214,16 @@ int vr_queue_start(struct vr_queue *q, const struct vr_mem *mem)
     rc = map_rings(q, mem);
     if (rc < 0)
         return rc;
+    if (q->packed) {
+        /* no inflight region for packed rings (packed.c) */
+        rc = vr_packed_prepare(q);
+        if (rc < 0)
+            return rc;
+        q->signalled_used_valid = 0;
+        q->nresubmit = q->resubmit_pos = 0;
+        q->started = 1;
+        return VR_OK;
+    }
     q->used_idx = ld16(USED_IDX(q));
     q->signalled_used = q->used_idx;
     q->signalled_used_valid = 0;
@@ -221,12 +266,14 @@ void vr_queue_reset(struct vr_queue *q)
 {
     uint32_t index = q->index;
     vr_queue_stop(q);
+    vr_packed_release(q);
     vr_queue_init(q, index);
 }
 
 void vr_queue_fini(struct vr_queue *q)
 {
     vr_queue_stop(q);
+    vr_packed_release(q);
 }
 
 int vr_queue_broken(const struct vr_queue *q) { return q->broken; }
@@ -250,9 +297,49 @@ static int read_desc(struct vr_queue *q, int indirect, uint64_t table,
     return vr_mem_read(q->mem, table + 16ull * i, d, sizeof(*d));
 }
 
+/* Append one guest buffer to a chain being popped (split and packed):
+ * translate it into segments, keep readable before writable, bound the
+ * totals.  Breaks the queue on a violation. */
+int vr_chain_add(struct vr_queue *q, struct vr_chain *c, uint64_t addr, uint32_t len,
+                 int writable, int *seen_write)
+{
+    uint16_t head = c->head;
+    /* 2.7.4.2 (split) and 2.8 "Write Flag" (packed): device-readable
+     * descriptors precede device-writable ones. */
+    if (writable)
+        *seen_write = 1;
+    else if (*seen_write)
+        return vr_queue_fail(q, VR_E_ORDER,
+                             "readable descriptor after a writable one on queue %u at head %u",
+                             q->index, head);
+    uint32_t first = c->nseg;
+    int rc = vr_mem_translate(q->mem, addr, len, c->segs, c->cap, &c->nseg);
+    if (rc == VR_E_CHAIN)
+        return vr_queue_fail(q, VR_E_CHAIN, "descriptor chain too long on queue %u at head %u",
+                             q->index, head);
+    if (rc != VR_OK)
+        return vr_queue_fail(q, VR_E_ADDRESS,
+                             "buffer 0x%llx+%u outside guest memory on queue %u at head %u",
+                             (unsigned long long)addr, len, q->index, head);
+    if (writable) {
+        for (uint32_t k = first; k < c->nseg; k++)
+            c->segs[k].writable = 1;
+        c->write_len += len;
+    } else {
+        c->read_len += len;
+        c->nread = (uint16_t)c->nseg;
+    }
+    /* The used element's len is 32 bits: a chain whose writable (or
+     * readable) total exceeds that cannot be completed correctly. */
+    if (c->write_len > UINT32_MAX || c->read_len > UINT32_MAX)
+        return vr_queue_fail(q, VR_E_CHAIN, "descriptor chain length overflow on queue %u at head %u",
+                             q->index, head);
+    return VR_OK;
+}
+
 static int walk_chain(struct vr_queue *q, uint16_t head, struct vr_chain *c)
 {
-    uint32_t size = q->num, i = head, hops = 0, first;
+    uint32_t size = q->num, i = head, hops = 0;
     uint64_t table = 0;
     int indirect = 0, seen_write = 0, rc;
     struct vr_desc d;
@@ -296,36 +383,9 @@ static int walk_chain(struct vr_queue *q, uint16_t head, struct vr_chain *c)
             indirect = 1;
             continue;
         }
-        /* 2.7.4.2 / 2.7.5.2: device-readable descriptors precede
-         * device-writable ones. */
-        if (d.flags & VR_DESC_F_WRITE)
-            seen_write = 1;
-        else if (seen_write)
-            return vr_queue_fail(q, VR_E_ORDER,
-                                 "readable descriptor after a writable one on queue %u at head %u",
-                                 q->index, head);
-        first = c->nseg;
-        rc = vr_mem_translate(q->mem, d.addr, d.len, c->segs, c->cap, &c->nseg);
-        if (rc == VR_E_CHAIN)
-            return vr_queue_fail(q, VR_E_CHAIN, "descriptor chain too long on queue %u at head %u",
-                                 q->index, head);
-        if (rc != VR_OK)
-            return vr_queue_fail(q, VR_E_ADDRESS,
-                                 "buffer 0x%llx+%u outside guest memory on queue %u at head %u",
-                                 (unsigned long long)d.addr, d.len, q->index, head);
-        if (d.flags & VR_DESC_F_WRITE) {
-            for (uint32_t k = first; k < c->nseg; k++)
-                c->segs[k].writable = 1;
-            c->write_len += d.len;
-        } else {
-            c->read_len += d.len;
-            c->nread = (uint16_t)c->nseg;
-        }
-        /* The used element's len is 32 bits: a chain whose writable (or
-         * readable) total exceeds that cannot be completed correctly. */
-        if (c->write_len > UINT32_MAX || c->read_len > UINT32_MAX)
-            return vr_queue_fail(q, VR_E_CHAIN, "descriptor chain length overflow on queue %u at head %u",
-                                 q->index, head);
+        rc = vr_chain_add(q, c, d.addr, d.len, d.flags & VR_DESC_F_WRITE, &seen_write);
+        if (rc < 0)
+            return rc;
         if (!(d.flags & VR_DESC_F_NEXT))
             return VR_OK;
         /* 2.7.5: next must index the same table. */
@@ -342,6 +402,8 @@ int vr_avail_pending(struct vr_queue *q)
         return 0;
     if (q->resubmit_pos < q->nresubmit)
         return 1;
+    if (q->packed)
+        return vr_packed_avail_pending(q);
     return ld16_acquire(AVAIL_IDX(q)) != q->last_avail_idx;
 }
 
@@ -352,6 +414,8 @@ int vr_pop(struct vr_queue *q, struct vr_chain *c)
         return 0;
     if (!q->started)
         return -VR_E_STATE;
+    if (q->packed)
+        return vr_packed_pop(q, c);
     if (q->resubmit_pos < q->nresubmit) {
         /* Inflight heads from before a reconnect go first. */
         uint16_t head = q->resubmit[q->resubmit_pos++];
@@ -392,6 +456,8 @@ int vr_pop(struct vr_queue *q, struct vr_chain *c)
  * but last_avail_idx. */
 int vr_unpop_n(struct vr_queue *q, uint32_t n)
 {
+    if (q->started && q->packed)
+        return vr_packed_unpop_n(q, n);
     if (!q->started || q->inflight || q->resubmit_pos < q->nresubmit || n > q->num)
         return -VR_E_STATE;
     q->last_avail_idx = (uint16_t)(q->last_avail_idx - n);
@@ -506,6 +572,8 @@ int vr_push_batch(struct vr_queue *q, const uint16_t *heads,
         return -VR_E_STATE;
     if (n > q->num)
         return -VR_E_INVAL;
+    if (q->packed)
+        return vr_packed_push_batch(q, heads, lens, n);
     for (uint32_t k = 0; k < n; k++)
         if (heads[k] >= q->num)
             return -VR_E_INVAL;
@@ -542,6 +610,8 @@ int vr_should_notify(struct vr_queue *q)
 {
     if (!q->started || q->broken)
         return 0;
+    if (q->packed)
+        return vr_packed_should_notify(q);
     uint16_t new = q->used_idx, old = q->signalled_used;
     int valid = q->signalled_used_valid;
     if (new == old)
@@ -598,6 +668,10 @@ void vr_disable_notify(struct vr_queue *q)
 {
     if (!q->started || q->broken)
         return;
+    if (q->packed) {
+        vr_packed_disable_notify(q);
+        return;
+    }
     /* With EVENT_IDX, a stale avail_event already suppresses kicks. */
     if (!q->event_idx) {
         st16(USED_FLAGS(q), ld16(USED_FLAGS(q)) | VR_USED_F_NO_NOTIFY);
@@ -610,6 +684,8 @@ int vr_enable_notify(struct vr_queue *q)
 {
     if (!q->started || q->broken)
         return 0;
+    if (q->packed)
+        return vr_packed_enable_notify(q);
     if (q->event_idx) {
         /* 2.7.10: ask for a kick once avail->idx moves past last_avail. */
         st16(AVAIL_EVENT(q), q->last_avail_idx);

@@ -1,6 +1,10 @@
 /*
  * vring.h - guest memory table and split virtqueue, device side.
  *
+ * Packed rings (virtio 1.2, 2.8) share the queue struct and the whole
+ * data-path API (pop, push, notify); packed.c holds their ring code and
+ * vr_pop & co. dispatch on q->packed, so engines do not care which it is.
+ *
  * Theory of operation
  * -------------------
  * The control plane (Python, asyncio thread) fills a struct vr_mem and a
@@ -41,6 +45,13 @@
 #define VR_AVAIL_F_NO_INTERRUPT 1
 #define VR_USED_F_NO_NOTIFY 1
 
+/* Packed ring flag bits and event suppression values (virtio 1.2, 2.8). */
+#define VR_PDESC_F_AVAIL (1u << 7)
+#define VR_PDESC_F_USED (1u << 15)
+#define VR_EVENT_ENABLE 0
+#define VR_EVENT_DISABLE 1
+#define VR_EVENT_DESC 2
+
 /* Error codes.  1..19 break the queue (driver at fault); 20+ are misuse
  * of the API by the caller and leave the queue as it was. */
 enum vr_error {
@@ -54,6 +65,7 @@ enum vr_error {
     VR_E_ORDER = 7,         /* readable descriptor after a writable one */
     VR_E_CHAIN = 8,         /* too many segments / total length overflow */
     VR_E_MALFORMED = 9,     /* device-specific: e.g. no status byte */
+    VR_E_ID = 10,           /* packed: buffer id out of range or in flight */
     VR_E_INVAL = 20,        /* bad argument from the caller */
     VR_E_RING = 21,         /* ring addresses not in one region each */
     VR_E_ALIGN = 22,        /* ring addresses misaligned */
@@ -142,6 +154,7 @@ struct vr_queue {
     uint32_t num;
     int event_idx;
     int started;
+    int packed;                /* VIRTIO_F_RING_PACKED (packed.c) */
     /* ring addresses as given by the front-end */
     uint64_t desc_addr, avail_addr, used_addr;
     int addr_is_gpa;
@@ -150,10 +163,16 @@ struct vr_queue {
     volatile uint8_t *avail;   /* flags, idx, ring[num], used_event */
     volatile uint8_t *used;    /* flags, idx, ring[num], avail_event */
     const struct vr_mem *mem;
-    uint16_t last_avail_idx;
-    uint16_t used_idx;         /* shadow of used->idx */
+    uint16_t last_avail_idx;   /* packed: next ring slot to read */
+    uint16_t used_idx;         /* shadow of used->idx; packed: next slot to write */
     uint16_t signalled_used;
     int signalled_used_valid;
+    /* packed only: wrap counters, and per buffer id the ring descriptors
+     * its chain took (0 = not in flight); pop history for vr_unpop_n */
+    uint8_t avail_wrap, used_wrap, signalled_wrap;
+    uint16_t *pk_ndesc;
+    uint32_t *pk_hist;
+    uint32_t pk_hist_pos, pk_hist_len;
     int kick_fd, call_fd;
     /* inflight tracking */
     struct vr_inflight_region *inflight;
@@ -186,8 +205,9 @@ void vr_queue_init(struct vr_queue *q, uint32_t index);
 int vr_queue_set_num(struct vr_queue *q, uint32_t num);
 int vr_queue_set_addr(struct vr_queue *q, uint64_t desc, uint64_t avail,
                       uint64_t used, int is_gpa);
-int vr_queue_set_base(struct vr_queue *q, uint16_t last_avail_idx);
-uint16_t vr_queue_get_base(const struct vr_queue *q);
+int vr_queue_set_base(struct vr_queue *q, uint32_t base);
+uint32_t vr_queue_get_base(const struct vr_queue *q);
+int vr_queue_set_packed(struct vr_queue *q, int on);
 void vr_queue_set_event_idx(struct vr_queue *q, int on);
 void vr_queue_set_fds(struct vr_queue *q, int kick_fd, int call_fd);
 int vr_queue_set_inflight(struct vr_queue *q, void *region, uint64_t size);
@@ -202,6 +222,19 @@ void vr_queue_get_stats(const struct vr_queue *q, struct vr_stats *out);
 /* cdef-end */
 int vr_queue_fail(struct vr_queue *q, int code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+int vr_chain_add(struct vr_queue *q, struct vr_chain *c, uint64_t addr, uint32_t len,
+                 int writable, int *seen_write);
+/* packed.c (called by vring.c when q->packed) */
+int vr_packed_prepare(struct vr_queue *q);
+void vr_packed_release(struct vr_queue *q);
+int vr_packed_pop(struct vr_queue *q, struct vr_chain *c);
+int vr_packed_unpop_n(struct vr_queue *q, uint32_t n);
+int vr_packed_push_batch(struct vr_queue *q, const uint16_t *ids, const uint32_t *lens,
+                         uint32_t n);
+int vr_packed_should_notify(struct vr_queue *q);
+void vr_packed_disable_notify(struct vr_queue *q);
+int vr_packed_enable_notify(struct vr_queue *q);
+int vr_packed_avail_pending(struct vr_queue *q);
 /* cdef-begin */
 /* vring.c: data path */
 int vr_pop(struct vr_queue *q, struct vr_chain *c);
@@ -264,5 +297,7 @@ int vr_run(struct vr_queue *q, int ctl_fd, vr_handler_fn fn, void *ctx,
 static inline uint64_t vr_desc_size(uint32_t num) { return 16ull * num; }
 static inline uint64_t vr_avail_size(uint32_t num) { return 6ull + 2ull * num; }
 static inline uint64_t vr_used_size(uint32_t num) { return 6ull + 8ull * num; }
+/* packed (2.8): the driver and device event suppression areas are 4 bytes */
+#define VR_EVENT_AREA_SIZE 4
 
 #endif

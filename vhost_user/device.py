@@ -21,6 +21,7 @@ COMMON_FEATURES = (
     (1 << VirtioFeature.VIRTIO_F_VERSION_1)
     | (1 << VirtioFeature.VIRTIO_RING_F_INDIRECT_DESC)
     | (1 << VirtioFeature.VIRTIO_RING_F_EVENT_IDX)
+    | (1 << VirtioFeature.VIRTIO_F_RING_PACKED)
 )
 
 #: virtio 1.2, 2.7: a split queue's size is a power of two, at most 32768 (crosvm's default)

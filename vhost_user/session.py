@@ -207,6 +207,15 @@ class Session:
         # QEMU toggles LOG_ALL on a running device when migration starts and
         # ends: that changes only the dirty log, not the device.
         log_only = (value ^ self.features) & ~transport == 0 and any(vq.started for vq in self.queues)
+        packed = bool(value & (1 << VirtioFeature.VIRTIO_F_RING_PACKED))
+        if packed and value & (1 << VHOST_F_LOG_ALL):
+            # packed.c does not log its used descriptors: refuse rather than
+            # let a migration copy stale guest pages
+            raise RemoteProtocolError("SET_FEATURES: dirty logging (VHOST_F_LOG_ALL) is not "
+                                      "supported with packed rings", recoverable=True)
+        if not log_only and any(vq.started and vq.packed != packed for vq in self.queues):
+            raise RemoteProtocolError("SET_FEATURES changes the ring layout of a running queue",
+                                      recoverable=True)
         self.features = value
         self._apply_dirty_log()
         if log_only:
@@ -215,6 +224,7 @@ class Session:
         event_idx = bool(value & (1 << VirtioFeature.VIRTIO_RING_F_EVENT_IDX))
         for vq in self.queues:
             vq.set_event_idx(event_idx)
+            vq.set_packed(packed)
         if not value & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
             # Without protocol features, rings are enabled as soon as they start.
             self._enabled = [True] * len(self.queues)

@@ -73,7 +73,7 @@ def vr_py_handler(ctx, q):  # pragma: no cover - exercised through the worker
 
 
 class Virtqueue:
-    """One split virtqueue, device side, with its worker thread."""
+    """One virtqueue (split, or packed after set_packed), device side, with its worker thread."""
 
     def __init__(self, index: int, max_size: int = 1024, *, poll_us: int = 0) -> None:
         if not 0 < max_size <= MAX_QUEUE_SIZE:
@@ -91,6 +91,7 @@ class Virtqueue:
         self._num = 0
         self._addr: tuple[int, int, int, int, int, bool] | None = None
         self._event_idx = False
+        self._packed = False
         self._inflight: tuple[Any, int] | None = None
         self._inflight_buf = None
         self._dirty_log = None
@@ -178,10 +179,31 @@ class Virtqueue:
         return out
 
     # -- control plane setters -------------------------------------------------------
+    @property
+    def packed(self) -> bool:
+        return self._packed
+
+    def set_packed(self, on: bool) -> None:
+        """Whether VIRTIO_F_RING_PACKED was negotiated (virtio 1.2, 2.8); only while stopped.
+
+        Packed rings have no inflight tracking here (a back-end restart loses
+        the requests in flight) and no dirty logging (the session refuses
+        VHOST_F_LOG_ALL with them).
+        """
+        on = bool(on)
+        if on == self._packed:
+            return
+        if self._started:
+            raise ValueError(f"queue {self.index}: ring layout change while started")
+        check_native(lib.vr_queue_set_packed(self._q, int(on)), f"queue {self.index}: set_packed")
+        self._packed = on
+
     def set_num(self, n: int) -> None:
-        """SET_VRING_NUM: a power of two in 1..max_size (split ring, like Linux vhost)."""
-        if not 0 < n <= self.max_size or n & (n - 1):
-            raise ValueError(f"queue {self.index}: size {n} is not a power of two in 1..{self.max_size}")
+        """SET_VRING_NUM: 1..max_size, a power of two for a split ring (like Linux vhost)."""
+        split_bad = n & (n - 1) and not self._packed
+        if not 0 < n <= self.max_size or split_bad:
+            kind = "in" if self._packed else "a power of two in"
+            raise ValueError(f"queue {self.index}: size {n} is not {kind} 1..{self.max_size}")
         check_native(lib.vr_queue_set_num(self._q, n), f"queue {self.index}: set_num")
         self._num = n
 
@@ -228,14 +250,20 @@ class Virtqueue:
         on = self._addr is not None and bool(self._addr[3] & VHOST_VRING_F_LOG)
         lib.vr_queue_set_log_used(self._q, int(on), self._addr[4] if on else 0)
 
-    def set_base(self, last_avail_idx: int) -> None:
-        """SET_VRING_BASE: the avail index to continue from."""
-        if not 0 <= last_avail_idx <= 0xFFFF:
-            raise ValueError("base must be a 16-bit index")
-        check_native(lib.vr_queue_set_base(self._q, last_avail_idx), f"queue {self.index}: set_base")
+    def set_base(self, base: int) -> None:
+        """SET_VRING_BASE: the avail index to continue from.
+
+        Packed rings: bits 0-14 the next avail slot, 15 its wrap counter,
+        16-30 the next used slot, 31 its wrap counter (a fresh ring is
+        0x80008000); the slots are checked against the size at start().
+        """
+        limit = 0xFFFF_FFFF if self._packed else 0xFFFF
+        if not 0 <= base <= limit:
+            raise ValueError(f"base {base:#x} is not a {'32' if self._packed else '16'}-bit value")
+        check_native(lib.vr_queue_set_base(self._q, base), f"queue {self.index}: set_base")
 
     def get_base(self) -> int:
-        """The next avail index to process (GET_VRING_BASE reply)."""
+        """The next avail index to process (GET_VRING_BASE reply; packed: as set_base)."""
         return lib.vr_queue_get_base(self._q)
 
     def set_event_idx(self, on: bool) -> None:
@@ -300,7 +328,10 @@ class Virtqueue:
         memory.acquire()
         native = NativeMemory(memory)
         try:
-            if self._inflight is not None:
+            if self._inflight is not None and self._packed:
+                log.warning("queue %d: no inflight tracking for packed rings: a back-end restart "
+                            "loses the requests in flight", self.index)
+            if self._inflight is not None and not self._packed:
                 region, offset = self._inflight
                 self._inflight_buf = ffi.from_buffer("uint8_t[]", region, require_writable=True)
                 lib.vr_queue_set_inflight(self._q, self._inflight_buf + offset, len(region) - offset)
@@ -319,7 +350,7 @@ class Virtqueue:
         self._chain.cap = lib.VR_MAX_SEGS
         self._chain.segs = self._segs
         self._started = True
-        if self._inflight is not None:
+        if self._inflight is not None and not self._packed:
             # One line per start: crash-recovery tests read it to prove that
             # requests really were replayed from the front-end's region.
             log.info("queue %d: %d request(s) to resubmit from the inflight region",
@@ -407,6 +438,7 @@ class Virtqueue:
         self._num = 0
         self._addr = None
         self._event_idx = False
+        self._packed = False
         self._inflight = None
         self._engine = None
         self._dirty_log = None
