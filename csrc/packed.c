@@ -250,7 +250,7 @@ int vr_packed_push_batch(struct vr_queue *q, const uint16_t *ids, const uint32_t
          * later ones may show first; the first one's flags go last,
          * released, and publish them all. */
         if (k == 0) {
-            first = e;
+            first = e + 14;
             first_flags = flags;
         } else {
             st16(e + 14, flags);

@@ -382,7 +382,8 @@ class Session:
         if self._inflight is not None and self.has_protocol_feature(PF.INFLIGHT_SHMFD):
             vq.set_inflight(self._inflight, index * inflight_queue_size(self._inflight_queue_size))
         vq.start(self.memory, self.device.queue_handler(index))
-        log.info("queue %d started (size %d, base %d)", index, vq.num, vq.get_base())
+        log.info("queue %d started (%s ring, size %d, base %#x)", index,
+                 "packed" if vq.packed else "split", vq.num, vq.get_base())
 
     def _stop_all(self) -> None:
         for vq in self.queues:
