@@ -1,7 +1,7 @@
 /*
  * fuzz_guest.h - what every native libFuzzer harness shares: a byte reader
  * over the input, a guest memory of two regions with a hole between them,
- * and a split ring laid out from fuzzer bytes.
+ * and a split or packed ring laid out from fuzzer bytes.
  *
  * The regions are malloc'ed, not mmap'ed, so AddressSanitizer puts redzones
  * around them: any read or write the C under test makes outside guest
@@ -182,7 +182,77 @@ static inline void fg_desc(struct fg_reader *r, uint32_t num, uint8_t out[16])
 }
 
 /*
- * Lay out a split ring at the fixed addresses and start `q` on it.
+ * A packed ring (virtio 1.2, 2.8) in the same places: descriptors at
+ * FG_DESC, the driver event area at FG_AVAIL, the device's at FG_USED.
+ * Each descriptor is fg_desc's bytes with id and flags in packed places and
+ * its AVAIL/USED bits mostly saying "available" for the wrap counter its
+ * slot has from the start position on.  Any size 1..256.
+ */
+static inline int fg_packed_at(struct fg_guest *g, struct fg_reader *r, struct vr_queue *q,
+                               uint32_t index, uint32_t *num_out, uint64_t at, int event_idx)
+{
+    uint32_t num = 1 + fg_u8(r) % FG_MAX_NUM;
+    uint16_t start = fg_u16(r) % num, used = fg_u8(r) % 8 ? start : fg_u16(r);
+    uint8_t wrap = fg_u8(r) & 1;
+    uint8_t d[16];
+
+    for (uint32_t i = 0; i < num + 64; i++) {
+        fg_desc(r, num, d);
+        uint16_t id, flags;
+        memcpy(&flags, d + 12, 2);
+        memcpy(&id, d + 14, 2);
+        flags &= 7; /* NEXT, WRITE, INDIRECT */
+        uint8_t sel = fg_u8(r) % 4;
+        uint8_t w = i < num ? (i >= start ? wrap : !wrap) : (uint8_t)(sel & 1);
+        if (sel <= 1)
+            flags |= w ? VR_PDESC_F_AVAIL : VR_PDESC_F_USED;    /* available */
+        else if (sel == 2)
+            flags |= w ? 0 : VR_PDESC_F_AVAIL | VR_PDESC_F_USED; /* used */
+        else
+            flags |= fg_u16(r) & (VR_PDESC_F_AVAIL | VR_PDESC_F_USED);
+        memcpy(d + 12, &id, 2);
+        memcpy(d + 14, &flags, 2);
+        if (i < num)
+            fg_put(g, at + FG_DESC + 16u * i, d, 16);
+        else /* the indirect tables hold packed descriptors too */
+            fg_put(g, at + FG_INDIRECT + 16u * (i - num), d, 16);
+    }
+    uint16_t ev[2] = {fg_u16(r), (uint16_t)(fg_u8(r) % 4)}; /* off_wrap, flags */
+    fg_put(g, at + FG_AVAIL, ev, 4);
+    ev[0] = ev[1] = 0;
+    fg_put(g, at + FG_USED, ev, 4);
+
+    vr_queue_init(q, index);
+    uint32_t base = start | (uint32_t)wrap << 15 | (uint32_t)used << 16 | (uint32_t)(fg_u8(r) & 1) << 31;
+    if (vr_queue_set_packed(q, 1) || vr_queue_set_num(q, num) || vr_queue_set_base(q, base))
+        return -1;
+    vr_queue_set_addr(q, at + FG_DESC + FG_UADDR_BASE, at + FG_AVAIL + FG_UADDR_BASE,
+                      at + FG_USED + FG_UADDR_BASE, 0);
+    vr_queue_set_event_idx(q, event_idx);
+    *num_out = num;
+    return vr_queue_start(q, &g->mem) == VR_OK ? 0 : -1;
+}
+
+/* The guest ranges [start, end) a device may write besides its buffers:
+ * the used ring (split), or the descriptor ring and the device event area
+ * (packed).  Fills out[0..1]; returns the count. */
+static inline uint32_t fg_ring_writes(const struct vr_queue *q, uint64_t at, uint64_t out[][2])
+{
+    if (!q->packed) {
+        out[0][0] = at + FG_USED;
+        out[0][1] = at + FG_USED + vr_used_size(q->num);
+        return 1;
+    }
+    out[0][0] = at + FG_DESC;
+    out[0][1] = at + FG_DESC + vr_desc_size(q->num);
+    out[1][0] = at + FG_USED;
+    out[1][1] = at + FG_USED + VR_EVENT_AREA_SIZE;
+    return 2;
+}
+
+/*
+ * Lay out a split ring at the fixed addresses and start `q` on it; one
+ * value of the event-idx byte (1 in 16) makes it a packed ring instead.
  * Returns 0 when the queue started (it may still break on first use).
  * `inflight`, if not NULL, is a region of at least FG_MAX_NUM descriptors
  * the front-end filled; the size given to the queue is sometimes too small.
@@ -192,9 +262,15 @@ static inline int fg_ring_at(struct fg_guest *g, struct fg_reader *r, struct vr_
 {
     uint8_t d[16];
     uint32_t num = 1u << (fg_u8(r) % 9); /* 1..256 */
-    int event_idx = fg_u8(r) & 1;
+    uint8_t eb = fg_u8(r);
+    int event_idx = eb & 1;
     uint16_t base, avail_idx, v;
     uint32_t ahead;
+
+    /* (the choice takes no byte of its own, so older inputs still replay
+     * as the split rings they were found on) */
+    if ((eb & 0xF0) == 0xA0)
+        return fg_packed_at(g, r, q, index, num_out, at, event_idx);
 
     for (uint32_t i = 0; i < num; i++) {
         fg_desc(r, num, d);

@@ -176,9 +176,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (rx_ok)
         vr_net_rx_detach(sw, b, 0);
 
-    const uint64_t used[2][2] = {{FG_USED, FG_USED + vr_used_size(ntx)},
-                                 {FG_RING2 + FG_USED, FG_RING2 + FG_USED + vr_used_size(nrx)}};
-    fg_check_writes(&g, &snap, used, 2);
+    uint64_t used[4][2];
+    uint32_t nused = fg_ring_writes(&tx, 0, used);
+    nused += fg_ring_writes(&rx, FG_RING2, used + nused);
+    fg_check_writes(&g, &snap, (const uint64_t (*)[2])used, nused);
     vr_queue_fini(&tx);
     vr_queue_fini(&rx);
     vr_net_port_forget(sw, a);

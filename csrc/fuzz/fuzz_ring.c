@@ -1,5 +1,5 @@
 /*
- * fuzz_ring.c - libFuzzer harness for the split-ring walker (vring.c,
+ * fuzz_ring.c - libFuzzer harness for the ring walkers (vring.c, packed.c,
  * memory.c, inflight.c, dirtylog.c): direct and indirect chains, event idx,
  * inflight recovery from a region the (hostile) front-end filled, and the
  * dirty log's chain walk at push (a log of any size, any used-ring address).
@@ -7,7 +7,8 @@
  * Checks, beyond AddressSanitizer/UBSan:
  *   - every segment a pop returns lies inside its region, readable first;
  *   - a broken queue stays broken and pops nothing more;
- *   - the device writes no guest byte outside the used ring (this harness
+ *   - the device writes no guest byte outside the used ring (packed: the
+ *     descriptor ring and the device event area; this harness
  *     never writes into buffers itself).
  */
 #include "fuzz_guest.h"
@@ -140,9 +141,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     /* Only the used ring (flags, idx, ring, avail_event) may have changed. */
     {
-        const uint64_t used[1][2] = {{FG_USED, FG_USED + vr_used_size(num)}};
-        fg_snapshot_check(&g, &snap, 0, used, 1);
-        fg_snapshot_check(&g, &snap, 1, used, 0);
+        uint64_t used[2][2];
+        uint32_t nused = fg_ring_writes(&q, 0, used);
+        fg_snapshot_check(&g, &snap, 0, (const uint64_t (*)[2])used, nused);
+        fg_snapshot_check(&g, &snap, 1, (const uint64_t (*)[2])used, 0);
     }
 out:
     vr_queue_fini(&q);
