@@ -404,6 +404,74 @@ def test_hostile_vring_address_is_refused_when_the_ring_starts(backend, case):
     _after_case(backend, mark, "failed")
 
 
+# -- packed rings ------------------------------------------------------------------------------
+
+PACKED = 1 << 34     # VIRTIO_F_RING_PACKED
+LOG_ALL = 1 << 26    # VHOST_F_LOG_ALL
+VERSION_1 = 1 << 32
+
+
+def test_hostile_dirty_logging_with_packed_rings_is_refused(backend):
+    """packed.c does not log its used descriptors: a migration must fail, not copy stale pages."""
+    mark = len(backend.log())
+    with _opened(bp=backend) as fe:
+        assert fe.backend_features & PACKED, "every back-end offers packed rings"
+        offered = fe.backend_features & LOG_ALL
+        fe.channel.send(Message.make(R.SET_FEATURES, U64(VERSION_1 | PACKED | LOG_ALL), need_reply=True))
+        _nacked(fe, R.SET_FEATURES)
+    _after_case(backend, mark, "not supported with packed rings" if offered else "unoffered")
+
+
+# avail slot = size, used slot = size, both slots 0x7fff (with the wrap bits set)
+@pytest.mark.parametrize("base", [0x8000_8040, 0x8040_8000, 0xFFFF_FFFF])
+def test_hostile_packed_ring_base_beyond_the_ring_does_not_start(backend, base):
+    mark = len(backend.log())
+    kick = _eventfds(1)
+    try:
+        with _opened(bp=backend) as fe:
+            fe.call(R.SET_FEATURES, U64(fe.backend_features & (VERSION_1 | PACKED)))
+            fe.set_mem_table()
+            fe.call(R.SET_VRING_NUM, VringState(0, 64))
+            fe.call(R.SET_VRING_BASE, VringState(0, base))
+            answers = []
+            for request, payload, fds in [
+                (R.SET_VRING_ADDR, VringAddress(0, 0, fe.ram.uaddr(0x1000), fe.ram.uaddr(0x3000),
+                                                fe.ram.uaddr(0x2000), 0), ()),
+                (R.SET_VRING_KICK, VringFdRequest.for_queue(0), (kick[0],)),
+                (R.SET_VRING_ENABLE, VringState(0, 1), ()),
+            ]:
+                fe.channel.send(Message.make(request, payload, fds=fds, need_reply=True))
+                got = _recv_raw(fe)
+                assert got is not None
+                answers.append(struct.unpack("<Q", got[2])[0])
+            assert any(answers), f"a packed ring with base {base:#x} was started"
+            assert _alive_session(fe)
+    finally:
+        _close(kick)
+    _after_case(backend, mark, "failed")
+
+
+def test_hostile_split_ring_base_above_16_bits_is_nacked(backend):
+    mark = len(backend.log())
+    with _with_memory(backend) as fe:
+        fe.channel.send(Message.make(R.SET_VRING_BASE, VringState(0, 0x1_0000), need_reply=True))
+        _nacked(fe, R.SET_VRING_BASE)
+    _after_case(backend, mark, "16-bit")
+
+
+def test_hostile_ring_layout_change_on_a_running_queue_is_refused(backend):
+    mark = len(backend.log())
+    with Frontend(backend.socket) as fe:
+        fe.negotiate(0)
+        fe.set_mem_table()
+        fe.setup_queue(0, 64)
+        acked = fe.backend_features & (VERSION_1 | (1 << 30))
+        fe.channel.send(Message.make(R.SET_FEATURES, U64(acked | PACKED), need_reply=True))
+        _nacked(fe, R.SET_FEATURES)
+        assert fe.stop_queue(0) == 0
+    _after_case(backend, mark, "ring layout of a running queue")
+
+
 # -- out of order ------------------------------------------------------------------------------
 
 def test_hostile_vring_setup_before_set_owner_is_nacked(backend):
