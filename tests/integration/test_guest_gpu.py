@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from harness.fixtures import require_tool
-from harness.guestgpu import BLOCK, expected_frame
+from harness.guestgpu import expected_frame, fb_script, screen_matches
 
 pytestmark = pytest.mark.guest
 
@@ -59,51 +59,14 @@ def gpu_socket(request, short_tmp, tmp_path):
                 proc.wait()
 
 
-def _script(size: int) -> str:
-    """Build `size` bytes of the BLOCK pattern in the guest and write them to fb0 at once."""
-    octal = "".join(f"\\{b:03o}" for b in BLOCK)
-    return f"""
-n=0; while [ ! -e /dev/fb0 ]; do n=$((n+1)); [ $n -gt 200 ] && {{ echo no fb0; exit 1; }}; sleep 0.1; done
-for v in /sys/class/vtconsole/vtcon*; do echo 0 > $v/bind 2>/dev/null; done
-echo "geometry $(cat /sys/class/graphics/fb0/virtual_size) $(cat /sys/class/graphics/fb0/stride)"
-printf '{octal}' > /tmp/img
-while [ $(stat -c %s /tmp/img) -lt {size} ]; do cat /tmp/img /tmp/img > /tmp/t; mv /tmp/t /tmp/img; done
-head -c {size} /tmp/img > /tmp/frame
-dd if=/tmp/frame of=/dev/fb0 bs={size} count=1 2>/dev/null || exit 2
-vhu_mark written
-sleep 120
-"""
-
-
-def _read_ppm(path: str) -> np.ndarray:
-    data = open(path, "rb").read()
-    parts = data.split(maxsplit=4)
-    assert parts[0] == b"P6" and parts[3] == b"255"
-    w, h = int(parts[1]), int(parts[2])
-    return np.frombuffer(parts[4][:w * h * 3], np.uint8).reshape(h, w, 3)
-
-
-def _screen_matches(vm, path: str, expect: np.ndarray, head: int = 0, timeout: float = 30.0):
-    """Take screendumps until one shows `expect` (fbdev flushes a little later)."""
-    deadline = time.monotonic() + timeout
-    shot = None
-    while time.monotonic() < deadline:
-        vm.qmp("screendump", filename=path, device="gpu0", head=head)
-        shot = _read_ppm(path)
-        if shot.shape == expect.shape and np.array_equal(shot, expect):
-            return shot
-        time.sleep(0.5)
-    return shot
-
-
 @pytest.mark.parametrize("xres,yres", [(1280, 800), (800, 600)])
 def test_guest_fb0_image_reaches_the_qmp_screendump(guest_vm, gpu_socket, tmp_path, xres, yres):
     vm = guest_vm(cpus=1)
     vm.add_args("-chardev", f"socket,id=g0,path={gpu_socket}",
                 "-device", f"vhost-user-gpu-pci,id=gpu0,chardev=g0,xres={xres},yres={yres}")
-    vm.start(_script(xres * 4 * yres))
+    vm.start(fb_script(xres * 4 * yres))
     vm.wait_for_marker("written", timeout=120)
-    shot = _screen_matches(vm, str(tmp_path / "shot.ppm"), expected_frame(xres, yres, xres * 4))
+    shot = screen_matches(vm, str(tmp_path / "shot.ppm"), expected_frame(xres, yres, xres * 4))
     assert shot is not None and shot.shape == (yres, xres, 3)
     assert np.array_equal(shot, expected_frame(xres, yres, xres * 4))
 
@@ -113,7 +76,7 @@ def test_guest_second_scanout_shows_the_cloned_framebuffer(guest_vm, gpu_socket,
     vm.add_args("-chardev", f"socket,id=g0,path={gpu_socket}",
                 "-device", "vhost-user-gpu-pci,id=gpu0,chardev=g0,max_outputs=2")
     stride, height = 800 * 4, 600
-    vm.start(_script(stride * height))
+    vm.start(fb_script(stride * height))
     vm.wait_for_marker("written", timeout=120)
     # fbdev clones one 800x600 framebuffer onto both CRTCs but its visible (and
     # flushed) area is the smallest mode, 640x480: head 0 shows that corner.
@@ -122,6 +85,6 @@ def test_guest_second_scanout_shows_the_cloned_framebuffer(guest_vm, gpu_socket,
     head0[:480, :640] = visible
     for head, expect in enumerate([head0, visible]):
         h, w = expect.shape[:2]
-        shot = _screen_matches(vm, str(tmp_path / f"head{head}.ppm"), expect, head=head)
+        shot = screen_matches(vm, str(tmp_path / f"head{head}.ppm"), expect, head=head)
         assert shot is not None and shot.shape == (h, w, 3), f"head {head}"
         assert np.array_equal(shot, expect), f"head {head}"

@@ -9,11 +9,20 @@ stream, a scanout), so a lost or doubled buffer shows as a failed check.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import socket
 import sys
+import threading
 
+import numpy as np
 import pytest
 
 from harness.backend import BackendProcess
+from harness.fixtures import require_tool
+from harness.guestgpu import expected_frame, fb_script, screen_matches
+from harness.guestnet import guest_ip, line_value, ping_until, send_until_acked
+from vsock_proc import connect_when_listening
 
 pytestmark = pytest.mark.guest
 
@@ -25,6 +34,35 @@ for f in /sys/bus/virtio/devices/*/features; do
     echo "packed-bit $(cut -c35 < $f) $(cat ${f%/features}/device)"
 done
 """
+
+
+WAIT_VSOCK = """
+n=0; while ! grep -q vmw_vsock_virtio_transport /proc/modules; do
+    n=$((n + 1)); [ "$n" -gt 100 ] && { echo "no virtio vsock transport"; exit 1; }; sleep 0.1
+done
+"""
+
+
+def _hash_one_connection(path: str, out: dict) -> threading.Thread:
+    """A host program on `<uds-path>_<port>`: sha256 of what one guest connection sends."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(120)
+
+    def run():
+        with listener:
+            conn, _ = listener.accept()
+            digest, total = hashlib.sha256(), 0
+            with conn:
+                while chunk := conn.recv(1 << 20):
+                    digest.update(chunk)
+                    total += len(chunk)
+            out["sha"], out["bytes"] = digest.hexdigest(), total
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
 
 
 def _packed_bits(result, device_id: str) -> list[str]:
@@ -72,3 +110,107 @@ def test_guest_blk_on_packed_rings_passes_fio_verify(guest_vm, short_tmp, tmp_pa
     assert terse[4] == "0" and int(terse[5]) == 2 * 8192, result.output
     assert "big-io same" in result.lines, result.output
     assert _packed_queues(backend) >= 2, backend.log_tail()
+
+
+def test_guest_net_on_packed_rings_moves_a_tcp_stream_between_two_guests(guest_vm, short_tmp,
+                                                                          tmp_path):
+    socks = [short_tmp / "vm0.sock", short_tmp / "vm1.sock"]
+    argv = [sys.executable, "-m", "vhost_user.backends.net", "--socket", str(socks[0]),
+            "--socket", str(socks[1]), "-v"]
+    backend = BackendProcess(argv, socks[1], tmp_path / "net.log").start()
+    macs = ["52:54:00:12:34:01", "52:54:00:12:34:02"]
+    try:
+        server, client = guest_vm(memory_mb=512), guest_vm(memory_mb=512)
+        for vm, sock, mac in ((server, socks[0], macs[0]), (client, socks[1], macs[1])):
+            vm.add_args("-chardev", f"socket,id=n0,path={sock}",
+                        "-netdev", "vhost-user,id=net0,chardev=n0",
+                        "-device", f"virtio-net-pci,netdev=net0,mac={mac},packed=on")
+        server.start(PACKED_BIT + guest_ip("10.0.0.1") + ping_until("10.0.0.2") + """
+            mkfifo /tmp/f; exec 3<>/tmp/f
+            nc -l -p 5000 <&3 > /tmp/r
+            digest=$(sha256sum < /tmp/r | cut -d' ' -f1)
+            echo "recv $digest $(wc -c < /tmp/r)"
+            echo "$digest" | nc 10.0.0.2 5001
+            sleep 2
+        """)
+        client.start(PACKED_BIT + guest_ip("10.0.0.2") + """
+            dd if=/dev/urandom of=/tmp/d bs=1M count=16 2>/dev/null
+            echo "sent $(sha256sum < /tmp/d | cut -d' ' -f1)"
+        """ + ping_until("10.0.0.1") + send_until_acked("10.0.0.1", 5000, 5001, tries=60, ack_wait=120))
+        sent = client.wait(timeout=240)
+        got = server.wait(timeout=240)
+    finally:
+        backend.stop()
+    for result in (sent, got):
+        assert _packed_bits(result, "0x0001") == ["1"], result.output
+    assert "ping 10.0.0.1 ok" in sent.lines, sent.output
+    digest, size = line_value(got, "recv")
+    assert int(size) == 16 * MiB, got.output
+    assert digest == line_value(sent, "sent")[0] == line_value(sent, "ack")[0]
+    assert _packed_queues(backend) >= 4, backend.log_tail()   # rx and tx of both ports
+
+
+def test_guest_vsock_on_packed_rings_moves_a_stream_each_way(guest_vm, short_tmp, tmp_path):
+    require_tool("socat")
+    uds = str(short_tmp / "vm3.vsock")
+    sock = short_tmp / "vm3.sock"
+    argv = [sys.executable, "-m", "vhost_user.backends.vsock", "-v", "--guest-cid", "3",
+            "--socket", str(sock), "--uds-path", uds]
+    backend = BackendProcess(argv, sock, tmp_path / "vsock.log").start()
+    size = 16 * MiB
+    try:
+        received: dict = {}
+        listener = _hash_one_connection(uds + "_5000", received)
+        vm = guest_vm(cpus=1, memory_mb=512)
+        vm.add_args("-chardev", f"socket,id=vs0,path={sock}",
+                    "-device", "vhost-user-vsock-pci,chardev=vs0,packed=on")
+        vm.start(WAIT_VSOCK + PACKED_BIT + f"""
+            set -e
+            dd if=/dev/urandom of=/tmp/p bs=1M count={size // MiB} 2>/dev/null
+            echo "up $(sha256sum < /tmp/p | cut -d' ' -f1)"
+            socat -u FILE:/tmp/p VSOCK-CONNECT:2:5000
+            vhu_mark listening
+            socat -u VSOCK-LISTEN:5001 STDOUT | sha256sum | cut -d' ' -f1 > /tmp/down
+            echo "down $(cat /tmp/down)"
+        """)
+        down = os.urandom(size)
+        vm.wait_for_marker("listening", timeout=240)
+        s, _ = connect_when_listening(uds, 5001, timeout=120)
+        s.sendall(down)
+        s.close()
+        result = vm.wait(timeout=240)
+        listener.join(30)
+    finally:
+        backend.stop()
+    assert _packed_bits(result, "0x0013") == ["1"], result.output
+    assert received.get("bytes") == size, backend.log_tail()
+    assert received["sha"] == line_value(result, "up")[0]
+    assert line_value(result, "down")[0] == hashlib.sha256(down).hexdigest()
+    assert _packed_queues(backend) >= 2, backend.log_tail()   # rx and tx (and event)
+
+
+def test_guest_gpu_on_packed_rings_shows_the_framebuffer(guest_vm, short_tmp, tmp_path):
+    sock = short_tmp / "gpu.sock"
+    argv = [sys.executable, "-m", "vhost_user.backends.gpu", "--socket-path", str(sock),
+            "--verbose"]
+    backend = BackendProcess(argv, sock, tmp_path / "gpu.log", probe_connect=False).start()
+    xres, yres = 800, 600
+    try:
+        vm = guest_vm(cpus=1)
+        vm.add_args("-chardev", f"socket,id=g0,path={sock}",
+                    "-device", f"vhost-user-gpu-pci,id=gpu0,chardev=g0,xres={xres},yres={yres},"
+                               "packed=on")
+        check = """
+            for f in /sys/bus/virtio/devices/*; do
+                [ "$(cat $f/device)" = 0x0010 ] || continue
+                [ "$(cut -c35 < $f/features)" = 1 ] || { echo "gpu ring not packed"; exit 3; }
+            done
+        """
+        vm.start(fb_script(xres * 4 * yres).replace("vhu_mark written", check + "vhu_mark written"))
+        vm.wait_for_marker("written", timeout=120)
+        expect = expected_frame(xres, yres, xres * 4)
+        shot = screen_matches(vm, str(tmp_path / "shot.ppm"), expect)
+    finally:
+        backend.stop()
+    assert shot is not None and np.array_equal(shot, expect)
+    assert _packed_queues(backend) >= 2, backend.log_tail()   # control and cursor
