@@ -16,6 +16,7 @@ from vhost_user._native import ffi, lib
 from vhost_user.errors import (
     AddressOutOfRange,
     AvailIndexJump,
+    BadBufferId,
     BadIndirectLength,
     ChainTooLong,
     DescriptorIndexOutOfRange,
@@ -42,6 +43,7 @@ _ERRORS: dict[int, type[Exception]] = {
     7: DescriptorOrder,
     8: ChainTooLong,
     9: VirtqueueError,
+    10: BadBufferId,
     20: ValueError,
     21: AddressOutOfRange,
     22: VirtqueueError,
@@ -52,7 +54,7 @@ _ERRORS: dict[int, type[Exception]] = {
 _API_MESSAGES = {
     20: "invalid argument",
     21: "ring does not lie inside one guest memory region",
-    22: "ring address is misaligned (desc 16, avail 2, used 4 bytes)",
+    22: "ring address is misaligned (split: desc 16, avail 2, used 4 bytes; packed: 16, 4, 4)",
     23: "operation not valid in the queue's current state",
     24: "out of memory",
     25: "inflight region does not match the queue (size or desc_num)",

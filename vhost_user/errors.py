@@ -27,6 +27,7 @@ __all__ = [
     "AvailIndexJump",
     "DescriptorOrder",
     "ChainTooLong",
+    "BadBufferId",
     "UnsupportedRequest",
     "DeviceError",
 ]
@@ -70,6 +71,10 @@ class DescriptorOrder(VirtqueueError):
 
 class ChainTooLong(VirtqueueError):
     """A chain has more segments than the device can take."""
+
+
+class BadBufferId(VirtqueueError):
+    """A packed ring's buffer id is not below the queue size, or is already in flight."""
 
 
 class UnsupportedRequest(VhostUserError):
