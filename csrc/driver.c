@@ -1,6 +1,7 @@
 /*
- * driver.c: driver side of a virtio split virtqueue and the latency
- * histogram of the device loads. See driver.h for the theory of operation.
+ * driver.c: driver side of a virtio split or packed virtqueue and the
+ * latency histogram of the device loads. See driver.h for the theory of
+ * operation.
  */
 #define _GNU_SOURCE
 #include "clock.h"
@@ -49,6 +50,19 @@ struct vring_used {
     struct vring_used_elem ring[];
 };
 #define VRING_USED_F_NO_NOTIFY 1
+
+/* 2.8.13 packed descriptor; the event suppression areas are {off_wrap, flags} */
+struct pdesc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t id;
+    uint16_t flags;
+};
+#define PDESC_F_AVAIL (1u << 7)
+#define PDESC_F_USED (1u << 15)
+#define EVENT_ENABLE 0
+#define EVENT_DISABLE 1
+#define EVENT_DESC 2
 
 enum { RING_DESC, RING_AVAIL, RING_USED };
 
@@ -105,6 +119,17 @@ static int size_ok(uint32_t size)
     return size != 0 && size <= DRV_MAX_QUEUE_SIZE && (size & (size - 1)) == 0;
 }
 
+int drv_packed_layout(uint32_t size, struct drv_ring_layout *out)
+{
+    if (size == 0 || size > DRV_MAX_QUEUE_SIZE)
+        return DRV_E_ARG;
+    out->desc_offset = 0;
+    out->avail_offset = desc_bytes(size); /* a multiple of 16: 4-aligned */
+    out->used_offset = out->avail_offset + 4;
+    out->total_bytes = align_up(out->used_offset + 4, 4096);
+    return DRV_OK;
+}
+
 int drv_ring_layout(uint32_t size, struct drv_ring_layout *out)
 {
     if (!size_ok(size))
@@ -119,9 +144,13 @@ int drv_ring_layout(uint32_t size, struct drv_ring_layout *out)
 
 static int place_rings(struct drv_queue *q, const struct drv_queue_config *c)
 {
-    static const uint64_t align[3] = {16, 2, 4}; /* 2.7 alignment table */
+    static const uint64_t split_align[3] = {16, 2, 4}; /* 2.7 alignment table */
+    static const uint64_t packed_align[3] = {16, 4, 4}; /* 2.8.10.1 */
+    const uint64_t *align = c->packed ? packed_align : split_align;
     const uint64_t off[3] = {c->desc_offset, c->avail_offset, c->used_offset};
-    const uint64_t len[3] = {desc_bytes(c->size), avail_bytes(c->size), used_bytes(c->size)};
+    uint64_t len[3] = {desc_bytes(c->size), avail_bytes(c->size), used_bytes(c->size)};
+    if (c->packed)
+        len[1] = len[2] = 4;
 
     for (int i = 0; i < 3; i++) {
         if (!range_ok(off[i], len[i], c->area_size))
@@ -145,7 +174,8 @@ int drv_queue_init(struct drv_queue *q, struct drv_desc_state *st, uint8_t *area
 {
     memset(q, 0, sizeof(*q));
     q->broken = DRV_E_ARG; /* stays broken unless init completes */
-    if (!area || !st || !size_ok(c->size) || c->kick_fd < 0 || c->call_fd < 0)
+    int sized = c->packed ? c->size != 0 && c->size <= DRV_MAX_QUEUE_SIZE : size_ok(c->size);
+    if (!area || !st || !sized || c->kick_fd < 0 || c->call_fd < 0)
         return DRV_E_ARG;
     if (c->gpa_base + c->area_size < c->gpa_base)
         return DRV_E_RANGE;
@@ -171,6 +201,14 @@ int drv_queue_init(struct drv_queue *q, struct drv_desc_state *st, uint8_t *area
     q->kick_fd = c->kick_fd;
     q->call_fd = c->call_fd;
     q->event_idx = c->event_idx != 0;
+    if (c->packed) {
+        /* a fresh packed ring: both wrap counters 1, the device notifies
+         * (driver event flags ENABLE, zeroed above) */
+        q->packed = 1;
+        q->avail_wrap = q->used_wrap = 1;
+        q->broken = 0;
+        return DRV_OK;
+    }
     /* The back-end starts from base_index (SET_VRING_BASE); so do both rings. */
     q->avail_idx = q->kicked_idx = q->last_used = c->base_index;
     q->avail->idx = c->base_index;
@@ -226,6 +264,38 @@ static uint16_t publish_chain(struct drv_queue *q, const struct drv_seg *segs, u
     return head;
 }
 
+/* Packed (2.8.6, 2.8.21): the chain in the next n ring slots, under one
+ * buffer id from the free list; the first descriptor's flags are stored
+ * last, released, and make the whole chain available. */
+static uint16_t publish_packed(struct drv_queue *q, const struct drv_seg *segs, uint32_t n)
+{
+    uint16_t id = q->free_head, first_slot = q->avail_slot, first_flags = 0;
+    q->free_head = q->st[id].next;
+    for (uint32_t k = 0; k < n; k++) {
+        uint16_t flags = (uint16_t)((k + 1 < n ? VRING_DESC_F_NEXT : 0) |
+                                    (segs[k].writable ? VRING_DESC_F_WRITE : 0) |
+                                    (q->avail_wrap ? PDESC_F_AVAIL : PDESC_F_USED));
+        struct pdesc *d = (struct pdesc *)q->desc + q->avail_slot;
+        d->addr = segs[k].gpa;
+        d->len = segs[k].len;
+        d->id = id;
+        if (k == 0)
+            first_flags = flags;
+        else
+            d->flags = flags;
+        if (++q->avail_slot == q->size) {
+            q->avail_slot = 0;
+            q->avail_wrap ^= 1;
+        }
+    }
+    q->num_free -= n;
+    q->st[id].chain_len = (uint16_t)n;
+    q->inflight++;
+    q->avail_idx++;
+    __atomic_store_n(&((struct pdesc *)q->desc + first_slot)->flags, first_flags, __ATOMIC_RELEASE);
+    return id;
+}
+
 int drv_add(struct drv_queue *q, const struct drv_seg *segs, uint32_t n)
 {
     if (q->broken)
@@ -237,7 +307,25 @@ int drv_add(struct drv_queue *q, const struct drv_seg *segs, uint32_t n)
     int rc = check_segs(q, segs, n);
     if (rc)
         return rc;
-    return publish_chain(q, segs, n);
+    return q->packed ? publish_packed(q, segs, n) : publish_chain(q, segs, n);
+}
+
+static uint16_t *device_event(struct drv_queue *q, int field) /* 0 off_wrap, 1 flags */
+{
+    return (uint16_t *)(q->area + q->ring_off[RING_USED]) + field;
+}
+
+static uint16_t *driver_event(struct drv_queue *q, int field)
+{
+    return (uint16_t *)(q->area + q->ring_off[RING_AVAIL]) + field;
+}
+
+/* Packed kick suppression (2.8.10): only DISABLE stops a kick. A DESC
+ * request (which this back-end never makes) is honoured by kicking anyway:
+ * a kick too many is harmless. */
+static int packed_kick_needed(struct drv_queue *q)
+{
+    return __atomic_load_n(device_event(q, 1), __ATOMIC_RELAXED) != EVENT_DISABLE;
 }
 
 int drv_kick(struct drv_queue *q)
@@ -252,7 +340,9 @@ int drv_kick(struct drv_queue *q)
      * device's suppression state */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     int needed;
-    if (q->event_idx)
+    if (q->packed)
+        needed = packed_kick_needed(q);
+    else if (q->event_idx)
         needed = need_event(__atomic_load_n(avail_event(q), __ATOMIC_RELAXED), new_idx, old);
     else
         needed = !(__atomic_load_n(&q->used->flags, __ATOMIC_RELAXED) & VRING_USED_F_NO_NOTIFY);
@@ -286,15 +376,61 @@ static uint16_t used_idx_acquire(struct drv_queue *q)
     return __atomic_load_n(&q->used->idx, __ATOMIC_ACQUIRE); /* 2.7.14 */
 }
 
+static struct pdesc *used_slot(struct drv_queue *q)
+{
+    return (struct pdesc *)q->desc + q->used_slot;
+}
+
+/* 2.8.1: the descriptor at the driver's used position is used when AVAIL
+ * and USED both equal the used wrap counter. */
+static int packed_used_ready(struct drv_queue *q)
+{
+    uint16_t f = __atomic_load_n(&used_slot(q)->flags, __ATOMIC_ACQUIRE);
+    return !!(f & PDESC_F_AVAIL) == q->used_wrap && !!(f & PDESC_F_USED) == q->used_wrap;
+}
+
 int drv_used_pending(struct drv_queue *q)
 {
+    if (q->packed)
+        return packed_used_ready(q);
     return used_idx_acquire(q) != q->last_used;
+}
+
+static int reap_packed(struct drv_queue *q, struct drv_used_elem *out, uint32_t max)
+{
+    uint32_t n = 0;
+    while (n < max && q->inflight && packed_used_ready(q)) {
+        struct pdesc d = *used_slot(q); /* a local copy, checked */
+        if (d.id >= q->size)
+            return fail(q, DRV_E_USED_ID, d.id);
+        uint16_t len = q->st[d.id].chain_len;
+        if (len == 0)
+            return fail(q, DRV_E_NOT_INFLIGHT, d.id);
+        /* our own count of the chain's slots, never the device's word */
+        uint32_t slot = q->used_slot + len;
+        if (slot >= q->size) {
+            slot -= q->size;
+            q->used_wrap ^= 1;
+        }
+        q->used_slot = (uint16_t)slot;
+        q->st[d.id].chain_len = 0;
+        q->st[d.id].next = q->free_head;
+        q->free_head = d.id;
+        q->num_free += len;
+        q->inflight--;
+        out[n].id = d.id;
+        out[n].len = d.len;
+        n++;
+    }
+    return (int)n;
 }
 
 int drv_reap(struct drv_queue *q, struct drv_used_elem *out, uint32_t max)
 {
     if (q->broken)
         return DRV_E_BROKEN;
+    if (q->packed)
+        return reap_packed(q, out, max);
     uint16_t idx = used_idx_acquire(q);
     uint16_t pending = (uint16_t)(idx - q->last_used);
     /* 2.7.8: the device cannot return more chains than are in flight */
@@ -318,6 +454,16 @@ int drv_reap(struct drv_queue *q, struct drv_used_elem *out, uint32_t max)
 /* Asks for a call on the next used entry; true if one is already there. */
 static int arm_and_check(struct drv_queue *q)
 {
+    if (q->packed) {
+        if (q->event_idx) {
+            /* 2.8.10: a call when the used descriptor at our position lands */
+            __atomic_store_n(driver_event(q, 0), (uint16_t)(q->used_slot | q->used_wrap << 15),
+                             __ATOMIC_RELAXED);
+            __atomic_store_n(driver_event(q, 1), EVENT_DESC, __ATOMIC_RELEASE);
+        }
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        return packed_used_ready(q);
+    }
     if (q->event_idx)
         __atomic_store_n(used_event(q), q->last_used, __ATOMIC_RELAXED);
     /* 2.7.10: fence between writing used_event and re-reading used->idx */

@@ -1,6 +1,6 @@
 /*
  * driver.h: the driver (guest) side of a virtio split virtqueue (virtio 1.2
- * section 2.7), for the built-in front-end, and the latency histogram its
+ * section 2.7) or packed one (2.8, `packed` in the config), for the built-in front-end, and the latency histogram its
  * device loads share.  The loads themselves (blk, net, vsock) live beside
  * their devices (backends/<dev>/driver_<dev>.c) and use only the verbs
  * declared here: add, kick, reap, wait, used_pending.
@@ -95,7 +95,9 @@ struct drv_queue_config {
     int kick_fd;
     int call_fd;
     int event_idx;       /* VIRTIO_RING_F_EVENT_IDX negotiated */
-    uint16_t base_index; /* first avail/used index (as sent in SET_VRING_BASE) */
+    uint16_t base_index; /* first avail/used index (as sent in SET_VRING_BASE); split only */
+    int packed;          /* VIRTIO_F_RING_PACKED: desc ring, driver and device event areas
+                            at desc/avail/used_offset; starts at 0x80008000 */
 };
 
 struct vring_desc;
@@ -127,9 +129,15 @@ struct drv_queue {
     int sys_errno;
     uint64_t kicks;
     uint64_t wakeups;
+    /* packed only: next slots and wrap counters (2.8.1) */
+    int packed;
+    uint16_t avail_slot, used_slot;
+    uint8_t avail_wrap, used_wrap;
 };
 
 int drv_ring_layout(uint32_t size, struct drv_ring_layout *out);
+/* Packed: descriptor ring at 0, the two 4-byte event areas after it; any size. */
+int drv_packed_layout(uint32_t size, struct drv_ring_layout *out);
 int drv_queue_init(struct drv_queue *q, struct drv_desc_state *st, uint8_t *area,
                    const struct drv_queue_config *cfg);
 int drv_add(struct drv_queue *q, const struct drv_seg *segs, uint32_t nsegs);

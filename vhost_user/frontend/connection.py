@@ -23,7 +23,7 @@ import socket
 from dataclasses import dataclass, field
 
 from vhost_user.channel import BlockingChannel, close_fds
-from vhost_user.frontend.driver_ring import DriverQueue, ring_layout
+from vhost_user.frontend.driver_ring import PACKED_BASE, DriverQueue, packed_layout, ring_layout
 from vhost_user.frontend.guestram import GuestRam, RamRegion
 from vhost_user.errors import LocalProtocolError, RemoteProtocolError, VhostUserError
 from vhost_user.frontend.profiles import CROSVM, QEMU, Profile, crosvm_ram_layout
@@ -287,7 +287,8 @@ class Frontend:
 
     # -- queues -------------------------------------------------------------------
     def setup_queue(self, index: int, size: int, *, region: int | None = None) -> QueueHandle:
-        """Lay out a split ring in guest RAM and hand it to the back-end, enabled.
+        """Lay out a ring in guest RAM (packed when VIRTIO_F_RING_PACKED was acked, else
+        split) and hand it to the back-end, enabled.
 
         The profile fixes the order of the messages and may fix the size
         (crosvm offers 32768 and a Linux guest takes it, whatever the driver
@@ -295,7 +296,8 @@ class Frontend:
         new ring.
         """
         size = self.profile.queue_size or size
-        desc_off, avail_off, used_off, total = ring_layout(size)
+        packed = self.has_feature(VirtioFeature.VIRTIO_F_RING_PACKED)
+        desc_off, avail_off, used_off, total = (packed_layout if packed else ring_layout)(size)
         gpa = self.ram.alloc(total, align=_PAGE, region=region)
         ram_region = self.ram.region_of(gpa, total)
         kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -306,13 +308,14 @@ class Frontend:
             ram_region.mem, ram_region.gpa, size,
             desc_offset=base + desc_off, avail_offset=base + avail_off, used_offset=base + used_off,
             kick_fd=kick, call_fd=call,
-            event_idx=self.has_feature(VirtioFeature.VIRTIO_RING_F_EVENT_IDX),
+            event_idx=self.has_feature(VirtioFeature.VIRTIO_RING_F_EVENT_IDX), packed=packed,
         )
         old = self.queues.pop(index, None)
         if old is not None:
             old.ring.close()
             close_fds((old.kick_fd, old.call_fd, old.err_fd))
-        handle = QueueHandle(index, size, ring, kick, call, err, _region_index(self.ram, ram_region))
+        handle = QueueHandle(index, size, ring, kick, call, err, _region_index(self.ram, ram_region),
+                             base=PACKED_BASE if packed else 0)
         self.queues[index] = handle
         for step in self.profile.vring_setup:
             _VRING_STEPS[step](self, handle)

@@ -1,4 +1,4 @@
-"""Driver (guest) side of a virtio split virtqueue, for the built-in front-end.
+"""Driver (guest) side of a virtio split or packed virtqueue, for the built-in front-end.
 
 Theory of operation: the front-end owns guest RAM as memfd regions. One
 region, mapped writable here, holds the descriptor table, avail ring and used
@@ -24,7 +24,10 @@ from typing import Iterable, Sequence
 from vhost_user._driver import ffi, lib
 from vhost_user.errors import DescriptorIndexOutOfRange, VirtqueueError
 
-__all__ = ["DriverQueue", "ring_layout", "u32"]
+__all__ = ["DriverQueue", "ring_layout", "packed_layout", "PACKED_BASE", "u32"]
+
+#: SET_VRING_BASE of a fresh packed ring: slots 0, both wrap counters 1
+PACKED_BASE = 0x8000_8000
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,16 @@ _ERRORS = {
 _DEVICE_FAULTS = (lib.DRV_E_USED_ID, lib.DRV_E_NOT_INFLIGHT, lib.DRV_E_USED_JUMP)
 
 
+def packed_layout(size: int) -> tuple[int, int, int, int]:
+    """(desc_offset, driver_event_offset, device_event_offset, total_bytes) of a packed
+    ring of `size` (1..32768, any value): descriptors at 0, the two 4-byte event
+    areas after them, total_bytes rounded up to a page."""
+    out = ffi.new("struct drv_ring_layout *")
+    if lib.drv_packed_layout(u32(size, "size"), out) != lib.DRV_OK:
+        raise ValueError(f"queue size {size} is not in 1..{MAX_QUEUE_SIZE}")
+    return out.desc_offset, out.avail_offset, out.used_offset, out.total_bytes
+
+
 def ring_layout(size: int) -> tuple[int, int, int, int]:
     """(desc_offset, avail_offset, used_offset, total_bytes) for a queue of `size`.
 
@@ -65,12 +78,13 @@ def u32(value: int, name: str) -> int:
 
 
 class DriverQueue:
-    """One split virtqueue driven from the driver side.
+    """One split (or, with `packed`, packed) virtqueue driven from the driver side.
 
     `area` is a writable buffer (an mmap of a memfd region of guest RAM) whose
     first byte is guest-physical `gpa_base`. The rings are placed at the given
     offsets and zeroed; avail->idx and used->idx start at `base_index` (send
-    the same value in SET_VRING_BASE). `kick_fd`/`call_fd` are eventfds the
+    the same value in SET_VRING_BASE; a packed ring starts at PACKED_BASE, its
+    avail/used offsets are the driver and device event areas). `kick_fd`/`call_fd` are eventfds the
     caller owns and closes. Keeps `area` exported until `close()`.
     """
 
@@ -87,6 +101,7 @@ class DriverQueue:
         call_fd: int,
         event_idx: bool,
         base_index: int = 0,
+        packed: bool = False,
     ) -> None:
         if not 0 <= base_index <= 0xFFFF:
             raise ValueError(f"base_index {base_index} is not a u16")
@@ -112,6 +127,7 @@ class DriverQueue:
                 "call_fd": call_fd,
                 "event_idx": bool(event_idx),
                 "base_index": base_index,
+                "packed": bool(packed),
             },
         )
         try:
@@ -120,6 +136,7 @@ class DriverQueue:
             ffi.release(buf)
             raise
         self.size = size
+        self.packed = bool(packed)
         self.gpa_base = gpa_base
         self.desc_gpa = gpa_base + desc_offset
         self.avail_gpa = gpa_base + avail_offset
