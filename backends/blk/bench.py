@@ -14,7 +14,9 @@ from vhost_user.cli import parse_size
 from vhost_user.frontend.bench import process_cpu_seconds
 from .driver_load import bench_area_size, run_blk_load
 
-from .driver import BlkDriver
+from vhost_user.protocol import VirtioFeature
+
+from .driver import DRIVER_FEATURES, BlkDriver
 
 __all__ = ["BlkBenchReport", "BlkBenchSpec", "add_arguments", "run", "run_blk_bench"]
 
@@ -29,6 +31,8 @@ def add_arguments(p) -> None:
     p.add_argument("--runtime", type=float, default=5.0, help="seconds")
     p.add_argument("--queue-size", type=int, default=256)
     p.add_argument("--pid", type=int, help="back-end pid, to report its CPU time per request")
+    p.add_argument("--packed", action="store_true",
+                   help="packed virtqueues (VIRTIO_F_RING_PACKED) instead of split ones")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -51,6 +55,7 @@ class BlkBenchSpec:
     queue_size: int = 256
     pid: int | None = None
     seed: int = 1
+    packed: bool = False
 
 
 @dataclass
@@ -85,8 +90,12 @@ def run_blk_bench(spec: BlkBenchSpec) -> BlkBenchReport:
     qd = min(spec.iodepth, spec.queue_size // 3)
     ram = spec.queues * bench_area_size(spec.block_size, qd) + (32 << 20)
     ram = -(-ram // (2 << 20)) * (2 << 20)
+    features = DRIVER_FEATURES | ((1 << VirtioFeature.VIRTIO_F_RING_PACKED) if spec.packed else 0)
     driver = BlkDriver.connect(spec.socket, num_queues=spec.queues, queue_size=spec.queue_size,
-                               ram_size=ram, max_io=4096, slots_per_queue=1)
+                               ram_size=ram, max_io=4096, slots_per_queue=1, features=features)
+    if spec.packed and not driver.fe.has_feature(VirtioFeature.VIRTIO_F_RING_PACKED):
+        driver.close()
+        raise ValueError("the back-end does not offer packed virtqueues")
     try:
         capacity = driver.config.capacity if driver.config else 0
         if capacity * 512 < spec.block_size:
@@ -136,7 +145,7 @@ def run(args) -> int:
     """Run `vhost-user-bench blk` with its parsed options; the exit code."""
     spec = BlkBenchSpec(socket=args.socket, rw=args.rw, block_size=args.bs, iodepth=args.iodepth,
                         queues=args.queues, runtime=args.runtime, queue_size=args.queue_size,
-                        pid=args.pid)
+                        pid=args.pid, packed=args.packed)
     report = run_blk_bench(spec)
     print(json.dumps(asdict(report)) if args.json else report.line())
     return 0 if report.errors == 0 else 1

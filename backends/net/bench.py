@@ -13,7 +13,9 @@ import time
 from vhost_user.cli import parse_size
 from vhost_user.frontend.bench import process_cpu_seconds
 
-from .driver import NetDriver
+from vhost_user.protocol import VirtioFeature
+
+from .driver import DRIVER_FEATURES, NetDriver
 
 __all__ = ["add_arguments", "run", "run_net_bench"]
 
@@ -33,17 +35,21 @@ def add_arguments(p) -> None:
     p.add_argument("--pause-others", action="store_true",
                    help="SIGSTOP the other back-ends (by --pid) during each one's slice, so a "
                         "busy-polling peer does not take the CPU from the one measured")
+    p.add_argument("--packed", action="store_true",
+                   help="packed virtqueues (VIRTIO_F_RING_PACKED) instead of split ones")
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
 
 
 def run_net_bench(pairs: list[tuple[str, str]], *, frame_sizes=(64, 1500), pids=None,
                   labels=None, runtime: float = 5.0, rounds: int = 5,
-                  queue_size: int = 256, pause_others: bool = False) -> list[dict]:
+                  queue_size: int = 256, pause_others: bool = False,
+                  packed=None) -> list[dict]:
     """Frames/s and Gbit/s between two ports per back-end (generator and sink in C).
 
     The sink port first sends one broadcast so a learning switch knows its
     MAC; the generator then sends unicast UDP frames to it. Back-ends take
-    turns in `rounds` slices so machine noise hits them alike.
+    turns in `rounds` slices so machine noise hits them alike. `packed` (one
+    bool per pair) asks for packed virtqueues on that pair's two ports.
     """
     from .driver_load import run_net_bench as drive
 
@@ -54,9 +60,11 @@ def run_net_bench(pairs: list[tuple[str, str]], *, frame_sizes=(64, 1500), pids=
     ends: list[tuple] = []
     stats = []
     try:
-        for tx_sock, rx_sock in pairs:
-            gen = NetDriver.connect(tx_sock, queue_size=queue_size)
-            sink = NetDriver.connect(rx_sock, queue_size=queue_size)
+        layouts = list(packed or []) + [False] * len(pairs)
+        for (tx_sock, rx_sock), pk in zip(pairs, layouts):
+            features = DRIVER_FEATURES | ((1 << VirtioFeature.VIRTIO_F_RING_PACKED) if pk else 0)
+            gen = NetDriver.connect(tx_sock, queue_size=queue_size, features=features)
+            sink = NetDriver.connect(rx_sock, queue_size=queue_size, features=features)
             ends.append((gen, sink))
             sink.send(_udp_frame(sink_mac, b"\xff" * 6, 64))
             sink.wait_tx()
@@ -146,7 +154,8 @@ def run(args) -> int:
         pairs.append((tx, rx))
     stats = run_net_bench(pairs, frame_sizes=args.frame_size or (64, 1500), pids=args.pid,
                           labels=args.label, runtime=args.runtime, rounds=args.rounds,
-                          queue_size=args.queue_size, pause_others=args.pause_others)
+                          queue_size=args.queue_size, pause_others=args.pause_others,
+                          packed=[args.packed] * len(pairs))
     for st in stats:
         if args.json:
             print(json.dumps(st))
