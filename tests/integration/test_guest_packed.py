@@ -65,13 +65,26 @@ def _hash_one_connection(path: str, out: dict) -> threading.Thread:
     return t
 
 
-def _packed_bits(result, device_id: str) -> list[str]:
-    return [line.split()[1] for line in result.lines
+def _packed_bits(lines: list[str], device_id: str) -> list[str]:
+    """Bit 34 as the guest acked it, once per virtio device with `device_id` (PACKED_BIT)."""
+    return [line.split()[1] for line in lines
             if line.startswith("packed-bit ") and line.split()[2] == device_id]
 
 
-def _packed_queues(backend: BackendProcess) -> int:
-    return backend.log_tail(1 << 20).count("packed ring")
+def _shot_summary(shot, expect) -> str:
+    if shot is None:
+        return "none"
+    if shot.shape != expect.shape:
+        return f"shape {shot.shape}, want {expect.shape}"
+    return f"{int(np.count_nonzero((shot != expect).any(axis=2)))} pixels differ"
+
+
+def _assert_queues_packed(backend: BackendProcess, at_least: int) -> None:
+    """The back-end logged `at_least` queues started packed and none started split."""
+    log = backend.log_tail(1 << 20)
+    packed, split = log.count("started (packed ring"), log.count("started (split ring")
+    assert packed >= at_least and split == 0, backend.explain(
+        f"{packed} queues started packed (want >= {at_least}), {split} split")
 
 
 def test_guest_blk_on_packed_rings_passes_fio_verify(guest_vm, short_tmp, tmp_path):
@@ -104,12 +117,12 @@ def test_guest_blk_on_packed_rings_passes_fio_verify(guest_vm, short_tmp, tmp_pa
         """, timeout=240)
     finally:
         backend.stop()
-    assert _packed_bits(result, "0x0002") == ["1"], result.output
+    assert _packed_bits(result.lines, "0x0002") == ["1"], result.output
     assert "fio-rc 0" in result.lines, result.output
     terse = next(line for line in result.lines if line.startswith("terse ")).split(";")
     assert terse[4] == "0" and int(terse[5]) == 2 * 8192, result.output
     assert "big-io same" in result.lines, result.output
-    assert _packed_queues(backend) >= 2, backend.log_tail()
+    _assert_queues_packed(backend, 2)
 
 
 def test_guest_net_on_packed_rings_moves_a_tcp_stream_between_two_guests(guest_vm, short_tmp,
@@ -142,12 +155,13 @@ def test_guest_net_on_packed_rings_moves_a_tcp_stream_between_two_guests(guest_v
     finally:
         backend.stop()
     for result in (sent, got):
-        assert _packed_bits(result, "0x0001") == ["1"], result.output
-    assert "ping 10.0.0.1 ok" in sent.lines, sent.output
+        assert _packed_bits(result.lines, "0x0001") == ["1"], result.output
+    assert "ping 10.0.0.1 ok" in sent.lines, backend.explain(sent.output)
     digest, size = line_value(got, "recv")
-    assert int(size) == 16 * MiB, got.output
-    assert digest == line_value(sent, "sent")[0] == line_value(sent, "ack")[0]
-    assert _packed_queues(backend) >= 4, backend.log_tail()   # rx and tx of both ports
+    assert int(size) == 16 * MiB, backend.explain(got.output)
+    assert digest == line_value(sent, "sent")[0] == line_value(sent, "ack")[0], backend.explain(
+        f"server got {digest}; client:\n{sent.output}")
+    _assert_queues_packed(backend, 4)   # rx and tx of both ports
 
 
 def test_guest_vsock_on_packed_rings_moves_a_stream_each_way(guest_vm, short_tmp, tmp_path):
@@ -182,11 +196,13 @@ def test_guest_vsock_on_packed_rings_moves_a_stream_each_way(guest_vm, short_tmp
         listener.join(30)
     finally:
         backend.stop()
-    assert _packed_bits(result, "0x0013") == ["1"], result.output
-    assert received.get("bytes") == size, backend.log_tail()
-    assert received["sha"] == line_value(result, "up")[0]
-    assert line_value(result, "down")[0] == hashlib.sha256(down).hexdigest()
-    assert _packed_queues(backend) >= 2, backend.log_tail()   # rx and tx (and event)
+    assert _packed_bits(result.lines, "0x0013") == ["1"], result.output
+    assert received.get("bytes") == size, backend.explain(f"host got {received}")
+    assert received["sha"] == line_value(result, "up")[0], backend.explain(
+        f"host got {received['sha']}; guest:\n{result.output}")
+    assert line_value(result, "down")[0] == hashlib.sha256(down).hexdigest(), backend.explain(
+        f"host sent {hashlib.sha256(down).hexdigest()}; guest:\n{result.output}")
+    _assert_queues_packed(backend, 2)   # rx and tx (the event queue is never kicked)
 
 
 def test_guest_gpu_on_packed_rings_shows_the_framebuffer(guest_vm, short_tmp, tmp_path):
@@ -200,17 +216,16 @@ def test_guest_gpu_on_packed_rings_shows_the_framebuffer(guest_vm, short_tmp, tm
         vm.add_args("-chardev", f"socket,id=g0,path={sock}",
                     "-device", f"vhost-user-gpu-pci,id=gpu0,chardev=g0,xres={xres},yres={yres},"
                                "packed=on")
-        check = """
-            for f in /sys/bus/virtio/devices/*; do
-                [ "$(cat $f/device)" = 0x0010 ] || continue
-                [ "$(cut -c35 < $f/features)" = 1 ] || { echo "gpu ring not packed"; exit 3; }
-            done
-        """
-        vm.start(fb_script(xres * 4 * yres).replace("vhu_mark written", check + "vhu_mark written"))
+        # bit 34 once the driver has probed (fb0 is there), before the script sleeps
+        vm.start(fb_script(xres * 4 * yres).replace("vhu_mark written",
+                                                    PACKED_BIT + "vhu_mark written"))
         vm.wait_for_marker("written", timeout=120)
+        console = vm.console_tail(1000).splitlines()
         expect = expected_frame(xres, yres, xres * 4)
         shot = screen_matches(vm, str(tmp_path / "shot.ppm"), expect)
     finally:
         backend.stop()
-    assert shot is not None and np.array_equal(shot, expect)
-    assert _packed_queues(backend) >= 2, backend.log_tail()   # control and cursor
+    assert _packed_bits(console, "0x0010") == ["1"], "\n".join(console)
+    assert shot is not None and np.array_equal(shot, expect), backend.explain(
+        f"the screendump never showed the fb0 pattern (last shot: {_shot_summary(shot, expect)})")
+    _assert_queues_packed(backend, 2)   # control and cursor

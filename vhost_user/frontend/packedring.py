@@ -13,6 +13,13 @@ bytes each ({off_wrap, flags}).
 `base()` is the 32-bit SET_VRING_BASE value of vhost-user for packed rings:
 bits 0-14 the next avail slot, 15 its wrap counter, 16-30 the used slot, 31
 its wrap counter.
+
+`add_chain` is the well-formed writer (it refuses a chain the ring has no
+room for, 2.8 "Scatter-Gather Support"); `put_chain` writes any descriptors
+under any id, and the `hostile_*` methods use it to break one driver rule
+of 2.8 each. An indirect table outside memory is
+`hostile_address(addr, 16, DESC_F_INDIRECT)`, a zero-length one
+`hostile_indirect_len(0)`, an overflowing element `hostile_address(2**64 - 8, 16)`.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ import struct
 
 from .guestram import GuestRam
 
-__all__ = ["PackedRing", "PDESC", "DESC_F_NEXT", "DESC_F_WRITE", "DESC_F_INDIRECT", "DESC_F_AVAIL",
+__all__ = ["PackedRing", "PDESC", "avail_bits", "DESC_F_NEXT", "DESC_F_WRITE", "DESC_F_INDIRECT", "DESC_F_AVAIL",
            "DESC_F_USED", "EVENT_ENABLE", "EVENT_DISABLE", "EVENT_DESC"]
 
 DESC_F_NEXT = 1
@@ -91,6 +98,8 @@ class PackedRing:
 
     def _take_id(self, id: int | None) -> int:
         if id is not None:
+            if id in self.free:
+                self.free.remove(id)
             return id
         if not self.free:
             raise MemoryError("no free buffer ids")
@@ -98,7 +107,10 @@ class PackedRing:
 
     def put_chain(self, descs, id: int | None = None, *, publish: bool = True) -> int:
         """Write `descs` = [(addr, len, flags without AVAIL/USED)] into consecutive slots
-        from the next avail slot, each with buffer `id`; returns the id."""
+        from the next avail slot, each with buffer `id` (default: the next free one); returns
+        the id. Raw: no room check, and `id` may be anything (the hostile builders use that)."""
+        if not descs:
+            raise ValueError("a chain has at least one descriptor")
         id = self._take_id(id)
         first = None
         for addr, length, flags in descs:
@@ -127,6 +139,12 @@ class PackedRing:
                   publish: bool = True) -> int:
         """Chain of (gpa, len) buffers, readable first; returns its buffer id."""
         bufs = [(a, n, 0) for a, n in readable] + [(a, n, DESC_F_WRITE) for a, n in writable]
+        if not bufs:
+            raise ValueError("a chain has at least one buffer")
+        if not self.free:
+            raise MemoryError("no free buffer ids")
+        if self.in_flight + (1 if indirect else len(bufs)) > self.num:
+            raise MemoryError("no room in the ring for the chain")   # 2.8: driver must check
         if indirect:
             table = self.ram.alloc(16 * len(bufs), 16)
             for k, (a, n, f) in enumerate(bufs):
@@ -134,6 +152,11 @@ class PackedRing:
             return self.put_chain([(table, 16 * len(bufs), DESC_F_INDIRECT)], publish=publish)
         flags = [f | (DESC_F_NEXT if k + 1 < len(bufs) else 0) for k, (_, _, f) in enumerate(bufs)]
         return self.put_chain([(a, n, fl) for (a, n, _), fl in zip(bufs, flags)], publish=publish)
+
+    @property
+    def in_flight(self) -> int:
+        """Ring slots held by chains the device has not used yet (published or not)."""
+        return sum(self.ndesc.values())
 
     # -- used descriptors / event areas ------------------------------------------------------
     def reap(self) -> list[tuple[int, int]]:
@@ -153,6 +176,9 @@ class PackedRing:
             self.free.append(id)
 
     def set_driver_event(self, flags: int, off: int = 0, wrap: int = 1) -> None:
+        """The driver area: ENABLE / DISABLE / DESC (at slot `off` under wrap counter `wrap`)."""
+        if not 0 <= off < 1 << 15 or wrap not in (0, 1):
+            raise ValueError("off is 15 bits and wrap one bit")
         self.ram.write(self.driver, struct.pack("<HH", off | wrap << 15, flags))
 
     @property
@@ -194,3 +220,27 @@ class PackedRing:
     def hostile_order(self, buf: int) -> int:
         """A readable descriptor after a writable one."""
         return self.put_chain([(buf, 16, DESC_F_WRITE | DESC_F_NEXT), (buf + 16, 16, 0)])
+
+    def hostile_indirect_after_direct(self, buf: int) -> int:
+        """A direct descriptor whose NEXT leads to an INDIRECT one (2.8: an indirect
+        descriptor must not be part of a NEXT-linked list)."""
+        table = self.ram.alloc(16, 16)
+        self.write_desc(0, buf, 16, 0, 0, table=table)
+        return self.put_chain([(buf, 16, DESC_F_NEXT), (table, 16, DESC_F_INDIRECT)])
+
+    def hostile_id_in_last(self, buf: int) -> int:
+        """A valid, free id on the first descriptor but an out-of-range one on the last:
+        2.8 puts the buffer id in the last descriptor, so the chain's id is the bad one."""
+        id = self.put_chain([(buf, 16, DESC_F_NEXT), (buf + 16, 16, 0)], publish=False)
+        last = (self.avail_slot - 1) % self.num
+        self.ram.put_u16(self.desc + 16 * last + 12, self.num + 5)
+        self.publish(id)
+        return id
+
+    def reserved_indirect_flags(self, buf: int) -> int:
+        """Not an error: an indirect table whose entries carry NEXT and junk ids, which
+        2.8 reserves and the device must ignore (entries are sequential, len / 16 of them)."""
+        table = self.ram.alloc(32, 16)
+        self.write_desc(0, buf, 16, 0xBEEF, DESC_F_NEXT, table=table)
+        self.write_desc(1, buf + 16, 16, 0xBEEF, DESC_F_WRITE | DESC_F_NEXT, table=table)
+        return self.put_chain([(table, 32, DESC_F_INDIRECT)])
