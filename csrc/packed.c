@@ -47,21 +47,6 @@ _Static_assert(sizeof(struct vr_pdesc) == 16, "packed descriptor is 16 bytes");
 #define DRIVER_FLAGS(q) ((q)->avail + 2)
 #define DEVICE_FLAGS(q) ((q)->used + 2)
 
-static inline uint16_t ld16(volatile uint8_t *p)
-{
-    return __atomic_load_n((uint16_t *)p, __ATOMIC_RELAXED);
-}
-
-static inline uint16_t ld16_acquire(volatile uint8_t *p)
-{
-    return __atomic_load_n((uint16_t *)p, __ATOMIC_ACQUIRE);
-}
-
-static inline void st16(volatile uint8_t *p, uint16_t v)
-{
-    __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELAXED);
-}
-
 /* 2.8.1: a descriptor is available when AVAIL equals the device's avail
  * wrap counter and USED does not. */
 static inline int is_avail(uint16_t flags, uint8_t wrap)
@@ -140,7 +125,7 @@ static int walk_indirect(struct vr_queue *q, struct vr_chain *c, const struct vr
 
 int vr_packed_avail_pending(struct vr_queue *q)
 {
-    return is_avail(ld16_acquire(PDESC(q, q->last_avail_idx) + 14), q->avail_wrap);
+    return is_avail(vr_ld16_acquire(PDESC(q, q->last_avail_idx) + 14), q->avail_wrap);
 }
 
 int vr_packed_pop(struct vr_queue *q, struct vr_chain *c)
@@ -153,7 +138,7 @@ int vr_packed_pop(struct vr_queue *q, struct vr_chain *c)
 
     /* 2.8.2: the first descriptor's flags publish the chain; acquire so
      * the rest of it (written before) is visible. */
-    if (!is_avail(ld16_acquire(PDESC(q, slot) + 14), wrap))
+    if (!is_avail(vr_ld16_acquire(PDESC(q, slot) + 14), wrap))
         return 0;
     c->head = 0;
     c->nseg = c->nread = 0;
@@ -244,8 +229,8 @@ int vr_packed_push_batch(struct vr_queue *q, const uint16_t *ids, const uint32_t
         /* 2.8 "Write Flag": in a used descriptor WRITE says data was written */
         uint16_t flags = (q->used_wrap ? (VR_PDESC_F_AVAIL | VR_PDESC_F_USED) : 0)
                          | (lens[k] ? VR_DESC_F_WRITE : 0);
-        __atomic_store_n((uint32_t *)(e + 8), lens[k], __ATOMIC_RELAXED);
-        st16(e + 12, id);
+        vr_st32(e + 8, lens[k]);
+        vr_st16(e + 12, id);
         /* 2.8.2: the driver reads used descriptors in ring order, so the
          * later ones may show first; the first one's flags go last,
          * released, and publish them all. */
@@ -253,13 +238,13 @@ int vr_packed_push_batch(struct vr_queue *q, const uint16_t *ids, const uint32_t
             first = e + 14;
             first_flags = flags;
         } else {
-            st16(e + 14, flags);
+            vr_st16(e + 14, flags);
         }
         advance(q, &q->used_idx, &q->used_wrap, q->pk_ndesc[id]);
         q->pk_ndesc[id] = 0;
     }
     if (first)
-        __atomic_store_n((uint16_t *)first, first_flags, __ATOMIC_RELEASE);
+        vr_st16_release(first, first_flags);
     if (first && vr_log_active(q))
         q->stats.log_missed += n;
     return bad ? -VR_E_INVAL : VR_OK;
@@ -280,7 +265,7 @@ int vr_packed_should_notify(struct vr_queue *q)
     /* the used descriptors must be visible before we read the driver's
      * event suppression area, or a request to notify may be missed */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    uint16_t flags = ld16(DRIVER_FLAGS(q));
+    uint16_t flags = vr_ld16(DRIVER_FLAGS(q));
     if (flags == VR_EVENT_DISABLE)
         return 0;
     if (flags != VR_EVENT_DESC || !q->event_idx || !valid)
@@ -288,7 +273,7 @@ int vr_packed_should_notify(struct vr_queue *q)
     /* Notify when the used descriptor at off_wrap was written by this
      * batch: the positions old..new (same wrap as new) against the event
      * position, all taken on one line that ends at new. */
-    uint16_t off_wrap = ld16(DRIVER_OFF_WRAP(q));
+    uint16_t off_wrap = vr_ld16(DRIVER_OFF_WRAP(q));
     int32_t ev = off_wrap & 0x7fff, o = old, nw = new;
     if (o >= nw)
         o -= (int32_t)q->num;
@@ -299,12 +284,12 @@ int vr_packed_should_notify(struct vr_queue *q)
 
 void vr_packed_disable_notify(struct vr_queue *q)
 {
-    st16(DEVICE_FLAGS(q), VR_EVENT_DISABLE);
+    vr_st16(DEVICE_FLAGS(q), VR_EVENT_DISABLE);
 }
 
 int vr_packed_enable_notify(struct vr_queue *q)
 {
-    st16(DEVICE_FLAGS(q), VR_EVENT_ENABLE);
+    vr_st16(DEVICE_FLAGS(q), VR_EVENT_ENABLE);
     /* full barrier between enabling kicks and re-reading the ring */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return vr_packed_avail_pending(q);

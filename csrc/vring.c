@@ -26,33 +26,6 @@ struct vr_desc {
 };
 _Static_assert(sizeof(struct vr_desc) == 16, "descriptor is 16 bytes");
 
-/* ---- single-copy accessors for shared ring fields ---- */
-
-static inline uint16_t ld16(volatile uint8_t *p)
-{
-    return __atomic_load_n((uint16_t *)p, __ATOMIC_RELAXED);
-}
-
-static inline uint16_t ld16_acquire(volatile uint8_t *p)
-{
-    return __atomic_load_n((uint16_t *)p, __ATOMIC_ACQUIRE);
-}
-
-static inline void st16(volatile uint8_t *p, uint16_t v)
-{
-    __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELAXED);
-}
-
-static inline void st16_release(volatile uint8_t *p, uint16_t v)
-{
-    __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE);
-}
-
-static inline void st32(volatile uint8_t *p, uint32_t v)
-{
-    __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELAXED);
-}
-
 #define AVAIL_FLAGS(q) ((q)->avail)
 #define AVAIL_IDX(q) ((q)->avail + 2)
 #define AVAIL_RING(q, i) ((q)->avail + 4 + 2u * (i))
@@ -224,7 +197,7 @@ int vr_queue_start(struct vr_queue *q, const struct vr_mem *mem)
         q->started = 1;
         return VR_OK;
     }
-    q->used_idx = ld16(USED_IDX(q));
+    q->used_idx = vr_ld16(USED_IDX(q));
     q->signalled_used = q->used_idx;
     q->signalled_used_valid = 0;
     q->nresubmit = q->resubmit_pos = 0;
@@ -404,7 +377,7 @@ int vr_avail_pending(struct vr_queue *q)
         return 1;
     if (q->packed)
         return vr_packed_avail_pending(q);
-    return ld16_acquire(AVAIL_IDX(q)) != q->last_avail_idx;
+    return vr_ld16_acquire(AVAIL_IDX(q)) != q->last_avail_idx;
 }
 
 /* 1 = popped into c, 0 = nothing (or queue broken earlier), <0 = -error. */
@@ -427,7 +400,7 @@ int vr_pop(struct vr_queue *q, struct vr_chain *c)
     }
     /* virtio 1.2, 2.7.13.4 (driver) / 2.7.6: read idx with acquire so the
      * ring entries and descriptors it publishes are visible. */
-    uint16_t avail_idx = ld16_acquire(AVAIL_IDX(q));
+    uint16_t avail_idx = vr_ld16_acquire(AVAIL_IDX(q));
     uint16_t pending = (uint16_t)(avail_idx - q->last_avail_idx);
     /* 2.7.6: the driver never has more than Queue Size entries pending. */
     if (pending > q->num)
@@ -436,7 +409,7 @@ int vr_pop(struct vr_queue *q, struct vr_chain *c)
                              q->last_avail_idx, avail_idx, q->num, q->index);
     if (pending == 0)
         return 0;
-    uint16_t head = ld16(AVAIL_RING(q, q->last_avail_idx & (q->num - 1)));
+    uint16_t head = vr_ld16(AVAIL_RING(q, q->last_avail_idx & (q->num - 1)));
     /* 2.7.6: ring entries index the descriptor table. */
     if (head >= q->num)
         return vr_queue_fail(q, VR_E_INDEX, "head index %u out of range on queue %u",
@@ -580,8 +553,8 @@ int vr_push_batch(struct vr_queue *q, const uint16_t *heads,
     uint16_t idx = q->used_idx;
     for (uint32_t k = 0; k < n; k++) {
         volatile uint8_t *e = USED_RING(q, (uint16_t)(idx + k) & (q->num - 1));
-        st32(e, heads[k]);
-        st32(e + 4, lens[k]);
+        vr_st32(e, heads[k]);
+        vr_st32(e + 4, lens[k]);
         if (r)
             vr_inflight_link(q, heads[k]);
     }
@@ -589,7 +562,7 @@ int vr_push_batch(struct vr_queue *q, const uint16_t *heads,
     idx = (uint16_t)(idx + n);
     /* virtio 1.2, 2.7.8 / 2.7.13 (device side): the elements must be
      * visible before the new idx: release store. */
-    st16_release(USED_IDX(q), idx);
+    vr_st16_release(USED_IDX(q), idx);
     q->used_idx = idx;
     if (r)
         vr_inflight_done(q, heads, n);
@@ -625,11 +598,11 @@ int vr_should_notify(struct vr_queue *q)
         if (!valid)
             return 1;
         /* 2.7.10: vring_need_event(used_event, new, old). */
-        uint16_t ev = ld16(USED_EVENT(q));
+        uint16_t ev = vr_ld16(USED_EVENT(q));
         return (uint16_t)(new - ev - 1) < (uint16_t)(new - old);
     }
     /* 2.7.7: VRING_AVAIL_F_NO_INTERRUPT asks us not to notify. */
-    return !(ld16(AVAIL_FLAGS(q)) & VR_AVAIL_F_NO_INTERRUPT);
+    return !(vr_ld16(AVAIL_FLAGS(q)) & VR_AVAIL_F_NO_INTERRUPT);
 }
 
 int vr_notify_force(struct vr_queue *q)
@@ -674,7 +647,7 @@ void vr_disable_notify(struct vr_queue *q)
     }
     /* With EVENT_IDX, a stale avail_event already suppresses kicks. */
     if (!q->event_idx) {
-        st16(USED_FLAGS(q), ld16(USED_FLAGS(q)) | VR_USED_F_NO_NOTIFY);
+        vr_st16(USED_FLAGS(q), vr_ld16(USED_FLAGS(q)) | VR_USED_F_NO_NOTIFY);
         log_used_field(q, 0);
     }
 }
@@ -688,10 +661,10 @@ int vr_enable_notify(struct vr_queue *q)
         return vr_packed_enable_notify(q);
     if (q->event_idx) {
         /* 2.7.10: ask for a kick once avail->idx moves past last_avail. */
-        st16(AVAIL_EVENT(q), q->last_avail_idx);
+        vr_st16(AVAIL_EVENT(q), q->last_avail_idx);
         log_used_field(q, 4 + 8ull * q->num);
     } else {
-        st16(USED_FLAGS(q), ld16(USED_FLAGS(q)) & ~VR_USED_F_NO_NOTIFY);
+        vr_st16(USED_FLAGS(q), vr_ld16(USED_FLAGS(q)) & ~VR_USED_F_NO_NOTIFY);
         log_used_field(q, 0);
     }
     /* 2.7.10: full barrier after writing avail_event / flags before

@@ -300,4 +300,31 @@ static inline uint64_t vr_used_size(uint32_t num) { return 6ull + 8ull * num; }
 /* packed (2.8): the driver and device event suppression areas are 4 bytes */
 #define VR_EVENT_AREA_SIZE 4
 
+/* Single-copy accessors for ring fields shared with the guest (vring.c,
+ * packed.c): one load or store each, never torn or merged. */
+static inline uint16_t vr_ld16(volatile uint8_t *p)
+{
+    return __atomic_load_n((uint16_t *)p, __ATOMIC_RELAXED);
+}
+
+static inline uint16_t vr_ld16_acquire(volatile uint8_t *p)
+{
+    return __atomic_load_n((uint16_t *)p, __ATOMIC_ACQUIRE);
+}
+
+static inline void vr_st16(volatile uint8_t *p, uint16_t v)
+{
+    __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELAXED);
+}
+
+static inline void vr_st16_release(volatile uint8_t *p, uint16_t v)
+{
+    __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE);
+}
+
+static inline void vr_st32(volatile uint8_t *p, uint32_t v)
+{
+    __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELAXED);
+}
+
 #endif

@@ -6,19 +6,51 @@ import hashlib
 import os
 import socket
 import sys
+import threading
 import time
 
 from backends_proc import spawn
 from harness.backend import BackendProcess
 
 __all__ = ["start_vsock", "host_listener", "host_connect", "connect_when_listening", "read_line", "recv_all",
-           "sha"]
+           "sha", "hash_one_connection", "WAIT_VSOCK"]
+
+# Guest shell: the guest's vsock device appears once the modules are loaded; socat needs
+# /dev/vsock only for ioctls, so wait for the transport (the harness loads the modules).
+WAIT_VSOCK = """
+n=0; while ! grep -q vmw_vsock_virtio_transport /proc/modules; do
+    n=$((n + 1)); [ "$n" -gt 100 ] && { echo "no virtio vsock transport"; exit 1; }; sleep 0.1
+done
+"""
 
 
 def start_vsock(workdir: str, *args: str, wait_for: str, name: str = "vsock") -> BackendProcess:
     """Our vhost-user-vsock as a user runs it; returns once `wait_for` (a socket) exists."""
     argv = [sys.executable, "-m", "vhost_user.backends.vsock", "-v", *args]
     return spawn(argv, wait_for, os.path.join(workdir, f"{name}.log"))
+
+
+def hash_one_connection(path: str, out: dict) -> threading.Thread:
+    """A host program on `<uds-path>_<port>`: sets out["sha"], out["bytes"] to the sha256
+    and size of what one guest connection sends (a thread; join it)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(120)
+
+    def run():
+        with listener:
+            conn, _ = listener.accept()
+            digest, total = hashlib.sha256(), 0
+            with conn:
+                while chunk := conn.recv(1 << 20):
+                    digest.update(chunk)
+                    total += len(chunk)
+            out["sha"], out["bytes"] = digest.hexdigest(), total
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
 
 
 def host_listener(path: str, kind: int = socket.SOCK_STREAM) -> socket.socket:

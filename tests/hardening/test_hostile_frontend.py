@@ -378,6 +378,22 @@ RING_ADDRESSES = {
 }
 
 
+def _start_answers(fe: Frontend, desc: int, avail: int, used: int, kick: int) -> list[int]:
+    """SET_VRING_ADDR, SET_VRING_KICK, SET_VRING_ENABLE on queue 0, each with NEED_REPLY;
+    the u64 answers (non-zero: refused)."""
+    answers = []
+    for request, payload, fds in [
+        (R.SET_VRING_ADDR, VringAddress(0, 0, desc, used, avail, 0), ()),
+        (R.SET_VRING_KICK, VringFdRequest.for_queue(0), (kick,)),
+        (R.SET_VRING_ENABLE, VringState(0, 1), ()),
+    ]:
+        fe.channel.send(Message.make(request, payload, fds=fds, need_reply=True))
+        got = _recv_raw(fe)
+        assert got is not None
+        answers.append(struct.unpack("<Q", got[2])[0])
+    return answers
+
+
 @pytest.mark.parametrize("case", sorted(RING_ADDRESSES))
 def test_hostile_vring_address_is_refused_when_the_ring_starts(backend, case):
     mark = len(backend.log())
@@ -387,16 +403,7 @@ def test_hostile_vring_address_is_refused_when_the_ring_starts(backend, case):
             fe.call(R.SET_VRING_NUM, VringState(0, 64))
             fe.call(R.SET_VRING_BASE, VringState(0, 0))
             desc, avail, used = RING_ADDRESSES[case](fe.ram)
-            answers = []
-            for request, payload, fds in [
-                (R.SET_VRING_ADDR, VringAddress(0, 0, desc, used, avail, 0), ()),
-                (R.SET_VRING_KICK, VringFdRequest.for_queue(0), (kick[0],)),
-                (R.SET_VRING_ENABLE, VringState(0, 1), ()),
-            ]:
-                fe.channel.send(Message.make(request, payload, fds=fds, need_reply=True))
-                got = _recv_raw(fe)
-                assert got is not None
-                answers.append(struct.unpack("<Q", got[2])[0])
+            answers = _start_answers(fe, desc, avail, used, kick[0])
             assert any(answers), "a ring outside guest memory was started"
             assert _alive_session(fe)
     finally:
@@ -433,17 +440,8 @@ def test_hostile_packed_ring_base_beyond_the_ring_does_not_start(backend, base):
             fe.set_mem_table()
             fe.call(R.SET_VRING_NUM, VringState(0, 64))
             fe.call(R.SET_VRING_BASE, VringState(0, base))
-            answers = []
-            for request, payload, fds in [
-                (R.SET_VRING_ADDR, VringAddress(0, 0, fe.ram.uaddr(0x1000), fe.ram.uaddr(0x3000),
-                                                fe.ram.uaddr(0x2000), 0), ()),
-                (R.SET_VRING_KICK, VringFdRequest.for_queue(0), (kick[0],)),
-                (R.SET_VRING_ENABLE, VringState(0, 1), ()),
-            ]:
-                fe.channel.send(Message.make(request, payload, fds=fds, need_reply=True))
-                got = _recv_raw(fe)
-                assert got is not None
-                answers.append(struct.unpack("<Q", got[2])[0])
+            answers = _start_answers(fe, fe.ram.uaddr(0x1000), fe.ram.uaddr(0x2000),
+                                     fe.ram.uaddr(0x3000), kick[0])
             assert any(answers), f"a packed ring with base {base:#x} was started"
             assert _alive_session(fe)
     finally:

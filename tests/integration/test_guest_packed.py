@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -22,7 +20,7 @@ from harness.backend import BackendProcess
 from harness.fixtures import require_tool
 from harness.guestgpu import expected_frame, fb_script, screen_matches
 from harness.guestnet import guest_ip, line_value, ping_until, send_until_acked
-from vsock_proc import connect_when_listening
+from vsock_proc import WAIT_VSOCK, connect_when_listening, hash_one_connection
 
 pytestmark = pytest.mark.guest
 
@@ -34,35 +32,6 @@ for f in /sys/bus/virtio/devices/*/features; do
     echo "packed-bit $(cut -c35 < $f) $(cat ${f%/features}/device)"
 done
 """
-
-
-WAIT_VSOCK = """
-n=0; while ! grep -q vmw_vsock_virtio_transport /proc/modules; do
-    n=$((n + 1)); [ "$n" -gt 100 ] && { echo "no virtio vsock transport"; exit 1; }; sleep 0.1
-done
-"""
-
-
-def _hash_one_connection(path: str, out: dict) -> threading.Thread:
-    """A host program on `<uds-path>_<port>`: sha256 of what one guest connection sends."""
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(1)
-    listener.settimeout(120)
-
-    def run():
-        with listener:
-            conn, _ = listener.accept()
-            digest, total = hashlib.sha256(), 0
-            with conn:
-                while chunk := conn.recv(1 << 20):
-                    digest.update(chunk)
-                    total += len(chunk)
-            out["sha"], out["bytes"] = digest.hexdigest(), total
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
 
 
 def _packed_bits(lines: list[str], device_id: str) -> list[str]:
@@ -174,7 +143,7 @@ def test_guest_vsock_on_packed_rings_moves_a_stream_each_way(guest_vm, short_tmp
     size = 16 * MiB
     try:
         received: dict = {}
-        listener = _hash_one_connection(uds + "_5000", received)
+        listener = hash_one_connection(uds + "_5000", received)
         vm = guest_vm(cpus=1, memory_mb=512)
         vm.add_args("-chardev", f"socket,id=vs0,path={sock}",
                     "-device", "vhost-user-vsock-pci,chardev=vs0,packed=on")

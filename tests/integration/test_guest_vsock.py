@@ -10,29 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import subprocess
 import sys
-import threading
 
 import pytest
 
 from harness.backend import BackendProcess
 from harness.fixtures import require_tool
-from vsock_proc import connect_when_listening
+from vsock_proc import WAIT_VSOCK, connect_when_listening, hash_one_connection
 
 pytestmark = pytest.mark.guest
 
 MiB = 1 << 20
 BIG = 64 * MiB
 
-# The guest's vsock device appears once the modules are loaded; socat needs /dev/vsock
-# only for ioctls, so wait for the transport in sysfs (the harness loads the modules).
-WAIT_VSOCK = """
-n=0; while ! grep -q vmw_vsock_virtio_transport /proc/modules; do
-    n=$((n + 1)); [ "$n" -gt 100 ] && { echo "no virtio vsock transport"; exit 1; }; sleep 0.1
-done
-"""
 
 
 def _vsock_backend(short_tmp, tmp_path, *args: str, sock_name: str) -> BackendProcess:
@@ -52,28 +43,6 @@ def _guest_value(result, label: str) -> str:
     raise AssertionError(f"guest printed no {label!r} line:\n{result.output}")
 
 
-def _serve_host_listener(path: str, out: dict) -> threading.Thread:
-    """A host program on `<uds-path>_<port>`: hash everything one guest connection sends."""
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(1)
-    listener.settimeout(120)
-
-    def run():
-        with listener:
-            conn, _ = listener.accept()
-            digest, total = hashlib.sha256(), 0
-            with conn:
-                while chunk := conn.recv(1 << 20):
-                    digest.update(chunk)
-                    total += len(chunk)
-            out["sha"], out["bytes"] = digest.hexdigest(), total
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
-
-
 def _host_connect_and_send(uds: str, port: int, data: bytes, timeout: float = 120) -> bytes:
     """CONNECT <port> until the guest listens (an early try is refused), then send `data`."""
     s, line = connect_when_listening(uds, port, timeout=timeout)
@@ -89,7 +58,7 @@ def test_guest_vsock_64mib_each_way_with_host_programs(guest_vm, short_tmp, tmp_
                              str(short_tmp / "vm3.sock"), "--uds-path", uds, sock_name="vm3.sock")
     try:
         received: dict = {}
-        listener = _serve_host_listener(uds + "_5000", received)
+        listener = hash_one_connection(uds + "_5000", received)
         vm = guest_vm(cpus=1, memory_mb=512)
         _add_vsock(vm, backend.socket)
         vm.start(WAIT_VSOCK + f"""

@@ -34,7 +34,7 @@ import pytest
 
 from harness.backend import BackendProcess
 from harness.fixtures import require_tool
-from vsock_proc import connect_when_listening
+from vsock_proc import WAIT_VSOCK, connect_when_listening
 
 pytestmark = pytest.mark.guest
 
@@ -44,12 +44,6 @@ PER_STREAM = CHUNKS * 64 * 1024
 EMPTY = hashlib.sha256(b"").hexdigest()
 GO_PORT = 7990     # host -> sender: the receiver is paused, send
 DONE_PORT = 7998   # receiver -> sender: every stream arrived, power off
-
-WAIT_VSOCK = """
-n=0; while ! grep -q vmw_vsock_virtio_transport /proc/modules; do
-    n=$((n + 1)); [ "$n" -gt 100 ] && { echo "no virtio vsock transport"; exit 1; }; sleep 0.1
-done
-"""
 
 RECEIVER = WAIT_VSOCK + f"""
 mkdir -p /tmp/r
