@@ -21,6 +21,13 @@
  * have changed its descriptors since, which can only make it lose its own
  * pages, never let us touch memory outside the log.
  *
+ * Packed rings (packed.c) differ in two ways: a used descriptor overwrites
+ * a slot of the descriptor ring, which is logged at the ring's own
+ * guest-physical address, and the device area (log_guest_addr) holds only
+ * the device's event flags; the chain cannot be walked again from the ring
+ * (its slots may hold newer descriptors by then), so it is logged from the
+ * copy taken at pop.
+ *
  * A struct vr_log is immutable once published: the control thread builds a
  * new one for each SET_LOG_BASE / SET_LOG_FD and stores its pointer into
  * every queue with a release store; workers load it once per batch.  The
@@ -91,6 +98,14 @@ void vr_log_used(struct vr_queue *q, const struct vr_log *log, uint64_t off, uin
         return;
     uint64_t gpa = __atomic_load_n(&q->log_used_gpa, __ATOMIC_RELAXED);
     q->stats.log_missed += vr_log_write(log, gpa + off, len);
+}
+
+/* Packed rings: ring bytes [gpa, gpa + len) outside the used ring (the
+ * descriptor ring, where used descriptors land) were written. */
+void vr_log_ring(struct vr_queue *q, const struct vr_log *log, uint64_t gpa, uint64_t len)
+{
+    if (__atomic_load_n(&q->log_used, __ATOMIC_ACQUIRE))
+        q->stats.log_missed += vr_log_write(log, gpa, len);
 }
 
 /* Descriptor i of the ring's table, or of an indirect table at `table`. */

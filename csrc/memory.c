@@ -106,6 +106,19 @@ uint8_t *vr_mem_uva_contig(const struct vr_mem *m, uint64_t uva, uint64_t len)
     return NULL;
 }
 
+/* The guest-physical address of front-end address uva; 0 if mapped. */
+int vr_mem_uva_to_gpa(const struct vr_mem *m, uint64_t uva, uint64_t *gpa)
+{
+    for (uint32_t i = 0; i < m->nregions; i++) {
+        const struct vr_region *r = &m->regions[i];
+        if (uva >= r->uaddr && uva - r->uaddr < r->size) {
+            *gpa = r->gpa + (uva - r->uaddr);
+            return VR_OK;
+        }
+    }
+    return VR_E_ADDRESS;
+}
+
 /* Copy len bytes at gpa (possibly across regions) into dst. */
 int vr_mem_read(const struct vr_mem *m, uint64_t gpa, void *dst, uint64_t len)
 {

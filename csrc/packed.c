@@ -13,18 +13,27 @@
  *
  * Used descriptors land in slots that may still hold descriptors of chains
  * in flight (completion is out of order), so everything a chain needs
- * later is taken at pop: its segments (the caller's vr_chain) and its
- * descriptor count (pk_ndesc[id]).  A buffer id names a chain while it is
- * in flight: ids must be below the queue size and unique, which turns a
+ * later is taken at pop: its segments (the caller's vr_chain), its
+ * descriptor count (pk_ndesc[id]) and a copy of its descriptors (pk_rec,
+ * for the dirty log at push).  A buffer id names a chain while it is in
+ * flight: ids must be below the queue size and unique, which turns a
  * replayed or forged id into an error instead of a double completion.
+ * The descriptors in flight are the slots between the used and the avail
+ * position, so they never exceed the ring size; a driver that makes more
+ * available has overwritten slots the device had not used yet, and the
+ * queue breaks.  That bound sizes pk_rec: one entry per ring slot, handed
+ * out from a free list linked through .next.
  *
  * The guest is hostile as in vring.c: every descriptor is copied before it
  * is checked and every violation breaks the queue with a message.
  *
+ * Dirty log (dirtylog.c): a push marks each chain's device-writable bytes
+ * from the copy in pk_rec (an indirect table is read again from guest
+ * memory, which the device never writes), each used descriptor's 16 bytes
+ * at the ring's guest-physical address, and the device event area.
+ *
  * Not done for packed rings: the inflight region (a back-end restart loses
- * the requests in flight; Python does not attach one) and the dirty log
- * (Python refuses VHOST_F_LOG_ALL with packed rings; a push while a log is
- * set counts log_missed).
+ * the requests in flight; Python does not attach one).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -39,6 +48,18 @@ struct vr_pdesc {
     uint16_t flags;
 };
 _Static_assert(sizeof(struct vr_pdesc) == 16, "packed descriptor is 16 bytes");
+
+/* A descriptor of a chain in flight, as popped. */
+struct vr_pk_rec {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    uint16_t next;   /* the chain's next record, or the free list's */
+};
+
+#define PK_NONE 0xffff
+/* An indirect table is walked at most this far (its ids are 16 bits). */
+#define PK_MAX_INDIRECT 65536u
 
 #define PDESC(q, slot) ((q)->desc + 16u * (slot))
 /* the driver event suppression area is the "avail" address, the device's
@@ -66,6 +87,18 @@ static inline void advance(const struct vr_queue *q, uint16_t *slot, uint8_t *wr
 
 /* ---- set-up (called by vring.c) ---- */
 
+/* No chain in flight: every record free. */
+void vr_packed_forget(struct vr_queue *q)
+{
+    if (!q->pk_ndesc)
+        return;
+    memset(q->pk_ndesc, 0, q->num * sizeof(uint16_t));
+    for (uint32_t k = 0; k < q->num; k++)
+        q->pk_rec[k].next = k + 1 < q->num ? (uint16_t)(k + 1) : PK_NONE;
+    q->pk_free = 0;
+    q->pk_inflight = 0;
+}
+
 /* At start: the per-id table survives a stop/start with the same size
  * (chains popped before the stop are still pushed after it). */
 int vr_packed_prepare(struct vr_queue *q)
@@ -75,10 +108,13 @@ int vr_packed_prepare(struct vr_queue *q)
     if (!q->pk_ndesc) {
         q->pk_ndesc = calloc(q->num, sizeof(uint16_t));
         q->pk_hist = calloc(q->num, sizeof(uint32_t));
-        if (!q->pk_ndesc || !q->pk_hist) {
+        q->pk_rec = calloc(q->num, sizeof(struct vr_pk_rec));
+        q->pk_first = calloc(q->num, sizeof(uint16_t));
+        if (!q->pk_ndesc || !q->pk_hist || !q->pk_rec || !q->pk_first) {
             vr_packed_release(q);
             return -VR_E_NOMEM;
         }
+        vr_packed_forget(q);
     }
     q->pk_hist_pos = q->pk_hist_len = 0;
     q->signalled_used = q->used_idx;
@@ -90,8 +126,24 @@ void vr_packed_release(struct vr_queue *q)
 {
     free(q->pk_ndesc);
     free(q->pk_hist);
+    free(q->pk_rec);
+    free(q->pk_first);
     q->pk_ndesc = NULL;
     q->pk_hist = NULL;
+    q->pk_rec = NULL;
+    q->pk_first = NULL;
+}
+
+/* Give the records of the chain `id` back to the free list. */
+static void free_records(struct vr_queue *q, uint16_t id)
+{
+    uint16_t first = q->pk_first[id], last = first;
+    for (uint32_t k = 1; k < q->pk_ndesc[id]; k++)
+        last = q->pk_rec[last].next;
+    q->pk_rec[last].next = q->pk_free;
+    q->pk_free = first;
+    q->pk_inflight -= q->pk_ndesc[id];
+    q->pk_ndesc[id] = 0;
 }
 
 /* ---- pop ---- */
@@ -108,6 +160,10 @@ static int walk_indirect(struct vr_queue *q, struct vr_chain *c, const struct vr
     if (ind->addr + (ind->len - 1) < ind->addr)
         return vr_queue_fail(q, VR_E_ADDRESS, "indirect table address overflow on queue %u",
                              q->index);
+    /* zero-length entries add no segment: bound the walk itself */
+    if (ind->len / 16 > PK_MAX_INDIRECT)
+        return vr_queue_fail(q, VR_E_LOOP, "indirect table of %u descriptors on queue %u",
+                             ind->len / 16, q->index);
     for (uint32_t k = 0; k < ind->len / 16; k++) {
         struct vr_pdesc d;
         if (vr_mem_read(q->mem, ind->addr + 16ull * k, &d, sizeof(d)) < 0)
@@ -133,6 +189,7 @@ int vr_packed_pop(struct vr_queue *q, struct vr_chain *c)
     uint16_t slot = q->last_avail_idx;
     uint8_t wrap = q->avail_wrap;
     uint32_t ndesc = 0;
+    uint16_t first_rec = q->pk_free, rec = PK_NONE;
     int seen_write = 0, rc;
     struct vr_pdesc d;
 
@@ -149,8 +206,19 @@ int vr_packed_pop(struct vr_queue *q, struct vr_chain *c)
         if (++ndesc > q->num)
             return vr_queue_fail(q, VR_E_LOOP, "descriptor chain longer than the ring on queue %u",
                                  q->index);
+        /* The slots from used to avail position hold the descriptors in
+         * flight: no more than the ring has.  This also keeps a record
+         * free for each one. */
+        if (q->pk_inflight + ndesc > q->num)
+            return vr_queue_fail(q, VR_E_AVAIL_JUMP,
+                                 "more descriptors in flight than the ring holds on queue %u",
+                                 q->index);
         memcpy(&d, (const uint8_t *)PDESC(q, slot), sizeof(d));
         advance(q, &slot, &wrap, 1);
+        rec = rec == PK_NONE ? q->pk_free : q->pk_rec[rec].next;
+        q->pk_rec[rec].addr = d.addr;
+        q->pk_rec[rec].len = d.len;
+        q->pk_rec[rec].flags = d.flags;
         if (d.flags & VR_DESC_F_INDIRECT) {
             /* 2.8 "Indirect Flag": an indirect descriptor is the whole
              * chain: neither NEXT on it nor one before it. */
@@ -175,6 +243,9 @@ int vr_packed_pop(struct vr_queue *q, struct vr_chain *c)
         return vr_queue_fail(q, VR_E_ID, "buffer id %u is already in flight on queue %u",
                              d.id, q->index);
     q->pk_ndesc[d.id] = (uint16_t)ndesc;
+    q->pk_first[d.id] = first_rec;
+    q->pk_free = q->pk_rec[rec].next;
+    q->pk_inflight += ndesc;
     q->pk_hist[q->pk_hist_pos] = (uint32_t)q->last_avail_idx | (uint32_t)q->avail_wrap << 15
                                  | (uint32_t)d.id << 16;
     q->pk_hist_pos = (q->pk_hist_pos + 1) % q->num;
@@ -199,7 +270,7 @@ int vr_packed_unpop_n(struct vr_queue *q, uint32_t n)
     for (uint32_t k = 0; k < n; k++) {
         q->pk_hist_pos = (q->pk_hist_pos + q->num - 1) % q->num;
         uint32_t h = q->pk_hist[q->pk_hist_pos];
-        q->pk_ndesc[h >> 16] = 0;
+        free_records(q, (uint16_t)(h >> 16));
         q->last_avail_idx = h & 0x7fff;
         q->avail_wrap = (h >> 15) & 1;
     }
@@ -210,6 +281,41 @@ int vr_packed_unpop_n(struct vr_queue *q, uint32_t n)
 
 /* ---- push ---- */
 
+/* Mark the first `left` device-writable bytes of an indirect table's
+ * entries, read again from guest memory, walked as at pop. */
+static void log_indirect(struct vr_queue *q, const struct vr_log *lg, const struct vr_pk_rec *r,
+                         uint32_t *left)
+{
+    uint32_t n = r->len / 16;
+    for (uint32_t k = 0; k < n && k < PK_MAX_INDIRECT && *left > 0; k++) {
+        struct vr_pdesc d;
+        if (vr_mem_read(q->mem, r->addr + 16ull * k, &d, sizeof(d)) < 0)
+            return;
+        if (d.flags & VR_DESC_F_WRITE) {
+            uint32_t m = d.len < *left ? d.len : *left;
+            q->stats.log_missed += vr_log_write(lg, d.addr, m);
+            *left -= m;
+        }
+    }
+}
+
+/* Mark what the device wrote for chain `id`: its first `len` writable
+ * bytes (virtio 1.2, 2.8 "Write Flag": the used length). */
+static void log_chain(struct vr_queue *q, const struct vr_log *lg, uint16_t id, uint32_t len)
+{
+    uint16_t i = q->pk_first[id];
+    for (uint32_t k = 0; k < q->pk_ndesc[id] && len > 0; k++, i = q->pk_rec[i].next) {
+        const struct vr_pk_rec *r = &q->pk_rec[i];
+        if (r->flags & VR_DESC_F_INDIRECT) {
+            log_indirect(q, lg, r, &len);
+        } else if (r->flags & VR_DESC_F_WRITE) {
+            uint32_t m = r->len < len ? r->len : len;
+            q->stats.log_missed += vr_log_write(lg, r->addr, m);
+            len -= m;
+        }
+    }
+}
+
 int vr_packed_push_batch(struct vr_queue *q, const uint16_t *ids, const uint32_t *lens,
                          uint32_t n)
 {
@@ -218,6 +324,9 @@ int vr_packed_push_batch(struct vr_queue *q, const uint16_t *ids, const uint32_t
     volatile uint8_t *first = NULL;
     uint16_t first_flags = 0;
     int bad = 0;
+    const struct vr_log *lg = vr_log_active(q);
+    uint16_t start = q->used_idx;
+    uint8_t start_wrap = q->used_wrap;
     for (uint32_t k = 0; k < n; k++) {
         uint16_t id = ids[k];
         if (id >= q->num || !q->pk_ndesc[id]) {
@@ -240,13 +349,25 @@ int vr_packed_push_batch(struct vr_queue *q, const uint16_t *ids, const uint32_t
         } else {
             vr_st16(e + 14, flags);
         }
+        if (lg)
+            log_chain(q, lg, id, lens[k]);
         advance(q, &q->used_idx, &q->used_wrap, q->pk_ndesc[id]);
-        q->pk_ndesc[id] = 0;
+        free_records(q, id);
     }
     if (first)
         vr_st16_release(first, first_flags);
-    if (first && vr_log_active(q))
-        q->stats.log_missed += n;
+    /* The used descriptors lie in the slots from start on: mark them
+     * (and the chains' other slots between, which costs nothing) after
+     * the release store, as bits must follow the stores they announce. */
+    if (first && lg) {
+        if (q->used_wrap == start_wrap && q->used_idx > start) {
+            vr_log_ring(q, lg, q->desc_gpa + 16ull * start, 16ull * (q->used_idx - start));
+        } else {
+            vr_log_ring(q, lg, q->desc_gpa + 16ull * start, 16ull * (q->num - start));
+            vr_log_ring(q, lg, q->desc_gpa, 16ull * q->used_idx);
+        }
+        vr_log_kick(lg);
+    }
     return bad ? -VR_E_INVAL : VR_OK;
 }
 
@@ -282,14 +403,24 @@ int vr_packed_should_notify(struct vr_queue *q)
     return (uint16_t)(nw - ev - 1) < (uint16_t)(nw - o);
 }
 
+/* The device event area is the ring's log_guest_addr. */
+static void log_device_flags(struct vr_queue *q)
+{
+    const struct vr_log *lg = vr_log_active(q);
+    if (lg)
+        vr_log_used(q, lg, 2, 2);
+}
+
 void vr_packed_disable_notify(struct vr_queue *q)
 {
     vr_st16(DEVICE_FLAGS(q), VR_EVENT_DISABLE);
+    log_device_flags(q);
 }
 
 int vr_packed_enable_notify(struct vr_queue *q)
 {
     vr_st16(DEVICE_FLAGS(q), VR_EVENT_ENABLE);
+    log_device_flags(q);
     /* full barrier between enabling kicks and re-reading the ring */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return vr_packed_avail_pending(q);

@@ -109,8 +109,7 @@ int vr_queue_set_base(struct vr_queue *q, uint32_t base)
     q->avail_wrap = (base >> 15) & 1;
     q->used_idx = (base >> 16) & 0x7fff;
     q->used_wrap = base >> 31;
-    if (q->pk_ndesc)
-        memset(q->pk_ndesc, 0, q->num * sizeof(uint16_t));
+    vr_packed_forget(q);
     return VR_OK;
 }
 
@@ -169,9 +168,15 @@ static int map_rings(struct vr_queue *q, const struct vr_mem *m)
         return -VR_E_RING;
     if (((uintptr_t)d & 15) || ((uintptr_t)a & amask) || ((uintptr_t)u & 3))
         return -VR_E_ALIGN;
+    /* the dirty log is in guest-physical pages; packed used descriptors
+     * land in the descriptor ring, so log them at its address */
+    uint64_t dgpa = q->desc_addr;
+    if (!q->addr_is_gpa && vr_mem_uva_to_gpa(m, q->desc_addr, &dgpa) != VR_OK)
+        return -VR_E_RING;
     q->desc = d;
     q->avail = a;
     q->used = u;
+    q->desc_gpa = dgpa;
     q->mem = m;
     return VR_OK;
 }

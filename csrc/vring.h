@@ -144,6 +144,7 @@ struct vr_log {
 };
 
 struct vr_queue;
+struct vr_pk_rec;
 typedef int (*vr_handler_fn)(void *ctx, struct vr_queue *q);
 
 /* Opaque in Python; Python uses the accessor functions below. */
@@ -173,6 +174,13 @@ struct vr_queue {
     uint16_t *pk_ndesc;
     uint32_t *pk_hist;
     uint32_t pk_hist_pos, pk_hist_len;
+    /* packed only: a copy of every descriptor in flight (packed.c), per
+     * id a list through pk_rec[].next from pk_first[id]; free list */
+    struct vr_pk_rec *pk_rec;
+    uint16_t *pk_first;
+    uint16_t pk_free;
+    uint32_t pk_inflight;      /* descriptors in flight (<= num) */
+    uint64_t desc_gpa;         /* guest-physical address of the ring */
     int kick_fd, call_fd;
     /* inflight tracking */
     struct vr_inflight_region *inflight;
@@ -196,6 +204,7 @@ int vr_mem_translate(const struct vr_mem *m, uint64_t gpa, uint64_t len,
                      struct vr_seg *segs, uint32_t cap, uint32_t *nseg);
 uint8_t *vr_mem_gpa_contig(const struct vr_mem *m, uint64_t gpa, uint64_t len);
 uint8_t *vr_mem_uva_contig(const struct vr_mem *m, uint64_t uva, uint64_t len);
+int vr_mem_uva_to_gpa(const struct vr_mem *m, uint64_t uva, uint64_t *gpa);
 int vr_mem_read(const struct vr_mem *m, uint64_t gpa, void *dst, uint64_t len);
 uint8_t *vr_seg_host(const struct vr_mem *m, const struct vr_seg *s);
 int vr_mem_check(const struct vr_mem *m);
@@ -227,6 +236,7 @@ int vr_chain_add(struct vr_queue *q, struct vr_chain *c, uint64_t addr, uint32_t
 /* packed.c (called by vring.c when q->packed) */
 int vr_packed_prepare(struct vr_queue *q);
 void vr_packed_release(struct vr_queue *q);
+void vr_packed_forget(struct vr_queue *q);
 int vr_packed_pop(struct vr_queue *q, struct vr_chain *c);
 int vr_packed_unpop_n(struct vr_queue *q, uint32_t n);
 int vr_packed_push_batch(struct vr_queue *q, const uint16_t *ids, const uint32_t *lens,
@@ -275,6 +285,7 @@ const struct vr_log *vr_log_active(struct vr_queue *q);
 void vr_log_kick(const struct vr_log *log);
 void vr_log_used(struct vr_queue *q, const struct vr_log *log, uint64_t off, uint64_t len);
 void vr_log_chain(struct vr_queue *q, const struct vr_log *log, uint16_t head, uint32_t len);
+void vr_log_ring(struct vr_queue *q, const struct vr_log *log, uint64_t gpa, uint64_t len);
 /* cdef-begin */
 
 /* inflight.c (called by vring.c) */

@@ -208,11 +208,6 @@ class Session:
         # ends: that changes only the dirty log, not the device.
         log_only = (value ^ self.features) & ~transport == 0 and any(vq.started for vq in self.queues)
         packed = bool(value & (1 << VirtioFeature.VIRTIO_F_RING_PACKED))
-        if packed and value & (1 << VHOST_F_LOG_ALL):
-            # packed.c does not log its used descriptors: refuse rather than
-            # let a migration copy stale guest pages
-            raise RemoteProtocolError("SET_FEATURES: dirty logging (VHOST_F_LOG_ALL) is not "
-                                      "supported with packed rings", recoverable=True)
         if not log_only and any(vq.started and vq.packed != packed for vq in self.queues):
             raise RemoteProtocolError("SET_FEATURES changes the ring layout of a running queue",
                                       recoverable=True)

@@ -414,19 +414,7 @@ def test_hostile_vring_address_is_refused_when_the_ring_starts(backend, case):
 # -- packed rings ------------------------------------------------------------------------------
 
 PACKED = 1 << 34     # VIRTIO_F_RING_PACKED
-LOG_ALL = 1 << 26    # VHOST_F_LOG_ALL
 VERSION_1 = 1 << 32
-
-
-def test_hostile_dirty_logging_with_packed_rings_is_refused(backend):
-    """packed.c does not log its used descriptors: a migration must fail, not copy stale pages."""
-    mark = len(backend.log())
-    with _opened(bp=backend) as fe:
-        assert fe.backend_features & PACKED, "every back-end offers packed rings"
-        offered = fe.backend_features & LOG_ALL
-        fe.channel.send(Message.make(R.SET_FEATURES, U64(VERSION_1 | PACKED | LOG_ALL), need_reply=True))
-        _nacked(fe, R.SET_FEATURES)
-    _after_case(backend, mark, "not supported with packed rings" if offered else "unoffered")
 
 
 # avail slot = size, used slot = size, both slots 0x7fff (with the wrap bits set)

@@ -17,12 +17,14 @@ import pytest
 
 from backends_proc import start_blk, start_qsd_blk
 from vhost_user._native import ffi, lib
-from vhost_user.backends.blk.driver import BlkDriver
+from vhost_user.backends.blk.driver import DRIVER_FEATURES as BLK_FEATURES, BlkDriver
 from vhost_user.frontend.migration import DirtyLog, qemu_log_size
+from vhost_user.protocol import VirtioFeature
 
 MiB = 1 << 20
 PAGE = 4096
 IO = 64 * 1024
+PACKED = 1 << VirtioFeature.VIRTIO_F_RING_PACKED
 
 
 @pytest.fixture(params=["ours", "qsd"])
@@ -101,6 +103,32 @@ def test_dirty_log_stops_with_log_all_off_and_io_goes_on(blk_sock):
             assert dirty.pages()
         finally:
             dirty.close()
+
+
+def test_dirty_log_on_packed_rings_marks_read_buffers_status_and_used_descriptors(sockdir, shm_image):
+    """The same read over a packed ring (qsd's libvhost-user has none): the used
+    descriptor lands in the descriptor ring, which is logged at its own address."""
+    image = shm_image(16 * MiB)
+    bp = start_blk(sockdir, image=image)
+    try:
+        with BlkDriver.connect(bp.socket, features=BLK_FEATURES | PACKED, slots_per_queue=1,
+                               max_io=IO) as drv:
+            assert drv.queues[0].ring.packed
+            header, status, data = drv.slot_addresses()[0]
+            ring = drv.queues[0].ring
+            with _logging(drv) as dirty:
+                for _ in range(3):
+                    drv.read(0, IO)
+                marked = dirty.pages()
+            assert _pages(data, IO) <= marked
+            assert status // PAGE in marked
+            desc_ring = _pages(ring.desc_gpa, 16 * drv.queues[0].size)
+            assert marked & desc_ring
+            allowed = (_pages(data, IO) | {status // PAGE, header // PAGE} | desc_ring
+                       | _pages(ring.used_gpa, 4))
+            assert marked <= allowed, sorted(marked - allowed)
+    finally:
+        bp.stop()
 
 
 def _refused(drv: BlkDriver, fd: int | None, size: int, offset: int = 0) -> None:
