@@ -2,7 +2,8 @@
 
 What lives here: `spec.py` (the registry's declaration), `device.py` /
 `device3d.py` (the control and cursor queues), `commands.py` /
-`commands3d.py` (the command layouts), `resources.py`, `state.py` (snapshot and
+`commands3d.py` / `commands_blob.py` (the command layouts), `resources.py`,
+`blob.py` (guest blobs), `state.py` (snapshot and
 restore of the 2D state), `display.py` +
 `display_protocol.py` (QEMU's display socket), `edid.py`, `virgl.py` (the
 virglrenderer binding), `driver.py`, `bench.py`, `fuzz.py` / `fuzz_3d.py`,

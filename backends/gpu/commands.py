@@ -513,13 +513,16 @@ _PARSERS = {
 }
 
 
-def parse(data: bytes):
+def parse(data: bytes, more: dict | None = None):
     """Decode one control command. Returns (header, command or None if unknown type).
 
+    `more` adds parsers of another command family (commands_blob.PARSERS_BLOB).
     Raises BadCommand (with the response type to send) if the bytes are short.
     """
     hdr = CtrlHeader.unpack(data)
     parser = _PARSERS.get(hdr.type)
+    if parser is None and more:
+        parser = more.get(hdr.type)
     return hdr, (parser(data) if parser is not None else None)
 
 

@@ -5,7 +5,8 @@ spec 5.7): the control handler decodes one command at a time through
 `commands.parse`, runs it through one dispatch table and writes the response
 (fence id and context echoed when VIRTIO_GPU_FLAG_FENCE is set; commands
 finish in order, so a fenced command's response is its fence). Pixel
-copies are numpy (see `resources`). Every failure becomes a virtio-gpu error
+copies are numpy (see `resources`); guest blobs (`blob`) are read straight
+from guest memory on every display update. Every failure becomes a virtio-gpu error
 response and one log line; nothing the guest sends stops the device.
 
 The display is QEMU's (a `SocketDisplay` on the GPU_SET_SOCKET fd, replaced
@@ -40,6 +41,8 @@ from .commands import (
     parse,
     parse_cursor,
 )
+from . import blob as _blob
+from .commands_blob import PARSERS_BLOB, ResourceCreateBlob
 from .display import Display, NullDisplay, PngDisplay, SocketDisplay, default_modes
 from .display_protocol import CursorPosMsg, CursorUpdateMsg, ScanoutMsg, UpdateMsg
 from .resources import DEFAULT_MAX_HOSTMEM, GpuError, ResourceTable, to_x8r8g8b8
@@ -55,8 +58,8 @@ log = logging.getLogger(__name__)
 CAPABILITIES = SPEC.capabilities()  # static; the program may add run-time probes
 
 _CTRL, _CURSOR = 0, 1
-# The most command bytes read from one chain: attach-backing with its largest entry list.
-_MAX_CMD_BYTES = ResourceAttachBacking.SIZE + 16 * MAX_BACKING_ENTRIES
+# The most command bytes read from one chain: create-blob with its largest entry list.
+_MAX_CMD_BYTES = max(ResourceAttachBacking.SIZE, ResourceCreateBlob.SIZE) + 16 * MAX_BACKING_ENTRIES
 
 
 @dataclass
@@ -72,6 +75,7 @@ class GpuOptions:
 class _Scanout:
     resource_id: int = 0
     rect: Rect = Rect(0, 0, 0, 0)
+    fb: _blob.BlobFb | None = None   # set when the scanout shows a guest blob
 
 
 def _read_prefix(memory, segments, limit: int) -> bytes:
@@ -92,7 +96,9 @@ class GpuDevice(VirtioDevice):
     virtio_id = SPEC.virtio_id
     num_queues = 2
     max_queue_size = 32768
-    device_features = 1 << GpuFeature.VIRTIO_GPU_F_EDID
+    device_features = ((1 << GpuFeature.VIRTIO_GPU_F_EDID)
+                       | (1 << GpuFeature.VIRTIO_GPU_F_RESOURCE_UUID)
+                       | (1 << GpuFeature.VIRTIO_GPU_F_RESOURCE_BLOB))
     device_protocol_features = 1 << ProtocolFeature.CONFIG
     # TRANSFER_FROM_HOST and virgl write resource backing pages outside any
     # chain: not logged, so no migration offer (QEMU's vhost-user-gpu has none).
@@ -127,7 +133,12 @@ class GpuDevice(VirtioDevice):
             T.CMD_RESOURCE_ATTACH_BACKING: self._attach_backing,
             T.CMD_RESOURCE_DETACH_BACKING: self._detach_backing,
             T.CMD_GET_CAPSET_INFO: self._get_capset_info,
+            T.CMD_RESOURCE_ASSIGN_UUID: self._assign_uuid,
+            T.CMD_RESOURCE_CREATE_BLOB: self._create_blob,
+            T.CMD_SET_SCANOUT_BLOB: self._set_scanout_blob,
         }
+        self._parsers = PARSERS_BLOB
+        self.blob_stats = {"blobs_created": 0, "blob_scanouts": 0, "blob_updates": 0}
 
     def _make_fallback(self, spec: str | None) -> Display:
         if spec is None or spec == "none":
@@ -203,6 +214,7 @@ class GpuDevice(VirtioDevice):
         for key, value in getattr(self.display, "stats", {}).items():
             totals[key] = totals.get(key, 0) + value
         out.update(totals)
+        out.update(self.blob_stats)
         return out
 
     def _retire(self, display) -> None:
@@ -254,7 +266,7 @@ class GpuDevice(VirtioDevice):
     def execute(self, data: bytes, memory) -> bytes:
         """Run one control command; return the response bytes."""
         try:
-            hdr, cmd = parse(data)
+            hdr, cmd = parse(data, self._parsers)
         except BadCommand as exc:
             log.warning("control queue: %s", exc)
             if len(data) >= CtrlHeader.SIZE:  # a fenced command's error still signals its fence
@@ -293,11 +305,15 @@ class GpuDevice(VirtioDevice):
 
     def _unref(self, cmd, data, memory):
         res = self.resources.find(cmd.resource_id)
-        for i, s in enumerate(self.scanouts):
-            if s.resource_id == res.resource_id:
-                self._disable_scanout(i)
+        self._disable_scanouts_of(res.resource_id)
         self.resources.unref(cmd.resource_id)
         return T.RESP_OK_NODATA, b""
+
+    def _disable_scanouts_of(self, resource_id: int) -> None:
+        """No scanout may keep showing (reading the pages of) a resource that goes."""
+        for i, s in enumerate(self.scanouts):
+            if s.resource_id == resource_id:
+                self._disable_scanout(i)
 
     def _disable_scanout(self, i: int) -> None:
         if self.scanouts[i].resource_id == 0:
@@ -312,6 +328,9 @@ class GpuDevice(VirtioDevice):
             self._disable_scanout(cmd.scanout_id)
             return T.RESP_OK_NODATA, b""
         res = self.resources.find(cmd.resource_id)
+        if isinstance(res, _blob.BlobResource):
+            raise GpuError(T.RESP_ERR_INVALID_PARAMETER,
+                           f"SET_SCANOUT on blob {res.resource_id}: use SET_SCANOUT_BLOB")
         if not cmd.r.inside(res.width, res.height):
             raise GpuError(T.RESP_ERR_INVALID_PARAMETER,
                            f"scanout {cmd.scanout_id} rect {cmd.r} outside resource "
@@ -322,6 +341,9 @@ class GpuDevice(VirtioDevice):
 
     def _flush(self, cmd, data, memory):
         res = self.resources.find(cmd.resource_id)
+        if isinstance(res, _blob.BlobResource):
+            self._flush_blob(res, cmd.r, memory)
+            return T.RESP_OK_NODATA, b""
         if not cmd.r.inside(res.width, res.height):
             raise GpuError(T.RESP_ERR_INVALID_PARAMETER,
                            f"flush {cmd.r} outside resource {res.resource_id} "
@@ -339,6 +361,8 @@ class GpuDevice(VirtioDevice):
 
     def _transfer(self, cmd, data, memory):
         res = self.resources.get(cmd.resource_id)
+        if isinstance(res, _blob.BlobResource):
+            return T.RESP_OK_NODATA, b""   # the display reads the guest's pages: nothing to copy
         if res is None or res.backing is None:
             raise GpuError(T.RESP_ERR_INVALID_RESOURCE_ID,
                            f"transfer to resource {cmd.resource_id} without backing")
@@ -361,8 +385,61 @@ class GpuDevice(VirtioDevice):
         if res is None or res.backing is None:
             raise GpuError(T.RESP_ERR_INVALID_RESOURCE_ID,
                            f"detach from resource {cmd.resource_id} without backing")
+        if isinstance(res, _blob.BlobResource):
+            self._disable_scanouts_of(res.resource_id)   # nothing may read the pages after this
         self.resources.detach_backing(res)
         return T.RESP_OK_NODATA, b""
+
+    # -- blobs and UUIDs (virtio 5.7.6.8; see blob.py) ----------------------------------
+    def _assign_uuid(self, cmd, data, memory):
+        return T.RESP_OK_RESOURCE_UUID, self.resources.uuid(cmd.resource_id)
+
+    def _create_blob(self, cmd, data, memory):
+        self.resources.check_new_id(cmd.resource_id)
+        res = _blob.make_blob(cmd, memory)
+        self.resources.add_blob(res)
+        self.blob_stats["blobs_created"] += 1
+        log.debug("blob %d: %d guest bytes in %d entries", res.resource_id, res.size,
+                  len(cmd.entries))
+        return T.RESP_OK_NODATA, b""
+
+    def _set_scanout_blob(self, cmd, data, memory):
+        sid = cmd.scanout_id
+        if sid >= self.opts.outputs:
+            raise GpuError(T.RESP_ERR_INVALID_SCANOUT_ID, f"scanout-blob on scanout {sid}")
+        if cmd.resource_id == 0:
+            self._disable_scanout(sid)
+            return T.RESP_OK_NODATA, b""
+        res = self.resources.find(cmd.resource_id)
+        if not isinstance(res, _blob.BlobResource):
+            raise GpuError(T.RESP_ERR_INVALID_PARAMETER,
+                           f"SET_SCANOUT_BLOB on resource {res.resource_id}, which is not a blob")
+        fb = _blob.check_fb(cmd, res, self.resources.max_hostmem)
+        r = cmd.r
+        pixels = _blob.read_rect(self.resources.current_backing(res, memory), memory, fb, r)
+        first = self.scanouts[sid].fb != fb   # a new mode, not a page flip between two blobs
+        self.scanouts[sid] = _Scanout(res.resource_id, r, fb)
+        self.display.scanout(ScanoutMsg(sid, r.width, r.height))
+        self.display.update(UpdateMsg(sid, 0, 0, r.width, r.height), pixels)
+        self.blob_stats["blob_scanouts"] += 1
+        if first:
+            log.info("scanout %d shows blob %d (%dx%d, stride %d, format %d)", sid,
+                     res.resource_id, fb.width, fb.height, fb.stride, fb.format)
+        return T.RESP_OK_NODATA, b""
+
+    def _flush_blob(self, res, r: Rect, memory) -> None:
+        backing = None
+        for i, s in enumerate(self.scanouts):
+            if s.resource_id != res.resource_id or s.fb is None:
+                continue
+            part = r.intersect(s.rect)
+            if part.empty:
+                continue
+            backing = backing or self.resources.current_backing(res, memory)
+            pixels = _blob.read_rect(backing, memory, s.fb, part)
+            self.display.update(UpdateMsg(i, part.x - s.rect.x, part.y - s.rect.y,
+                                          part.width, part.height), pixels)
+            self.blob_stats["blob_updates"] += 1
 
     def _get_capset_info(self, cmd, data, memory):
         # num_capsets is 0 without virgl: every index is out of range (virtio 5.7.6.8).

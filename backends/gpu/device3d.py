@@ -19,6 +19,7 @@ from vhost_user.errors import GuestMemoryError
 
 from .commands import BadCommand, CtrlHeader, CtrlType as T, GpuFeature, Rect, ResourceAttachBacking
 from .commands3d import PARSERS_3D
+from .commands_blob import BLOB_COMMANDS
 from .device import GpuDevice, GpuOptions, _Scanout
 from .display_protocol import CursorPosMsg, CursorUpdateMsg, ScanoutMsg, UpdateMsg
 from .resources import FORMATS, GpuError
@@ -88,6 +89,8 @@ class VirglGpuDevice(GpuDevice):
             T.CMD_CTX_DETACH_RESOURCE: self._v_ctx_resource,
             T.CMD_SUBMIT_3D: self._v_submit,
         })
+        for t in BLOB_COMMANDS:   # not offered with virgl: answered as unsupported
+            self._dispatch.pop(t)
 
     def save_state(self) -> bytes:
         """virglrenderer's resources and contexts cannot be serialised: refuse them."""

@@ -47,6 +47,14 @@ from vhost_user.backends.gpu.commands import (
     UpdateCursor,
     DisplayOne,
 )
+from vhost_user.backends.gpu.commands_blob import (
+    BlobFlag,
+    BlobMem,
+    ResourceAssignUuid,
+    ResourceCreateBlob,
+    RespResourceUuid,
+    SetScanoutBlob,
+)
 from vhost_user.backends.gpu.display_protocol import (
     HEADER,
     CursorPosMsg,
@@ -65,7 +73,7 @@ from vhost_user.frontend.driver import Driver
 from vhost_user.protocol import FrontendRequest as R, ProtocolFeature as PF, VirtioFeature
 
 __all__ = ["GpuDriver", "GpuDriverError", "DisplayListener", "CursorState", "Backing",
-           "DRIVER_FEATURES", "PAGE"]
+           "DRIVER_FEATURES", "BLOB_FEATURES", "PAGE"]
 
 PAGE = 4096
 DRIVER_FEATURES = (
@@ -74,6 +82,9 @@ DRIVER_FEATURES = (
     | (1 << VirtioFeature.VIRTIO_RING_F_INDIRECT_DESC)
     | (1 << GpuFeature.VIRTIO_GPU_F_EDID)
 )
+#: what Linux's virtio-gpu also acks from a device offering guest blobs
+BLOB_FEATURES = (DRIVER_FEATURES | (1 << GpuFeature.VIRTIO_GPU_F_RESOURCE_UUID)
+                 | (1 << GpuFeature.VIRTIO_GPU_F_RESOURCE_BLOB))
 _QEMU_FEATURES = (1 << GpuProtocolFeature.EDID) | (1 << GpuProtocolFeature.DMABUF2)
 
 
@@ -269,7 +280,7 @@ class Backing:
 class GpuDriver(Driver):
     """Drives one vhost-user-gpu back-end through the built-in front-end."""
 
-    CMD_BYTES = ResourceAttachBacking.SIZE + 16 * 16384
+    CMD_BYTES = ResourceCreateBlob.SIZE + 16 * 16384
     RESP_BYTES = 4096
 
     def __init__(self, frontend: Frontend, listener: DisplayListener | None, *,
@@ -377,6 +388,30 @@ class GpuDriver(Driver):
 
     def flush(self, resource_id: int, r: Rect) -> int:
         return self.status(ResourceFlush(r, resource_id).pack())
+
+    # -- blobs (virtio 5.7.6.8), as Linux's virtio-gpu sends them for a dumb buffer ------------
+    def create_blob(self, resource_id: int, backing: Backing, size: int | None = None, *,
+                    blob_mem: int = BlobMem.VIRTIO_GPU_BLOB_MEM_GUEST,
+                    blob_flags: int = BlobFlag.VIRTIO_GPU_BLOB_FLAG_USE_SHAREABLE,
+                    nr_entries: int | None = None) -> int:
+        size = backing.size if size is None else size
+        cmd = ResourceCreateBlob(resource_id, blob_mem, blob_flags, size, 0,
+                                 tuple(backing.entries), nr_entries=nr_entries)
+        return self.status(cmd.pack_all())
+
+    def set_scanout_blob(self, scanout_id: int, resource_id: int, width: int, height: int, *,
+                         fmt: int = 2, stride: int | None = None, offset: int = 0,
+                         r: Rect | None = None) -> int:
+        stride = width * 4 if stride is None else stride
+        r = r or Rect(0, 0, width, height)
+        return self.status(SetScanoutBlob(r, scanout_id, resource_id, width, height, fmt,
+                                          (stride, 0, 0, 0), (offset, 0, 0, 0)).pack())
+
+    def assign_uuid(self, resource_id: int) -> tuple[int, bytes]:
+        """(response type, the UUID or b"")."""
+        resp = self.command(ResourceAssignUuid(resource_id).pack(), RespResourceUuid.SIZE)
+        rtype = CtrlHeader.unpack(resp).type
+        return rtype, (RespResourceUuid.unpack(resp).uuid if rtype == T.RESP_OK_RESOURCE_UUID else b"")
 
     def capset_info(self, index: int) -> int:
         return CtrlHeader.unpack(self.command(GetCapsetInfo(index).pack(), 40)).type

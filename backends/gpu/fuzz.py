@@ -5,6 +5,8 @@ headless `GpuDevice` (no display socket) over fuzz guest RAM: mostly
 well-formed commands of every type with fuzzed fields (resource ids from a
 small set so that create/attach/transfer/flush/unref meet), sometimes raw
 bytes of any length. Backing entries point anywhere, also outside RAM.
+Guest blobs (CREATE_BLOB of every blob_mem, SET_SCANOUT_BLOB with fuzzed
+strides, offsets and formats, ASSIGN_UUID) share the resource ids.
 
 Invariants: `execute` returns a response and raises nothing; the response
 starts with a header echoing the command's fence and whose type is a
@@ -38,7 +40,8 @@ _MAX_HOSTMEM = 1 << 20
 _COMMANDS = [T.CMD_GET_DISPLAY_INFO, T.CMD_GET_EDID, T.CMD_RESOURCE_CREATE_2D, T.CMD_RESOURCE_UNREF,
              T.CMD_SET_SCANOUT, T.CMD_RESOURCE_FLUSH, T.CMD_TRANSFER_TO_HOST_2D,
              T.CMD_RESOURCE_ATTACH_BACKING, T.CMD_RESOURCE_DETACH_BACKING, T.CMD_GET_CAPSET_INFO,
-             T.CMD_GET_CAPSET, T.CMD_RESOURCE_CREATE_BLOB, T.CMD_UPDATE_CURSOR, T.CMD_MOVE_CURSOR]
+             T.CMD_GET_CAPSET, T.CMD_RESOURCE_CREATE_BLOB, T.CMD_SET_SCANOUT_BLOB,
+             T.CMD_RESOURCE_ASSIGN_UUID, T.CMD_UPDATE_CURSOR, T.CMD_MOVE_CURSOR]
 _RESP_MIN = 0x1100
 _RESP_ERR_MIN = 0x1200
 _RAM: FuzzRam | None = None
@@ -53,6 +56,16 @@ def _gpa(r: ByteReader) -> int:
     return (r.pick((0, 0x100, 0x8000, 0xFFF0, 0x10000, 0x20000, 0x2F000, 1 << 40, (1 << 64) - 8)) + r.u8()) & ((1 << 64) - 1)
 
 
+def _entries(r: ByteReader, n: int, pages: bool = False) -> bytes:
+    """Up to n (at most 6) mem entries anywhere, some outside RAM; `pages`: mostly whole pages."""
+    def length() -> int:
+        if pages and r.flag():
+            return 0x1000 * (1 + r.u8() % 4)
+        return r.u16() * (1 + r.u8() % 3)
+    return b"".join(struct.pack("<QI4x", _gpa(r), length())
+                    for _ in range(min(n, 6) if r.flag() else min(n, 3)))
+
+
 def _command(r: ByteReader) -> bytes:
     """One control or cursor command: a header plus a body of 4-byte fields."""
     if r.u8() % 8 == 0:
@@ -64,9 +77,20 @@ def _command(r: ByteReader) -> bytes:
         body = struct.pack("<IIII", rid, r.pick((1, 2, 3, 4, 67, 68, 121, 134, 0, 999)), _small(r), _small(r))
     elif ctype == T.CMD_RESOURCE_ATTACH_BACKING:
         n = r.u8() % 4 if r.u8() % 8 else r.u32()
-        entries = b"".join(struct.pack("<QI4x", _gpa(r), r.u16() * (1 + r.u8() % 3))
-                           for _ in range(min(n, 6) if r.flag() else min(n, 3)))
-        body = struct.pack("<II", rid, n) + entries
+        body = struct.pack("<II", rid, n) + _entries(r, n)
+    elif ctype == T.CMD_RESOURCE_CREATE_BLOB:
+        n = r.u8() % 4 if r.u8() % 8 else r.u32()
+        entries = _entries(r, n, pages=True)
+        size = (r.pick((0x1000, 0x2000, 0x10000, 0x20000, 1 << 32, (1 << 64) - 1)) + (r.u8() % 3) * 0x400) & ((1 << 64) - 1)
+        body = struct.pack("<IIIIQQ", rid, r.pick((1, 1, 1, 2, 3, 0, 9)), r.u8() % 8, n, 0, size) + entries
+    elif ctype == T.CMD_SET_SCANOUT_BLOB:
+        rect = struct.pack("<IIII", _small(r), _small(r), _small(r), _small(r))
+        w, h = _small(r), _small(r)
+        stride = r.pick((w * 4, w * 4 + 64, 0, 0xFFFFFFFF, r.u32()))
+        body = rect + struct.pack("<IIIIII", r.u8() % 18, rid, w, h,
+                                  r.pick((1, 2, 3, 4, 67, 68, 121, 134, 0, 999)), 0)
+        body += struct.pack("<4I", stride & 0xFFFFFFFF, 0, 0, 0)
+        body += struct.pack("<4I", r.pick((0, 0, 64, 0x1000, 0xFFFFFFFF)), 0, 0, 0)
     elif ctype in (T.CMD_SET_SCANOUT, T.CMD_RESOURCE_FLUSH, T.CMD_TRANSFER_TO_HOST_2D):
         rect = struct.pack("<IIII", _small(r), _small(r), _small(r), _small(r))
         if ctype == T.CMD_SET_SCANOUT:
@@ -150,3 +174,4 @@ def _cursor(dev: GpuDevice, cmd: bytes) -> None:
 def seeds() -> list[bytes]:
     create = bytes([8, 1, 0, 2, 0, 1, 1, 0, 0, 7, 1, 0, 0, 7, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
     return [b"", b"\0\x05" + bytes(64), create, create + bytes(range(256)), bytes(range(255, 0, -1)) * 3]
+

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,8 +28,8 @@ from vhost_user.memory import GuestMemory
 
 from .commands import CtrlType, Format, MemEntry, Rect
 
-__all__ = ["Resource", "ResourceTable", "GpuError", "FORMATS", "to_x8r8g8b8",
-           "DEFAULT_MAX_HOSTMEM"]
+__all__ = ["Resource", "ResourceTable", "GpuError", "FORMATS", "to_x8r8g8b8", "x8r8g8b8",
+           "DEFAULT_MAX_HOSTMEM", "BPP"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,8 @@ class Resource:
     def nbytes(self) -> int:
         return self.height * self.stride
 
+    backing_needed = 0  # a short backing is allowed: transfers copy what exists (QEMU)
+
 
 def _translate_entries(memory: GuestMemory, entries) -> tuple[list, list, int]:
     segments: list[list[int]] = []
@@ -171,14 +174,20 @@ def _gather_into(backing: _Backing, memory: GuestMemory, start: int, dst: np.nda
     return done
 
 
+def x8r8g8b8(sub: np.ndarray, fmt: int) -> np.ndarray:
+    """Pixels `sub` (height, width*4, any strides) of format `fmt` as contiguous x8r8g8b8."""
+    order = FORMATS[fmt]
+    if order == (0, 1, 2, 3):
+        return np.ascontiguousarray(sub)
+    h, row = sub.shape
+    px = sub.reshape(h, row // BPP, BPP)[:, :, list(order)]
+    return px.reshape(h, row)
+
+
 def to_x8r8g8b8(res: Resource, rect: Rect) -> np.ndarray:
     """The rectangle as contiguous x8r8g8b8 bytes, shape (height, width*4)."""
     sub = res.image[rect.y:rect.y + rect.height, rect.x * BPP:(rect.x + rect.width) * BPP]
-    order = FORMATS[res.format]
-    if order == (0, 1, 2, 3):
-        return np.ascontiguousarray(sub)
-    px = sub.reshape(rect.height, rect.width, BPP)[:, :, list(order)]
-    return px.reshape(rect.height, rect.width * BPP)
+    return x8r8g8b8(sub, res.format)
 
 
 class ResourceTable:
@@ -187,7 +196,8 @@ class ResourceTable:
     def __init__(self, max_hostmem: int = DEFAULT_MAX_HOSTMEM):
         self.max_hostmem = max_hostmem
         self.hostmem = 0
-        self._res: dict[int, Resource] = {}
+        self._res: dict[int, Resource] = {}   # 2D resources and guest blobs (blob.BlobResource)
+        self._uuids: dict[int, bytes] = {}
 
     def __len__(self) -> int:
         return len(self._res)
@@ -204,11 +214,27 @@ class ResourceTable:
             raise GpuError(CtrlType.RESP_ERR_INVALID_RESOURCE_ID, f"no resource {resource_id}")
         return res
 
-    def create_2d(self, resource_id: int, fmt: int, width: int, height: int) -> Resource:
+    def check_new_id(self, resource_id: int) -> None:
         if resource_id == 0:
             raise GpuError(CtrlType.RESP_ERR_INVALID_RESOURCE_ID, "resource id 0 is reserved")
         if resource_id in self._res:
             raise GpuError(CtrlType.RESP_ERR_INVALID_RESOURCE_ID, f"resource {resource_id} exists")
+
+    def add_blob(self, blob) -> None:
+        """Enter a blob (blob.make_blob); blobs share the id space with 2D resources."""
+        self.check_new_id(blob.resource_id)
+        self._res[blob.resource_id] = blob
+
+    def blobs(self) -> list[int]:
+        return [rid for rid, res in self._res.items() if not isinstance(res, Resource)]
+
+    def uuid(self, resource_id: int) -> bytes:
+        """RESOURCE_ASSIGN_UUID: a random UUID, the same on every later call for the resource."""
+        self.find(resource_id)
+        return self._uuids.setdefault(resource_id, uuid.uuid4().bytes)
+
+    def create_2d(self, resource_id: int, fmt: int, width: int, height: int) -> Resource:
+        self.check_new_id(resource_id)
         if fmt not in FORMATS:
             raise GpuError(CtrlType.RESP_ERR_INVALID_PARAMETER, f"unsupported format {fmt}")
         size = width * height * BPP
@@ -228,19 +254,26 @@ class ResourceTable:
     def unref(self, resource_id: int) -> Resource:
         res = self.find(resource_id)
         del self._res[resource_id]
+        self._uuids.pop(resource_id, None)
         self.hostmem -= res.nbytes
         res.backing = None
         return res
 
     def clear(self) -> None:
         self._res.clear()
+        self._uuids.clear()
         self.hostmem = 0
 
     # -- backing ------------------------------------------------------------------
     def attach_backing(self, res: Resource, memory: GuestMemory, entries) -> None:
         if res.backing is not None:
             raise GpuError(CtrlType.RESP_ERR_UNSPEC, f"resource {res.resource_id} already has backing")
-        res.backing = _make_backing(entries, memory)
+        backing = _make_backing(entries, memory)
+        if backing.total < res.backing_needed:
+            raise GpuError(CtrlType.RESP_ERR_INVALID_PARAMETER,
+                           f"backing of {backing.total} bytes for blob {res.resource_id} "
+                           f"of {res.backing_needed}")
+        res.backing = backing
 
     def detach_backing(self, res: Resource) -> None:
         if res.backing is None:
@@ -248,7 +281,7 @@ class ResourceTable:
                            f"resource {res.resource_id} has no backing")
         res.backing = None
 
-    def _current(self, res: Resource, memory: GuestMemory) -> _Backing:
+    def current_backing(self, res, memory: GuestMemory) -> _Backing:
         """The backing translated against `memory` (re-translated after a memory change)."""
         b = res.backing
         if b.memory is not memory:
@@ -264,7 +297,7 @@ class ResourceTable:
             raise GpuError(CtrlType.RESP_ERR_INVALID_PARAMETER,
                            f"transfer {r} outside resource {res.resource_id} "
                            f"({res.width}x{res.height})")
-        backing = self._current(res, memory)
+        backing = self.current_backing(res, memory)
         stride = res.stride
         flat = res.image.reshape(-1)
         if not (offset or r.x or r.y or r.width != res.width):
@@ -293,6 +326,6 @@ class ResourceTable:
     def cursor_image(self, resource_id: int) -> bytes:
         """64x64 ARGB32 (memory B, G, R, A) cursor bytes; zeros if the resource cannot be one."""
         res = self._res.get(resource_id)
-        if res is None or res.width != 64 or res.height != 64:
+        if not isinstance(res, Resource) or res.width != 64 or res.height != 64:
             return bytes(64 * 64 * 4)
         return to_x8r8g8b8(res, Rect(0, 0, 64, 64)).tobytes()

@@ -4,9 +4,11 @@ What moves: every 2D resource (id, format, size, its host-side pixels and
 its backing as the guest's (address, length) list, translated again against
 the restoring process's guest memory on first use) and every scanout's
 resource and rectangle. A restored scanout is shown again at once. What
-does not: the cursor (the guest sends it again on its next move) and
-anything of virglrenderer's (3D contexts and resources live in the
-library and cannot be serialised: `VirglGpuDevice` refuses to save them).
+does not: the cursor (the guest sends it again on its next move), UUIDs
+(assigned again on request), anything of virglrenderer's (3D contexts and
+resources live in the library and cannot be serialised: `VirglGpuDevice`
+refuses to save them) and guest blobs: a state holding one is refused
+with ValueError (the driver's UNREF of its blobs makes it savable).
 
 Layout: u32 length of a JSON description, the JSON, then each resource's
 pixels in the description's order.
@@ -28,7 +30,11 @@ _LEN = struct.Struct("<I")
 
 
 def save(resources, scanouts) -> bytes:
-    """The state of a ResourceTable and its scanouts."""
+    """The state of a ResourceTable and its scanouts; ValueError if it holds guest blobs."""
+    blobs = resources.blobs()
+    if blobs:
+        raise ValueError(f"{len(blobs)} guest blob resource(s) ({', '.join(map(str, sorted(blobs)[:8]))}) "
+                         "cannot be saved: blob state is not part of the gpu's device state")
     meta = {"resources": [], "scanouts": []}
     images = []
     for rid in sorted(resources.ids()):
@@ -63,7 +69,7 @@ def load(data: bytes, resources, scanout_type, nscanouts: int):
             pos += size
             if r["backing"] is not None:
                 entries = tuple(MemEntry(int(a), int(n)) for a, n in r["backing"])
-                # No guest memory yet: the first use translates (ResourceTable._current).
+                # No guest memory yet: the first use translates (ResourceTable.current_backing).
                 res.backing = _Backing(entries, None, [], [], 0)
         if pos != len(data):
             raise ValueError(f"{len(data) - pos} bytes after the last resource")
