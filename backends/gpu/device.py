@@ -191,13 +191,15 @@ class GpuDevice(VirtioDevice):
         with self._lock:
             self.scanouts = gpu_state.load(data, self.resources, _Scanout, MAX_SCANOUTS)
             for i, s in enumerate(self.scanouts):
-                if s.resource_id:   # show the restored frame at once
+                if s.fb is not None:   # guest pages: shown at the guest's next flush
+                    self.display.scanout(ScanoutMsg(i, s.rect.width, s.rect.height))
+                elif s.resource_id:   # show the restored frame at once
                     res = self.resources.find(s.resource_id)
                     self.display.scanout(ScanoutMsg(i, s.rect.width, s.rect.height))
                     self.display.update(UpdateMsg(i, 0, 0, s.rect.width, s.rect.height),
                                         to_x8r8g8b8(res, s.rect))
-        log.info("restored %d resource(s), %d scanout(s)", len(self.resources),
-                 sum(1 for s in self.scanouts if s.resource_id))
+        log.info("restored %d resource(s), %d scanout(s), %d guest blob(s)", len(self.resources),
+                 sum(1 for s in self.scanouts if s.resource_id), len(self.resources.blobs()))
 
     def _drop_display(self) -> None:
         old, self.display = self.display, self.fallback

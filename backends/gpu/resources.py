@@ -233,6 +233,16 @@ class ResourceTable:
         self.find(resource_id)
         return self._uuids.setdefault(resource_id, uuid.uuid4().bytes)
 
+    def assigned_uuids(self) -> dict[int, bytes]:
+        return dict(self._uuids)
+
+    def set_uuid(self, resource_id: int, value: bytes) -> None:
+        """A restored UUID (state.load)."""
+        self.find(resource_id)
+        if len(value) != 16:
+            raise GpuError(CtrlType.RESP_ERR_UNSPEC, f"UUID of {len(value)} bytes")
+        self._uuids[resource_id] = value
+
     def create_2d(self, resource_id: int, fmt: int, width: int, height: int) -> Resource:
         self.check_new_id(resource_id)
         if fmt not in FORMATS:

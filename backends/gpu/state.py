@@ -3,12 +3,15 @@
 What moves: every 2D resource (id, format, size, its host-side pixels and
 its backing as the guest's (address, length) list, translated again against
 the restoring process's guest memory on first use) and every scanout's
-resource and rectangle. A restored scanout is shown again at once. What
-does not: the cursor (the guest sends it again on its next move), UUIDs
-(assigned again on request), anything of virglrenderer's (3D contexts and
-resources live in the library and cannot be serialised: `VirglGpuDevice`
-refuses to save them) and guest blobs: a state holding one is refused
-with ValueError (the driver's UNREF of its blobs makes it savable).
+resource and rectangle; every guest blob (id, blob_mem, flags, size, its
+entries, translated lazily like a backing) and a blob scanout's framebuffer
+(format, size, stride, offset: checked against the blob again on load);
+the UUIDs assigned so far. A restored 2D scanout is shown again at once, a
+blob scanout at the guest's next flush (its pages are guest memory, which
+the restoring process maps only after the load). What does not: the
+cursor (the guest sends it again on its next move) and anything of
+virglrenderer's (3D contexts and resources live in the library and cannot
+be serialised: `VirglGpuDevice` refuses to save them).
 
 Layout: u32 length of a JSON description, the JSON, then each resource's
 pixels in the description's order.
@@ -21,7 +24,9 @@ import struct
 
 import numpy as np
 
+from .blob import MAX_BLOB_SIZE, BlobResource, check_fb
 from .commands import MemEntry, Rect
+from .commands_blob import BlobMem, SetScanoutBlob
 from .resources import GpuError, _Backing
 
 __all__ = ["save", "load"]
@@ -30,21 +35,23 @@ _LEN = struct.Struct("<I")
 
 
 def save(resources, scanouts) -> bytes:
-    """The state of a ResourceTable and its scanouts; ValueError if it holds guest blobs."""
-    blobs = resources.blobs()
-    if blobs:
-        raise ValueError(f"{len(blobs)} guest blob resource(s) ({', '.join(map(str, sorted(blobs)[:8]))}) "
-                         "cannot be saved: blob state is not part of the gpu's device state")
-    meta = {"resources": [], "scanouts": []}
+    """The state of a ResourceTable (2D resources and guest blobs) and its scanouts."""
+    meta = {"resources": [], "blobs": [], "scanouts": [], "uuids": {}}
     images = []
     for rid in sorted(resources.ids()):
         res = resources.get(rid)
         backing = None if res.backing is None else [[e.addr, e.length] for e in res.backing.entries]
+        if isinstance(res, BlobResource):
+            meta["blobs"].append({"id": rid, "blob_mem": res.blob_mem, "flags": res.blob_flags,
+                                  "size": res.size, "backing": backing})
+            continue
         meta["resources"].append({"id": rid, "format": res.format, "width": res.width,
                                   "height": res.height, "backing": backing})
         images.append(res.image.tobytes())
     for s in scanouts:
-        meta["scanouts"].append([s.resource_id, s.rect.x, s.rect.y, s.rect.width, s.rect.height])
+        fb = None if s.fb is None else [s.fb.format, s.fb.width, s.fb.height, s.fb.stride, s.fb.offset]
+        meta["scanouts"].append([s.resource_id, s.rect.x, s.rect.y, s.rect.width, s.rect.height, fb])
+    meta["uuids"] = {str(rid): u.hex() for rid, u in resources.assigned_uuids().items()}
     text = json.dumps(meta).encode()
     return _LEN.pack(len(text)) + text + b"".join(images)
 
@@ -67,18 +74,16 @@ def load(data: bytes, resources, scanout_type, nscanouts: int):
                 raise ValueError(f"pixels of resource {res.resource_id} missing")
             res.image[:] = np.frombuffer(data, np.uint8, size, pos).reshape(res.image.shape)
             pos += size
-            if r["backing"] is not None:
-                entries = tuple(MemEntry(int(a), int(n)) for a, n in r["backing"])
-                # No guest memory yet: the first use translates (ResourceTable.current_backing).
-                res.backing = _Backing(entries, None, [], [], 0)
+            res.backing = _lazy_backing(r["backing"])
         if pos != len(data):
             raise ValueError(f"{len(data) - pos} bytes after the last resource")
-        scanouts = []
-        for rid, x, y, w, h in meta["scanouts"][:nscanouts]:
-            if rid and resources.get(rid) is None:
-                raise ValueError(f"scanout shows resource {rid}, which the state lacks")
-            scanouts.append(scanout_type(int(rid), Rect(int(x), int(y), int(w), int(h))))
+        for b in meta.get("blobs", []):
+            _load_blob(b, resources)
+        scanouts = [_load_scanout(i, item, resources, scanout_type)
+                    for i, item in enumerate(meta["scanouts"][:nscanouts])]
         scanouts += [scanout_type() for _ in range(nscanouts - len(scanouts))]
+        for rid, text in meta.get("uuids", {}).items():
+            resources.set_uuid(int(rid), bytes.fromhex(text))
         return scanouts
     except ValueError:
         resources.clear()
@@ -89,3 +94,38 @@ def load(data: bytes, resources, scanout_type, nscanouts: int):
     except (KeyError, TypeError, IndexError, struct.error) as exc:
         resources.clear()
         raise ValueError(f"malformed gpu state: {exc!r}") from None
+
+
+def _lazy_backing(pairs) -> _Backing | None:
+    """A saved backing: no guest memory yet, the first use translates (current_backing)."""
+    if pairs is None:
+        return None
+    return _Backing(tuple(MemEntry(int(a), int(n)) for a, n in pairs), None, [], [], 0)
+
+
+def _load_blob(b: dict, resources) -> None:
+    rid, size = int(b["id"]), int(b["size"])
+    if not 0 < size <= MAX_BLOB_SIZE:
+        raise ValueError(f"blob {rid}: size {size}")
+    if int(b["blob_mem"]) != BlobMem.VIRTIO_GPU_BLOB_MEM_GUEST:
+        raise ValueError(f"blob {rid}: blob_mem {b['blob_mem']} is not a guest blob")
+    backing = _lazy_backing(b["backing"])
+    if backing is not None and sum(e.length for e in backing.entries) < size:
+        raise ValueError(f"blob {rid}: its entries do not cover its {size} bytes")
+    blob = BlobResource(rid, int(b["blob_mem"]), int(b["flags"]), size, backing)
+    resources.add_blob(blob)
+
+
+def _load_scanout(i: int, item, resources, scanout_type):
+    rid, x, y, w, h = (int(v) for v in item[:5])
+    fb = item[5] if len(item) > 5 else None
+    res = resources.get(rid) if rid else None
+    if rid and res is None:
+        raise ValueError(f"scanout shows resource {rid}, which the state lacks")
+    if isinstance(res, BlobResource) != (fb is not None):
+        raise ValueError(f"scanout {i}: resource {rid} and its framebuffer do not match")
+    if fb is None:
+        return scanout_type(rid, Rect(x, y, w, h))
+    fmt, fw, fh, stride, offset = (int(v) for v in fb)
+    cmd = SetScanoutBlob(Rect(x, y, w, h), i, rid, fw, fh, fmt, (stride, 0, 0, 0), (offset, 0, 0, 0))
+    return scanout_type(rid, cmd.r, check_fb(cmd, res, resources.max_hostmem))   # GpuError: refused

@@ -30,9 +30,9 @@ from vhost_user.backends.gpu.commands_blob import (
 )
 from vhost_user.backends.gpu.display_protocol import GpuRequest as G
 from vhost_user.backends.gpu.driver import BLOB_FEATURES, Backing, GpuDriver
-from vhost_user.frontend import CROSVM
-from vhost_user.frontend.connection import FrontendError
-from vhost_user.frontend.migration import save_device_state
+from vhost_user.frontend import CROSVM, Frontend, GuestRam
+from vhost_user.frontend.migration import load_device_state, save_device_state
+from vhost_user.frontend.profiles import crosvm_ram_layout
 
 OK = T.RESP_OK_NODATA
 W, H = 64, 40
@@ -240,31 +240,84 @@ def test_blob_pages_are_found_again_through_a_new_memory_table(gpu_backend, tmp_
         _wait_png(os.path.join(out, "scanout-0.png"), _rgb(fb2, W, H))
 
 
-def test_blob_snapshot_is_refused_with_a_reason_until_the_blob_goes(gpu_backend):
-    bp = gpu_backend("ours")
-    with GpuDriver.connect(bp.socket, features=BLOB_FEATURES, profile=CROSVM) as drv:
-        _blob(drv, 3, _frame(1))
-        drv.fe.suspend()
-        with pytest.raises(FrontendError):
-            save_device_state(drv.fe)
-    assert "guest blob resource(s) (3) cannot be saved" in bp.log()
+def test_blob_snapshot_restores_blobs_and_their_scanout_into_a_new_process(gpu_backend, tmp_path):
+    """crosvm's snapshot with a shown guest blob and a UUID: a new back-end process gets
+    them (LOAD), and the guest's next flush shows its pages through the restored blob."""
+    ram = GuestRam(crosvm_ram_layout(160 << 20, pci_start=32 << 20), single_fd=True, alloc_region=3)
+    out_a, out_b = str(tmp_path / "png-a"), str(tmp_path / "png-b")
+    try:
+        a = gpu_backend("ours", "--display", f"png:{out_a}")
+        fe = Frontend(a.socket, ram, profile=CROSVM)
+        fe.negotiate(BLOB_FEATURES)
+        drv = GpuDriver(fe, None)
+        fb = _frame(1)
+        backing = _blob(drv, 3, fb)
+        assert drv.set_scanout_blob(0, 3, W, H) == OK
+        _wait_png(os.path.join(out_a, "scanout-0.png"), _rgb(fb, W, H))
+        _, uuid = drv.assign_uuid(3)
+        fe.suspend()
+        state = save_device_state(fe)
+        fe.close()
+        a.stop()
+
+        b = gpu_backend("ours", "--display", f"png:{out_b}")
+        fe = Frontend(b.socket, ram, profile=CROSVM)
+        fe.negotiate(BLOB_FEATURES)
+        load_device_state(fe, state)
+        drv = GpuDriver(fe, None)
+        fb2 = _frame(2)
+        drv.write_backing(backing, fb2.tobytes())
+        assert drv.transfer(3, Rect(0, 0, W, H)) == OK
+        assert drv.flush(3, Rect(0, 0, W, H)) == OK
+        _wait_png(os.path.join(out_b, "scanout-0.png"), _rgb(fb2, W, H))
+        assert drv.assign_uuid(3) == (T.RESP_OK_RESOURCE_UUID, uuid)
+        assert drv.create_blob(3, backing) == T.RESP_ERR_INVALID_RESOURCE_ID   # the id is taken
+        fe.close()
+        assert "restored 1 resource(s), 1 scanout(s), 1 guest blob(s)" in b.log()
+    finally:
+        ram.close()
 
 
-def test_blob_snapshot_saves_once_blobs_are_unrefed():
+def _device_with_blob(fb_stride: int = W * 4):
     from vhost_user.backends.gpu.device import GpuDevice
     from vhost_user.fuzzing.guestram import FuzzRam
     ram = FuzzRam()
     memory = ram.memory()
     dev = GpuDevice()
-    try:
-        cmd = ResourceCreateBlob(1, 1, 2, 0x1000, 0, (MemEntry(0x1000, 0x1000),)).pack_all()
+    for cmd in (ResourceCreateBlob(1, 1, 2, 0x4000, 0, (MemEntry(0x1000, 0x4000),)).pack_all(),
+                SetScanoutBlob(Rect(0, 0, 16, 16), 0, 1, 16, 16, 2, (fb_stride, 0, 0, 0)).pack()):
         assert dev.execute(cmd, memory)[:4] == OK.to_bytes(4, "little")
-        with pytest.raises(ValueError, match="guest blob"):
-            dev.save_state()
-        dev.execute(ResourceUnref(1).pack(), memory)
-        assert dev.save_state()
+    return ram, memory, dev
+
+
+def test_blob_state_round_trips_and_a_damaged_framebuffer_is_refused():
+    import json
+    from vhost_user.backends.gpu.device import GpuDevice
+    ram, memory, dev = _device_with_blob()
+    other = GpuDevice()
+    try:
+        state = dev.save_state()
+        other.load_state(state)
+        assert other.resources.blobs() == [1]
+        assert other.scanouts[0].fb == dev.scanouts[0].fb and other.scanouts[0].resource_id == 1
+        n = int.from_bytes(state[:4], "little")
+        meta = json.loads(state[4:4 + n])
+        for damage in (lambda m: m["scanouts"][0][5].__setitem__(4, 0x4000),    # offset past the end
+                       lambda m: m["scanouts"][0][5].__setitem__(0, 999),       # format
+                       lambda m: m["blobs"][0].__setitem__("blob_mem", 2),       # host3d
+                       lambda m: m["blobs"][0].__setitem__("size", 0x5000),      # entries too short
+                       lambda m: m["scanouts"][0].__setitem__(5, None)):         # blob without fb
+            bad = json.loads(json.dumps(meta))
+            damage(bad)
+            text = json.dumps(bad).encode()
+            with pytest.raises(ValueError):
+                other.load_state(len(text).to_bytes(4, "little") + text + state[4 + n:])
+            assert len(other.resources) == 0
+        assert dev.execute(ResourceUnref(1).pack(), memory)[:4] == OK.to_bytes(4, "little")
+        assert dev.scanouts[0].resource_id == 0
     finally:
-        dev.close()
+        for d in (dev, other):
+            d.close()
         memory.close()
         ram.close()
 
