@@ -22,7 +22,7 @@ from cdefgen import headers_cdef  # noqa: E402
 from native_parts import module_inputs  # noqa: E402
 
 #: the generic core: ring, memory table, inflight region, worker loop, pcap capture ring
-CORE_SOURCES = ["memory.c", "vring.c", "packed.c", "inflight.c", "dirtylog.c", "run.c", "capture.c"]
+CORE_SOURCES = ["memory.c", "vring.c", "packed.c", "inflight.c", "inflight_packed.c", "dirtylog.c", "run.c", "capture.c"]
 CORE_HEADERS = ["vring.h", "capture.h"]
 
 INPUTS = module_inputs("engine", CORE_SOURCES, CORE_HEADERS, depends=["clock.h"])

@@ -49,19 +49,13 @@ struct vr_pdesc {
 };
 _Static_assert(sizeof(struct vr_pdesc) == 16, "packed descriptor is 16 bytes");
 
-/* A descriptor of a chain in flight, as popped. */
-struct vr_pk_rec {
-    uint64_t addr;
-    uint32_t len;
-    uint16_t flags;
-    uint16_t next;   /* the chain's next record, or the free list's */
-};
+_Static_assert(sizeof(struct vr_pk_inflight_desc) == 32, "DescStatePacked is 32 bytes");
 
-#define PK_NONE 0xffff
 /* An indirect table is walked at most this far (its ids are 16 bits). */
 #define PK_MAX_INDIRECT 65536u
 
-#define PDESC(q, slot) ((q)->desc + 16u * (slot))
+#define PDESC VR_PDESC
+#define PK_NONE VR_PK_NONE
 /* the driver event suppression area is the "avail" address, the device's
  * the "used" address: {le16 off_wrap; le16 flags} */
 #define DRIVER_OFF_WRAP(q) ((q)->avail)
@@ -75,32 +69,29 @@ static inline int is_avail(uint16_t flags, uint8_t wrap)
     return !!(flags & VR_PDESC_F_AVAIL) == wrap && !!(flags & VR_PDESC_F_USED) != wrap;
 }
 
-static inline void advance(const struct vr_queue *q, uint16_t *slot, uint8_t *wrap, uint32_t n)
-{
-    uint32_t s = *slot + n;
-    if (s >= q->num) {
-        s -= q->num;
-        *wrap ^= 1;
-    }
-    *slot = (uint16_t)s;
-}
+#define advance vr_pk_advance
 
 /* ---- set-up (called by vring.c) ---- */
 
-/* No chain in flight: every record free. */
+/* No chain in flight: every record free, in our own table (the
+ * inflight region, if any, is read again at the next start). */
 void vr_packed_forget(struct vr_queue *q)
 {
     if (!q->pk_ndesc)
         return;
     memset(q->pk_ndesc, 0, q->num * sizeof(uint16_t));
+    q->pk_rec = q->pk_rec_own;
+    q->pk_region = NULL;
     for (uint32_t k = 0; k < q->num; k++)
         q->pk_rec[k].next = k + 1 < q->num ? (uint16_t)(k + 1) : PK_NONE;
     q->pk_free = 0;
     q->pk_inflight = 0;
+    q->nresubmit = q->resubmit_pos = 0;
 }
 
 /* At start: the per-id table survives a stop/start with the same size
- * (chains popped before the stop are still pushed after it). */
+ * (chains popped before the stop are still pushed after it); with an
+ * inflight region everything is taken from the region instead. */
 int vr_packed_prepare(struct vr_queue *q)
 {
     if (q->last_avail_idx >= q->num || q->used_idx >= q->num)
@@ -108,15 +99,24 @@ int vr_packed_prepare(struct vr_queue *q)
     if (!q->pk_ndesc) {
         q->pk_ndesc = calloc(q->num, sizeof(uint16_t));
         q->pk_hist = calloc(q->num, sizeof(uint32_t));
-        q->pk_rec = calloc(q->num, sizeof(struct vr_pk_rec));
+        q->pk_rec_own = calloc(q->num, sizeof(struct vr_pk_inflight_desc));
         q->pk_first = calloc(q->num, sizeof(uint16_t));
-        if (!q->pk_ndesc || !q->pk_hist || !q->pk_rec || !q->pk_first) {
+        if (!q->pk_ndesc || !q->pk_hist || !q->pk_rec_own || !q->pk_first) {
             vr_packed_release(q);
             return -VR_E_NOMEM;
         }
         vr_packed_forget(q);
     }
     q->pk_hist_pos = q->pk_hist_len = 0;
+    if (q->inflight) {
+        int rc = vr_packed_inflight_recover(q);
+        if (rc < 0) {
+            vr_packed_forget(q);
+            return rc;
+        }
+    } else if (q->pk_region) {
+        vr_packed_forget(q);   /* the region went away with what it tracked */
+    }
     q->signalled_used = q->used_idx;
     q->signalled_wrap = q->used_wrap;
     return VR_OK;
@@ -126,22 +126,29 @@ void vr_packed_release(struct vr_queue *q)
 {
     free(q->pk_ndesc);
     free(q->pk_hist);
-    free(q->pk_rec);
+    free(q->pk_rec_own);
     free(q->pk_first);
     q->pk_ndesc = NULL;
     q->pk_hist = NULL;
-    q->pk_rec = NULL;
+    q->pk_rec = q->pk_rec_own = NULL;
+    q->pk_region = NULL;
     q->pk_first = NULL;
+}
+
+static void set_free_head(struct vr_queue *q, uint16_t head)
+{
+    q->pk_free = head;
+    if (q->pk_region)
+        q->pk_region->free_head = q->pk_region->old_free_head = head;
 }
 
 /* Give the records of the chain `id` back to the free list. */
 static void free_records(struct vr_queue *q, uint16_t id)
 {
-    uint16_t first = q->pk_first[id], last = first;
-    for (uint32_t k = 1; k < q->pk_ndesc[id]; k++)
-        last = q->pk_rec[last].next;
-    q->pk_rec[last].next = q->pk_free;
-    q->pk_free = first;
+    struct vr_pk_inflight_desc *h = &q->pk_rec[q->pk_first[id]];
+    h->inflight = 0;
+    q->pk_rec[h->last].next = q->pk_free;
+    set_free_head(q, q->pk_first[id]);
     q->pk_inflight -= q->pk_ndesc[id];
     q->pk_ndesc[id] = 0;
 }
@@ -179,6 +186,32 @@ static int walk_indirect(struct vr_queue *q, struct vr_chain *c, const struct vr
     return VR_OK;
 }
 
+/* A chain recovered from the inflight region, rebuilt from its copy (its
+ * ring slots may hold used descriptors by now). */
+static int pop_resubmit(struct vr_queue *q, struct vr_chain *c)
+{
+    uint16_t id = q->resubmit[q->resubmit_pos++];
+    uint16_t i = q->pk_first[id];
+    int seen_write = 0, rc;
+
+    c->head = id;
+    c->nseg = c->nread = 0;
+    c->read_len = c->write_len = 0;
+    for (uint32_t k = 0; k < q->pk_ndesc[id]; k++, i = q->pk_rec[i].next) {
+        const struct vr_pk_inflight_desc *r = &q->pk_rec[i];
+        struct vr_pdesc d = {r->addr, r->len, r->id, r->flags};
+        if (d.flags & VR_DESC_F_INDIRECT)
+            rc = walk_indirect(q, c, &d, &seen_write);
+        else
+            rc = vr_chain_add(q, c, d.addr, d.len, d.flags & VR_DESC_F_WRITE, &seen_write);
+        if (rc < 0)
+            return rc;
+    }
+    q->pk_hist_len = 0;   /* vr_unpop_n cannot give a resubmitted chain back */
+    q->stats.requests++;
+    return 1;
+}
+
 int vr_packed_avail_pending(struct vr_queue *q)
 {
     return is_avail(vr_ld16_acquire(PDESC(q, q->last_avail_idx) + 14), q->avail_wrap);
@@ -193,6 +226,8 @@ int vr_packed_pop(struct vr_queue *q, struct vr_chain *c)
     int seen_write = 0, rc;
     struct vr_pdesc d;
 
+    if (q->resubmit_pos < q->nresubmit)
+        return pop_resubmit(q, c);
     /* 2.8.2: the first descriptor's flags publish the chain; acquire so
      * the rest of it (written before) is visible. */
     if (!is_avail(vr_ld16_acquire(PDESC(q, slot) + 14), wrap))
@@ -219,6 +254,7 @@ int vr_packed_pop(struct vr_queue *q, struct vr_chain *c)
         q->pk_rec[rec].addr = d.addr;
         q->pk_rec[rec].len = d.len;
         q->pk_rec[rec].flags = d.flags;
+        q->pk_rec[rec].id = d.id;
         if (d.flags & VR_DESC_F_INDIRECT) {
             /* 2.8 "Indirect Flag": an indirect descriptor is the whole
              * chain: neither NEXT on it nor one before it. */
@@ -242,9 +278,18 @@ int vr_packed_pop(struct vr_queue *q, struct vr_chain *c)
     if (q->pk_ndesc[d.id])
         return vr_queue_fail(q, VR_E_ID, "buffer id %u is already in flight on queue %u",
                              d.id, q->index);
+    /* vhost-user.rst, inflight tracking, packed: the head holds the
+     * chain's length, last entry and counter, and its inflight flag is
+     * set last; a crash before that re-reads the chain from the ring. */
+    struct vr_pk_inflight_desc *h = &q->pk_rec[first_rec];
+    h->num = (uint16_t)ndesc;
+    h->last = rec;
+    h->counter = q->inflight_counter++;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    h->inflight = 1;
     q->pk_ndesc[d.id] = (uint16_t)ndesc;
     q->pk_first[d.id] = first_rec;
-    q->pk_free = q->pk_rec[rec].next;
+    set_free_head(q, q->pk_rec[rec].next);
     q->pk_inflight += ndesc;
     q->pk_hist[q->pk_hist_pos] = (uint32_t)q->last_avail_idx | (uint32_t)q->avail_wrap << 15
                                  | (uint32_t)d.id << 16;
@@ -283,7 +328,8 @@ int vr_packed_unpop_n(struct vr_queue *q, uint32_t n)
 
 /* Mark the first `left` device-writable bytes of an indirect table's
  * entries, read again from guest memory, walked as at pop. */
-static void log_indirect(struct vr_queue *q, const struct vr_log *lg, const struct vr_pk_rec *r,
+static void log_indirect(struct vr_queue *q, const struct vr_log *lg,
+                         const struct vr_pk_inflight_desc *r,
                          uint32_t *left)
 {
     uint32_t n = r->len / 16;
@@ -305,7 +351,7 @@ static void log_chain(struct vr_queue *q, const struct vr_log *lg, uint16_t id, 
 {
     uint16_t i = q->pk_first[id];
     for (uint32_t k = 0; k < q->pk_ndesc[id] && len > 0; k++, i = q->pk_rec[i].next) {
-        const struct vr_pk_rec *r = &q->pk_rec[i];
+        const struct vr_pk_inflight_desc *r = &q->pk_rec[i];
         if (r->flags & VR_DESC_F_INDIRECT) {
             log_indirect(q, lg, r, &len);
         } else if (r->flags & VR_DESC_F_WRITE) {
@@ -316,24 +362,44 @@ static void log_chain(struct vr_queue *q, const struct vr_log *lg, uint16_t id, 
     }
 }
 
+/*
+ * A batch goes out in three steps, so that the inflight region tells a
+ * restarted back-end exactly which chains the driver got (inflight_packed.c):
+ *   1. each chain's head is marked "being completed" (inflight = 2) and
+ *      region->used_idx set to where the batch ends;
+ *   2. the used descriptors are written, the first one's flags last;
+ *   3. the heads are freed and region->old_used_idx catches up.
+ */
 int vr_packed_push_batch(struct vr_queue *q, const uint16_t *ids, const uint32_t *lens,
                          uint32_t n)
 {
-    if (n == 0)
-        return VR_OK;
-    volatile uint8_t *first = NULL;
-    uint16_t first_flags = 0;
-    int bad = 0;
+    struct vr_pk_inflight_region *r = q->pk_region;
     const struct vr_log *lg = vr_log_active(q);
-    uint16_t start = q->used_idx;
-    uint8_t start_wrap = q->used_wrap;
+    uint16_t start = q->used_idx, end = start;
+    uint8_t start_wrap = q->used_wrap, end_wrap = start_wrap;
+    int bad = 0;
+
     for (uint32_t k = 0; k < n; k++) {
         uint16_t id = ids[k];
-        if (id >= q->num || !q->pk_ndesc[id]) {
-            n = k; /* caller misuse: publish what came before, refuse the rest */
+        if (id >= q->num || !q->pk_ndesc[id] || q->pk_rec[q->pk_first[id]].inflight != 1) {
+            n = k; /* caller misuse (or an id twice): publish what came before, refuse the rest */
             bad = 1;
             break;
         }
+        q->pk_rec[q->pk_first[id]].inflight = 2;
+        advance(q, &end, &end_wrap, q->pk_ndesc[id]);
+    }
+    if (n == 0)
+        return bad ? -VR_E_INVAL : VR_OK;
+    if (r) {
+        r->used_idx = end;
+        r->used_wrap_counter = end_wrap;
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+    }
+    volatile uint8_t *first = NULL;
+    uint16_t first_flags = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        uint16_t id = ids[k];
         volatile uint8_t *e = PDESC(q, q->used_idx);
         /* 2.8 "Write Flag": in a used descriptor WRITE says data was written */
         uint16_t flags = (q->used_wrap ? (VR_PDESC_F_AVAIL | VR_PDESC_F_USED) : 0)
@@ -352,14 +418,21 @@ int vr_packed_push_batch(struct vr_queue *q, const uint16_t *ids, const uint32_t
         if (lg)
             log_chain(q, lg, id, lens[k]);
         advance(q, &q->used_idx, &q->used_wrap, q->pk_ndesc[id]);
-        free_records(q, id);
     }
-    if (first)
-        vr_st16_release(first, first_flags);
+    vr_st16_release(first, first_flags);
+    if (r)
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+    for (uint32_t k = 0; k < n; k++)
+        free_records(q, ids[k]);
+    if (r) {
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        r->old_used_idx = end;
+        r->old_used_wrap_counter = end_wrap;
+    }
     /* The used descriptors lie in the slots from start on: mark them
      * (and the chains' other slots between, which costs nothing) after
      * the release store, as bits must follow the stores they announce. */
-    if (first && lg) {
+    if (lg) {
         if (q->used_wrap == start_wrap && q->used_idx > start) {
             vr_log_ring(q, lg, q->desc_gpa + 16ull * start, 16ull * (q->used_idx - start));
         } else {

@@ -193,12 +193,11 @@ int vr_queue_start(struct vr_queue *q, const struct vr_mem *mem)
     if (rc < 0)
         return rc;
     if (q->packed) {
-        /* no inflight region for packed rings (packed.c) */
+        /* packed.c; with an inflight region, inflight_packed.c */
         rc = vr_packed_prepare(q);
         if (rc < 0)
             return rc;
         q->signalled_used_valid = 0;
-        q->nresubmit = q->resubmit_pos = 0;
         q->started = 1;
         return VR_OK;
     }

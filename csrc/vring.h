@@ -133,6 +133,37 @@ struct vr_inflight_region {
     struct vr_inflight_desc desc[];
 };
 
+/* Layout of the packed inflight region (vhost-user.rst, "Inflight I/O
+ * tracking", packed virtqueue; see inflight_packed.c): one entry per ring
+ * slot holds a descriptor of a chain in flight; a chain's first entry
+ * (its head) also holds the chain's length, last entry and counter. */
+struct vr_pk_inflight_desc {
+    uint8_t inflight;    /* head: 1 in flight, 2 being completed */
+    uint8_t padding;
+    uint16_t next;       /* the chain's next entry, or the free list's */
+    uint16_t last;       /* head: the chain's last entry */
+    uint16_t num;        /* head: descriptors in the chain */
+    uint64_t counter;    /* head: pop order */
+    uint16_t id;
+    uint16_t flags;
+    uint32_t len;
+    uint64_t addr;
+};
+
+struct vr_pk_inflight_region {
+    uint64_t features;
+    uint16_t version;
+    uint16_t desc_num;
+    uint16_t free_head;
+    uint16_t old_free_head;
+    uint16_t used_idx;           /* used slot once the batch being pushed is out */
+    uint16_t old_used_idx;       /* used slot before it */
+    uint8_t used_wrap_counter;
+    uint8_t old_used_wrap_counter;
+    uint8_t padding[7];
+    struct vr_pk_inflight_desc desc[];
+};
+
 /* Dirty page log (vhost-user.rst, "Migration"; see dirtylog.c): bit
  * (page % 8) of byte (page / 8) per 4 KiB guest-physical page, shared with
  * the front-end.  Immutable once a queue points at it. */
@@ -144,7 +175,6 @@ struct vr_log {
 };
 
 struct vr_queue;
-struct vr_pk_rec;
 typedef int (*vr_handler_fn)(void *ctx, struct vr_queue *q);
 
 /* Opaque in Python; Python uses the accessor functions below. */
@@ -175,8 +205,11 @@ struct vr_queue {
     uint32_t *pk_hist;
     uint32_t pk_hist_pos, pk_hist_len;
     /* packed only: a copy of every descriptor in flight (packed.c), per
-     * id a list through pk_rec[].next from pk_first[id]; free list */
-    struct vr_pk_rec *pk_rec;
+     * id a list through pk_rec[].next from pk_first[id]; free list.
+     * pk_rec is the inflight region's table when there is one
+     * (pk_region), else pk_rec_own. */
+    struct vr_pk_inflight_desc *pk_rec, *pk_rec_own;
+    struct vr_pk_inflight_region *pk_region;
     uint16_t *pk_first;
     uint16_t pk_free;
     uint32_t pk_inflight;      /* descriptors in flight (<= num) */
@@ -237,6 +270,8 @@ int vr_chain_add(struct vr_queue *q, struct vr_chain *c, uint64_t addr, uint32_t
 int vr_packed_prepare(struct vr_queue *q);
 void vr_packed_release(struct vr_queue *q);
 void vr_packed_forget(struct vr_queue *q);
+/* inflight_packed.c (called by packed.c) */
+int vr_packed_inflight_recover(struct vr_queue *q);
 int vr_packed_pop(struct vr_queue *q, struct vr_chain *c);
 int vr_packed_unpop_n(struct vr_queue *q, uint32_t n);
 int vr_packed_push_batch(struct vr_queue *q, const uint16_t *ids, const uint32_t *lens,
@@ -331,6 +366,21 @@ static inline void vr_st16(volatile uint8_t *p, uint16_t v)
 static inline void vr_st16_release(volatile uint8_t *p, uint16_t v)
 {
     __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE);
+}
+
+/* Packed rings: slot `slot` of the descriptor ring; move a position
+ * (slot and wrap counter) on by n slots. */
+#define VR_PDESC(q, slot) ((q)->desc + 16u * (slot))
+#define VR_PK_NONE 0xffff
+static inline void vr_pk_advance(const struct vr_queue *q, uint16_t *slot, uint8_t *wrap,
+                                 uint32_t n)
+{
+    uint32_t s = *slot + n;
+    if (s >= q->num) {
+        s -= q->num;
+        *wrap ^= 1;
+    }
+    *slot = (uint16_t)s;
 }
 
 static inline void vr_st32(volatile uint8_t *p, uint32_t v)

@@ -16,7 +16,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cc=${CC:-$(command -v clang-16 || command -v clang || true)}
 [ -n "$cc" ] || { echo "fuzz-native.sh: error: clang (clang-16) is not installed" >&2; exit 1; }
 
-core="csrc/vring.c csrc/packed.c csrc/memory.c csrc/inflight.c csrc/dirtylog.c"
+core="csrc/vring.c csrc/packed.c csrc/memory.c csrc/inflight.c csrc/inflight_packed.c csrc/dirtylog.c"
 trace="csrc/fuzz/fuzz_trace.c -Wl,--wrap=vr_pop,--wrap=vr_pop_batch"
 blk=backends/blk net=backends/net vsock=backends/vsock  # each device's C sits in its folder
 declare -A sources=(

@@ -57,13 +57,17 @@ _API_MESSAGES = {
     22: "ring address is misaligned (split: desc 16, avail 2, used 4 bytes; packed: 16, 4, 4)",
     23: "operation not valid in the queue's current state",
     24: "out of memory",
-    25: "inflight region does not match the queue (size or desc_num)",
+    25: "inflight region does not match the queue (size, desc_num, layout, or a corrupt entry)",
 }
 
 
 def inflight_queue_size(queue_size: int) -> int:
-    """Bytes of one queue's split inflight region (vhost-user.rst), 64-byte aligned."""
-    raw = 16 + 16 * queue_size
+    """Bytes of one queue's inflight region (vhost-user.rst), 64-byte aligned.
+
+    Room for the packed layout (32-byte header and entries), the larger of
+    the two: GET_INFLIGHT_FD may come before the features say which one.
+    """
+    raw = 32 + 32 * queue_size
     return (raw + _INFLIGHT_ALIGN - 1) // _INFLIGHT_ALIGN * _INFLIGHT_ALIGN
 
 

@@ -186,9 +186,9 @@ class Virtqueue:
     def set_packed(self, on: bool) -> None:
         """Whether VIRTIO_F_RING_PACKED was negotiated (virtio 1.2, 2.8); only while stopped.
 
-        Packed rings have no inflight tracking here (a back-end restart loses
-        the requests in flight) and no dirty logging (the session refuses
-        VHOST_F_LOG_ALL with them).
+        Packed rings keep the spec's packed layout in the inflight region
+        (csrc/inflight_packed.c), from which a restarted back-end takes its
+        ring positions and the chains to resubmit.
         """
         on = bool(on)
         if on == self._packed:
@@ -328,10 +328,7 @@ class Virtqueue:
         memory.acquire()
         native = NativeMemory(memory)
         try:
-            if self._inflight is not None and self._packed:
-                log.warning("queue %d: no inflight tracking for packed rings: a back-end restart "
-                            "loses the requests in flight", self.index)
-            if self._inflight is not None and not self._packed:
+            if self._inflight is not None:
                 region, offset = self._inflight
                 self._inflight_buf = ffi.from_buffer("uint8_t[]", region, require_writable=True)
                 lib.vr_queue_set_inflight(self._q, self._inflight_buf + offset, len(region) - offset)
@@ -350,7 +347,7 @@ class Virtqueue:
         self._chain.cap = lib.VR_MAX_SEGS
         self._chain.segs = self._segs
         self._started = True
-        if self._inflight is not None and not self._packed:
+        if self._inflight is not None:
             # One line per start: crash-recovery tests read it to prove that
             # requests really were replayed from the front-end's region.
             log.info("queue %d: %d request(s) to resubmit from the inflight region",

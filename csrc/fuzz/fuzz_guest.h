@@ -189,7 +189,8 @@ static inline void fg_desc(struct fg_reader *r, uint32_t num, uint8_t out[16])
  * slot has from the start position on.  Any size 1..256.
  */
 static inline int fg_packed_at(struct fg_guest *g, struct fg_reader *r, struct vr_queue *q,
-                               uint32_t index, uint32_t *num_out, uint64_t at, int event_idx)
+                               uint32_t index, uint32_t *num_out, uint64_t at, int event_idx,
+                               void *inflight)
 {
     uint32_t num = 1 + fg_u8(r) % FG_MAX_NUM;
     uint16_t start = fg_u16(r) % num, used = fg_u8(r) % 8 ? start : fg_u16(r);
@@ -229,6 +230,13 @@ static inline int fg_packed_at(struct fg_guest *g, struct fg_reader *r, struct v
     vr_queue_set_addr(q, at + FG_DESC + FG_UADDR_BASE, at + FG_AVAIL + FG_UADDR_BASE,
                       at + FG_USED + FG_UADDR_BASE, 0);
     vr_queue_set_event_idx(q, event_idx);
+    if (inflight) { /* the packed layout (inflight_packed.c), sometimes too small */
+        uint64_t isize = sizeof(struct vr_pk_inflight_region)
+                         + (uint64_t)num * sizeof(struct vr_pk_inflight_desc);
+        if (fg_u8(r) % 8 == 0)
+            isize -= 1 + fg_u8(r) % 32;
+        vr_queue_set_inflight(q, inflight, isize);
+    }
     *num_out = num;
     return vr_queue_start(q, &g->mem) == VR_OK ? 0 : -1;
 }
@@ -255,7 +263,8 @@ static inline uint32_t fg_ring_writes(const struct vr_queue *q, uint64_t at, uin
  * value of the event-idx byte (1 in 16) makes it a packed ring instead.
  * Returns 0 when the queue started (it may still break on first use).
  * `inflight`, if not NULL, is a region of at least FG_MAX_NUM descriptors
- * the front-end filled; the size given to the queue is sometimes too small.
+ * (of either layout) the front-end filled; the size given to the queue is
+ * sometimes too small.
  */
 static inline int fg_ring_at(struct fg_guest *g, struct fg_reader *r, struct vr_queue *q,
                              uint32_t index, uint32_t *num_out, void *inflight, uint64_t at)
@@ -270,7 +279,7 @@ static inline int fg_ring_at(struct fg_guest *g, struct fg_reader *r, struct vr_
     /* (the choice takes no byte of its own, so older inputs still replay
      * as the split rings they were found on) */
     if ((eb & 0xF0) == 0xA0)
-        return fg_packed_at(g, r, q, index, num_out, at, event_idx);
+        return fg_packed_at(g, r, q, index, num_out, at, event_idx, inflight);
 
     for (uint32_t i = 0; i < num; i++) {
         fg_desc(r, num, d);

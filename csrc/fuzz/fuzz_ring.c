@@ -1,6 +1,6 @@
 /*
  * fuzz_ring.c - libFuzzer harness for the ring walkers (vring.c, packed.c,
- * memory.c, inflight.c, dirtylog.c): direct and indirect chains, event idx,
+ * memory.c, inflight.c, inflight_packed.c, dirtylog.c): direct and indirect chains, event idx,
  * inflight recovery from a region the (hostile) front-end filled, and the
  * dirty log's chain walk at push (a log of any size, any used-ring address).
  *
@@ -33,7 +33,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     fg_guest_init(&g);
     int with_inflight = fg_u8(&r) % 4 == 0;
     if (with_inflight) {
-        uint64_t isize = sizeof(struct vr_inflight_region) + FG_MAX_NUM * sizeof(struct vr_inflight_desc);
+        /* room for the packed layout, the larger (split takes a prefix) */
+        uint64_t isize = sizeof(struct vr_pk_inflight_region)
+                         + FG_MAX_NUM * sizeof(struct vr_pk_inflight_desc);
         inflight = calloc(1, isize);
         if (!inflight)
             abort();
@@ -122,6 +124,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 memset(logbits, 0, lg.size);
                 vr_queue_set_log(&q, &lg);
                 vr_queue_set_log_used(&q, how & 4, (how & 8) ? fg_u64(&r) : FG_USED);
+            } else if ((how & 16) && !was_broken) {
+                /* The back-end dies and a new one starts on what the
+                 * front-end kept: the rings and the inflight region.  A
+                 * dead back-end's chains exist only as resubmissions. */
+                vr_queue_stop(&q);
+                if (inflight)
+                    npopped = 0;
+                if (vr_queue_start(&q, &g.mem) != VR_OK)
+                    goto check;
             } else {
                 vr_queue_set_log(&q, NULL);
             }
@@ -139,6 +150,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             __builtin_trap();
     }
 
+check:
     /* Only the used ring (flags, idx, ring, avail_event) may have changed. */
     {
         uint64_t used[2][2];
