@@ -10,6 +10,7 @@ that starts and stops a queue.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import select
 import socket
@@ -435,6 +436,53 @@ def test_hostile_packed_ring_base_beyond_the_ring_does_not_start(backend, base):
     finally:
         _close(kick)
     _after_case(backend, mark, "failed")
+
+
+# A packed inflight region (csrc/inflight_packed.c) the front-end "kept from a crash":
+# version 1, 64 entries, one head in flight whose fields break one rule each.
+PACKED_INFLIGHT_HEADS = {
+    "id out of range": dict(id=64, num=1, last=0, next=1),
+    "chain longer than the ring": dict(id=3, num=65, last=0, next=1),
+    "link out of range": dict(id=3, num=2, last=1, next=4000),
+    "last entry wrong": dict(id=3, num=1, last=9, next=1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PACKED_INFLIGHT_HEADS))
+def test_hostile_packed_inflight_region_keeps_the_ring_from_starting(backend, case):
+    mark = len(backend.log())
+    kick = _eventfds(1)
+    fe = _opened(bp=backend, owner=False)
+    try:
+        if not fe.backend_protocol_features & (1 << PF.INFLIGHT_SHMFD):
+            pytest.skip("this back-end does not offer INFLIGHT_SHMFD")
+        fe.protocol_features |= 1 << PF.INFLIGHT_SHMFD
+        fe.call(R.SET_PROTOCOL_FEATURES, U64(fe.protocol_features), ack=False)
+        fe.call(R.SET_OWNER)
+        fe.get_inflight_fd(64)
+        fd, desc = fe.inflight
+        region = mmap.mmap(fd, desc.mmap_size)
+        try:
+            # QueueRegionPacked of queue 0: features, version 1, desc_num 64, slots 0 / wrap 1
+            struct.pack_into("<QHHHHHHBB", region, 0, PACKED, 1, 64, 0, 0, 0, 0, 1, 1)
+            head = PACKED_INFLIGHT_HEADS[case]
+            # DescStatePacked 0: inflight, next, last, num, counter, id, flags, len, addr
+            struct.pack_into("<BxHHHQHHIQ", region, 32, 1, head["next"], head["last"],
+                             head["num"], 0, head["id"], 0, 16, 0x1000)
+        finally:
+            region.close()
+        fe.call(R.SET_FEATURES, U64(fe.backend_features & (VERSION_1 | PACKED)))
+        fe.set_mem_table()
+        fe.call(R.SET_VRING_NUM, VringState(0, 64))
+        fe.call(R.SET_VRING_BASE, VringState(0, 0x8000_8000))
+        answers = _start_answers(fe, fe.ram.uaddr(0x1000), fe.ram.uaddr(0x2000),
+                                 fe.ram.uaddr(0x3000), kick[0])
+        assert any(answers), f"a packed ring started on a region with a head whose {case}"
+        assert _alive_session(fe)
+    finally:
+        fe.close()
+        _close(kick)
+    _after_case(backend, mark, "inflight region does not match")
 
 
 def test_hostile_split_ring_base_above_16_bits_is_nacked(backend):
