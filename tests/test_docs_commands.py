@@ -142,3 +142,18 @@ def test_the_blk_benchmark_runs_as_benchmarks_md_gives_it():
     assert rows, out.stdout[-2000:]
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     assert int(cells[1].replace(",", "")) > 0 and int(cells[2].replace(",", "")) > 0, rows[0]
+
+
+def test_bench_all_runs_a_section_with_its_load_and_refuses_an_unknown_one():
+    """tools/bench_all.py (BENCHMARKS.md's one command): a real section runs and reports
+    the load around it; every section says what it needs; a wrong name is a usage error."""
+    run = lambda *a: subprocess.run([sys.executable, "tools/bench_all.py", *a], cwd=REPO,
+                                    capture_output=True, text=True, timeout=120)
+    out = run("--quick", "--only", "syscall-floor")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "## syscall-floor" in out.stdout and out.stdout.count("load average") == 2
+    assert "floor per 4k read request" in out.stdout, out.stdout
+    listed = run("--list")
+    assert listed.returncode == 0 and "net-testpmd: needs dpdk-testpmd" in listed.stdout
+    bad = run("--only", "nonsense")
+    assert bad.returncode == 2 and "no section 'nonsense'" in bad.stderr
