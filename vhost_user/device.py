@@ -57,6 +57,10 @@ class VirtioDevice:
     #: with push: the core then logs them for live migration (vhost_user/dirtylog.py)
     #: and offers LOG_SHMFD and VHOST_F_LOG_ALL; a device writing elsewhere says False
     dirty_log: bool = True
+    #: whether the core may offer INFLIGHT_SHMFD: a device that gives popped chains back
+    #: (vr_unpop: a buffer taken before knowing it is needed) says False, since with
+    #: inflight tracking a chain taken can only be completed or resubmitted
+    inflight: bool = True
 
     def __init__(self) -> None:
         self.acked_features = 0

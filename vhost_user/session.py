@@ -58,7 +58,6 @@ SERVER_PROTOCOL_FEATURES = (
     (1 << PF.MQ)
     | (1 << PF.REPLY_ACK)
     | (1 << PF.BACKEND_REQ)
-    | (1 << PF.INFLIGHT_SHMFD)
     | (1 << PF.RESET_DEVICE)
     | (1 << PF.CONFIGURE_MEM_SLOTS)
     | (1 << PF.STATUS)
@@ -129,7 +128,8 @@ class Session:
 
     def offered_protocol_features(self) -> int:
         log_shmfd = (1 << PF.LOG_SHMFD) if self.device.dirty_log else 0
-        return SERVER_PROTOCOL_FEATURES | self.device.protocol_features() | log_shmfd
+        inflight = (1 << PF.INFLIGHT_SHMFD) if self.device.inflight else 0
+        return SERVER_PROTOCOL_FEATURES | self.device.protocol_features() | log_shmfd | inflight
 
     def has_protocol_feature(self, bit: int) -> bool:
         return bool(self.protocol_features & (1 << bit))

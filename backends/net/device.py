@@ -91,6 +91,7 @@ class NetDevice(VirtioDevice):
     virtio_id = SPEC.virtio_id
     device_protocol_features = ((1 << ProtocolFeature.MQ) | (1 << ProtocolFeature.RARP)
                                 | (1 << ProtocolFeature.MTU))
+    inflight = False  # rx buffers go back to the ring (vr_unpop): no inflight region
 
     def __init__(self, switch: NetSwitch, port: int, opts: NetOptions) -> None:
         super().__init__()

@@ -95,6 +95,7 @@ class VsockDevice(RxPath, VirtioDevice):
     num_queues = 3
     device_features = 1 << VsockFeature.SEQPACKET
     device_protocol_features = 1 << ProtocolFeature.CONFIG
+    inflight = False  # rx buffers go back to the ring (vr_unpop): no inflight region
 
     def __init__(self, opts: VmOptions, router=None, capture=None):
         super().__init__()

@@ -588,7 +588,8 @@ def _qemu_steps(fe: Frontend, extra: list, queues: int = 2) -> list:
         lambda: fe.call(R.GET_FEATURES),
         lambda: fe.call(R.SET_VRING_CALL, VringFdRequest.for_queue(0), fds=(extra[2],)),
         lambda: fe.call(R.SET_VRING_ERR, VringFdRequest.for_queue(0), fds=(extra[3],)),
-        lambda: fe.get_inflight_fd(64),
+        # QEMU asks only where INFLIGHT_SHMFD was negotiated (net and vsock do not offer it)
+        lambda: fe.get_inflight_fd(64) if fe.protocol_features & (1 << PF.INFLIGHT_SHMFD) else None,
         set_features,
         fe.set_mem_table,
         *ring(0),
