@@ -46,6 +46,11 @@ $SUDO apt-get install -y -q -t bookworm-backports \
 $SUDO apt-get install -y -q \
     busybox-static fio socat e2fsprogs util-linux kmod cpio zstd xz-utils \
     iproute2 tshark dpdk-dev libvirglrenderer1 libegl-mesa0 libgl1-mesa-dri libseccomp2 gcc
+# GL clients for the guest (initramfs layer "gl", tests/integration/test_guest_gpu_3d.py):
+# kmscube and glmark2-es2-drm, with Mesa's EGL, GBM and gallium (virtio_gpu) from backports.
+$SUDO apt-get install -y -q kmscube glmark2-es2-drm
+$SUDO apt-get install -y -q -t bookworm-backports \
+    libgbm1 libegl-mesa0 libgl1-mesa-dri mesa-libgallium libegl1 libgles2
 # The native libFuzzer harnesses (csrc/fuzz/, tools/fuzz-native.sh).
 $SUDO apt-get install -y -q clang-16
 # libvirt (bookworm's 9.0; it drives the QEMU 10 above through <emulator>).
@@ -59,7 +64,8 @@ $SUDO apt-get install -y -q --no-install-recommends \
 # Check that everything it copies into the guest or runs on the host exists.
 missing=""
 for tool in qemu-system-x86_64 qemu-storage-daemon busybox fio socat mke2fs e2fsck \
-            debugfs blkdiscard depmod dpkg-deb ldd zstd libvirtd virsh unshare; do
+            debugfs blkdiscard depmod dpkg-deb ldd zstd libvirtd virsh unshare \
+            kmscube glmark2-es2-drm; do
     PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null || missing="$missing $tool"
 done
 [ -e /usr/share/qemu/qboot.rom ] || echo "install-test-deps: note: no qboot.rom, guests boot with SeaBIOS (slower)"

@@ -7,7 +7,8 @@ import time
 
 import numpy as np
 
-__all__ = ["BLOCK", "expected_frame", "fb_script", "read_ppm", "screen_matches"]
+__all__ = ["BLOCK", "KMSCUBE_BACKGROUND", "expected_frame", "fb_script", "gl_script", "read_ppm",
+           "screen_matches"]
 
 BLOCK = bytes((i * 7 + 13) % 255 + 1 for i in range(1004))  # 251 pixels: rows do not repeat
 
@@ -56,3 +57,29 @@ def screen_matches(vm, path: str, expect: np.ndarray, head: int = 0, timeout: fl
             return shot
         time.sleep(0.5)
     return shot
+
+
+#: kmscube's glClearColor(0.5, 0.5, 0.5, 1.0) as XRGB8888 reaches the screen.
+KMSCUBE_BACKGROUND = (127, 128)
+
+
+def gl_script(frames: int, glmark2_seconds: int = 2) -> str:
+    """Run glmark2 off-screen (fps, GL_RENDERER), then kmscube on card0 for `frames`.
+
+    Both clients read stdin for a key press; a FIFO opened read-write never
+    becomes readable, /dev/null would stop them at once. ``vhu_mark kmscube``
+    is printed just before kmscube starts drawing on the screen.
+    """
+    bench = " ".join(f"-b {scene}:duration={glmark2_seconds}" for scene in ("build", "shading"))
+    return f"""
+n=0; while [ ! -e /dev/dri/card0 ]; do n=$((n+1)); [ $n -gt 200 ] && {{ echo no card0; exit 1; }}; sleep 0.1; done
+dmesg | grep -o '\\[drm\\] features: .*' | head -1
+echo "modes $(cat /sys/class/drm/card0-Virtual-1/modes | tr '\\n' ' ')"
+mkfifo /tmp/stdin; exec 3<>/tmp/stdin
+# -s 320x240: glmark2 2023.01 on DRM fails when -s equals the mode; it renders at the mode.
+glmark2-es2-drm --off-screen -s 320x240 {bench} <&3
+echo "glmark2-rc $?"
+vhu_mark kmscube
+kmscube -D /dev/dri/card0 -c {frames} <&3 | grep -v extensions
+echo "kmscube-rc $?"
+"""

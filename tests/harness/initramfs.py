@@ -21,6 +21,14 @@ archive appended only for scripts that use it (``LAYERS``; ``GuestVM``
 picks layers whose tool name appears in the script, or takes an explicit
 list).
 
+The ``gl`` layer carries two GL clients, kmscube and glmark2-es2-drm, and
+what they need beyond what ``ldd`` shows (``LAYER_FILES``): the pieces Mesa,
+glvnd and glmark2 open with dlopen (libEGL_mesa, the glvnd EGL vendor file,
+libgbm's DRI backend, the virtio_gpu DRI driver, libEGL/libGLESv2) and
+glmark2's data, each with its own ``ldd`` libraries. libgallium pulls in
+libLLVM: the layer is about 200 MB, so a guest that uses it needs about
+1 GiB of RAM.
+
 Per boot, a further tiny newc archive holding ``/vhu/script`` (the test's
 shell script, with a prelude) is appended to a copy of the cached image; the
 kernel unpacks concatenated archives in order. Unlike the kernel command line
@@ -44,6 +52,7 @@ import os
 import re
 import shutil
 import subprocess
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +60,7 @@ from .cache import cached_dir, prune, short_hash
 from .cpio import CpioWriter
 from .kernel import GuestKernel, GuestSetupError
 
-__all__ = ["GUEST_MODULES", "GUEST_TOOLS", "LAYERS", "Initramfs", "boot_initrd",
+__all__ = ["GUEST_MODULES", "GUEST_TOOLS", "LAYERS", "LAYER_FILES", "Initramfs", "boot_initrd",
            "build_initramfs", "layers_for"]
 
 #: Modules loaded at boot, by module name, with the virtio device ID whose
@@ -70,10 +79,28 @@ GUEST_MODULES = (
 )
 
 #: Host programs copied into the guest (first directory on PATH that has them).
-GUEST_TOOLS = ("fio", "socat", "mkfs.ext4", "mke2fs", "e2fsck", "blkdiscard", "ethtool")
+GUEST_TOOLS = ("fio", "socat", "mkfs.ext4", "mke2fs", "e2fsck", "blkdiscard", "ethtool",
+               "kmscube", "glmark2-es2-drm")
 
 #: Optional archives: layer name -> the tools it carries (with their libraries).
-LAYERS = {"fio": ("fio",), "ethtool": ("ethtool",)}
+LAYERS = {"fio": ("fio",), "ethtool": ("ethtool",), "gl": ("kmscube", "glmark2-es2-drm")}
+
+_LIBDIR = f"/usr/lib/{sysconfig.get_config_var('MULTIARCH') or 'x86_64-linux-gnu'}"
+
+#: Files a layer carries besides its tools, at the same paths, each with the
+#: libraries ``ldd`` names: (glob, required). Mesa and glvnd dlopen these.
+LAYER_FILES = {
+    "gl": (
+        (f"{_LIBDIR}/libEGL_mesa.so.0", True),
+        ("/usr/share/glvnd/egl_vendor.d/50_mesa.json", True),
+        (f"{_LIBDIR}/dri/virtio_gpu_dri.so", True),
+        (f"{_LIBDIR}/gbm/dri_gbm.so", False),  # Mesa >= 24.3 moved libgbm's backend here
+        ("/usr/share/drirc.d/*.conf", False),
+        ("/usr/share/glmark2/**/*", True),  # glmark2's models, shaders, textures
+        (f"{_LIBDIR}/libGLESv2.so.2", True),  # glmark2 dlopens these two
+        (f"{_LIBDIR}/libEGL.so.1", True),
+    ),
+}
 
 INIT = r"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /run /mnt /sbin /usr/bin /usr/sbin
@@ -91,7 +118,9 @@ while read -r virtio_id mods; do
     fi
     for mod in $mods; do
         name=$(basename "$mod" .ko | tr - _)
-        grep -q "^$name " /proc/modules || insmod "$mod" || echo "vhu-init: insmod $mod failed"
+        # module.param=value from the kernel command line, as modprobe passes them
+        args=$(tr ' ' '\n' < /proc/cmdline | sed -n "s/^$name\.//p")
+        grep -q "^$name " /proc/modules || insmod "$mod" $args || echo "vhu-init: insmod $mod failed"
     done
 done < /etc/vhu/modules
 [ -e /vhu/env ] && . /vhu/env
@@ -208,6 +237,18 @@ def _shared_libs(binary: Path) -> list[str]:
     return libs
 
 
+def _layer_files(layer: str) -> list[Path]:
+    """The host files LAYER_FILES names for ``layer`` (globs expanded)."""
+    found: list[Path] = []
+    for pattern, required in LAYER_FILES.get(layer, ()):
+        matches = sorted(p for p in Path("/").glob(pattern.lstrip("/")) if p.is_file())
+        if required and not matches:
+            raise GuestSetupError(f"{pattern} not found on the host (layer {layer}); "
+                                  "run tools/install-test-deps.sh")
+        found += matches
+    return found
+
+
 def _inputs(kernel: GuestKernel) -> tuple[Path, dict[str, Path], list[tuple[int | None, list[str]]]]:
     busybox = _find_tool("busybox")
     tools = {name: _find_tool(name) for name in GUEST_TOOLS}
@@ -218,7 +259,8 @@ def _inputs(kernel: GuestKernel) -> tuple[Path, dict[str, Path], list[tuple[int 
 
 def _cache_key(kernel: GuestKernel, busybox: Path, tools: dict[str, Path]) -> str:
     stamps = []
-    for path in [busybox, *tools.values()]:
+    extra = [f for layer in LAYER_FILES for f in _layer_files(layer)]
+    for path in [busybox, *tools.values(), *extra]:
         for file in [path, *map(Path, _shared_libs(path))]:
             st = file.stat()
             stamps.append(f"{file}:{st.st_size}:{int(st.st_mtime)}")
@@ -226,12 +268,17 @@ def _cache_key(kernel: GuestKernel, busybox: Path, tools: dict[str, Path]) -> st
     return short_hash(kernel.package, kernel.version, source, *stamps)
 
 
-def _add_tools(cpio: CpioWriter, tools: dict[str, Path], skip_libs: set[str]) -> set[str]:
+def _add_tools(cpio: CpioWriter, tools: dict[str, Path], skip_libs: set[str],
+               files: list[Path] = ()) -> set[str]:
     libs: set[str] = set()
     for name, path in tools.items():
         where = "usr/sbin" if "/sbin/" in str(path) else "usr/bin"
         cpio.file(f"{where}/{name}", path.resolve().read_bytes(), 0o755)
         libs.update(_shared_libs(path))
+    for path in files:  # at their own path (a symlink's target's bytes)
+        cpio.file(str(path).lstrip("/"), path.resolve().read_bytes(), 0o755)
+        libs.update(_shared_libs(path))
+    libs -= {str(p) for p in files}
     for lib in sorted(libs - skip_libs):
         cpio.file(lib, Path(lib).resolve().read_bytes(), 0o755)
     return libs
@@ -284,7 +331,7 @@ def _write_all(kernel: GuestKernel, busybox: Path, tools: dict[str, Path],
     for layer, names in LAYERS.items():
         with open(work / f"layer-{layer}.cpio", "wb") as handle:
             cpio = CpioWriter(handle)
-            _add_tools(cpio, {n: tools[n] for n in names}, base_libs)
+            _add_tools(cpio, {n: tools[n] for n in names}, base_libs, _layer_files(layer))
             cpio.close()
 
 
