@@ -285,6 +285,15 @@ class GuestVM:
         self.marks[name] = time.monotonic() - self._started
         return self.marks[name]
 
+    def wait_for_line(self, regex: str, timeout: float = 30.0) -> re.Match:
+        """Block until a console line matches ``regex``; return the match.
+
+        The script's own output reaches the console through ``tee`` while
+        ``vhu_mark`` writes to /dev/console directly, so a line echoed just
+        before a marker may still be on its way when the marker is seen.
+        """
+        return self._wait_for(re.compile(rf"^{regex}$", re.M), timeout, f"a line {regex!r}")
+
     def wait(self, timeout: float = 120.0, check: bool = True) -> GuestResult:
         """Wait for the script to end; with ``check``, raise GuestError unless it exited 0."""
         end = re.compile(
