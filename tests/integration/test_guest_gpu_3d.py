@@ -32,7 +32,7 @@ and the tests pin down why (contrib/vhost-user-gpu in QEMU 10):
   abort instead.
 
 Frame rates are printed (pytest -s) as one ``gl-fps`` line per back-end;
-BENCH-3D.md records a run.
+BENCHMARKS.md ("a GL client in a guest") records a run.
 """
 
 from __future__ import annotations
