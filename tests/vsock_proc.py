@@ -12,7 +12,7 @@ import time
 from backends_proc import spawn
 from harness.backend import BackendProcess
 
-__all__ = ["start_vsock", "host_listener", "host_connect", "connect_when_listening", "read_line", "recv_all",
+__all__ = ["start_vsock", "guest_vsock_backend", "add_guest_vsock", "host_listener", "host_connect", "connect_when_listening", "read_line", "recv_all",
            "sha", "hash_one_connection", "WAIT_VSOCK"]
 
 # Guest shell: the guest's vsock device appears once the modules are loaded; socat needs
@@ -28,6 +28,18 @@ def start_vsock(workdir: str, *args: str, wait_for: str, name: str = "vsock") ->
     """Our vhost-user-vsock as a user runs it; returns once `wait_for` (a socket) exists."""
     argv = [sys.executable, "-m", "vhost_user.backends.vsock", "-v", *args]
     return spawn(argv, wait_for, os.path.join(workdir, f"{name}.log"))
+
+
+def guest_vsock_backend(listens_on, log, *args: str) -> BackendProcess:
+    """`vhost-user-vsock -v ARGS` for QEMU guests; returns once socket LISTENS_ON accepts."""
+    argv = [sys.executable, "-m", "vhost_user.backends.vsock", "-v", *args]
+    return BackendProcess(argv, listens_on, log).start()
+
+
+def add_guest_vsock(vm, sock, options: str = "") -> None:
+    """Attach `vhost-user-vsock-pci` on SOCK to a GuestVM (OPTIONS: ",packed=on" and such)."""
+    vm.add_args("-chardev", f"socket,id=vs0,path={sock}",
+                "-device", f"vhost-user-vsock-pci,chardev=vs0{options}")
 
 
 def hash_one_connection(path: str, out: dict) -> threading.Thread:

@@ -14,7 +14,6 @@ import hashlib
 import os
 import signal
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -29,7 +29,7 @@ import pytest
 from harness import migration
 from harness.backend import BackendProcess
 from harness.qemu import GuestError
-from vsock_proc import WAIT_VSOCK, hash_one_connection
+from vsock_proc import WAIT_VSOCK, add_guest_vsock, guest_vsock_backend, hash_one_connection
 from harness.guestnet import add_net, guest_ip, line_value, ping_until
 
 pytestmark = pytest.mark.guest
@@ -216,15 +216,13 @@ def test_guest_vsock_stream_is_intact_after_qemu_refuses_to_migrate_vhost_user_v
     back-end goes on serving."""
     uds = str(short_tmp / "vm3.vsock")
     sock = short_tmp / "vsock.sock"
-    backend = BackendProcess([sys.executable, "-m", "vhost_user.backends.vsock", "-v",
-                              "--guest-cid", "3", "--socket", str(sock), "--uds-path", uds],
-                             sock, tmp_path / "vsock.log").start()
+    backend = guest_vsock_backend(sock, tmp_path / "vsock.log", "--guest-cid", "3",
+                                  "--socket", str(sock), "--uds-path", uds)
     try:
         received: dict = {}
         listener = hash_one_connection(uds + "_5000", received)
         vm = guest_vm(cpus=1, memory_mb=512)
-        vm.add_args("-chardev", f"socket,id=vs0,path={sock}",
-                    "-device", "vhost-user-vsock-pci,chardev=vs0")
+        add_guest_vsock(vm, sock)
         vm.start(WAIT_VSOCK + """
             set -e
             dd if=/dev/urandom of=/tmp/p bs=1M count=16 2>/dev/null

@@ -20,7 +20,8 @@ from harness.backend import BackendProcess
 from harness.fixtures import require_tool
 from harness.guestgpu import expected_frame, fb_script, screen_matches
 from harness.guestnet import guest_ip, line_value, ping_until, send_until_acked
-from vsock_proc import WAIT_VSOCK, connect_when_listening, hash_one_connection
+from vsock_proc import (WAIT_VSOCK, add_guest_vsock, connect_when_listening, guest_vsock_backend,
+                        hash_one_connection)
 
 pytestmark = pytest.mark.guest
 
@@ -137,16 +138,14 @@ def test_guest_vsock_on_packed_rings_moves_a_stream_each_way(guest_vm, short_tmp
     require_tool("socat")
     uds = str(short_tmp / "vm3.vsock")
     sock = short_tmp / "vm3.sock"
-    argv = [sys.executable, "-m", "vhost_user.backends.vsock", "-v", "--guest-cid", "3",
-            "--socket", str(sock), "--uds-path", uds]
-    backend = BackendProcess(argv, sock, tmp_path / "vsock.log").start()
+    backend = guest_vsock_backend(sock, tmp_path / "vsock.log", "--guest-cid", "3",
+                                  "--socket", str(sock), "--uds-path", uds)
     size = 16 * MiB
     try:
         received: dict = {}
         listener = hash_one_connection(uds + "_5000", received)
         vm = guest_vm(cpus=1, memory_mb=512)
-        vm.add_args("-chardev", f"socket,id=vs0,path={sock}",
-                    "-device", "vhost-user-vsock-pci,chardev=vs0,packed=on")
+        add_guest_vsock(vm, sock, ",packed=on")
         vm.start(WAIT_VSOCK + PACKED_BIT + f"""
             set -e
             dd if=/dev/urandom of=/tmp/p bs=1M count={size // MiB} 2>/dev/null

@@ -11,29 +11,18 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import sys
 
 import pytest
 
-from harness.backend import BackendProcess
 from harness.fixtures import require_tool
-from vsock_proc import WAIT_VSOCK, connect_when_listening, hash_one_connection
+from vsock_proc import (WAIT_VSOCK, add_guest_vsock, connect_when_listening, guest_vsock_backend,
+                        hash_one_connection)
 
 pytestmark = pytest.mark.guest
 
 MiB = 1 << 20
 BIG = 64 * MiB
 
-
-
-def _vsock_backend(short_tmp, tmp_path, *args: str, sock_name: str) -> BackendProcess:
-    argv = [sys.executable, "-m", "vhost_user.backends.vsock", "-v", *args]
-    return BackendProcess(argv, short_tmp / sock_name, tmp_path / "vsock.log").start()
-
-
-def _add_vsock(vm, sock) -> None:
-    vm.add_args("-chardev", f"socket,id=vs0,path={sock}",
-                "-device", "vhost-user-vsock-pci,chardev=vs0")
 
 
 def _guest_value(result, label: str) -> str:
@@ -54,13 +43,14 @@ def _host_connect_and_send(uds: str, port: int, data: bytes, timeout: float = 12
 def test_guest_vsock_64mib_each_way_with_host_programs(guest_vm, short_tmp, tmp_path):
     require_tool("socat")
     uds = str(short_tmp / "vm3.vsock")
-    backend = _vsock_backend(short_tmp, tmp_path, "--guest-cid", "3", "--socket",
-                             str(short_tmp / "vm3.sock"), "--uds-path", uds, sock_name="vm3.sock")
+    sock = short_tmp / "vm3.sock"
+    backend = guest_vsock_backend(sock, tmp_path / "vsock.log", "--guest-cid", "3",
+                                  "--socket", str(sock), "--uds-path", uds)
     try:
         received: dict = {}
         listener = hash_one_connection(uds + "_5000", received)
         vm = guest_vm(cpus=1, memory_mb=512)
-        _add_vsock(vm, backend.socket)
+        add_guest_vsock(vm, backend.socket)
         vm.start(WAIT_VSOCK + f"""
             set -e
             dd if=/dev/urandom of=/tmp/p bs=1M count={BIG // MiB} 2>/dev/null
@@ -89,15 +79,15 @@ def test_guest_vsock_two_guests_in_one_group_and_pcap(guest_vm, short_tmp, tmp_p
     tshark = require_tool("tshark")
     pcap = tmp_path / "guests.pcap"
     socks = {cid: short_tmp / f"vm{cid}.sock" for cid in (3, 4)}
-    backend = _vsock_backend(
-        short_tmp, tmp_path,
+    backend = guest_vsock_backend(
+        short_tmp / "vm4.sock", tmp_path / "vsock.log",
         "--vm", f"guest-cid=3,socket={socks[3]},groups=team",
         "--vm", f"guest-cid=4,socket={socks[4]},groups=team",
-        "--pcap", str(pcap), sock_name="vm4.sock")
+        "--pcap", str(pcap))
     try:
         a, b = guest_vm(cpus=1, memory_mb=256), guest_vm(cpus=1, memory_mb=256)
-        _add_vsock(a, socks[3])
-        _add_vsock(b, socks[4])
+        add_guest_vsock(a, socks[3])
+        add_guest_vsock(b, socks[4])
         a.start(WAIT_VSOCK + """
             socat -u VSOCK-LISTEN:7000 STDOUT | sha256sum | cut -d' ' -f1 > /tmp/got
             echo "got $(cat /tmp/got)"
