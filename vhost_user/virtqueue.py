@@ -41,6 +41,7 @@ return codes to the typed errors.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -95,6 +96,10 @@ class Virtqueue:
         self._inflight: tuple[Any, int] | None = None
         self._inflight_buf = None
         self._dirty_log = None
+        #: a lock other threads hold while they pop, push or notify on this queue
+        #: (the vsock tx path writes credit updates to its rx queue); a pause and
+        #: a stop take it once the worker is parked, so no writer sees a change
+        self.writer_lock: Any = None
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
@@ -388,18 +393,19 @@ class Virtqueue:
                     self._cond.notify_all()
                 os.eventfd_write(self._ctl, 1)
                 t.join()
-            if self._engine is not None:
-                self._engine.detach()
-            lib.vr_queue_stop(self._q)
-            if self._engine is not None:
-                self._engine.unbind()
-            self._native_mem.release()
-            self._release_inflight()
-            self._memory.release()
-            _drain(self._ctl)
-            engine = self._engine
-            self._reset_run_state()
-            self._engine = engine  # keep its stats readable
+            with self.writer_lock or contextlib.nullcontext():
+                if self._engine is not None:
+                    self._engine.detach()
+                lib.vr_queue_stop(self._q)
+                if self._engine is not None:
+                    self._engine.unbind()
+                self._native_mem.release()
+                self._release_inflight()
+                self._memory.release()
+                _drain(self._ctl)
+                engine = self._engine
+                self._reset_run_state()
+                self._engine = engine  # keep its stats readable
         return lib.vr_queue_get_base(self._q)
 
     def update_memory(self, memory: GuestMemory) -> None:
@@ -584,6 +590,7 @@ class _Pause:
         self.vq = vq
         self.active = False
         self.locked: Engine | None = None
+        self.writer: Any = None
 
     def __enter__(self) -> None:
         vq = self.vq
@@ -591,6 +598,13 @@ class _Pause:
             vq._engine.lock()  # a worker-less engine: other threads write this queue
             self.locked = vq._engine
             return
+        self._park()
+        self.writer = vq.writer_lock
+        if self.writer is not None:
+            self.writer.acquire()  # after parking: the worker may need it to finish its batch
+
+    def _park(self) -> None:
+        vq = self.vq
         t = vq._thread
         if t is None or not t.is_alive() or t is threading.current_thread():
             return
@@ -606,6 +620,8 @@ class _Pause:
         if self.locked is not None:
             self.locked.unlock()
             return
+        if self.writer is not None:
+            self.writer.release()
         if not self.active:
             return
         vq = self.vq

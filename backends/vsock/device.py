@@ -115,6 +115,7 @@ class VsockDevice(RxPath, VirtioDevice):
         self._vqs: list = [None, None, None]
         self._conns: dict[tuple[int, int, int], Conn] = {}
         self._table = fast.ConnTable()       # the same connections, for C's tx path
+        self._rx_chain = fast.RxChain()      # C's tx path writes credit updates to rx with it
         self._ctrl: deque = deque()          # (Header, payload, conn | None, capture?)
         self._ctrl_bytes = 0
         self._ready: dict[Conn, None] = {}   # connections with bytes for the guest (ordered set)
@@ -130,7 +131,7 @@ class VsockDevice(RxPath, VirtioDevice):
                       "relay_unknown": 0, "rx_bad_buffers": 0, "host_records_too_large": 0,
                       # which path moved the packets: C (vsock.c) or the Python handlers
                       "c_tx_packets": 0, "c_tx_bytes": 0, "c_rx_packets": 0, "c_rx_bytes": 0,
-                      "py_tx_packets": 0, "py_rx_packets": 0}
+                      "py_tx_packets": 0, "py_rx_packets": 0, "c_credit_updates": 0}
         self._ring = capture.ring if capture is not None else None
         self.host = HostSide(self, opts.uds_path)
         if router is not None:
@@ -299,7 +300,13 @@ class VsockDevice(RxPath, VirtioDevice):
         """The next packet Python must handle; RW packets C can finish never come here."""
         while True:
             with self._lock:
-                out = fast.tx_burst(vq, self._table, self.guest_cid, capture=self._ring)
+                out = fast.tx_burst(vq, self._table, self.guest_cid, capture=self._ring,
+                                    rx=self._rx_for_c(), rx_chain=self._rx_chain)
+                if out.rx_pushed:
+                    self.stats["c_credit_updates"] += out.rx_pushed
+                    rx = self._vqs[RX]
+                    if rx is not None and rx.broken:
+                        rx.report_broken()
                 if out.packets:
                     self._had_traffic = True
                     self.stats["c_tx_packets"] += out.packets
@@ -322,6 +329,17 @@ class VsockDevice(RxPath, VirtioDevice):
                     self._flush(conn)
                     self._after_guest_packet(conn)
                 self._flush_wake()
+
+    def _rx_for_c(self):
+        """The rx queue C's tx path may write credit updates to (lock held), or None:
+        only while Python has no control packet queued (those go first, in order) and
+        only a started rx queue that our lock guards (Virtqueue.writer_lock), so the rx
+        worker, a pause and a stop all exclude the tx thread."""
+        rx = self._vqs[RX]
+        if (rx is None or self._ctrl or self._reset_pending or rx.writer_lock is not self._lock
+                or not rx.started or rx.broken):
+            return None
+        return rx
 
     def _guest_packet(self, chain) -> None:
         self._had_traffic = True

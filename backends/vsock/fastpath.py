@@ -23,7 +23,7 @@ from vhost_user._native import ffi, lib
 from vhost_user.chain import Chain, check_native
 from vhost_user.virtqueue import Virtqueue
 
-__all__ = ["ConnCounters", "ConnTable", "TxOutcome", "RxOutcome", "tx_burst", "rx_fill",
+__all__ = ["ConnCounters", "ConnTable", "TxOutcome", "RxOutcome", "RxChain", "tx_burst", "rx_fill",
            "TX_EMPTY", "TX_MORE", "TX_SLOW", "TX_PARTIAL", "TX_ATTENTION",
            "RX_NO_BUFFER", "RX_MORE", "RX_DRAINED", "RX_NO_CREDIT", "RX_SLOW", "RX_EOF", "RX_ERROR",
            "credit", "credit_update_due", "BURST", "CaptureRing"]
@@ -78,6 +78,7 @@ class TxOutcome:
     sent: int = 0
     conn_key: tuple[int, int, int] | None = None   # (peer CID, host port, guest port)
     chain: Chain | None = None                      # TX_SLOW / TX_PARTIAL: popped, not pushed
+    rx_pushed: int = 0                              # credit updates C wrote to the rx queue
 
 
 @dataclass
@@ -123,15 +124,32 @@ def _ring(capture: CaptureRing | None):
     return ffi.NULL if capture is None else capture._ring
 
 
+class RxChain:
+    """A chain buffer of the tx path's own for the rx queue: the rx worker's
+    (Virtqueue.chain_buffer) may hold a chain Python is filling."""
+
+    def __init__(self) -> None:
+        self._segs = ffi.new("struct vr_seg[]", lib.VR_MAX_SEGS)
+        self.chain = ffi.new("struct vr_chain *")
+        self.chain.cap = lib.VR_MAX_SEGS
+        self.chain.segs = self._segs
+
+
 def tx_burst(vq: Virtqueue, table: ConnTable, guest_cid: int, max_packets: int = BURST,
-             capture: CaptureRing | None = None) -> TxOutcome:
+             capture: CaptureRing | None = None, rx: Virtqueue | None = None,
+             rx_chain: RxChain | None = None) -> TxOutcome:
     """Finish up to `max_packets` RW packets from the guest in C; stop at the first one
     Python must see (its chain comes back popped) or that needs Python afterwards.
-    With `capture`, C appends each packet it finishes to that ring."""
+    With `capture`, C appends each packet it finishes to that ring.  With `rx` (a
+    started rx queue whose `writer_lock` the caller holds) and `rx_chain`, a credit
+    update due is written there by C (`rx_pushed` counts them)."""
     res = ffi.new("struct vs_tx_result *")
+    rxq, rxc = ffi.NULL, ffi.NULL
+    if rx is not None and rx_chain is not None and rx.started:
+        rxq, rxc = rx.native_queue, rx_chain.chain
     check_native(lib.vs_tx_burst(vq.native_queue, table._t, guest_cid, vq.chain_buffer, max_packets,
-                                 _ring(capture), res), "vsock tx")
-    out = TxOutcome(res.status, res.packets, res.bytes, res.sent)
+                                 _ring(capture), rxq, rxc, res), "vsock tx")
+    out = TxOutcome(res.status, res.packets, res.bytes, res.sent, rx_pushed=res.rx_pushed)
     if res.conn != ffi.NULL:
         out.conn_key = (res.conn.peer_cid, res.conn.host_port, res.conn.guest_port)
     if res.status in (TX_SLOW, TX_PARTIAL):

@@ -47,6 +47,7 @@ class RxPath:
         with self._lock:
             if self._vqs[RX] is not vq:
                 self._vqs[RX] = vq
+                vq.writer_lock = self._lock  # C's tx path pushes credit updates here
                 self._begin_session(vq)
             if self._held_for_reset():
                 return  # the event handler wakes us once the reset event is out
@@ -95,11 +96,12 @@ class RxPath:
                     conn.reported_fwd = conn.fwd_cnt
                 if capture and self.capture is not None:
                     self.capture.write(hdr, payload)
-            chain.write(hdr.pack())
-            if payload:
-                chain.write(payload, HEADER_SIZE)
-            vq.push(chain.head, HEADER_SIZE + len(payload))
-            self.stats["py_rx_packets"] += 1
+                # under the lock: C's tx path pushes credit updates to this queue too
+                chain.write(hdr.pack())
+                if payload:
+                    chain.write(payload, HEADER_SIZE)
+                vq.push(chain.head, HEADER_SIZE + len(payload))
+                self.stats["py_rx_packets"] += 1
 
     def _rx_data(self, vq) -> bool:
         with self._lock:
@@ -132,8 +134,8 @@ class RxPath:
                         self._ready.pop(conn, None)
                         self.host.update(conn)
                         break
-                vq.push(chain.head, used)
-                self.stats["py_rx_packets"] += 1
+                    vq.push(chain.head, used)
+                    self.stats["py_rx_packets"] += 1
         return True
 
     def _fast_rx_ok(self, conn: Conn) -> bool:

@@ -53,6 +53,18 @@ static void capture_rw(struct vr_capture *cap, const struct vs_hdr *h,
     vr_capture_putv(cap, &f, sizeof(f), iov, niov, h->len);
 }
 
+/* A control packet (no payload) the C path sent. */
+static void capture_ctl(struct vr_capture *cap, const struct vs_hdr *h)
+{
+    struct vs_mon_frame f = {
+        .src_cid = h->src_cid, .dst_cid = h->dst_cid,
+        .src_port = h->src_port, .dst_port = h->dst_port,
+        .op = VS_MON_OP_CONTROL, .transport = VS_MON_TRANSPORT_VIRTIO, .len = VS_HDR_SIZE,
+        .hdr = *h,
+    };
+    vr_capture_putv(cap, &f, sizeof(f), NULL, 0, 0);
+}
+
 /* ---- connection table ---- */
 
 static uint32_t slot_of(uint64_t cid, uint32_t host_port, uint32_t guest_port)
@@ -210,6 +222,40 @@ static void tx_done(struct vr_queue *q, struct vs_conn *conn, const struct tx_pk
 }
 
 /*
+ * A CREDIT_UPDATE for `conn` into one rx buffer of `rxq`, without Python:
+ * the guest learns of the room our writes freed while its tx thread is
+ * still here.  `rxc` is a chain buffer of the caller's own (the rx
+ * worker's may hold a chain Python is filling).  Returns 1 when pushed,
+ * 0 when the rx ring has no buffer that takes a header (Python queues the
+ * update then, as before); a malformed ring breaks `rxq` (reported by
+ * the caller).
+ */
+static int credit_update_rx(struct vr_queue *rxq, struct vr_chain *rxc, struct vs_conn *conn,
+                            uint64_t guest_cid, struct vr_capture *cap)
+{
+    if (!rxq->started || vr_queue_broken(rxq) || vr_pop(rxq, rxc) <= 0)
+        return 0;
+    const struct vr_seg *first = rxc->nseg > rxc->nread ? &rxc->segs[rxc->nread] : NULL;
+    if (!first || first->len < VS_HDR_SIZE) {
+        vr_unpop(rxq);
+        return 0;
+    }
+    struct vs_hdr h = {
+        .src_cid = conn->peer_cid, .dst_cid = guest_cid,
+        .src_port = conn->host_port, .dst_port = conn->guest_port,
+        .len = 0, .type = conn->type, .op = VS_OP_CREDIT_UPDATE, .flags = 0,
+        .buf_alloc = conn->buf_alloc, .fwd_cnt = (uint32_t)conn->fwd_cnt,
+    };
+    memcpy(vr_seg_host(rxq->mem, first), &h, VS_HDR_SIZE);
+    if (cap)
+        capture_ctl(cap, &h);
+    conn->reported_fwd = conn->fwd_cnt;
+    conn->c_credit_updates++;
+    vr_push(rxq, rxc->head, VS_HDR_SIZE);
+    return 1;
+}
+
+/*
  * Consecutive RW packets of one connection go to its host socket with one
  * writev (a guest writing 4 KiB at a time sends 4 KiB packets).  A short
  * write completes the packets it covered; the one it cut is popped again
@@ -217,9 +263,9 @@ static void tx_done(struct vr_queue *q, struct vs_conn *conn, const struct tx_pk
  * it go back to the ring.
  */
 #define TX_BATCH 32
-int vs_tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid,
-                struct vr_chain *c, uint32_t max, struct vr_capture *cap,
-                struct vs_tx_result *res)
+static int tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid,
+                    struct vr_chain *c, uint32_t max, struct vr_capture *cap,
+                    struct vr_queue *rxq, struct vr_chain *rxc, struct vs_tx_result *res)
 {
     struct iovec iov[IOV_CAP];
     struct tx_pkt pkt[TX_BATCH];
@@ -290,6 +336,11 @@ int vs_tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid
             return 0;
         }
         tx_done(q, conn, pkt, n, iov, cap, res);
+        if (had_credit == (vs_credit(conn) > 0) && vs_credit_update_due(conn) && rxq &&
+            credit_update_rx(rxq, rxc, conn, guest_cid, cap)) {
+            res->rx_pushed++;
+            continue;
+        }
         if (had_credit != (vs_credit(conn) > 0) || vs_credit_update_due(conn)) {
             res->status = VS_TX_ATTENTION;
             res->conn = conn;
@@ -298,6 +349,19 @@ int vs_tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid
     }
     res->status = VS_TX_MORE;
     return 0;
+}
+
+int vs_tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid,
+                struct vr_chain *c, uint32_t max, struct vr_capture *cap,
+                struct vr_queue *rxq, struct vr_chain *rxc, struct vs_tx_result *res)
+{
+    int rc = tx_burst(q, t, guest_cid, c, max, cap, rxq, rxc, res);
+    /* One interrupt for every update of the burst.  Forced: the rx worker
+     * keeps the event-index bookkeeping of its own notifications, and a
+     * spare interrupt costs the guest less than a missed one. */
+    if (res->rx_pushed)
+        vr_notify_force(rxq);
+    return rc;
 }
 
 /* ---- host -> guest ---- */

@@ -48,8 +48,8 @@ struct vr_capture;
 
 enum vs_state { VS_CONNECTING = 0, VS_ESTABLISHED = 1, VS_CLOSED = 2 };
 enum vs_type { VS_STREAM = 1, VS_SEQPACKET = 5 };
-enum vs_op { VS_OP_RW = 5 };
-enum { VS_MON_OP_PAYLOAD = 4, VS_MON_TRANSPORT_VIRTIO = 2 };  /* linux/vsockmon.h */
+enum vs_op { VS_OP_RW = 5, VS_OP_CREDIT_UPDATE = 6 };
+enum { VS_MON_OP_CONTROL = 3, VS_MON_OP_PAYLOAD = 4, VS_MON_TRANSPORT_VIRTIO = 2 };  /* linux/vsockmon.h */
 
 /* Statuses of vs_tx_burst(). */
 enum vs_tx_status {
@@ -94,6 +94,7 @@ struct vs_conn {
     /* what C moved itself (for the close log line and tests) */
     uint64_t c_bytes_out;      /* guest -> host */
     uint64_t c_bytes_in;       /* host -> guest */
+    uint64_t c_credit_updates; /* CREDIT_UPDATEs C wrote to the rx queue */
 };
 
 struct vs_table {
@@ -107,6 +108,7 @@ struct vs_tx_result {
     uint64_t bytes;            /* their payload bytes */
     uint64_t sent;             /* VS_TX_PARTIAL: payload bytes already written */
     struct vs_conn *conn;      /* VS_TX_PARTIAL / VS_TX_ATTENTION */
+    uint32_t rx_pushed;        /* CREDIT_UPDATEs written to the rx queue (then notified) */
 };
 
 struct vs_rx_result {
@@ -124,10 +126,14 @@ uint32_t vs_credit(const struct vs_conn *c);
 int vs_credit_update_due(const struct vs_conn *c);
 
 /* `cap` (may be NULL): every RW packet finished here is appended to that
- * capture ring as a vsockmon frame, before its chain is pushed. */
+ * capture ring as a vsockmon frame, before its chain is pushed.
+ * `rxq` (may be NULL): the device's rx queue, which the caller holds for
+ * itself (no other thread pops, pushes or stops it during the call); a
+ * credit update due after a batch is written there, into a buffer popped
+ * with `rxc`, instead of returning VS_TX_ATTENTION. */
 int vs_tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid,
                 struct vr_chain *c, uint32_t max, struct vr_capture *cap,
-                struct vs_tx_result *res);
+                struct vr_queue *rxq, struct vr_chain *rxc, struct vs_tx_result *res);
 int vs_rx_fill(struct vr_queue *q, struct vs_conn *conn, uint64_t guest_cid,
                struct vr_chain *c, uint32_t max, struct vr_capture *cap,
                struct vs_rx_result *res);

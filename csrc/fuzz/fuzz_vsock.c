@@ -289,7 +289,9 @@ static uint64_t captured_payload(void)
             memcpy(&vlen, f + 32 + 24, 4);
             mon_op = f[24] | f[25] << 8;
             hlen = f[28] | f[29] << 8;
-            if (mon_op != VS_MON_OP_PAYLOAD || hlen != VS_HDR_SIZE || vlen != rec[2] - 76 ||
+            /* RW packets carry their payload; C's CREDIT_UPDATEs none */
+            int ctl = mon_op == VS_MON_OP_CONTROL && f[32 + 30] == VS_OP_CREDIT_UPDATE && vlen == 0;
+            if ((mon_op != VS_MON_OP_PAYLOAD && !ctl) || hlen != VS_HDR_SIZE || vlen != rec[2] - 76 ||
                 memcmp(f, f + 32, 24)) /* CIDs and ports: both headers agree */
                 __builtin_trap();
             total += vlen;
@@ -301,14 +303,15 @@ static uint64_t captured_payload(void)
     return total;
 }
 
-static void guest_to_host(struct vr_queue *q, struct fg_reader *r)
+static void guest_to_host(struct vr_queue *q, struct vr_queue *rxq, struct fg_reader *r)
 {
-    struct vr_seg segs[VR_MAX_SEGS];
+    struct vr_seg segs[VR_MAX_SEGS], rxsegs[VR_MAX_SEGS];
     struct vr_chain c = {.cap = VR_MAX_SEGS, .segs = segs};
+    struct vr_chain rxc = {.cap = VR_MAX_SEGS, .segs = rxsegs};
     uint64_t reported = 0, received = 0;
     for (int call = 0; call < 16; call++) {
         struct vs_tx_result res;
-        vs_tx_burst(q, &table, GUEST_CID, &c, 1 + fg_u8(r) % 64, cap, &res);
+        vs_tx_burst(q, &table, GUEST_CID, &c, 1 + fg_u8(r) % 64, cap, rxq, &rxc, &res);
         if (cap && captured_payload() != res.bytes) /* the cut packet is Python's to capture */
             __builtin_trap();
         reported += res.bytes;
@@ -379,8 +382,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (rx_ok)
         shape_ring(&g, &r, FG_RING2, nrx, 1);
     fg_snapshot_take(&g, &snap);
-    if (tx_ok)
-        guest_to_host(&tx, &r);
+    if (tx_ok) /* credit updates go to the rx ring in one input of two that has one */
+        guest_to_host(&tx, rx_ok && fg_u8(&r) % 2 ? &rx : NULL, &r);
     if (rx_ok)
         host_to_guest(&rx, &r);
     uint64_t used[4][2];
