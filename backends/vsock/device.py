@@ -131,7 +131,8 @@ class VsockDevice(RxPath, VirtioDevice):
                       "relay_unknown": 0, "rx_bad_buffers": 0, "host_records_too_large": 0,
                       # which path moved the packets: C (vsock.c) or the Python handlers
                       "c_tx_packets": 0, "c_tx_bytes": 0, "c_rx_packets": 0, "c_rx_bytes": 0,
-                      "py_tx_packets": 0, "py_rx_packets": 0, "c_credit_updates": 0}
+                      "py_tx_packets": 0, "py_rx_packets": 0, "c_credit_updates": 0,
+                      "py_credit_updates": 0}
         self._ring = capture.ring if capture is not None else None
         self.host = HostSide(self, opts.uds_path)
         if router is not None:

@@ -102,6 +102,8 @@ class RxPath:
                     chain.write(payload, HEADER_SIZE)
                 vq.push(chain.head, HEADER_SIZE + len(payload))
                 self.stats["py_rx_packets"] += 1
+                if hdr.op == Op.CREDIT_UPDATE:
+                    self.stats["py_credit_updates"] += 1
 
     def _rx_data(self, vq) -> bool:
         with self._lock:
