@@ -664,9 +664,19 @@ int vr_enable_notify(struct vr_queue *q)
     if (q->packed)
         return vr_packed_enable_notify(q);
     if (q->event_idx) {
-        /* 2.7.10: ask for a kick once avail->idx moves past last_avail. */
-        vr_st16(AVAIL_EVENT(q), q->last_avail_idx);
-        log_used_field(q, 4 + 8ull * q->num);
+        /* 2.7.10: ask for a kick once avail->idx moves past last_avail.
+         * Another thread may pop under the device's lock while the worker
+         * is here (vsock's tx and host threads fill its rx queue) and then
+         * call this itself: rewrite until the index read before the store
+         * is still current after it, so a stale avail_event (no kick ever
+         * again) is never the last one written. */
+        uint16_t seen;
+        do {
+            seen = __atomic_load_n(&q->last_avail_idx, __ATOMIC_RELAXED);
+            vr_st16(AVAIL_EVENT(q), seen);
+            log_used_field(q, 4 + 8ull * q->num);
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        } while (seen != __atomic_load_n(&q->last_avail_idx, __ATOMIC_RELAXED));
     } else {
         vr_st16(USED_FLAGS(q), vr_ld16(USED_FLAGS(q)) & ~VR_USED_F_NO_NOTIFY);
         log_used_field(q, 0);

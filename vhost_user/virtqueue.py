@@ -510,6 +510,22 @@ class Virtqueue:
             return False
         return bool(lib.vr_notify(self._q))
 
+    def notify_force(self) -> bool:
+        """Signal the call eventfd whatever the suppression state, for a thread other
+        than the worker (which keeps the event-index bookkeeping of its own signals):
+        a spare interrupt costs the driver less than a missed one."""
+        if not self._started:
+            return False
+        return bool(lib.vr_notify_force(self._q))
+
+    def rearm_kick(self) -> None:
+        """Ask the driver for a kick past the chains popped so far (EVENT_IDX's
+        avail_event, or the NO_NOTIFY flag cleared): for a thread other than the
+        worker that popped chains under the queue's writer_lock, since the worker
+        re-arms only past what it saw itself."""
+        if self._started:
+            lib.vr_enable_notify(self._q)
+
     def inflight_heads(self) -> list[int]:
         """Heads recovered from the inflight region, still to be resubmitted (counter order)."""
         if not self._started:

@@ -132,7 +132,7 @@ class VsockDevice(RxPath, VirtioDevice):
                       # which path moved the packets: C (vsock.c) or the Python handlers
                       "c_tx_packets": 0, "c_tx_bytes": 0, "c_rx_packets": 0, "c_rx_bytes": 0,
                       "py_tx_packets": 0, "py_rx_packets": 0, "c_credit_updates": 0,
-                      "py_credit_updates": 0}
+                      "py_credit_updates": 0, "host_thread_rx_packets": 0}
         self._ring = capture.ring if capture is not None else None
         self.host = HostSide(self, opts.uds_path)
         if router is not None:
@@ -703,10 +703,51 @@ class VsockDevice(RxPath, VirtioDevice):
             if conn.state is ConnState.CLOSED:
                 return
             conn.readable = True
-            if conn.state is ConnState.ESTABLISHED and conn.credit() > 0:
-                self._ready[conn] = None
-                self._wake_needed = True
+            if conn.state is not ConnState.ESTABLISHED or conn.credit() == 0:
+                self._flush_wake()
+                return
+            self._ready[conn] = None
+        if self._fill_from_host_thread(conn):
+            return
+        with self._lock:
+            self._wake_needed = True
             self._flush_wake()
+
+    def _fill_from_host_thread(self, conn: Conn) -> bool:
+        """Move `conn`'s host bytes into rx buffers here, in the host thread that saw
+        them arrive, instead of waking the rx worker (two thread hops per socket drain:
+        the wake-up, and the selector re-arm after it). True when the socket was
+        drained; False leaves the rest to the rx worker (no buffer, no credit, EOF, an
+        error, an odd buffer, or Python's own packets queued ahead)."""
+        drained = False
+        pushed = 0
+        rx = None
+        while True:
+            with self._lock:
+                rx = self._rx_for_c()
+                if rx is None or conn not in self._ready or not self._fast_rx_ok(conn):
+                    break
+                out = fast.rx_fill(rx, conn.rec, self.guest_cid, capture=self._ring)
+                if out.packets:
+                    pushed += out.packets
+                    self.stats["c_rx_packets"] += out.packets
+                    self.stats["c_rx_bytes"] += out.bytes
+                    self.stats["host_thread_rx_packets"] += out.packets
+                if out.status == fast.RX_MORE:
+                    continue
+                if out.status == fast.RX_DRAINED:
+                    self._ready.pop(conn, None)  # the host loop re-arms its read interest
+                    drained = True
+                break
+        if pushed:
+            with self._lock:
+                if rx is not None and rx.started:
+                    if rx.broken:
+                        rx.report_broken()
+                    else:
+                        rx.rearm_kick()
+                        rx.notify_force()
+        return drained
 
     def host_writable(self, conn: Conn) -> None:
         with self._lock:

@@ -4,10 +4,12 @@ Theory of operation
 -------------------
 One thread per VM waits in a selector on: the `--uds-path` listener (host
 programs that say `CONNECT <port>\\n`), clients still sending that line, and
-the Unix sockets of live connections. It never touches guest memory: on a
-readable connection it only marks it and wakes the device's rx worker,
-which moves the bytes straight into guest buffers; on a writable one it
-asks the device to flush bytes the guest sent earlier. Other threads never
+the Unix sockets of live connections. On a readable connection the device
+moves the bytes straight into guest rx buffers from this thread, in C under
+the device lock (the rx queue's writer lock), and wakes the rx worker only
+for what it cannot finish here (no buffer, no credit, Python's packets
+first); on a writable one it asks the device to flush bytes the guest sent
+earlier. Other threads never
 change the selector themselves: they call `update(conn)` and the loop
 recomputes that connection's interest, so the selector has one user.
 """

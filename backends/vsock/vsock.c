@@ -359,8 +359,10 @@ int vs_tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid
     /* One interrupt for every update of the burst.  Forced: the rx worker
      * keeps the event-index bookkeeping of its own notifications, and a
      * spare interrupt costs the guest less than a missed one. */
-    if (res->rx_pushed)
+    if (res->rx_pushed) {
+        vr_enable_notify(rxq); /* avail_event past the buffers taken here (vring.c) */
         vr_notify_force(rxq);
+    }
     return rc;
 }
 
