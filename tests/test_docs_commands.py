@@ -157,3 +157,20 @@ def test_bench_all_runs_a_section_with_its_load_and_refuses_an_unknown_one():
     assert listed.returncode == 0 and "net-testpmd: needs dpdk-testpmd" in listed.stdout
     bad = run("--only", "nonsense")
     assert bad.returncode == 2 and "no section 'nonsense'" in bad.stderr
+
+
+def test_the_vsock_benchmark_runs_as_benchmarks_md_gives_it():
+    """BENCHMARKS.md's vsock side-by-side command, shortened (one back-end, 0.3 s, one
+    round, 4 KiB): both directions move bytes, and the ceilings and load of the run print."""
+    lines = [argv for doc, argv in _commands() if doc == "BENCHMARKS.md"
+             and argv[1:2] == ["tools/bench_vsock_backends.py"]]
+    assert lines, "BENCHMARKS.md gives no tools/bench_vsock_backends.py command"
+    argv = [sys.executable, lines[0][1], "--backend", "new=vhost-user-vsock", "--runtime", "0.3",
+            "--rounds", "1", "--write-size", "4096", "--markdown"]
+    out = _run(argv, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (ceil,) = [line for line in out.stdout.splitlines() if line.startswith("ceilings: ")]
+    assert "unix socket pair at 4 KiB" in ceil and "load average" in ceil, ceil
+    for direction in ("guest-to-host", "host-to-guest"):
+        (row,) = [r for r in out.stdout.splitlines() if r.startswith(f"| {direction} | 4 KiB | new |")]
+        assert float(row.split("|")[4]) > 0, row

@@ -68,6 +68,20 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def _print_ceilings(results: dict, load_before: tuple, load_after: tuple) -> None:
+    """The ceilings measured in this run and the machine's load around it, so a
+    table can be read against what the machine could do while it ran."""
+    memcpy = [r["memcpy_mb_s"] for runs in results.values() for r in runs]
+    sock: dict[int, list[float]] = {}
+    for (_, _, size), runs in results.items():
+        sock.setdefault(size, []).extend(r["unix_socket_mb_s"] for r in runs)
+    parts = [f"memcpy {min(memcpy):.0f}-{max(memcpy):.0f} MB/s"] if memcpy else []
+    parts += [f"unix socket pair at {size // 1024} KiB {min(v):.0f}-{max(v):.0f} MB/s"
+              for size, v in sorted(sock.items())]
+    print("ceilings: " + "; ".join(parts) + f"; load average {load_before[0]:.2f} before, "
+          f"{load_after[0]:.2f} after ({os.cpu_count()} CPUs)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backend", action="append", required=True, metavar="LABEL=COMMAND",
@@ -80,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     backends = [(label, shlex.split(cmd)) for label, _, cmd in (b.partition("=") for b in args.backend)]
     sizes = tuple(args.write_size or (4096, 65536))
     results: dict[tuple[str, str, int], list[dict]] = {}
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="vsb-", dir="/tmp") as workdir:
         for rnd in range(args.rounds):
             for label, cmd in backends:
@@ -99,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{r['mb_s']:8.1f} MB/s, {r['backend_mb_per_cpu_s'] or 0:6.0f} MB per back-end "
                           f"CPU-s", file=sys.stderr)
     ref = backends[0][0]
+    _print_ceilings(results, load_before, os.getloadavg())
     if args.markdown:
         print("| direction | write | back-end | MB/s per round | ratio to " + ref
               + " | MB per back-end CPU-s | % of unix socket pair | % of memcpy |")
