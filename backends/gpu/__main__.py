@@ -9,7 +9,7 @@ from vhost_user.cli import CliError, UsageError, base_parser, parse_size, print_
 from vhost_user.errors import VhostUserError
 
 from .device import CAPABILITIES, GpuDevice, GpuOptions
-from .virgl import VirglError, virgl_unavailable_reason
+from .virgl import VirglError, virgl_capability_features
 
 
 def _resolution(text: str) -> tuple[int, int]:
@@ -49,8 +49,8 @@ def _main(args) -> int:
     opts = GpuOptions(display=args.display, outputs=args.outputs, width=width, height=height,
                       max_hostmem=args.max_hostmem)
     capabilities = dict(CAPABILITIES)
-    if args.print_capabilities and virgl_unavailable_reason() is None:
-        capabilities["features"] = ["virgl"]
+    if args.print_capabilities:
+        capabilities["features"] = list(CAPABILITIES["features"]) + virgl_capability_features()
     done = print_info(args, capabilities, "vhost-user-gpu")
     if done is not None:
         return done

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +24,7 @@ from .commands_blob import BLOB_COMMANDS
 from .device import GpuDevice, GpuOptions, _Scanout
 from .display_protocol import CursorPosMsg, CursorUpdateMsg, ScanoutMsg, UpdateMsg
 from .resources import FORMATS, GpuError
-from .virgl import VirglRenderer
+from .virgl import CONTEXT_INIT_CAPSET_MASK, VirglRenderer
 
 __all__ = ["VirglGpuDevice", "CAPABILITIES_3D"]
 
@@ -62,14 +63,18 @@ class _Res3d:
 
 
 class VirglGpuDevice(GpuDevice):
-    device_features = (1 << GpuFeature.VIRTIO_GPU_F_EDID) | (1 << GpuFeature.VIRTIO_GPU_F_VIRGL)
+    device_features = ((1 << GpuFeature.VIRTIO_GPU_F_EDID) | (1 << GpuFeature.VIRTIO_GPU_F_VIRGL)
+                       | (1 << GpuFeature.VIRTIO_GPU_F_RESOURCE_UUID))
 
     def __init__(self, opts: GpuOptions | None = None, renderer: VirglRenderer | None = None):
         super().__init__(opts)
         self.virgl = renderer or VirglRenderer()
         self.caps = self.virgl.capsets()
+        if self.virgl.context_init:  # offered only where virglrenderer can honour it
+            self.device_features = type(self).device_features | (1 << GpuFeature.VIRTIO_GPU_F_CONTEXT_INIT)
         self.res3d: dict[int, _Res3d] = {}
         self.contexts: set[int] = set()
+        self._uuids3d: dict[int, bytes] = {}
         self._dispatch.update({
             T.CMD_RESOURCE_CREATE_2D: self._v_create_2d,
             T.CMD_RESOURCE_CREATE_3D: self._v_create_3d,
@@ -91,6 +96,7 @@ class VirglGpuDevice(GpuDevice):
         })
         for t in BLOB_COMMANDS:   # not offered with virgl: answered as unsupported
             self._dispatch.pop(t)
+        self._dispatch[T.CMD_RESOURCE_ASSIGN_UUID] = self._v_assign_uuid  # RESOURCE_UUID is offered
 
     def save_state(self) -> bytes:
         """virglrenderer's resources and contexts cannot be serialised: refuse them."""
@@ -196,7 +202,14 @@ class VirglGpuDevice(GpuDevice):
         self._release_backing(cmd.resource_id, res)
         self.virgl.call(self.virgl.lib.virgl_renderer_resource_unref, cmd.resource_id)
         del self.res3d[cmd.resource_id]
+        self._uuids3d.pop(cmd.resource_id, None)
         return T.RESP_OK_NODATA, b""
+
+    def _v_assign_uuid(self, cmd, data, memory):
+        """RESOURCE_ASSIGN_UUID on a virgl resource: random, the same on every later call,
+        forgotten at UNREF (so a reused id gets a new one)."""
+        self._find(cmd.resource_id)
+        return T.RESP_OK_RESOURCE_UUID, self._uuids3d.setdefault(cmd.resource_id, uuid.uuid4().bytes)
 
     def _v_attach(self, cmd, data, memory):
         res = self._find(cmd.resource_id)
@@ -345,12 +358,35 @@ class VirglGpuDevice(GpuDevice):
         ctx = cmd.hdr.ctx_id
         if ctx == 0 or ctx in self.contexts:
             raise GpuError(T.RESP_ERR_INVALID_CONTEXT_ID, f"context {ctx} is taken or 0")
+        capset = self._context_capset(cmd.context_init)
         name = self.virgl.ffi.new("char[]", cmd.debug_name)
-        self._rc(self.virgl.call(self.virgl.lib.virgl_renderer_context_create, ctx,
-                                 len(cmd.debug_name), name), f"create context {ctx}",
-                 T.RESP_ERR_UNSPEC)
+        if capset:
+            rc = self.virgl.call(self.virgl.lib.virgl_renderer_context_create_with_flags, ctx,
+                                 capset, len(cmd.debug_name), name)
+        else:
+            rc = self.virgl.call(self.virgl.lib.virgl_renderer_context_create, ctx,
+                                 len(cmd.debug_name), name)
+        self._rc(rc, f"create context {ctx}", T.RESP_ERR_UNSPEC)
         self.contexts.add(ctx)
         return T.RESP_OK_NODATA, b""
+
+    def _context_capset(self, context_init: int) -> int:
+        """The capset a CTX_CREATE asks for (0: the default, virgl). Nonzero only with
+        CONTEXT_INIT negotiated (virtio 5.7.6.8), only the capset-id bits, and only a
+        capset this device listed in GET_CAPSET_INFO."""
+        if not context_init:
+            return 0
+        if not self.has_feature(GpuFeature.VIRTIO_GPU_F_CONTEXT_INIT):
+            raise GpuError(T.RESP_ERR_INVALID_PARAMETER,
+                           f"context_init {context_init:#x} without CONTEXT_INIT negotiated")
+        capset = context_init & CONTEXT_INIT_CAPSET_MASK
+        if context_init != capset:
+            raise GpuError(T.RESP_ERR_INVALID_PARAMETER, f"context_init {context_init:#x}: "
+                           "bits outside the capset id are reserved")
+        if capset not in {c[0] for c in self.caps}:
+            raise GpuError(T.RESP_ERR_INVALID_PARAMETER, f"context_init asks for capset {capset}, "
+                           f"not one of {sorted(c[0] for c in self.caps)}")
+        return capset
 
     def _ctx(self, ctx: int) -> int:
         if ctx not in self.contexts:
@@ -388,6 +424,7 @@ class VirglGpuDevice(GpuDevice):
                 self._release_backing(rid, res)
                 self.virgl.call(self.virgl.lib.virgl_renderer_resource_unref, rid)
             self.res3d.clear()
+            self._uuids3d.clear()
             for ctx in list(self.contexts):
                 self.virgl.call(self.virgl.lib.virgl_renderer_context_destroy, ctx)
             self.contexts.clear()

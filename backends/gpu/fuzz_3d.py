@@ -8,7 +8,9 @@ RESOURCE_CREATE_3D of every target, format and bind with sizes from 0 to
 with any box, level, stride and offset (also past the backing), SUBMIT_3D
 with virgl command streams (mostly commands of virgl_protocol.h with
 plausible lengths and handles, TGSI shader text, sometimes raw dwords),
-GET_CAPSET for virgl/virgl2, UNREF, the 2D commands the virgl device
+GET_CAPSET for virgl/virgl2, CTX_CREATE with any context_init (with
+CONTEXT_INIT acked on inputs of odd length, without on even ones),
+RESOURCE_ASSIGN_UUID, UNREF, the 2D commands the virgl device
 answers too (create, scanout, flush read-back), fences on any of them.
 Resource and context ids come from a small set so that commands meet, and
 three inputs in four start with a prelude (context 1 with one or two
@@ -234,8 +236,10 @@ def _attach(r: ByteReader) -> bytes:
 def _body(r: ByteReader, ctype: int) -> bytes:
     if ctype == T.CMD_CTX_CREATE:
         name = r.take(r.u8() % 80)
-        return struct.pack("<II", len(name) if r.u8() % 8 else r.u32(), r.u32() if r.u8() % 8 == 0 else 0) \
-            + name[:64].ljust(64, b"\0")
+        nlen = len(name) if r.u8() % 8 else r.u32()
+        pick = r.u8()   # context_init: any u32, a small capset id (CONTEXT_INIT), or none
+        init = r.u32() if pick % 8 == 0 else (pick >> 3) % 6 if pick % 8 == 1 else 0
+        return struct.pack("<II", nlen, init) + name[:64].ljust(64, b"\0")
     if ctype in (T.CMD_CTX_ATTACH_RESOURCE, T.CMD_CTX_DETACH_RESOURCE, T.CMD_RESOURCE_UNREF,
                  T.CMD_RESOURCE_DETACH_BACKING):
         return struct.pack("<I4x", _rid(r))
@@ -255,6 +259,8 @@ def _body(r: ByteReader, ctype: int) -> bytes:
         return struct.pack("<II", r.pick((1, 2, 1, 2, 0, 3, 4, _U32)), r.pick((0, 1, 2, 1, 2, 3, _U32)))
     if ctype == T.CMD_GET_CAPSET_INFO:
         return struct.pack("<I4x", r.u8() % 4)
+    if ctype == T.CMD_RESOURCE_ASSIGN_UUID:  # one byte, as GET_CAPSET_INFO whose slot it takes
+        return struct.pack("<I4x", (1, 1, 2, 3, 4, 0, 7, _U32)[r.u8() % 8])
     rect = struct.pack("<IIII", _small(r), _small(r), _small(r), _small(r))
     if ctype == T.CMD_SET_SCANOUT:
         return rect + struct.pack("<II", r.u8() % 3, _rid(r))
@@ -277,6 +283,8 @@ def _command(r: ByteReader, fence: int) -> bytes:
     if r.u8() % 16 == 0:
         return r.take(r.u8())  # raw bytes, any length
     ctype = r.pick(_COMMANDS)
+    if ctype == T.CMD_GET_CAPSET_INFO and fence % 3 == 0:
+        ctype = T.CMD_RESOURCE_ASSIGN_UUID  # a slot of its own would re-map every committed input
     data = _hdr(r, ctype, fence) + _body(r, ctype)
     cut = r.u8()
     if cut < 8:  # short or long by a few bytes
@@ -353,6 +361,9 @@ def run_one(data: bytes) -> None:
     dev, ram = shared_device()
     ram.reset()
     r = ByteReader(data)
+    # the guest acked CONTEXT_INIT and RESOURCE_UUID, or not (CTX_CREATE's context_init must
+    # then be 0); from the input's length, so that corpora keep their meaning
+    dev.acked_features = dev.features() if len(data) % 2 else 0
     for _ in range(r.u8() % 8):  # some bytes for transfers and backings to carry
         ram.write(r.pick((0, 0x1000, 0x20000)), r.take(r.u8()))
     memory = ram.memory()
@@ -379,7 +390,8 @@ def run_one(data: bytes) -> None:
     finally:
         dev.reset()
         memory.close()
-    assert not dev.res3d and not dev.contexts, "reset left resources or contexts behind"
+    assert not dev.res3d and not dev.contexts and not dev._uuids3d, \
+        "reset left resources, contexts or UUIDs behind"
 
 
 def _rss() -> int:

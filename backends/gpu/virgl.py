@@ -21,7 +21,7 @@ import time
 
 import cffi
 
-__all__ = ["VirglRenderer", "VirglError", "virgl_unavailable_reason"]
+__all__ = ["VirglRenderer", "VirglError", "virgl_unavailable_reason", "virgl_capability_features"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ void virgl_renderer_poll(void);
 void virgl_renderer_get_cap_set(uint32_t set, uint32_t *max_ver, uint32_t *max_size);
 void virgl_renderer_fill_caps(uint32_t set, uint32_t version, void *caps);
 int virgl_renderer_context_create(uint32_t handle, uint32_t nlen, const char *name);
+int virgl_renderer_context_create_with_flags(uint32_t ctx_id, uint32_t ctx_flags, uint32_t nlen,
+                                             const char *name);
 void virgl_renderer_context_destroy(uint32_t handle);
 void virgl_renderer_ctx_attach_resource(uint32_t ctx_id, uint32_t res_handle);
 void virgl_renderer_ctx_detach_resource(uint32_t ctx_id, uint32_t res_handle);
@@ -67,6 +69,10 @@ int virgl_renderer_create_fence(uint32_t client_fence_id, uint32_t ctx_id);
 """
 _USE_EGL, _USE_SURFACELESS = 1 << 0, 1 << 3
 CAPSET_IDS = (1, 2)  # VIRTIO_GPU_CAPSET_VIRGL, VIRTIO_GPU_CAPSET_VIRGL2
+# Venus (capset 4) is not probed: a Venus context needs host3d blob resources, and QEMU's
+# vhost-user-gpu front-end masks RESOURCE_BLOB; with virgl contexts only, a guest asking
+# CONTEXT_INIT for Venus gets INVALID_PARAMETER instead of a context that cannot map memory.
+CONTEXT_INIT_CAPSET_MASK = 0xFF  # VIRTIO_GPU_CONTEXT_INIT_CAPSET_ID_MASK: the rest is reserved
 _FENCE_TIMEOUT = 10.0
 
 
@@ -134,6 +140,15 @@ class VirglRenderer:
         self._jobs.put(None)
         self._thread.join(5)
 
+    @property
+    def context_init(self) -> bool:
+        """virglrenderer creates contexts for a chosen capset (0.9.0 and later)."""
+        try:
+            self.lib.virgl_renderer_context_create_with_flags
+        except AttributeError:  # cffi: the symbol is not in this library
+            return False
+        return True
+
     # -- helpers run on the renderer thread ---------------------------------------
     def capsets(self) -> list[tuple[int, int, int]]:
         def get():
@@ -179,18 +194,45 @@ class VirglRenderer:
         return self.call(wait)
 
 
-def virgl_unavailable_reason() -> str | None:
-    """None when virglrenderer initialises here, else the reason (checked in a child)."""
+CAPSET_NAMES = {1: "virgl", 2: "virgl2"}
+
+
+def _probe() -> tuple[str | None, dict]:
+    """Initialise virglrenderer in a child (it starts threads and EGL): (None, what it
+    offers) when it works here, else (the reason, {})."""
+    import json
     import subprocess
     import sys
-    probe = ("from vhost_user.backends.gpu.virgl import VirglRenderer as V; "
-             "r = V(); print(len(r.capsets()))")
+    probe = ("import json; from vhost_user.backends.gpu.virgl import VirglRenderer as V; "
+             "r = V(); print(json.dumps({'capsets': [c[0] for c in r.capsets()], "
+             "'context_init': r.context_init}))")
     try:
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                              timeout=60)
     except subprocess.TimeoutExpired:
-        return "virglrenderer did not initialise within 60 s"
-    if out.returncode == 0 and out.stdout.strip() not in ("", "0"):
-        return None
+        return "virglrenderer did not initialise within 60 s", {}
+    if out.returncode == 0:
+        try:
+            found = json.loads(out.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            found = {}
+        if found.get("capsets"):
+            return None, found
     tail = (out.stderr.strip().splitlines() or ["no capsets"])[-1]
-    return f"3D rendering (virgl) is not available: {tail}"
+    return f"3D rendering (virgl) is not available: {tail}", {}
+
+
+def virgl_unavailable_reason() -> str | None:
+    """None when virglrenderer initialises here, else the reason (checked in a child)."""
+    return _probe()[0]
+
+
+def virgl_capability_features() -> list[str]:
+    """The `--print-capabilities` features 3D adds here: `virgl` when virglrenderer works,
+    `context-init` when --virgl offers VIRTIO_GPU_F_CONTEXT_INIT, and one `capset-NAME`
+    per capset a guest may ask for (libvirt ignores names it does not know)."""
+    reason, found = _probe()
+    if reason is not None:
+        return []
+    names = ["virgl"] + (["context-init"] if found.get("context_init") else [])
+    return names + [f"capset-{CAPSET_NAMES[c]}" for c in found["capsets"] if c in CAPSET_NAMES]

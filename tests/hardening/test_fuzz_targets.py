@@ -159,3 +159,32 @@ def test_fuzz_gpu3d_corpus_reaches_submit_and_both_transfers(monkeypatch):
             gpu3d.run_one(f.read())
     want = {T.CMD_SUBMIT_3D, T.CMD_TRANSFER_TO_HOST_3D, T.CMD_TRANSFER_FROM_HOST_3D, T.CMD_CTX_ATTACH_RESOURCE}
     assert want <= succeeded, sorted(hex(t) for t in want - succeeded)
+
+
+def test_fuzz_gpu3d_corpus_reaches_context_init_and_uuids(monkeypatch):
+    """The committed gpu-3d corpus creates a context for a chosen capset (CONTEXT_INIT
+    acked) and has a UUID assigned to a virgl resource: the new commands are fuzzed past
+    their checks, not only refused."""
+    import struct
+    from vhost_user.backends.gpu.commands import CtrlHeader, CtrlType as T
+    from vhost_user.backends.gpu import fuzz_3d as gpu3d
+
+    _need("gpu-3d")
+    reached = set()
+    real = gpu3d._control
+
+    def counting(dev, cmd, memory):
+        ok = real(dev, cmd, memory)
+        hdr = CtrlHeader.unpack(cmd) if len(cmd) >= CtrlHeader.SIZE else None
+        if ok and hdr is not None and hdr.type == T.CMD_RESOURCE_ASSIGN_UUID:
+            reached.add("uuid")
+        if ok and hdr is not None and hdr.type == T.CMD_CTX_CREATE and len(cmd) >= 32 \
+                and struct.unpack_from("<I", cmd, 28)[0]:
+            reached.add("context_init")
+        return ok
+
+    monkeypatch.setattr(gpu3d, "_control", counting)
+    for path in _inputs("corpus", "gpu-3d"):
+        with open(path, "rb") as f:
+            gpu3d.run_one(f.read())
+    assert reached == {"uuid", "context_init"}, reached
