@@ -125,5 +125,21 @@ def recv_all(s: socket.socket, n: int, delay: float = 0.0) -> bytes:
     return bytes(out)
 
 
+def guest_stream_to_host(drv, listener: socket.socket, port: int, data: bytes,
+                         timeout: float = 60) -> tuple[object, socket.socket, bytes]:
+    """Built-in front-end guest `drv` connects to `port`, the host side accepts on
+    `listener` and reads while the guest sends `data`: (guest stream, host socket,
+    the bytes the host read)."""
+    g = drv.connect(port)
+    h, _ = listener.accept()
+    h.settimeout(timeout / 2)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(recv_all(h, len(data))))
+    reader.start()
+    g.send(data, timeout=timeout)
+    reader.join(timeout)
+    return g, h, got[0] if got else b""
+
+
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()

@@ -14,7 +14,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-from vsock_proc import host_connect, host_listener, read_line, recv_all, sha
+from vsock_proc import guest_stream_to_host, host_connect, host_listener, read_line, recv_all, sha
 from vhost_user.backends.vsock.driver import VsockDriver
 
 MiB = 1 << 20
@@ -38,21 +38,14 @@ def test_vsock_stream_bytes_move_in_c_both_ways(one_vm):
     listener = host_listener(uds + "_7000")
     up, down = os.urandom(4 * MiB + 3), os.urandom(3 * MiB + 1)
     with VsockDriver.attach(sock) as drv:
-        g = drv.connect(7000)
-        h, _ = listener.accept()
-        h.settimeout(20)
-        got: list[bytes] = []
-        reader = threading.Thread(target=lambda: got.append(recv_all(h, len(up))))
-        reader.start()
-        g.send(up, timeout=30)
-        reader.join(30)
+        g, h, got = guest_stream_to_host(drv, listener, 7000, up, timeout=30)
         writer = threading.Thread(target=h.sendall, args=(down,))
         writer.start()
         back = g.recv_exact(len(down), timeout=30)
         writer.join(30)
         g.close()
         port = g.local_port
-    assert sha(got[0]) == sha(up)
+    assert sha(got) == sha(up)
     assert sha(back) == sha(down)
     line = _close_line(bp, port)
     assert line["out"] == len(up) and line["in"] == len(down)

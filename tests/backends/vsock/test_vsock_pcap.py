@@ -13,7 +13,7 @@ from harness.backend import BackendProcess
 from vhost_user.backends.vsock.packet import HEADER_SIZE, Header, Op
 from vhost_user.backends.vsock.pcap import LINKTYPE_VSOCK
 from vhost_user.backends.vsock.driver import VsockDriver
-from vsock_proc import host_connect, host_listener, read_line, recv_all, sha
+from vsock_proc import guest_stream_to_host, host_connect, host_listener, read_line, recv_all, sha
 
 
 def _session(sockdir, vsock_proc) -> str:
@@ -160,14 +160,7 @@ def _stream(frames, src: tuple[int, int], dst: tuple[int, int]) -> bytes:
 
 def _host_stream(drv, listener, uds: str, up: bytes, down: bytes):
     """guest -> host `up` on port 5000, then host -> guest `down` on port 6000."""
-    g = drv.connect(5000)
-    h, _ = listener.accept()
-    h.settimeout(30)
-    got: list[bytes] = []
-    reader = threading.Thread(target=lambda: got.append(recv_all(h, len(up))))
-    reader.start()
-    g.send(up, timeout=60)
-    reader.join(60)
+    g, h, got_up = guest_stream_to_host(drv, listener, 5000, up)
     drv.listen(6000)
     c, _ = host_connect(uds, 6000)
     gc = drv.accept(6000)
@@ -176,7 +169,7 @@ def _host_stream(drv, listener, uds: str, up: bytes, down: bytes):
     writer.start()
     back = gc.recv_exact(len(down), timeout=60)
     writer.join(60)
-    assert sha(got[0]) == sha(up) and sha(back) == sha(down)  # the data path is intact
+    assert sha(got_up) == sha(up) and sha(back) == sha(down)  # the data path is intact
     return g, gc, h, c
 
 
@@ -345,18 +338,11 @@ def test_vsock_credit_updates_of_a_guest_stream_are_written_by_c_and_captured(so
     listener = host_listener(uds + "_5000")
     up = os.urandom(8 * MiB)
     with VsockDriver.attach(sock) as drv:
-        g = drv.connect(5000)
-        h, _ = listener.accept()
-        h.settimeout(30)
-        got: list[bytes] = []
-        reader = threading.Thread(target=lambda: got.append(recv_all(h, len(up))))
-        reader.start()
-        g.send(up, timeout=60)
-        reader.join(60)
+        g, h, got = guest_stream_to_host(drv, listener, 5000, up)
         stats = _vm(bp.log_stats(), 3)
         g.close()
     bp.stop()
-    assert got and got[0] == up
+    assert got == up
     assert stats["c_credit_updates"] > 0, stats
     frames = _frames(pcap)
     _check_headers(frames)  # C's control frames are vsockmon CONTROL records
