@@ -31,8 +31,54 @@ static void mark_dirty(struct vr_net_tx *t, struct rxq *r)
         t->dirty[t->ndirty++] = r;
 }
 
+/* Make the pending chains used: one used-index store (per q->num). */
+static void push_pending(struct vr_net_tx *t)
+{
+    struct rxq *r = t->open;
+    uint32_t done = 0;
+    while (done < t->npend) {
+        uint32_t n = t->npend - done;
+        if (n > r->q->num)
+            n = r->q->num;
+        vr_push_batch(r->q, t->pheads + done, t->plens + done, n);
+        done += n;
+    }
+    if (t->npend)
+        mark_dirty(t, r);
+    t->npend = 0;
+}
+
+void net_rx_close(struct vr_net_tx *t)
+{
+    if (!t->open)
+        return;
+    push_pending(t);
+    pthread_mutex_unlock(&t->open->lock);
+    t->open = NULL;
+}
+
+/* Lock r for this and following frames (closing another open queue first);
+ * returns its queue when it takes frames, else NULL with nothing held. */
+static struct vr_queue *net_rx_open(struct vr_net_tx *t, struct rxq *r)
+{
+    if (t->open != r) {
+        net_rx_close(t);
+        pthread_mutex_lock(&r->lock);
+        t->open = r;
+    }
+    struct vr_queue *q = r->q;
+    if (!q || !q->started || q->broken) {
+        net_rx_close(t);
+        return NULL;
+    }
+    if (t->npend + MAX_MERGE > PEND)
+        push_pending(t);
+    return q;
+}
+
 void net_flush_notify(struct vr_net_tx *t)
 {
+    net_rx_close(t);
     for (uint32_t i = 0; i < t->ndirty; i++) {
         struct rxq *r = t->dirty[i];
         pthread_mutex_lock(&r->lock);
@@ -43,7 +89,8 @@ void net_flush_notify(struct vr_net_tx *t)
     t->ndirty = 0;
 }
 
-/* Copy one frame (with header h) into the rx buffers of a virtio port. */
+/* Copy one frame (with header h) into the rx buffers of a virtio port; the
+ * chains it fills join the session's pending ones. */
 static int copy_to_rx(struct vr_net_tx *t, struct port *dst, struct rxq *r,
                       const uint8_t *hdr, uint32_t hl, const uint8_t *f, uint32_t len)
 {
@@ -53,6 +100,8 @@ static int copy_to_rx(struct vr_net_tx *t, struct port *dst, struct rxq *r,
     uint32_t need = hl + len, done = 0, n = 0;
     struct vr_chain c0 = {.cap = VR_MAX_SEGS, .segs = t->segs0};
     struct vr_chain c = {.cap = VR_MAX_SEGS, .segs = t->segs};
+    uint16_t *heads = t->pheads + t->npend;   /* room for MAX_MERGE (net_rx_open) */
+    uint32_t *lens = t->plens + t->npend;
     while (done < need) {
         struct vr_chain *ch = n == 0 ? &c0 : &c;
         int rc = (n < MAX_MERGE) ? vr_pop(q, ch) : 0;
@@ -65,9 +114,9 @@ static int copy_to_rx(struct vr_net_tx *t, struct port *dst, struct rxq *r,
                 return -1;
             if (q->inflight) {   /* cannot rewind: hand them back empty */
                 for (uint32_t i = 0; i < n; i++)
-                    t->lens[i] = 0;
-                vr_push_batch(q, t->heads, t->lens, n);
-            } else {   /* undo the pops: the chains stay available to the driver */
+                    lens[i] = 0;
+                vr_push_batch(q, heads, lens, n);
+            } else {   /* undo this frame's pops: the chains stay available to the driver */
                 vr_unpop_n(q, n);
             }
             r->st.rx_no_room++;
@@ -81,8 +130,8 @@ static int copy_to_rx(struct vr_net_tx *t, struct port *dst, struct rxq *r,
         } else {
             vr_segs_scatter(q->mem, ch->segs + nread, ch->nseg - nread, 0, f + (done - hl), room);
         }
-        t->heads[n] = ch->head;
-        t->lens[n] = room;
+        heads[n] = ch->head;
+        lens[n] = room;
         done += room;
         n++;
     }
@@ -91,7 +140,7 @@ static int copy_to_rx(struct vr_net_tx *t, struct port *dst, struct rxq *r,
     if (hl == 12)
         put_le16(h + 10, (uint16_t)n);
     vr_segs_scatter(q->mem, c0.segs + c0.nread, c0.nseg - c0.nread, 0, h, hl);
-    vr_push_batch(q, t->heads, t->lens, n);
+    t->npend += n;             /* made used by push_pending */
     r->st.rx_frames++;
     r->st.rx_bytes += len;
     return 0;
@@ -139,19 +188,11 @@ static int deliver_one(struct vr_net_tx *t, struct port *dst, const struct vr_ne
         nq = VR_NET_MAX_QP;
     for (uint32_t k = 0; k < nq; k++) {
         struct rxq *r = &dst->rxq[(t->rxsel + k) % nq];
-        if (!__atomic_load_n(&r->q, __ATOMIC_ACQUIRE))
+        if (t->open != r && !__atomic_load_n(&r->q, __ATOMIC_ACQUIRE))
             continue;
-        pthread_mutex_lock(&r->lock);
-        struct vr_queue *q = r->q;
-        if (!q || !q->started || q->broken) {
-            pthread_mutex_unlock(&r->lock);
+        if (!net_rx_open(t, r))
             continue;
-        }
-        int rc = copy_to_rx(t, dst, r, hb, hl, f, len);
-        pthread_mutex_unlock(&r->lock);
-        if (rc == 0)
-            mark_dirty(t, r);
-        return rc;
+        return copy_to_rx(t, dst, r, hb, hl, f, len);
     }
     STAT(dst, rx_not_ready, 1);
     return -1;
@@ -235,7 +276,7 @@ void net_switch_frame(struct vr_net_tx *t, uint32_t hl, uint32_t total)
     TXSTAT(t, tx_bytes, len);
     capture(sw, f, len);
     t->rxsel = sp->tap_fd >= 0 || t->qp >= VR_NET_MAX_QP ? vr_net_flow_hash(f, len) : t->qp;
-    int dst = net_switch_lookup(sw, f, t->port, t->now);
+    int dst = net_switch_lookup(t, f);
     if (dst >= 0) {
         if (dst != t->port)
             deliver_filtered(t, &sw->ports[dst], &h, f, len);

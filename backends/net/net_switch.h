@@ -17,6 +17,7 @@
 #define MAX_MERGE 256        /* rx chains one frame may span */
 #define MAC_BUCKETS 4096
 #define MAC_PROBE 8
+#define PEND (2 * MAX_MERGE) /* filled rx chains held for one used-index store */
 
 struct rxq {
     pthread_mutex_t lock;
@@ -50,6 +51,7 @@ struct vr_net_switch {
     uint64_t ageing_ns;
     pthread_mutex_t mac_lock;
     struct mac_entry macs[MAC_BUCKETS];
+    uint64_t mac_gen;        /* bumped (under mac_lock) whenever a lookup's answer may change */
     struct vr_capture *cap;  /* ring of pcap records (capture.c), NULL without --pcap */
 };
 
@@ -63,12 +65,22 @@ struct vr_net_tx {
     uint8_t seg[VR_NET_MAX_FRAME + 16];
     struct vr_seg segs[VR_MAX_SEGS];
     struct vr_seg segs0[VR_MAX_SEGS];
-    uint16_t heads[MAX_MERGE > BATCH ? MAX_MERGE : BATCH];
-    uint32_t lens[MAX_MERGE > BATCH ? MAX_MERGE : BATCH];
+    /* rx session: the destination queue held locked across consecutive
+     * frames to it, its filled chains pending until one push (net_rx_close) */
+    struct rxq *open;
+    uint32_t npend;
+    uint16_t pheads[PEND];
+    uint32_t plens[PEND];
     struct rxq *dirty[VR_NET_MAX_PORTS * VR_NET_MAX_QP];
     uint32_t ndirty;
     struct vr_net_stats *st;     /* this context's tx counter slot */
     uint32_t rxsel;              /* rx pair choice for the frame being switched */
+    /* last unicast lookup (net_mac.c): good while mac_gen is unchanged and
+     * before `until` (keeps src's entry fresh and dst's from ageing out) */
+    struct {
+        uint64_t src, dst, gen, until;
+        int32_t port;
+    } mc;
 };
 
 #define STAT(p, field, n) __atomic_fetch_add(&(p)->stats.field, (n), __ATOMIC_RELAXED)
@@ -92,14 +104,19 @@ static inline void capture(struct vr_net_switch *sw, const uint8_t *frame, uint3
         vr_capture_put(sw->cap, frame, len);
 }
 
-/* net_mac.c: learn the source MAC of `eth`, look up its destination; -1 = flood. */
-int net_switch_lookup(struct vr_net_switch *sw, const uint8_t *eth, int src, uint64_t now);
+/* net_mac.c: learn the source MAC of `eth` on the context's port, look up
+ * its destination; -1 = flood. */
+int net_switch_lookup(struct vr_net_tx *t, const uint8_t *eth);
 
 /* net_rx.c: one frame from the context's port (header of hl bytes + frame in
  * t->frame): check the header, capture, and deliver or flood it. */
 void net_switch_frame(struct vr_net_tx *t, uint32_t hl, uint32_t total);
 
-/* net_rx.c: notify every rx queue the context delivered to since the last call. */
+/* net_rx.c: push the open rx queue's pending chains and unlock it. */
+void net_rx_close(struct vr_net_tx *t);
+
+/* net_rx.c: close the session, then notify every rx queue the context
+ * delivered to since the last call. */
 void net_flush_notify(struct vr_net_tx *t);
 
 #endif
