@@ -271,6 +271,67 @@ def test_learnt_mac_ages_out_and_unicast_floods_again(net_backend):
     assert [f for _, f in c.recv()] == [frame]   # flooded: the switch forgot b
 
 
+def test_cached_destination_follows_a_mac_that_moves_port(net_backend):
+    """A's tx worker caches where b's MAC is; once that MAC speaks from c, the
+    next frame from a must go to c, never to the old port."""
+    bp = net_backend(3)
+    drivers = _connect(bp, 3)
+    _announce(drivers)
+    a, b, c = drivers
+    for k in range(3):
+        frame = _udp(0, MACS[1], b"to b %d" % k)
+        a.send(frame)
+        assert [f for _, f in b.recv()] == [frame]
+    moved = bytes(Ether(src=MACS[1], dst=BCAST) / IP(src="10.0.0.2", dst="10.0.0.99")
+                  / UDP(sport=1, dport=2) / b"moved")
+    c.send(moved)
+    assert [f for _, f in a.recv()] == [moved] and [f for _, f in b.recv()] == [moved]
+    after = _udp(0, MACS[1], b"to the new port")
+    a.send(after)
+    assert [f for _, f in c.recv()] == [after]
+    assert _quiet(b) == []
+
+
+def test_cached_destination_still_ages_out(net_backend):
+    """A lookup a's worker cached while b was fresh does not outlive b's entry."""
+    bp = net_backend(3, "--mac-ageing", "0.5")
+    drivers = _connect(bp, 3)
+    _announce(drivers)
+    a, b, c = drivers
+    first = _udp(0, MACS[1], b"while fresh")
+    a.send(first)
+    assert [f for _, f in b.recv()] == [first] and _quiet(c, 0.1) == []
+    time.sleep(0.8)                       # a keeps talking, b stays silent
+    late = _udp(0, MACS[1], b"after ageing")
+    a.send(late)
+    assert [f for _, f in b.recv()] == [late]
+    assert [f for _, f in c.recv()] == [late]   # flooded: b's entry aged out
+
+
+def test_burst_into_a_short_rx_ring_delivers_what_fits_in_order_and_counts_the_rest(net_backend):
+    """Frames of one burst share an rx session (one push); the frames that do
+    not fit are counted, and the chains they could not use stay the guest's."""
+    bp = net_backend(2)
+    a = NetDriver.connect(bp.socks[0])
+    b = NetDriver.connect(bp.socks[1])
+    a.fill_rx()
+    assert b.fill_rx(count=10) == 10
+    b.send(_udp(1, BCAST, b"hi"))         # the switch learns b
+    a.recv()
+    frames = [_udp(0, MACS[1], b"frame %03d" % k) for k in range(40)]
+    for f in frames:
+        a.send(f)
+    a.wait_tx()
+    got = [f for _, f in b.recv(count=10, refill=False)]
+    assert got == frames[:10]
+    assert _quiet(b, 0.2) == []
+    assert bp.stats()[1]["rx_no_room"] == 30
+    b.fill_rx()
+    tail = _udp(0, MACS[1], b"after refill")
+    a.send(tail)
+    assert [f for _, f in b.recv()] == [tail]
+
+
 def test_backend_keeps_no_fds_of_closed_front_ends(net_backend):
     bp = net_backend(2)
     fds = lambda: len(os.listdir(f"/proc/{bp.pid}/fd"))  # noqa: E731
