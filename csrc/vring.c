@@ -216,6 +216,7 @@ int vr_queue_start(struct vr_queue *q, const struct vr_mem *mem)
             return rc;
         }
     }
+    q->shadow_avail = q->last_avail_idx;
     q->started = 1;
     return VR_OK;
 }
@@ -373,6 +374,34 @@ static int walk_chain(struct vr_queue *q, uint16_t head, struct vr_chain *c)
     }
 }
 
+/* Hints for the pops to come (split rings, read-only): the first buffer
+ * of the next chain for writing, the descriptor of the one after.  The
+ * driver wrote them on another CPU; fetching them while this chain is
+ * filled hides that.  A stale or bogus entry costs a useless prefetch. */
+void vr_prefetch_next(struct vr_queue *q)
+{
+    if (!q->started || q->packed || q->broken || q->resubmit_pos < q->nresubmit)
+        return;
+    uint16_t pending = (uint16_t)(q->shadow_avail - q->last_avail_idx);
+    if (pending == 0 || pending > q->num)
+        return;
+    uint16_t h = vr_ld16(AVAIL_RING(q, q->last_avail_idx & (q->num - 1)));
+    if (h < q->num) {
+        struct vr_desc d;
+        memcpy(&d, (const uint8_t *)q->desc + 16u * h, sizeof(d));
+        if (!(d.flags & VR_DESC_F_INDIRECT) && d.len) {
+            uint8_t *p = vr_mem_gpa_contig(q->mem, d.addr, 1);
+            if (p)
+                __builtin_prefetch(p, 1);
+        }
+    }
+    if (pending > 1) {
+        uint16_t h2 = vr_ld16(AVAIL_RING(q, (uint16_t)(q->last_avail_idx + 1) & (q->num - 1)));
+        if (h2 < q->num)
+            __builtin_prefetch((const uint8_t *)q->desc + 16u * h2);
+    }
+}
+
 int vr_avail_pending(struct vr_queue *q)
 {
     if (!q->started || q->broken)
@@ -403,14 +432,21 @@ int vr_pop(struct vr_queue *q, struct vr_chain *c)
         return 1;
     }
     /* virtio 1.2, 2.7.13.4 (driver) / 2.7.6: read idx with acquire so the
-     * ring entries and descriptors it publishes are visible. */
-    uint16_t avail_idx = vr_ld16_acquire(AVAIL_IDX(q));
-    uint16_t pending = (uint16_t)(avail_idx - q->last_avail_idx);
+     * ring entries and descriptors it publishes are visible.  The index
+     * read last still covers the entries up to it (the driver's cache line
+     * stays put while it keeps publishing): read it again only when those
+     * are taken. */
+    uint16_t pending = (uint16_t)(q->shadow_avail - q->last_avail_idx);
+    if (pending == 0 || pending > q->num) {
+        uint16_t avail_idx = vr_ld16_acquire(AVAIL_IDX(q));
+        q->shadow_avail = avail_idx;
+        pending = (uint16_t)(avail_idx - q->last_avail_idx);
+    }
     /* 2.7.6: the driver never has more than Queue Size entries pending. */
     if (pending > q->num)
         return vr_queue_fail(q, VR_E_AVAIL_JUMP,
                              "avail index jumped from %u to %u (size %u) on queue %u",
-                             q->last_avail_idx, avail_idx, q->num, q->index);
+                             q->last_avail_idx, q->shadow_avail, q->num, q->index);
     if (pending == 0)
         return 0;
     uint16_t head = vr_ld16(AVAIL_RING(q, q->last_avail_idx & (q->num - 1)));

@@ -146,9 +146,12 @@ static int copy_to_rx(struct vr_net_tx *t, struct port *dst, struct rxq *r,
     return 0;
 }
 
-static void pack_hdr(uint8_t *b, const struct vr_net_hdr *h)
+/* The header for the peer with `flags` in place of h's (h is read field by
+ * field: it was just built from narrow stores, and a wide load of it would
+ * stall on store forwarding). */
+static void pack_hdr(uint8_t *b, const struct vr_net_hdr *h, uint8_t flags)
 {
-    b[0] = h->flags;
+    b[0] = flags;
     b[1] = h->gso_type;
     put_le16(b + 2, h->hdr_len);
     put_le16(b + 4, h->gso_size);
@@ -158,14 +161,14 @@ static void pack_hdr(uint8_t *b, const struct vr_net_hdr *h)
 }
 
 static int deliver_one(struct vr_net_tx *t, struct port *dst, const struct vr_net_hdr *h,
-                       const uint8_t *f, uint32_t len)
+                       uint8_t flags, const uint8_t *f, uint32_t len)
 {
     uint8_t hb[12];
     if ((h->gso_type & ~GSO_ECN) == GSO_NONE && vr_net_over_mtu(__atomic_load_n(&dst->mtu, __ATOMIC_ACQUIRE), f, len)) {
         STAT(dst, rx_over_mtu, 1);   /* dropped whole, never cut to size */
         return -1;
     }
-    pack_hdr(hb, h);
+    pack_hdr(hb, h, flags);
     if (dst->tap_fd >= 0) {
         struct iovec iov[2] = {{hb, 12}, {(void *)f, len}};
         ssize_t r;
@@ -207,7 +210,7 @@ static void emit_segment(void *ctx, const uint8_t *seg, uint32_t len)
 {
     struct seg_ctx *sc = ctx;
     struct vr_net_hdr none = {0};
-    deliver_one(sc->t, sc->dst, &none, seg, len);
+    deliver_one(sc->t, sc->dst, &none, 0, seg, len);
 }
 
 /* Hand a peer only the offloads it negotiated (5.1.6.4). */
@@ -236,13 +239,11 @@ static void deliver(struct vr_net_tx *t, struct port *dst, struct vr_net_hdr *h,
                 h->flags &= ~HDR_F_NEEDS_CSUM;
                 STAT(dst, csum_resolved, 1);
             }
-            struct vr_net_hdr plain = *h;
-            plain.flags = 0;
-            deliver_one(t, dst, &plain, f, len);
+            deliver_one(t, dst, h, 0, f, len);
             return;
         }
     }
-    deliver_one(t, dst, h, f, len);
+    deliver_one(t, dst, h, h->flags, f, len);
 }
 
 static void deliver_filtered(struct vr_net_tx *t, struct port *dst, struct vr_net_hdr *h,
