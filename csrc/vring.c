@@ -374,8 +374,8 @@ static int walk_chain(struct vr_queue *q, uint16_t head, struct vr_chain *c)
     }
 }
 
-/* Hints for the pops to come (split rings, read-only): the first buffer
- * of the next chain for writing, the descriptor of the one after.  The
+/* Hints for the pops to come (split rings, read-only): the first lines of
+ * the next chain's first buffer for writing, the descriptor of the one after.  The
  * driver wrote them on another CPU; fetching them while this chain is
  * filled hides that.  A stale or bogus entry costs a useless prefetch. */
 void vr_prefetch_next(struct vr_queue *q)
@@ -389,10 +389,11 @@ void vr_prefetch_next(struct vr_queue *q)
     if (h < q->num) {
         struct vr_desc d;
         memcpy(&d, (const uint8_t *)q->desc + 16u * h, sizeof(d));
-        if (!(d.flags & VR_DESC_F_INDIRECT) && d.len) {
-            uint8_t *p = vr_mem_gpa_contig(q->mem, d.addr, 1);
-            if (p)
-                __builtin_prefetch(p, 1);
+        uint32_t n = d.len < 256 ? d.len : 256;   /* the lines a small frame takes */
+        if (!(d.flags & VR_DESC_F_INDIRECT) && n) {
+            uint8_t *p = vr_mem_gpa_contig(q->mem, d.addr, n);
+            for (uint32_t off = 0; p && off < n; off += 64)
+                __builtin_prefetch(p + off, 1);
         }
     }
     if (pending > 1) {

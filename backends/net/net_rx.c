@@ -141,6 +141,7 @@ static int copy_to_rx(struct vr_net_tx *t, struct port *dst, struct rxq *r,
         put_le16(h + 10, (uint16_t)n);
     vr_segs_scatter(q->mem, c0.segs + c0.nread, c0.nseg - c0.nread, 0, h, hl);
     t->npend += n;             /* made used by push_pending */
+    vr_prefetch_next(q);       /* the next frame's buffer and descriptor */
     r->st.rx_frames++;
     r->st.rx_bytes += len;
     return 0;
