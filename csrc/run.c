@@ -45,9 +45,14 @@ static int process(struct vr_queue *q, vr_handler_fn fn, void *ctx)
         if (rc < 0)
             return VR_RUN_ERROR;
         vr_notify(q);
-        more = vr_enable_notify(q);
-        if (q->stats.requests == before)
+        if (q->stats.requests == before) {
+            vr_enable_notify(q);
             break;
+        }
+        /* Entries already waiting: go on with kicks still off.  Turning
+         * them on and off between batches writes the used ring's lines the
+         * driver polls (and invites kicks) for nothing. */
+        more = vr_avail_pending(q) || vr_enable_notify(q);
     } while (more);
     return VR_RUN_CONTROL;
 }

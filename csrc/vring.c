@@ -688,8 +688,13 @@ void vr_disable_notify(struct vr_queue *q)
     }
     /* With EVENT_IDX, a stale avail_event already suppresses kicks. */
     if (!q->event_idx) {
-        vr_st16(USED_FLAGS(q), vr_ld16(USED_FLAGS(q)) | VR_USED_F_NO_NOTIFY);
-        log_used_field(q, 0);
+        /* Only this side writes the flags: store only a change, so the
+         * line stays in the driver's cache while kicks are already off. */
+        uint16_t f = vr_ld16(USED_FLAGS(q));
+        if (!(f & VR_USED_F_NO_NOTIFY)) {
+            vr_st16(USED_FLAGS(q), f | VR_USED_F_NO_NOTIFY);
+            log_used_field(q, 0);
+        }
     }
 }
 

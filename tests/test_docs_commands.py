@@ -174,3 +174,22 @@ def test_the_vsock_benchmark_runs_as_benchmarks_md_gives_it():
     for direction in ("guest-to-host", "host-to-guest"):
         (row,) = [r for r in out.stdout.splitlines() if r.startswith(f"| {direction} | 4 KiB | new |")]
         assert float(row.split("|")[4]) > 0, row
+
+
+def test_the_net_virtio_user_benchmark_runs_as_benchmarks_md_gives_it():
+    """BENCHMARKS.md's net command with DPDK's own virtio-user front-end, shortened
+    (one round, 1 s, 64 B): testpmd's virtio-user ports get frames round through our
+    switch and through DPDK's vhost PMD, and the table gives both and their ratio."""
+    require_tool("dpdk-testpmd")
+    lines = [argv for doc, argv in _commands() if doc == "BENCHMARKS.md"
+             and argv[1:2] == ["tools/bench_net_virtio_user.py"]]
+    assert lines, "BENCHMARKS.md gives no tools/bench_net_virtio_user.py command"
+    argv = [sys.executable, lines[0][1], "--runtime", "1", "--rounds", "1", "--frame-size", "64"]
+    out = _run(argv, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    (row,) = [r for r in out.stdout.splitlines() if r.startswith("| 64 B |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    ours, dpdk, ratio = cells[1], cells[2], cells[3]
+    assert float(ours.split(" Mpps")[0]) > 0 and float(dpdk.split(" Mpps")[0]) > 0, row
+    assert float(ratio) > 0, row
+    assert out.stdout.count("load average") == 2, out.stdout

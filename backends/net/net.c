@@ -238,12 +238,18 @@ int vr_net_tx_handle(void *ctx, struct vr_queue *q)
             TXSTAT(t, tx_oversize, 1);
             continue;
         }
+        uint32_t total = (uint32_t)c->read_len, want = total < hl + HEAD_COPY ? total : hl + HEAD_COPY;
         uint32_t off = 0;
-        for (uint32_t k = 0; k < c->nread; k++) {
-            memcpy(t->frame + off, vr_seg_host(q->mem, &c->segs[k]), c->segs[k].len);
-            off += c->segs[k].len;
+        for (uint32_t k = 0; k < c->nread && off < want; k++) {
+            uint32_t l = c->segs[k].len < want - off ? c->segs[k].len : want - off;
+            memcpy(t->frame + off, vr_seg_host(q->mem, &c->segs[k]), l);
+            off += l;
         }
-        net_switch_frame(t, hl, off);
+        t->have = want;
+        t->src_mem = q->mem;
+        t->src_segs = c->segs;
+        t->src_nseg = c->nread;
+        net_switch_frame(t, hl, total);
     }
     if (n)
         vr_push_batch(q, heads, lens, n);
@@ -268,6 +274,7 @@ int vr_net_inject(struct vr_net_switch *sw, int port, const uint8_t *frame, uint
         memmove(t->frame + 10, t->frame + 12, len);
         hl = 10;
     }
+    t->have = hl + len;
     net_switch_frame(t, hl, hl + len);
     net_flush_notify(t);
     vr_net_tx_free(t);
@@ -302,6 +309,7 @@ int vr_net_tap_run(struct vr_net_switch *sw, int port, int ctl_fd)
             ssize_t n = read(p->tap_fd, t->frame, 12 + VR_NET_MAX_FRAME);
             if (n < 0)
                 break;
+            t->have = (uint32_t)n;
             net_switch_frame(t, 12, (uint32_t)n);
         }
         net_flush_notify(t);

@@ -89,6 +89,65 @@ void net_flush_notify(struct vr_net_tx *t)
     t->ndirty = 0;
 }
 
+/* Frame bytes [off, off + len) of the tx chain (offsets from the start of
+ * t->frame, header included) into dst. */
+static void src_read(const struct vr_net_tx *t, uint32_t off, uint8_t *dst, uint32_t len)
+{
+    for (uint32_t k = 0; k < t->src_nseg && len; k++) {
+        uint32_t l = t->src_segs[k].len;
+        if (off >= l) {
+            off -= l;
+            continue;
+        }
+        uint32_t take = l - off < len ? l - off : len;
+        memcpy(dst, vr_seg_host(t->src_mem, &t->src_segs[k]) + off, take);
+        dst += take;
+        len -= take;
+        off = 0;
+    }
+}
+
+uint8_t *net_frame_all(struct vr_net_tx *t)
+{
+    if (t->have < t->total) {
+        src_read(t, t->have, t->frame + t->have, t->total - t->have);
+        t->have = t->total;
+    }
+    return t->frame;
+}
+
+/* Frame bytes [foff, foff + len) of f into rx segments from byte skip on.
+ * When f is the frame being switched and its tail is still in the tx
+ * chain, that part is copied straight from the tx buffers. */
+static void put_frame(struct vr_net_tx *t, const struct vr_mem *m, const struct vr_seg *segs,
+                      uint32_t n, uint32_t skip, const uint8_t *f, uint32_t foff, uint32_t len)
+{
+    if (f != t->frame + t->fhl || t->have >= t->total) {
+        vr_segs_scatter(m, segs, n, skip, f + foff, len);
+        return;
+    }
+    uint32_t off = t->fhl + foff;        /* from the start of t->frame */
+    if (off < t->have) {
+        uint32_t l = t->have - off < len ? t->have - off : len;
+        vr_segs_scatter(m, segs, n, skip, t->frame + off, l);
+        skip += l;
+        off += l;
+        len -= l;
+    }
+    for (uint32_t k = 0; k < t->src_nseg && len; k++) {
+        uint32_t l = t->src_segs[k].len;
+        if (off >= l) {
+            off -= l;
+            continue;
+        }
+        uint32_t take = l - off < len ? l - off : len;
+        vr_segs_scatter(m, segs, n, skip, vr_seg_host(t->src_mem, &t->src_segs[k]) + off, take);
+        skip += take;
+        len -= take;
+        off = 0;
+    }
+}
+
 /* Copy one frame (with header h) into the rx buffers of a virtio port; the
  * chains it fills join the session's pending ones. */
 static int copy_to_rx(struct vr_net_tx *t, struct port *dst, struct rxq *r,
@@ -126,9 +185,9 @@ static int copy_to_rx(struct vr_net_tx *t, struct port *dst, struct rxq *r,
         uint32_t room = ch->write_len > need - done ? need - done : (uint32_t)ch->write_len;
         /* Header bytes go in after the pops (num_buffers is known then). */
         if (n == 0) {
-            vr_segs_scatter(q->mem, ch->segs + nread, ch->nseg - nread, hl, f, room - hl);
+            put_frame(t, q->mem, ch->segs + nread, ch->nseg - nread, hl, f, 0, room - hl);
         } else {
-            vr_segs_scatter(q->mem, ch->segs + nread, ch->nseg - nread, 0, f + (done - hl), room);
+            put_frame(t, q->mem, ch->segs + nread, ch->nseg - nread, 0, f, done - hl, room);
         }
         heads[n] = ch->head;
         lens[n] = room;
@@ -171,6 +230,8 @@ static int deliver_one(struct vr_net_tx *t, struct port *dst, const struct vr_ne
     }
     pack_hdr(hb, h, flags);
     if (dst->tap_fd >= 0) {
+        if (f == t->frame + t->fhl)
+            net_frame_all(t);
         struct iovec iov[2] = {{hb, 12}, {(void *)f, len}};
         ssize_t r;
         do {
@@ -226,6 +287,7 @@ static void deliver(struct vr_net_tx *t, struct port *dst, struct vr_net_hdr *h,
                      (!(h->gso_type & GSO_ECN) || has(feat, VR_NET_F_GUEST_ECN));
             if (!ok) {
                 struct seg_ctx sc = {t, dst};
+                net_frame_all(t);
                 if (vr_net_segment(h, f, len, t->seg, emit_segment, &sc) < 0)
                     STAT(dst, rx_no_room, 1);
                 else
@@ -236,6 +298,7 @@ static void deliver(struct vr_net_tx *t, struct port *dst, struct vr_net_hdr *h,
         if (!has(feat, VR_NET_F_GUEST_CSUM)) {
             if (h->flags & HDR_F_NEEDS_CSUM) {
                 /* Done in place: the frame is now complete for every peer. */
+                net_frame_all(t);
                 vr_net_resolve_csum(f, len, h);
                 h->flags &= ~HDR_F_NEEDS_CSUM;
                 STAT(dst, csum_resolved, 1);
@@ -268,6 +331,8 @@ void net_switch_frame(struct vr_net_tx *t, uint32_t hl, uint32_t total)
     }
     uint8_t *b = t->frame, *f = b + hl;
     uint32_t len = total - hl;
+    t->fhl = hl;
+    t->total = total;
     struct vr_net_hdr h = {b[0], b[1], le16(b + 2), le16(b + 4), le16(b + 6), le16(b + 8)};
     uint64_t feat = __atomic_load_n(&sp->features, __ATOMIC_ACQUIRE);
     if (vr_net_check_hdr(&h, feat, len, sp->tap_fd < 0) < 0) {
@@ -276,8 +341,10 @@ void net_switch_frame(struct vr_net_tx *t, uint32_t hl, uint32_t total)
     }
     TXSTAT(t, tx_frames, 1);
     TXSTAT(t, tx_bytes, len);
-    capture(sw, f, len);
-    t->rxsel = sp->tap_fd >= 0 || t->qp >= VR_NET_MAX_QP ? vr_net_flow_hash(f, len) : t->qp;
+    if (sw->cap)
+        capture(sw, net_frame_all(t) + hl, len);
+    t->rxsel = sp->tap_fd >= 0 || t->qp >= VR_NET_MAX_QP ? vr_net_flow_hash(net_frame_all(t) + hl, len)
+                                                         : t->qp;
     int dst = net_switch_lookup(t, f);
     if (dst >= 0) {
         if (dst != t->port)

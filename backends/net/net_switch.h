@@ -17,6 +17,7 @@
 #define MAX_MERGE 256        /* rx chains one frame may span */
 #define MAC_BUCKETS 4096
 #define MAC_PROBE 8
+#define HEAD_COPY 128        /* frame bytes copied (and checked) before switching */
 #define LOOKAHEAD 4          /* tx chains popped (and their data prefetched) ahead */
 #define PEND (2 * MAX_MERGE) /* filled rx chains held for one used-index store */
 
@@ -77,6 +78,15 @@ struct vr_net_tx {
     uint32_t ndirty;
     struct vr_net_stats *st;     /* this context's tx counter slot */
     uint32_t rxsel;              /* rx pair choice for the frame being switched */
+    /* The frame being switched: t->frame holds its first `have` of `total`
+     * bytes (header of fhl included), the rest is still in the tx chain's
+     * readable segments (src_*) until net_frame_all copies it.  Only the
+     * copied head is ever examined, so the guest cannot change what was
+     * checked; the tail goes straight from the tx to the rx buffers. */
+    uint32_t have, total, fhl;
+    const struct vr_mem *src_mem;
+    const struct vr_seg *src_segs;
+    uint32_t src_nseg;
     /* last unicast lookup (net_mac.c): good while mac_gen is unchanged and
      * before `until` (keeps src's entry fresh and dst's from ageing out) */
     struct {
@@ -109,6 +119,9 @@ static inline void capture(struct vr_net_switch *sw, const uint8_t *frame, uint3
 /* net_mac.c: learn the source MAC of `eth` on the context's port, look up
  * its destination; -1 = flood. */
 int net_switch_lookup(struct vr_net_tx *t, const uint8_t *eth);
+
+/* net_rx.c: the whole frame in t->frame (copies the tail from the tx chain). */
+uint8_t *net_frame_all(struct vr_net_tx *t);
 
 /* net_rx.c: one frame from the context's port (header of hl bytes + frame in
  * t->frame): check the header, capture, and deliver or flood it. */

@@ -271,6 +271,30 @@ def test_learnt_mac_ages_out_and_unicast_floods_again(net_backend):
     assert [f for _, f in c.recv()] == [frame]   # flooded: the switch forgot b
 
 
+@pytest.mark.parametrize("tx_split", [1, 3, 7])
+def test_frame_tail_copied_straight_from_a_split_tx_chain_into_split_rx_buffers(net_backend, tx_split):
+    """Past its checked head (HEAD_COPY bytes), a frame goes from the tx
+    descriptors to the rx buffers directly: every split of both sides must
+    give the same bytes, unicast and flooded, with and without capture."""
+    bp = net_backend(3)
+    a = NetDriver.connect(bp.socks[0])
+    b = NetDriver.connect(bp.socks[1], rx_buffer_size=256, rx_split=3)
+    c = NetDriver.connect(bp.socks[2])
+    for d in (a, b, c):
+        d.fill_rx()
+    _announce([a, b, c])
+    for size in (60, 140, 141, 700, 1500):
+        payload = bytes((k * 7 + size) & 0xFF for k in range(size))
+        uni = _udp(0, MACS[1], payload)
+        a.send(uni, split=tx_split)
+        ((hdr, got),) = b.recv()
+        assert got == uni, size
+        flood = _udp(0, BCAST, payload[::-1])
+        a.send(flood, split=tx_split)
+        assert [f for _, f in b.recv()] == [flood] and [f for _, f in c.recv()] == [flood], size
+    assert _quiet(c, 0.1) == []
+
+
 def test_cached_destination_follows_a_mac_that_moves_port(net_backend):
     """A's tx worker caches where b's MAC is; once that MAC speaks from c, the
     next frame from a must go to c, never to the old port."""
