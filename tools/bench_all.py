@@ -122,6 +122,8 @@ def sections(quick: bool) -> list[tuple[str, tuple[str, ...], object]]:
          _tool("bench_blk_vs_qsd.py", "--runtime", rt, "--rounds", rounds, "--size", size,
                "--qsd-aio", "io_uring", "--markdown")),
         ("net-testpmd", ("dpdk-testpmd",), net_vs_testpmd),
+        ("net-virtio-user", ("dpdk-testpmd",),
+         _tool("bench_net_virtio_user.py", "--runtime", rt, "--rounds", rounds)),
         ("gpu-qemu", (QEMU_GPU,), gpu_vs_qemu),
         ("vsock", (),
          _tool("bench_vsock_backends.py", "--backend", "ours=vhost-user-vsock",

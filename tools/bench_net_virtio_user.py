@@ -156,6 +156,17 @@ def _summary(results: list[dict], labels: list[str], sizes) -> list[str]:
                          f"{sum(cpu) / len(cpu):.0f} ns CPU/frame" if cpu else "-")
         ratios = [f"{r / rates[-1]:.2f}" if rates[-1] else "-" for r in rates[:-1]]
         out.append(f"| {size} B | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    # A slice's rate can differ several-fold from the next one's (the machine
+    # is shared): the median slice beside the mean of the whole run.
+    for size in sizes:
+        meds = []
+        for label in labels:
+            rs = sorted(r["pps"] for r in results if r["backend"] == label and r["frame"] == size)
+            meds.append(rs[len(rs) // 2] if len(rs) % 2 else (rs[len(rs) // 2 - 1] + rs[len(rs) // 2]) / 2
+                        if rs else 0.0)
+        ratios = [f"{m / meds[-1]:.2f}" if meds[-1] else "-" for m in meds[:-1]]
+        out.append(f"| {size} B median slice | " + " | ".join(f"{m / 1e6:.2f} Mpps" for m in meds)
+                   + " | " + " | ".join(ratios) + " |")
     return out
 
 
