@@ -89,9 +89,10 @@ void net_flush_notify(struct vr_net_tx *t)
     t->ndirty = 0;
 }
 
-/* Frame bytes [off, off + len) of the tx chain (offsets from the start of
- * t->frame, header included) into dst. */
-static void src_read(const struct vr_net_tx *t, uint32_t off, uint8_t *dst, uint32_t len)
+/* Walk frame bytes [off, off + len) of the tx chain (offsets from the start
+ * of t->frame, header included): fn(ctx, piece, n) for each host piece. */
+static void src_each(const struct vr_net_tx *t, uint32_t off, uint32_t len,
+                     void (*fn)(void *ctx, const uint8_t *p, uint32_t n), void *ctx)
 {
     for (uint32_t k = 0; k < t->src_nseg && len; k++) {
         uint32_t l = t->src_segs[k].len;
@@ -100,20 +101,40 @@ static void src_read(const struct vr_net_tx *t, uint32_t off, uint8_t *dst, uint
             continue;
         }
         uint32_t take = l - off < len ? l - off : len;
-        memcpy(dst, vr_seg_host(t->src_mem, &t->src_segs[k]) + off, take);
-        dst += take;
+        fn(ctx, vr_seg_host(t->src_mem, &t->src_segs[k]) + off, take);
         len -= take;
         off = 0;
     }
 }
 
+static void append(void *ctx, const uint8_t *p, uint32_t n)
+{
+    uint8_t **dst = ctx;
+    memcpy(*dst, p, n);
+    *dst += n;
+}
+
 uint8_t *net_frame_all(struct vr_net_tx *t)
 {
     if (t->have < t->total) {
-        src_read(t, t->have, t->frame + t->have, t->total - t->have);
+        uint8_t *dst = t->frame + t->have;
+        src_each(t, t->have, t->total - t->have, append, &dst);
         t->have = t->total;
     }
     return t->frame;
+}
+
+struct scatter_ctx {
+    const struct vr_mem *m;
+    const struct vr_seg *segs;
+    uint32_t n, skip;
+};
+
+static void scatter(void *ctx, const uint8_t *p, uint32_t n)
+{
+    struct scatter_ctx *sc = ctx;
+    vr_segs_scatter(sc->m, sc->segs, sc->n, sc->skip, p, n);
+    sc->skip += n;
 }
 
 /* Frame bytes [foff, foff + len) of f into rx segments from byte skip on.
@@ -126,26 +147,15 @@ static void put_frame(struct vr_net_tx *t, const struct vr_mem *m, const struct 
         vr_segs_scatter(m, segs, n, skip, f + foff, len);
         return;
     }
+    struct scatter_ctx sc = {m, segs, n, skip};
     uint32_t off = t->fhl + foff;        /* from the start of t->frame */
     if (off < t->have) {
         uint32_t l = t->have - off < len ? t->have - off : len;
-        vr_segs_scatter(m, segs, n, skip, t->frame + off, l);
-        skip += l;
+        scatter(&sc, t->frame + off, l);
         off += l;
         len -= l;
     }
-    for (uint32_t k = 0; k < t->src_nseg && len; k++) {
-        uint32_t l = t->src_segs[k].len;
-        if (off >= l) {
-            off -= l;
-            continue;
-        }
-        uint32_t take = l - off < len ? l - off : len;
-        vr_segs_scatter(m, segs, n, skip, vr_seg_host(t->src_mem, &t->src_segs[k]) + off, take);
-        skip += take;
-        len -= take;
-        off = 0;
-    }
+    src_each(t, off, len, scatter, &sc);
 }
 
 /* Copy one frame (with header h) into the rx buffers of a virtio port; the
