@@ -50,9 +50,11 @@ def test_tcp_between_guests_survives_backend_kills(guest_vm, short_tmp, tmp_path
             mkfifo /tmp/f; exec 3<>/tmp/f
             nc -l -p 5001 <&3 > /tmp/ack &
             vhu_mark sending
-            # paced (a MiB every 0.3 s) so that the kills land inside the stream
+            # paced (a MiB a second: at least 8 s, while the third kill comes
+            # 5-6 s in) so that the kills land inside the stream however fast
+            # the switch moves it
             (for i in $(seq 0 {STREAM_MB - 1}); do
-                dd if=/tmp/d bs=1M skip=$i count=1 2>/dev/null; sleep 0.3
+                dd if=/tmp/d bs=1M skip=$i count=1 2>/dev/null; sleep 1
              done) | nc 10.0.1.1 5000
             for i in $(seq 1 240); do
                 [ -s /tmp/ack ] && break
