@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -161,9 +162,8 @@ def _summary(results: list[dict], labels: list[str], sizes) -> list[str]:
     for size in sizes:
         meds = []
         for label in labels:
-            rs = sorted(r["pps"] for r in results if r["backend"] == label and r["frame"] == size)
-            meds.append(rs[len(rs) // 2] if len(rs) % 2 else (rs[len(rs) // 2 - 1] + rs[len(rs) // 2]) / 2
-                        if rs else 0.0)
+            rs = [r["pps"] for r in results if r["backend"] == label and r["frame"] == size]
+            meds.append(statistics.median(rs) if rs else 0.0)
         ratios = [f"{m / meds[-1]:.2f}" if meds[-1] else "-" for m in meds[:-1]]
         out.append(f"| {size} B median slice | " + " | ".join(f"{m / 1e6:.2f} Mpps" for m in meds)
                    + " | " + " | ".join(ratios) + " |")

@@ -238,17 +238,12 @@ int vr_net_tx_handle(void *ctx, struct vr_queue *q)
             TXSTAT(t, tx_oversize, 1);
             continue;
         }
-        uint32_t total = (uint32_t)c->read_len, want = total < hl + HEAD_COPY ? total : hl + HEAD_COPY;
-        uint32_t off = 0;
-        for (uint32_t k = 0; k < c->nread && off < want; k++) {
-            uint32_t l = c->segs[k].len < want - off ? c->segs[k].len : want - off;
-            memcpy(t->frame + off, vr_seg_host(q->mem, &c->segs[k]), l);
-            off += l;
-        }
-        t->have = want;
+        uint32_t total = (uint32_t)c->read_len;
+        t->have = 0;
         t->src_mem = q->mem;
         t->src_segs = c->segs;
         t->src_nseg = c->nread;
+        net_frame_fill(t, total < hl + HEAD_COPY ? total : hl + HEAD_COPY);
         net_switch_frame(t, hl, total);
     }
     if (n)

@@ -114,13 +114,18 @@ static void append(void *ctx, const uint8_t *p, uint32_t n)
     *dst += n;
 }
 
+void net_frame_fill(struct vr_net_tx *t, uint32_t upto)
+{
+    if (t->have < upto) {
+        uint8_t *dst = t->frame + t->have;
+        src_each(t, t->have, upto - t->have, append, &dst);
+        t->have = upto;
+    }
+}
+
 uint8_t *net_frame_all(struct vr_net_tx *t)
 {
-    if (t->have < t->total) {
-        uint8_t *dst = t->frame + t->have;
-        src_each(t, t->have, t->total - t->have, append, &dst);
-        t->have = t->total;
-    }
+    net_frame_fill(t, t->total);
     return t->frame;
 }
 

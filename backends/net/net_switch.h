@@ -120,6 +120,9 @@ static inline void capture(struct vr_net_switch *sw, const uint8_t *frame, uint3
  * its destination; -1 = flood. */
 int net_switch_lookup(struct vr_net_tx *t, const uint8_t *eth);
 
+/* net_rx.c: t->frame holds the first `upto` bytes (copied from the tx chain). */
+void net_frame_fill(struct vr_net_tx *t, uint32_t upto);
+
 /* net_rx.c: the whole frame in t->frame (copies the tail from the tx chain). */
 uint8_t *net_frame_all(struct vr_net_tx *t);
 
