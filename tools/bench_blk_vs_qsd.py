@@ -1,18 +1,23 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark: our vhost-user-blk against qemu-storage-daemon.
 
-Both back-ends serve the same raw file in /dev/shm and are driven by the same
-built-in front-end (`vhost-user-bench`, C driver loop). Runs are interleaved
-(ours, peer, ours, peer, ...) so drift on the machine hits both alike, and the
-report gives ratios. Back-end CPU time per request comes from /proc.
+Both back-ends serve the same raw file (in /dev/shm, or in --dir) and are
+driven by the same built-in front-end (`vhost-user-bench`, C driver loop).
+Runs are interleaved (ours, peer, ours, peer, ...) so drift on the machine
+hits both alike, and the report gives ratios. Back-end CPU time per request
+comes from /proc. `--compare ARGS` runs ours a second time in every round
+with those extra options (say `--no-mmap`), reported as its own rows.
 
-    python3 tools/bench_blk_vs_qsd.py [--runtime 5] [--rounds 2] [--qsd-aio io_uring] [--io-threads N] [--markdown]
+    python3 tools/bench_blk_vs_qsd.py [--runtime 5] [--rounds 2] [--qsd-aio io_uring] [--io-threads N]
+        [--dir DIR] [--compare ARGS] [--markdown]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import shlex
 import shutil
 import signal
 import statistics
@@ -45,11 +50,11 @@ def _wait_socket(path: str, proc: subprocess.Popen) -> None:
 OURS_EXTRA: list[str] = []
 
 
-def start_ours(d: str, image: str, queues: int) -> tuple[subprocess.Popen, str]:
+def start_ours(d: str, image: str, queues: int, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     sock = os.path.join(d, "ours.sock")
     proc = subprocess.Popen([sys.executable, "-m", "vhost_user.backends.blk", "--socket", sock,
                              "--image", image, "--num-queues", str(queues), "--queue-size", "512",
-                             *OURS_EXTRA],
+                             *OURS_EXTRA, *extra],
                             stderr=subprocess.DEVNULL)
     _wait_socket(sock, proc)
     return proc, sock
@@ -101,13 +106,19 @@ def main() -> int:
                     help="run only this case (repeatable; default all): " + ", ".join(c[0] for c in CASES))
     ap.add_argument("--io-threads", type=int, metavar="N",
                     help="our back-end's --io-threads (default: its own default)")
+    ap.add_argument("--dir", default="/dev/shm",
+                    help="where the image lives (default /dev/shm; a directory on a disk file "
+                         "system gives page-cached reads of a regular file)")
+    ap.add_argument("--compare", metavar="ARGS",
+                    help="also run ours with these extra options in every round (e.g. --no-mmap)")
     args = ap.parse_args()
     global QSD_AIO
     QSD_AIO = args.qsd_aio
     if args.io_threads is not None:
         OURS_EXTRA[:] = ["--io-threads", str(args.io_threads)]
 
-    d = tempfile.mkdtemp(prefix="vu-bench-", dir="/dev/shm")
+    d = tempfile.mkdtemp(prefix="vu-bench-", dir=args.dir)
+    compare = tuple(shlex.split(args.compare)) if args.compare else None
     image = os.path.join(d, "disk.img")
     with open(image, "wb") as f:  # fully allocated so reads hit real pages
         chunk = os.urandom(1 << 20)
@@ -116,15 +127,22 @@ def main() -> int:
     rows = []
     try:
         for label, rw, bs, qd, queues in [c for c in CASES if not args.case or c[0] in args.case]:
-            ours, peer = [], []
+            ours, peer, other = [], [], []
             for _ in range(args.rounds):
                 ours.append(measure(start_ours, d, image, rw, bs, qd, queues, args.runtime))
                 peer.append(measure(start_qsd, d, image, rw, bs, qd, queues, args.runtime))
+                if compare:
+                    other.append(measure(functools.partial(start_ours, extra=compare),
+                                         d, image, rw, bs, qd, queues, args.runtime))
             rows.append((label, ours, peer))
-            o_iops = statistics.median(r.iops for r in ours)
-            p_iops = statistics.median(r.iops for r in peer)
-            print(f"{label}: ours {o_iops:,.0f} IOPS, qsd {p_iops:,.0f} IOPS, ratio {o_iops / p_iops:.2f}",
-                  file=sys.stderr)
+            if compare:
+                rows.append((f"{label}, ours {args.compare}", other, peer))
+            for name, rs in (("ours", ours), (f"ours {args.compare}", other)):
+                if rs:
+                    o_iops = statistics.median(r.iops for r in rs)
+                    p_iops = statistics.median(r.iops for r in peer)
+                    print(f"{label}: {name} {o_iops:,.0f} IOPS, qsd {p_iops:,.0f} IOPS, "
+                          f"ratio {o_iops / p_iops:.2f}", file=sys.stderr)
     finally:
         shutil.rmtree(d, ignore_errors=True)
 

@@ -35,6 +35,9 @@ def build_parser():
                    help="I/O threads per queue that share reads and writes of 128 KiB or more "
                         f"(0..{MAX_IO_THREADS}; 0 = the queue's worker does all I/O; "
                         "default min(4, CPUs))")
+    p.add_argument("--no-mmap", dest="map_reads", action="store_false",
+                   help="read the image with preadv instead of copying from a read-only "
+                        "mapping of it (the default, except with --direct)")
     return p
 
 
@@ -66,7 +69,7 @@ def _main(args) -> int:
             image=args.image, size=size, num_queues=args.num_queues,
             queue_size=args.queue_size, read_only=args.read_only, serial=args.serial,
             logical_block_size=args.logical_block_size, direct=args.direct,
-            io_threads=io_threads,
+            io_threads=io_threads, map_reads=args.map_reads,
         ))
 
     # SIGHUP: re-read the image's size and tell the front-end (online resize).

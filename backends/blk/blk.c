@@ -21,14 +21,34 @@
  * driver refills while the next job runs.  A request's status is written only after every one of its
  * pieces finished; any failed piece fails that request alone.  Small
  * requests never touch the pool and are served at once.
+ *
+ * With cfg.map_reads the engine maps the image read-only (MAP_SHARED, the
+ * page cache itself) and serves reads with memcpy from the mapping into
+ * guest memory: no system call and no page-cache lookup per request once
+ * the pages are mapped.  Writes stay pwritev; Linux keeps the two coherent
+ * (one page cache).  Only where that changes nothing but the cost: not on
+ * tmpfs (a read fault there allocates the hole), and a read the mapping
+ * would serve worse than preadv keeps preadv (map_choose: cold sequential
+ * runs want the kernel's read-ahead, and MADV_RANDOM keeps a fault from
+ * reading a whole read-ahead window for one random block).  A page past the file's end (the image was shrunk on
+ * the host under a running guest) raises SIGBUS: the copy runs under a
+ * per-thread guard that the SIGBUS handler jumps back to, and that read
+ * fails with IOERR like a short preadv would.  Outside a guarded copy the
+ * handler hands the signal to whatever disposition was there before.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include "blk.h"
@@ -45,6 +65,7 @@
 #define MAX_PIECES (VR_POOL_MAX_THREADS + 1)  /* per request */
 #define DEFER_MAX 4                           /* large requests per job */
 #define ST_DEFERRED 0xff                      /* internal: status written when the job ends */
+#define MAP_LARGE (64u * 1024u)               /* reads this long copy only pages resident now */
 
 #ifndef FALLOC_FL_KEEP_SIZE
 #define FALLOC_FL_KEEP_SIZE 0x01
@@ -66,7 +87,8 @@ struct blk_piece {
     struct iovec *iov;     /* a slice of vr_blk.piov */
     int cnt;
     int write;
-    int rc;                /* 0 or -errno */
+    int mapped;            /* copied from the image's mapping */
+    int rc;                /* 0 or -errno (-EFAULT: the mapping's page was gone) */
     uint64_t off, len, done;
 };
 
@@ -80,6 +102,12 @@ struct blk_deferred {      /* a large request whose pieces are in the job */
 struct vr_blk {
     struct vr_blk_config cfg;
     struct vr_blk_stats stats;
+    /* The image, read-only, cfg.capacity sectors, advised MADV_RANDOM (a
+     * fault reads in its own page only, as preadv of a random block would,
+     * not the device's whole read-ahead window).  NULL: preadv. */
+    const uint8_t *map;
+    size_t map_len;
+    uint64_t next_read;    /* where the last small read ended (worker only) */
     uint64_t pool_min, piece_min;  /* cfg.pool_min_len or POOL_MIN_LEN, and half of it */
     uint8_t *bounce;       /* aligned, for O_DIRECT retries and zeroes */
     int bounce_is_zero;
@@ -97,6 +125,156 @@ struct vr_blk {
     struct blk_piece pieces[DEFER_MAX * MAX_PIECES];
     struct iovec piov[DEFER_MAX * (VR_MAX_SEGS + MAX_PIECES)];
 };
+
+/* ---- reads from the image's mapping ---- */
+
+/* Set only around a guarded copy.  volatile: the compiler knows memcpy
+ * never reads it, and would drop the store before the copy otherwise. */
+static __thread sigjmp_buf *volatile fault_guard;
+static struct sigaction prev_sigbus;
+static pthread_once_t sigbus_once = PTHREAD_ONCE_INIT;
+static int sigbus_ready;
+
+static void on_sigbus(int sig, siginfo_t *si, void *uc)
+{
+    sigjmp_buf *g = fault_guard;
+    (void)si;
+    (void)uc;
+    if (g) {
+        fault_guard = NULL;
+        siglongjmp(*g, 1);
+    }
+    /* Not a guarded copy: the disposition from before takes it (for the
+     * default one, the process ends as it would have without us). */
+    sigaction(SIGBUS, &prev_sigbus, NULL);
+    raise(sig);
+}
+
+static void sigbus_install(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = on_sigbus;
+    sigemptyset(&sa.sa_mask);
+    /* NODEFER: SIGBUS stays unblocked across the jump out of the handler,
+     * so sigsetjmp need not save the mask (no system call per copy). */
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigbus_ready = sigaction(SIGBUS, &sa, &prev_sigbus) == 0;
+}
+
+static void map_release(struct vr_blk *b)
+{
+    if (b->map)
+        munmap((void *)b->map, b->map_len);
+    b->map = NULL;
+    b->map_len = 0;
+}
+
+#define TMPFS_MAGIC_ 0x01021994
+#define HUGETLBFS_MAGIC_ 0x958458f6
+
+/* A block device, or a regular file on a file system where reading a hole
+ * through a mapping allocates nothing.  tmpfs (memfd, /dev/shm) and
+ * hugetlbfs fill a hole with a new page on a read fault, where preadv
+ * returns zeroes and allocates nothing: a guest reading a sparse disk
+ * would fill it (or, on a full tmpfs, fail).  Those keep preadv. */
+static int mappable(int fd)
+{
+    struct stat st;
+    struct statfs fs;
+    if (fstat(fd, &st) != 0)
+        return 0;
+    if (S_ISBLK(st.st_mode))
+        return 1;
+    if (!S_ISREG(st.st_mode) || fstatfs(fd, &fs) != 0)
+        return 0;
+    return fs.f_type != TMPFS_MAGIC_ && fs.f_type != (typeof(fs.f_type))HUGETLBFS_MAGIC_;
+}
+
+/* Map cfg.capacity sectors of the image; on any failure reads use preadv. */
+static void map_setup(struct vr_blk *b)
+{
+    map_release(b);
+    if (!b->cfg.map_reads || b->cfg.direct || b->cfg.capacity == 0 || !mappable(b->cfg.fd))
+        return;
+    pthread_once(&sigbus_once, sigbus_install);
+    if (!sigbus_ready || b->cfg.capacity > SIZE_MAX / 512)
+        return;
+    size_t len = (size_t)(b->cfg.capacity * 512);
+    void *m = mmap(NULL, len, PROT_READ, MAP_SHARED | MAP_NORESERVE, b->cfg.fd, 0);
+    if (m == MAP_FAILED)
+        return;
+    if (madvise(m, len, MADV_RANDOM) != 0) {
+        munmap(m, len);
+        return;
+    }
+    b->map = m;
+    b->map_len = len;
+}
+
+int vr_blk_mapped(const struct vr_blk *b)
+{
+    return b->map != NULL;
+}
+
+/* Every page of [off, off+len) in the page cache (mincore), so a copy
+ * from the mapping takes no major fault.  Otherwise preadv reads it, and
+ * the kernel's read-ahead sizes the disk reads as it always did. */
+static int resident(const struct vr_blk *b, uint64_t off, uint64_t len)
+{
+    const uint64_t page = 4096;   /* mincore's unit; a larger page only over-asks */
+    unsigned char vec[256];
+    uint64_t start = off & ~(page - 1), end = off + len;
+    while (start < end) {
+        uint64_t n = (end - start + page - 1) / page;
+        if (n > sizeof(vec))
+            n = sizeof(vec);
+        if (mincore((void *)(b->map + start), n * page, vec) != 0)
+            return 0;
+        for (uint64_t i = 0; i < n; i++)
+            if (!(vec[i] & 1))
+                return 0;
+        start += n * page;
+    }
+    return 1;
+}
+
+/* Copy from the mapping, or preadv?  A small read that does not follow
+ * the one before copies (a random block: a miss faults in that page
+ * alone); a run of small reads, each starting where the last ended, keeps
+ * preadv, whose read-ahead makes a cold sequential scan fast; a large
+ * read copies when its pages are all resident.  Worker thread only. */
+static int map_choose(struct vr_blk *b, uint64_t off, uint64_t len)
+{
+    int seq = off == b->next_read;
+    b->next_read = off + len;
+    if (!b->map)
+        return 0;
+    return len < MAP_LARGE ? !seq : resident(b, off, len);
+}
+
+/* Copy len bytes of the image at off (inside the mapping: range_ok) into
+ * iov.  0, or -EFAULT when a page of it is gone (SIGBUS: the file shrank). */
+static int map_read(const struct vr_blk *b, const struct iovec *iov, int cnt, uint64_t off,
+                    uint64_t len, uint64_t *done)
+{
+    sigjmp_buf jb;
+    *done = 0;
+    if (sigsetjmp(jb, 0))
+        return -EFAULT;  /* fault_guard was cleared by the handler */
+    fault_guard = &jb;
+    const uint8_t *src = b->map + off;
+    uint64_t left = len;
+    for (int k = 0; k < cnt && left > 0; k++) {
+        size_t t = iov[k].iov_len < left ? iov[k].iov_len : (size_t)left;
+        memcpy(iov[k].iov_base, src, t);
+        src += t;
+        left -= t;
+    }
+    fault_guard = NULL;
+    *done = len - left;
+    return left ? -EIO : 0;
+}
 
 static void pool_release(struct vr_blk *b)
 {
@@ -146,6 +324,7 @@ struct vr_blk *vr_blk_new(const struct vr_blk_config *cfg)
         vr_blk_free(b);
         return NULL;
     }
+    map_setup(b);
     return b;
 }
 
@@ -153,6 +332,7 @@ void vr_blk_free(struct vr_blk *b)
 {
     if (b) {
         pool_release(b);
+        map_release(b);
         free(b->bounce);
         free(b);
     }
@@ -167,8 +347,11 @@ void vr_blk_get_stats(const struct vr_blk *b, struct vr_blk_stats *out)
  * batches), so no request sees a half-changed disk. */
 void vr_blk_set_mode(struct vr_blk *b, uint64_t capacity, int writethrough)
 {
+    uint64_t old = b->cfg.capacity;
     b->cfg.capacity = capacity;
     b->cfg.writethrough = writethrough;
+    if (capacity != old && b->cfg.map_reads)
+        map_setup(b);   /* the pool threads are idle: no copy is running */
 }
 
 /* ---- segment helpers ---- */
@@ -258,14 +441,24 @@ static int do_rw(const struct vr_blk *b, uint8_t *bounce, struct iovec *iov, int
     return 0;
 }
 
+static void count_mapped(struct vr_blk *b, int mapped, int faulted)
+{
+    b->stats.mapped_reads += mapped != 0;
+    b->stats.map_faults += faulted != 0;
+}
+
 /* ---- large requests over the I/O pool ---- */
 
 static void piece_run(void *arg, unsigned k, unsigned thread)
 {
     struct vr_blk *b = arg;
     struct blk_piece *pc = &b->pieces[k];
-    pc->rc = do_rw(b, b->pool_bounce[thread], pc->iov, pc->cnt, pc->off, pc->len, pc->write,
-                   &pc->done);
+    pc->mapped = !pc->write && b->map && resident(b, pc->off, pc->len);
+    if (pc->mapped)
+        pc->rc = map_read(b, pc->iov, pc->cnt, pc->off, pc->len, &pc->done);
+    else
+        pc->rc = do_rw(b, b->pool_bounce[thread], pc->iov, pc->cnt, pc->off, pc->len, pc->write,
+                       &pc->done);
 }
 
 /* Append n pieces of step bytes (the last takes the rest) covering
@@ -327,9 +520,11 @@ static void job_finish(struct vr_blk *b, struct vr_queue *q)
     for (unsigned i = 0; i < b->ndefer; i++) {
         const struct blk_deferred *d = &b->defer[i];
         uint64_t done = 0;
-        int rc = 0;
+        int rc = 0, mapped = 0, faulted = 0;
         for (unsigned p = d->first; p < d->first + d->n; p++) {
             done += b->pieces[p].done;
+            mapped |= b->pieces[p].mapped;
+            faulted |= b->pieces[p].rc == -EFAULT;
             if (rc == 0)
                 rc = b->pieces[p].rc;
         }
@@ -344,6 +539,7 @@ static void job_finish(struct vr_blk *b, struct vr_queue *q)
             b->stats.bytes_read += done;
             q->stats.bytes_read += done;
             b->lens[d->slot] += (uint32_t)done;
+            count_mapped(b, mapped, faulted);
         }
         if (rc != 0) {
             b->stats.io_errors++;
@@ -434,9 +630,14 @@ static uint8_t blk_rw(struct vr_blk *b, struct vr_queue *q,
         return VIRTIO_BLK_S_IOERR;
     if (b->cfg.direct)
         b->bounce_is_zero = 0;   /* an O_DIRECT retry may use the bounce buffer */
-    if (b->pool && len >= b->pool_min)
+    if (b->pool && len >= b->pool_min) {
+        if (!write)
+            b->next_read = sector * 512 + len;
         return pool_defer(b, q, b->iov, cnt, sector * 512, len, write, status);
-    int rc = do_rw(b, b->bounce, b->iov, cnt, sector * 512, len, write, &done);
+    }
+    int mapped = !write && map_choose(b, sector * 512, len);
+    int rc = mapped ? map_read(b, b->iov, cnt, sector * 512, len, &done)
+                    : do_rw(b, b->bounce, b->iov, cnt, sector * 512, len, write, &done);
     if (write) {
         b->stats.writes++;
         b->stats.bytes_written += done;
@@ -446,6 +647,7 @@ static uint8_t blk_rw(struct vr_blk *b, struct vr_queue *q,
         b->stats.bytes_read += done;
         q->stats.bytes_read += done;
         *used += (uint32_t)done;
+        count_mapped(b, mapped, rc == -EFAULT);
     }
     return rc == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR;
 }

@@ -9,7 +9,8 @@
  * between two calls no pool thread touches anything the job named (guest
  * memory included), so a queue stop or a memory-table swap, which only
  * happen between calls of the queue handler, never race a pool thread.
- * The threads block every signal, never allocate and never call Python.
+ * The threads block every signal but SIGBUS (blk.c's guarded copies),
+ * never allocate and never call Python.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -44,6 +45,12 @@ static void *pool_main(void *opaque)
     struct vr_pool *p = self->pool;
 
     pthread_setname_np(pthread_self(), "blk-io");
+    /* A fault's SIGBUS must reach this thread (a blocked one kills the
+     * process): the engine's guarded copies from the image's mapping. */
+    sigset_t bus;
+    sigemptyset(&bus);
+    sigaddset(&bus, SIGBUS);
+    pthread_sigmask(SIG_UNBLOCK, &bus, NULL);
     pthread_mutex_lock(&p->mu);
     for (;;) {
         while (!p->stop && p->next >= p->npieces)

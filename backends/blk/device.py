@@ -62,6 +62,7 @@ class BlkOptions:
     logical_block_size: int = 512
     direct: bool = False
     io_threads: int = 0
+    map_reads: bool = True
 
 
 def default_io_threads() -> int:
@@ -258,6 +259,7 @@ class BlkDevice(VirtioDevice):
             direct=self.opts.direct,
             writethrough=not self.writeback,
             io_threads=self.opts.io_threads,
+            map_reads=self.opts.map_reads,
         )
         self._engines[index] = engine
         return engine

@@ -9,7 +9,10 @@ capacity (online resize) and the cache mode (writeback / writethrough) of a
 running queue between two batches, with the queue's worker parked. With
 `io_threads` > 0 the context also owns that many C I/O threads
 (blk_pool.c), started at bind and joined at unbind, which share the
-transfer of large reads and writes.
+transfer of large reads and writes. With `map_reads` (and not `direct`)
+the context maps the image read-only and serves reads by copying from the
+mapping (no system call per read); a read of pages the file no longer has
+fails with IOERR (`map_faults`) instead of ending the process.
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ class BlkEngine(Engine):
                  serial: bytes | str = b"", logical_block_size: int = 512,
                  max_discard_sectors: int = 0, max_discard_seg: int = 1,
                  max_write_zeroes_sectors: int = 0, max_write_zeroes_seg: int = 1,
-                 direct: bool = False, writethrough: bool = False, io_threads: int = 0) -> None:
+                 direct: bool = False, writethrough: bool = False, io_threads: int = 0,
+                 map_reads: bool = False) -> None:
         if isinstance(serial, str):
             serial = serial.encode()
         if fd < 0:
@@ -60,6 +64,7 @@ class BlkEngine(Engine):
         cfg.max_write_zeroes_sectors = max_write_zeroes_sectors
         cfg.max_write_zeroes_seg = max_write_zeroes_seg
         cfg.io_threads = io_threads
+        cfg.map_reads = int(map_reads and not direct)
         ffi.memmove(cfg.serial, serial.ljust(20, b"\0"), 20)
         self._cfg = cfg
         self._ctx = None
@@ -111,6 +116,11 @@ class BlkEngine(Engine):
         return {k: getattr(s, k) for k in _BLK_STATS}
 
     @property
+    def mapped(self) -> bool:
+        """True while the bound context reads from a mapping of the image."""
+        return self._ctx is not None and bool(lib.vr_blk_mapped(self._ctx))
+
+    @property
     def stats(self) -> dict[str, int]:
         """Request and byte counters (reads, writes, flushes, ..., bytes_read, bytes_written)."""
         cur = self._native_stats()
@@ -123,4 +133,5 @@ def _check_capacity(sectors: int) -> None:
 
 
 _BLK_STATS = ("reads", "writes", "flushes", "discards", "write_zeroes", "get_ids",
-              "unsupported", "io_errors", "bytes_read", "bytes_written", "pooled")
+              "unsupported", "io_errors", "bytes_read", "bytes_written", "pooled",
+              "mapped_reads", "map_faults")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import random
 import struct
+import subprocess
 
 import pytest
 
@@ -23,14 +24,14 @@ class BlkRig:
     """Guest RAM + ring + Virtqueue(BlkEngine) + a driver that submits requests."""
 
     def __init__(self, fd: int, *, read_only=False, num=64, serial=b"SN-1234", direct=False,
-                 layout=((0, 8 * MB), (8 * MB, 8 * MB)), io_threads=0):
+                 layout=((0, 8 * MB), (8 * MB, 8 * MB)), io_threads=0, map_reads=True):
         self.ram = GuestRam(list(layout))
         self.ring = SplitRing(self.ram, num)
         self.fd = fd
         self.engine = BlkEngine(fd, CAPACITY, read_only=read_only, serial=serial,
                                 max_discard_sectors=1 << 20, max_discard_seg=16,
                                 max_write_zeroes_sectors=1 << 20, max_write_zeroes_seg=16,
-                                direct=direct, io_threads=io_threads)
+                                direct=direct, io_threads=io_threads, map_reads=map_reads)
         self.vq = Virtqueue(0)
         self.ring.setup(self.vq)
         self.kick = os.eventfd(0, os.EFD_CLOEXEC)
@@ -93,13 +94,20 @@ class BlkRig:
         return self.submit(self.header(type_) + [(buf, len(body))], self.status_buf())
 
 
-@pytest.fixture(params=["shm-file", "memfd"])
+@pytest.fixture(params=["shm-file", "memfd", "disk-file"])
 def disk(request, tmp_path_factory):
+    """The image: on tmpfs (reads with preadv) or on a disk file system (reads
+    copied from the engine's mapping of it; tmp_path is not tmpfs here)."""
     if request.param == "memfd":
         fd = os.memfd_create("disk", os.MFD_CLOEXEC)
         path = None
     else:
-        d = "/dev/shm" if os.path.isdir("/dev/shm") else str(tmp_path_factory.mktemp("disk"))
+        if request.param == "disk-file":
+            d = str(tmp_path_factory.mktemp("disk"))
+            if _on_tmpfs(d):
+                pytest.fail(f"{d} is on tmpfs: the mapped read path needs a disk file system")
+        else:
+            d = "/dev/shm" if os.path.isdir("/dev/shm") else str(tmp_path_factory.mktemp("disk"))
         path = os.path.join(d, f"vu-blk-test-{os.getpid()}.img")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     os.ftruncate(fd, DISK)
@@ -107,6 +115,12 @@ def disk(request, tmp_path_factory):
     os.close(fd)
     if path:
         os.unlink(path)
+
+
+def _on_tmpfs(path: str) -> bool:
+    out = subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    return out in ("tmpfs", "hugetlbfs")
 
 
 @pytest.fixture
