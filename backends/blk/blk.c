@@ -324,6 +324,7 @@ struct vr_blk *vr_blk_new(const struct vr_blk_config *cfg)
         vr_blk_free(b);
         return NULL;
     }
+    b->next_read = UINT64_MAX;   /* the first read follows none */
     map_setup(b);
     return b;
 }

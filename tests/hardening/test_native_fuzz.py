@@ -138,3 +138,18 @@ def test_vsock_regression_input_fails_on_the_code_before_its_fix(tmp_path, name,
     assert proc.returncode != 0, f"{name} no longer reaches the code of its bug"
     for text in report:
         assert text in proc.stderr, proc.stderr[-3000:]
+
+
+def test_native_blk_harness_reaches_the_mapped_reads_and_their_sigbus_guard(built, tmp_path):
+    """The blk seeds copy from the image's mapping (a file on a disk file system, not
+    tmpfs), in the worker and in pool threads, and read past the short image's end:
+    SIGBUS inside the guarded copy, under ASan, is an IOERR and no report."""
+    seeds = os.path.join(REPO, "fuzz", "regressions", "native-blk")
+    if subprocess.run(["stat", "-f", "-c", "%T", "/var/tmp"], capture_output=True,
+                      text=True).stdout.strip() == "tmpfs":
+        pytest.fail("/var/tmp is tmpfs here: the harness's mapped image needs a disk file system")
+    proc = subprocess.run([os.path.join(built, "blk"), "-runs=0", "-print_coverage=1", seeds],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    covered = {m.group(1) for m in re.finditer(r"^COVERED_FUNC: .* (\w+) \S+$", proc.stderr, re.M)}
+    assert {"map_read", "on_sigbus", "resident", "piece_run"} <= covered, sorted(covered)

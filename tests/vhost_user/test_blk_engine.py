@@ -531,3 +531,120 @@ def test_blk_engine_refuses_too_many_io_threads():
         BlkEngine(0, 10, io_threads=17)
     with pytest.raises(ValueError, match="io_threads"):
         BlkEngine(0, 10, io_threads=-1)
+
+
+# -- reads copied from the image's mapping (map_reads) ----------------------------------
+
+@pytest.fixture
+def disk_file(tmp_path):
+    """(fd, path) of an 8 MiB image of random data on a disk file system, out of the page cache."""
+    if _on_tmpfs(str(tmp_path)):
+        pytest.fail(f"{tmp_path} is on tmpfs: the mapped read path needs a disk file system")
+    path = tmp_path / "disk.img"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.pwrite(fd, random.Random(5).randbytes(DISK), 0)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean, unmapped pages: dropped
+    yield fd, str(path)
+    os.close(fd)
+
+
+def _resident_bytes(path: str) -> int:
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", path],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def test_blk_engine_maps_disk_file_images_but_not_tmpfs_ones(request, disk):
+    """tmpfs fills a hole on a read fault through a mapping: those images keep preadv."""
+    rig = BlkRig(disk)
+    try:
+        assert rig.engine.mapped == (request.node.callspec.params["disk"] == "disk-file")
+        assert rig.read(0, 4096)[0] == S_OK
+        assert rig.engine.stats["mapped_reads"] == int(rig.engine.mapped)
+    finally:
+        rig.close()
+    off = BlkRig(disk, map_reads=False)
+    try:
+        assert not off.engine.mapped
+    finally:
+        off.close()
+
+
+def test_blk_mapped_read_past_a_shrunk_image_is_ioerr_not_a_crash(disk_file):
+    """The image shrinks on the host under a running queue: the mapping's pages past the
+    new end raise SIGBUS, which fails that read alone; growing the file back reads again."""
+    fd, _ = disk_file
+    image = os.pread(fd, DISK, 0)
+    rig = BlkRig(fd, io_threads=2)
+    try:
+        assert rig.engine.mapped
+        os.ftruncate(fd, 6000)                        # mid page: the page holding 6000 is still there
+        assert rig.read(8, 1024)[2] == image[4096:5120]
+        assert rig.read(100, 512)[0] == S_IOERR        # a page wholly past the end
+        assert rig.read(14, 2048)[0] == S_IOERR        # 7168..9216: the copy faults at 8192
+        assert rig.read(1024, MB)[0] == S_IOERR        # large: not resident, preadv's short read
+        assert rig.engine.stats["map_faults"] == 2 and rig.engine.stats["io_errors"] == 3
+        assert not rig.vq.broken
+        os.ftruncate(fd, DISK)
+        st, _, got = rig.read(100, 512)
+        assert (st, got) == (S_OK, bytes(512))         # the file's new tail reads as zeroes
+        assert rig.read(0, 4096)[2] == image[:4096]
+    finally:
+        rig.close()
+
+
+def test_blk_cold_random_small_reads_fault_in_only_their_own_pages(disk_file):
+    """MADV_RANDOM: a fault on a missing page reads that page, not a read-ahead window."""
+    fd, path = disk_file
+    assert _resident_bytes(path) == 0
+    rig = BlkRig(fd)
+    try:
+        rng = random.Random(11)
+        pages = rng.sample(range(0, DISK // 4096, 2), 40)   # never adjacent: no sequential run
+        for p in pages:
+            assert rig.read(p * 8, 4096)[0] == S_OK
+        assert rig.engine.stats["mapped_reads"] == len(pages)
+        # each read brought in its own page (a little slack for the fault path's neighbours)
+        assert _resident_bytes(path) <= 2 * len(pages) * 4096
+        for p in pages[:5]:
+            assert rig.read(p * 8, 4096)[2] == os.pread(fd, 4096, p * 4096)
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("io_threads", [0, 2])
+def test_blk_cold_reads_that_want_read_ahead_keep_preadv(disk_file, io_threads):
+    """A sequential run of small reads, and a large read of pages not in the page cache,
+    go through preadv (the kernel's read-ahead); the same large read once cached is copied."""
+    fd, path = disk_file
+    rig = BlkRig(fd, io_threads=io_threads)
+    try:
+        for k in range(1, 9):                          # 4 KiB .. 36 KiB, each where the last ended
+            assert rig.read(k * 8, 4096)[2] == os.pread(fd, 4096, k * 4096)
+        assert rig.engine.stats["mapped_reads"] <= 1   # the first may count as random
+        before = rig.engine.stats["mapped_reads"]
+        assert rig.read(4 * MB // 512, MB)[2] == os.pread(fd, MB, 4 * MB)
+        assert rig.engine.stats["mapped_reads"] == before
+        assert _resident_bytes(path) >= MB             # preadv left it in the page cache
+        assert rig.read(4 * MB // 512, MB)[2] == os.pread(fd, MB, 4 * MB)
+        assert rig.engine.stats["mapped_reads"] == before + 1
+    finally:
+        rig.close()
+
+
+def test_blk_mapped_reads_see_writes_at_once(disk_file):
+    """pwritev and the mapping share the page cache: a read after a write sees it, small or large."""
+    fd, _ = disk_file
+    rig = BlkRig(fd, io_threads=2)
+    try:
+        rng = random.Random(9)
+        for n in (512, 4096, 65536, MB):
+            sector = rng.randrange(0, CAPACITY - n // 512)
+            data = rng.randbytes(n)
+            assert rig.read(sector, n)[0] == S_OK      # mapped and cached before the write
+            assert rig.write(sector, data)[0] == S_OK
+            assert rig.read(sector, n)[2] == data
+        assert rig.engine.stats["mapped_reads"] >= 4
+    finally:
+        rig.close()

@@ -20,11 +20,17 @@ from vhost_user.backends.blk.driver import BlkDriver, BlkIOError, BlkRequest
 MiB = 1 << 20
 
 
-@pytest.fixture(params=["ours", "qsd"])
-def any_blk(request, sockdir, shm_image):
-    """(socket path, image path) of a running back-end of either kind."""
-    image = shm_image(64 * MiB)
-    if request.param == "ours":
+@pytest.fixture(params=["ours", "ours-disk-file", "qsd"])
+def any_blk(request, sockdir, shm_image, tmp_path):
+    """(socket path, image path) of a running back-end of either kind. ours-disk-file:
+    the image on a disk file system, where our reads copy from a mapping of it."""
+    if request.param == "ours-disk-file":
+        image = str(tmp_path / "disk.img")
+        with open(image, "wb") as f:
+            f.truncate(64 * MiB)
+    else:
+        image = shm_image(64 * MiB)
+    if request.param.startswith("ours"):
         bp = start_blk(sockdir, "--num-queues", "2", image=image)
     else:
         bp = start_qsd_blk(sockdir, image, num_queues=2)
@@ -261,3 +267,26 @@ def test_backend_closes_fds_between_sessions(ours):
             drv.write(0, b"a" * 512)
     time.sleep(0.3)
     assert len(os.listdir(fd_dir)) == baseline
+
+
+def test_blk_image_shrunk_under_a_running_back_end_fails_reads_past_its_end(sockdir, tmp_path):
+    """A disk-file image (read through the back-end's mapping) is cut short on the host with
+    no resize: reads of the lost pages get IOERR (SIGBUS caught), the back-end serves on."""
+    image = tmp_path / "disk.img"
+    data = os.urandom(8 * MiB)
+    image.write_bytes(data)
+    bp = start_blk(sockdir, image=str(image))
+    try:
+        with BlkDriver.connect(bp.socket) as drv:
+            assert drv.read(4 * MiB // 512, 4096) == data[4 * MiB: 4 * MiB + 4096]
+            os.truncate(image, 2 * MiB)
+            for sector in (4 * MiB // 512, 6 * MiB // 512):
+                with pytest.raises(BlkIOError) as err:
+                    drv.read(sector, 4096)
+                assert err.value.status == Status.IOERR
+            assert drv.read(8, 4096) == data[4096:8192]
+            [served] = bp.log_stats().values()  # while the queue runs
+            assert served["queues"]["0"]["map_faults"] == 2, bp.explain("map_faults")
+        assert bp.proc.poll() is None
+    finally:
+        bp.stop()
