@@ -2,7 +2,8 @@
 """Every side-by-side benchmark of BENCHMARKS.md in one run, ours against the peer.
 
 Runs, in turn, each comparison whose peer is installed here: blk against
-qemu-storage-daemon (both of its aio modes), net against DPDK testpmd's vhost
+qemu-storage-daemon (both of its aio modes, and an image on a disk file
+system where our reads copy from its mapping, beside --no-mmap), net against DPDK testpmd's vhost
 PMD (one core each, the others stopped during a slice), gpu against QEMU's
 vhost-user-gpu, vsock against the Unix socket pair ceiling, packed against split
 virtqueues, and the 4k syscall floor; with --guests also the real-guest fio and
@@ -121,6 +122,10 @@ def sections(quick: bool) -> list[tuple[str, tuple[str, ...], object]]:
         ("blk-qsd-io_uring", ("qemu-storage-daemon",),
          _tool("bench_blk_vs_qsd.py", "--runtime", rt, "--rounds", rounds, "--size", size,
                "--qsd-aio", "io_uring", "--markdown")),
+        ("blk-qsd-disk-file", ("qemu-storage-daemon",),
+         _tool("bench_blk_vs_qsd.py", "--runtime", rt, "--rounds", rounds, "--size", size,
+               "--dir", "/var/tmp", "--compare=--no-mmap", "--case", "4k randread QD32",
+               "--case", "4k randread QD128", "--case", "1M seq read QD8", "--markdown")),
         ("net-testpmd", ("dpdk-testpmd",), net_vs_testpmd),
         ("net-virtio-user", ("dpdk-testpmd",),
          _tool("bench_net_virtio_user.py", "--runtime", rt, "--rounds", rounds)),
