@@ -30,11 +30,13 @@
  * tmpfs (a read fault there allocates the hole), and a read the mapping
  * would serve worse than preadv keeps preadv (map_choose: cold sequential
  * runs want the kernel's read-ahead, and MADV_RANDOM keeps a fault from
- * reading a whole read-ahead window for one random block).  A page past the file's end (the image was shrunk on
- * the host under a running guest) raises SIGBUS: the copy runs under a
- * per-thread guard that the SIGBUS handler jumps back to, and that read
- * fails with IOERR like a short preadv would.  Outside a guarded copy the
- * handler hands the signal to whatever disposition was there before.
+ * reading a whole read-ahead window for one random block).  A page past
+ * the file's end (the image was shrunk on the host under a running guest,
+ * or a guest memory file truncated by the front-end) raises SIGBUS: the
+ * copy runs under a per-thread guard that the SIGBUS handler jumps back
+ * to, and that read fails with IOERR like a short preadv would.  Outside
+ * a guarded copy the handler hands the signal to whatever disposition was
+ * there before.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -263,6 +265,7 @@ static int map_read(const struct vr_blk *b, const struct iovec *iov, int cnt, ui
     if (sigsetjmp(jb, 0))
         return -EFAULT;  /* fault_guard was cleared by the handler */
     fault_guard = &jb;
+    __asm__ __volatile__("" ::: "memory");  /* the copy stays between the two stores */
     const uint8_t *src = b->map + off;
     uint64_t left = len;
     for (int k = 0; k < cnt && left > 0; k++) {
@@ -271,6 +274,7 @@ static int map_read(const struct vr_blk *b, const struct iovec *iov, int cnt, ui
         src += t;
         left -= t;
     }
+    __asm__ __volatile__("" ::: "memory");
     fault_guard = NULL;
     *done = len - left;
     return left ? -EIO : 0;
