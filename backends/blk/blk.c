@@ -245,14 +245,13 @@ static int resident(const struct vr_blk *b, uint64_t off, uint64_t len)
  * the one before copies (a random block: a miss faults in that page
  * alone); a run of small reads, each starting where the last ended, keeps
  * preadv, whose read-ahead makes a cold sequential scan fast; a large
- * read copies when its pages are all resident.  Worker thread only. */
-static int map_choose(struct vr_blk *b, uint64_t off, uint64_t len)
+ * read copies when its pages are all resident.  follows: this read starts
+ * where the queue's last read ended (blk_rw keeps that, worker only). */
+static int map_choose(const struct vr_blk *b, uint64_t off, uint64_t len, int follows)
 {
-    int seq = off == b->next_read;
-    b->next_read = off + len;
     if (!b->map)
         return 0;
-    return len < MAP_LARGE ? !seq : resident(b, off, len);
+    return len < MAP_LARGE ? !follows : resident(b, off, len);
 }
 
 /* Copy len bytes of the image at off (inside the mapping: range_ok) into
@@ -355,7 +354,7 @@ void vr_blk_set_mode(struct vr_blk *b, uint64_t capacity, int writethrough)
     uint64_t old = b->cfg.capacity;
     b->cfg.capacity = capacity;
     b->cfg.writethrough = writethrough;
-    if (capacity != old && b->cfg.map_reads)
+    if (capacity != old)
         map_setup(b);   /* the pool threads are idle: no copy is running */
 }
 
@@ -635,12 +634,12 @@ static uint8_t blk_rw(struct vr_blk *b, struct vr_queue *q,
         return VIRTIO_BLK_S_IOERR;
     if (b->cfg.direct)
         b->bounce_is_zero = 0;   /* an O_DIRECT retry may use the bounce buffer */
-    if (b->pool && len >= b->pool_min) {
-        if (!write)
-            b->next_read = sector * 512 + len;
+    int follows = !write && sector * 512 == b->next_read;
+    if (!write)
+        b->next_read = sector * 512 + len;
+    if (b->pool && len >= b->pool_min)
         return pool_defer(b, q, b->iov, cnt, sector * 512, len, write, status);
-    }
-    int mapped = !write && map_choose(b, sector * 512, len);
+    int mapped = !write && map_choose(b, sector * 512, len, follows);
     int rc = mapped ? map_read(b, b->iov, cnt, sector * 512, len, &done)
                     : do_rw(b, b->bounce, b->iov, cnt, sector * 512, len, write, &done);
     if (write) {
