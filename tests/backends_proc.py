@@ -7,6 +7,7 @@ wait for their socket, and stop exactly the processes they started.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 from harness.backend import BackendProcess, wait_for_socket
@@ -16,6 +17,14 @@ from harness.backend import BackendProcess, wait_for_socket
 from harness.fixtures import require_tool
 
 __all__ = ["spawn", "start_blk", "start_qsd_blk", "require_tool", "wait_for_socket", "open_fds"]
+
+
+def on_ram_fs(path: str) -> bool:
+    """Whether `path` is on tmpfs or hugetlbfs, where blk keeps preadv (a read fault
+    through a mapping would allocate a hole's page): mapped-read tests need a disk."""
+    out = subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    return out in ("tmpfs", "hugetlbfs")
 
 
 def open_fds() -> set[int]:

@@ -17,7 +17,7 @@ import subprocess
 
 import pytest
 
-from backends_proc import require_tool
+from backends_proc import on_ram_fs, require_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TARGETS = ["ring", "blk", "net", "vsock"]
@@ -145,8 +145,7 @@ def test_native_blk_harness_reaches_the_mapped_reads_and_their_sigbus_guard(buil
     tmpfs), in the worker and in pool threads, and read past the short image's end:
     SIGBUS inside the guarded copy, under ASan, is an IOERR and no report."""
     seeds = os.path.join(REPO, "fuzz", "regressions", "native-blk")
-    if subprocess.run(["stat", "-f", "-c", "%T", "/var/tmp"], capture_output=True,
-                      text=True).stdout.strip() == "tmpfs":
+    if on_ram_fs("/var/tmp"):
         pytest.fail("/var/tmp is tmpfs here: the harness's mapped image needs a disk file system")
     proc = subprocess.run([os.path.join(built, "blk"), "-runs=0", "-print_coverage=1", seeds],
                           capture_output=True, text=True, timeout=120)

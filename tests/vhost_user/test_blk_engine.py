@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from backends_proc import on_ram_fs
 from ringlayout import GuestRam, SplitRing, count_events, wait_for
 from vhost_user.errors import VirtqueueError
 from vhost_user.backends.blk.engine import BlkEngine
@@ -104,7 +105,7 @@ def disk(request, tmp_path_factory):
     else:
         if request.param == "disk-file":
             d = str(tmp_path_factory.mktemp("disk"))
-            if _on_tmpfs(d):
+            if on_ram_fs(d):
                 pytest.fail(f"{d} is on tmpfs: the mapped read path needs a disk file system")
         else:
             d = "/dev/shm" if os.path.isdir("/dev/shm") else str(tmp_path_factory.mktemp("disk"))
@@ -115,12 +116,6 @@ def disk(request, tmp_path_factory):
     os.close(fd)
     if path:
         os.unlink(path)
-
-
-def _on_tmpfs(path: str) -> bool:
-    out = subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True,
-                         check=True).stdout.strip()
-    return out in ("tmpfs", "hugetlbfs")
 
 
 @pytest.fixture
@@ -538,7 +533,7 @@ def test_blk_engine_refuses_too_many_io_threads():
 @pytest.fixture
 def disk_file(tmp_path):
     """(fd, path) of an 8 MiB image of random data on a disk file system, out of the page cache."""
-    if _on_tmpfs(str(tmp_path)):
+    if on_ram_fs(str(tmp_path)):
         pytest.fail(f"{tmp_path} is on tmpfs: the mapped read path needs a disk file system")
     path = tmp_path / "disk.img"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
