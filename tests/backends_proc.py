@@ -16,7 +16,7 @@ from harness.backend import BackendProcess, wait_for_socket
 # them from here.
 from harness.fixtures import require_tool
 
-__all__ = ["spawn", "start_blk", "start_qsd_blk", "require_tool", "wait_for_socket", "open_fds"]
+__all__ = ["spawn", "start_blk", "start_qsd_blk", "require_tool", "wait_for_socket", "open_fds", "on_ram_fs"]
 
 
 def on_ram_fs(path: str) -> bool:
