@@ -11,6 +11,12 @@
  * stops the queue) or the queue breaks.  The handler always finishes the
  * chains it popped before returning, so nothing is in flight when vr_run
  * returns.  Callers release the GIL around this call (cffi does).
+ *
+ * A handler that returns VR_HANDLER_IDLE has nothing to put in the ring
+ * and promises that whoever gives it work later wakes the worker through
+ * the control fd: kicks then stay off.  An rx queue whose buffers another
+ * thread fills (vsock's host thread) would otherwise be woken by every
+ * buffer the driver posts, only to find nothing to send.
  */
 #include <errno.h>
 #include <poll.h>
@@ -45,6 +51,8 @@ static int process(struct vr_queue *q, vr_handler_fn fn, void *ctx)
         if (rc < 0)
             return VR_RUN_ERROR;
         vr_notify(q);
+        if (rc == VR_HANDLER_IDLE)
+            break;
         if (q->stats.requests == before) {
             vr_enable_notify(q);
             break;

@@ -336,6 +336,8 @@ int vr_inflight_list(const struct vr_queue *q, uint16_t *heads, uint32_t cap);
 #define VR_RUN_CONTROL 0
 #define VR_RUN_BROKEN 1
 #define VR_RUN_ERROR 2
+/* A handler's return: nothing to send, leave kicks off (run.c). */
+#define VR_HANDLER_IDLE 1
 int vr_run(struct vr_queue *q, int ctl_fd, vr_handler_fn fn, void *ctx,
            uint32_t poll_us);
 

@@ -56,21 +56,28 @@ from vhost_user.errors import VirtqueueError
 from vhost_user.memory import GuestMemory
 from vhost_user.protocol import VHOST_VRING_F_LOG
 
-__all__ = ["Virtqueue", "Chain", "Engine", "check_native", "inflight_queue_size", "MAX_QUEUE_SIZE"]
+__all__ = ["Virtqueue", "Chain", "Engine", "HANDLER_IDLE", "check_native", "inflight_queue_size", "MAX_QUEUE_SIZE"]
 
 log = logging.getLogger("vhost_user.virtqueue")
 
 @ffi.def_extern()
 def vr_py_handler(ctx, q):  # pragma: no cover - exercised through the worker
-    """Trampoline from vr_run into a Python handler."""
+    """Trampoline from vr_run into a Python handler; a handler returning HANDLER_IDLE
+    leaves guest kicks off (csrc/run.c)."""
     vq = ffi.from_handle(ctx)
     try:
-        vq._handler(vq)
+        if vq._handler(vq) == HANDLER_IDLE:
+            return lib.VR_HANDLER_IDLE
     except VirtqueueError:
         pass  # the queue is broken; vr_run sees it and returns
     except Exception:
         log.exception("queue %d: handler failed", vq.index)
     return 0
+
+
+#: What a queue handler returns when it has nothing to put in the ring and whatever
+#: gives it work later calls `Virtqueue.wake()`: the worker then leaves guest kicks off.
+HANDLER_IDLE = "idle"
 
 
 class Virtqueue:

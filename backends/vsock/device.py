@@ -132,7 +132,8 @@ class VsockDevice(RxPath, VirtioDevice):
                       # which path moved the packets: C (vsock.c) or the Python handlers
                       "c_tx_packets": 0, "c_tx_bytes": 0, "c_rx_packets": 0, "c_rx_bytes": 0,
                       "py_tx_packets": 0, "py_rx_packets": 0, "c_credit_updates": 0,
-                      "py_credit_updates": 0, "host_thread_rx_packets": 0}
+                      "py_credit_updates": 0, "host_thread_rx_packets": 0,
+                      "c_credit_updates_in": 0}
         self._ring = capture.ring if capture is not None else None
         self.host = HostSide(self, opts.uds_path)
         if router is not None:
@@ -308,10 +309,11 @@ class VsockDevice(RxPath, VirtioDevice):
                     rx = self._vqs[RX]
                     if rx is not None and rx.broken:
                         rx.report_broken()
-                if out.packets:
+                if out.packets or out.credit_in:
                     self._had_traffic = True
                     self.stats["c_tx_packets"] += out.packets
                     self.stats["c_tx_bytes"] += out.bytes
+                    self.stats["c_credit_updates_in"] += out.credit_in
                 if out.status == fast.TX_EMPTY:
                     return None
                 if out.status == fast.TX_SLOW:
@@ -745,7 +747,10 @@ class VsockDevice(RxPath, VirtioDevice):
                     if rx.broken:
                         rx.report_broken()
                     else:
-                        rx.rearm_kick()
+                        if self._ctrl or self._ready:
+                            # The rx worker may be waiting for a buffer: its kick request
+                            # must lie past the buffers taken here (Virtqueue.rearm_kick).
+                            rx.rearm_kick()
                         rx.notify_force()
         return drained
 

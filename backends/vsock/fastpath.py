@@ -79,6 +79,7 @@ class TxOutcome:
     conn_key: tuple[int, int, int] | None = None   # (peer CID, host port, guest port)
     chain: Chain | None = None                      # TX_SLOW / TX_PARTIAL: popped, not pushed
     rx_pushed: int = 0                              # credit updates C wrote to the rx queue
+    credit_in: int = 0                              # the guest's credit updates C took
 
 
 @dataclass
@@ -138,7 +139,8 @@ class RxChain:
 def tx_burst(vq: Virtqueue, table: ConnTable, guest_cid: int, max_packets: int = BURST,
              capture: CaptureRing | None = None, rx: Virtqueue | None = None,
              rx_chain: RxChain | None = None) -> TxOutcome:
-    """Finish up to `max_packets` RW packets from the guest in C; stop at the first one
+    """Finish up to `max_packets` RW packets (and CREDIT_UPDATEs) from the guest in C;
+    stop at the first one
     Python must see (its chain comes back popped) or that needs Python afterwards.
     With `capture`, C appends each packet it finishes to that ring.  With `rx` (a
     started rx queue whose `writer_lock` the caller holds) and `rx_chain`, a credit
@@ -149,7 +151,8 @@ def tx_burst(vq: Virtqueue, table: ConnTable, guest_cid: int, max_packets: int =
         rxq, rxc = rx.native_queue, rx_chain.chain
     check_native(lib.vs_tx_burst(vq.native_queue, table._t, guest_cid, vq.chain_buffer, max_packets,
                                  _ring(capture), rxq, rxc, res), "vsock tx")
-    out = TxOutcome(res.status, res.packets, res.bytes, res.sent, rx_pushed=res.rx_pushed)
+    out = TxOutcome(res.status, res.packets, res.bytes, res.sent, rx_pushed=res.rx_pushed,
+                    credit_in=res.credit_in)
     if res.conn != ffi.NULL:
         out.conn_key = (res.conn.peer_cid, res.conn.host_port, res.conn.guest_port)
     if res.status in (TX_SLOW, TX_PARTIAL):

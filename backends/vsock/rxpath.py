@@ -11,9 +11,12 @@ credit: by C (`fastpath.rx_fill`, one readv across up to 16
 buffers, headers written in place) for established stream connections,
 by one `recvmsg_into` per buffer otherwise (SEQPACKET records, CONNECT
 leftovers, no credit). Under `--pcap` C appends what it fills to the
-capture ring itself. When the ring has no buffer left the handler
-returns; the guest's next rx kick brings it back. A chain popped but not
-needed goes back to the ring (`vq.unpop()`).
+capture ring itself. When the ring has no buffer left the handler asks
+for a kick and returns; the guest's next rx kick brings it back. With
+nothing to send it returns HANDLER_IDLE and kicks stay off: the host
+thread fills most buffers itself, and every producer of work (a control
+packet, a readable socket the host thread cannot finish) wakes the worker.
+A chain popped but not needed goes back to the ring (`vq.unpop()`).
 
 A mixin of `VsockDevice`: it uses the device's lock, connection table and
 control queue.
@@ -24,6 +27,8 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import replace
+
+from vhost_user.virtqueue import HANDLER_IDLE
 
 from . import fastpath as fast
 
@@ -50,13 +55,24 @@ class RxPath:
                 vq.writer_lock = self._lock  # C's tx path pushes credit updates here
                 self._begin_session(vq)
             if self._held_for_reset():
-                return  # the event handler wakes us once the reset event is out
+                return HANDLER_IDLE  # the event handler wakes us once the reset event is out
+        rearmed = False
         while True:
             with self._lock:
                 if not self._ctrl and not self._ready:
-                    return
-            if not self._rx_control(vq) or not self._rx_data(vq):
-                return  # out of rx buffers: the guest's next rx kick brings us back
+                    # Nothing to send: kicks stay off, so the buffers the guest posts while
+                    # the host thread fills them cost no wake-up here. Whatever queues work
+                    # for us (a control packet, a readable socket) wakes us itself.
+                    return HANDLER_IDLE
+            if self._rx_control(vq) and self._rx_data(vq):
+                rearmed = False
+                continue
+            # Out of rx buffers: ask for the guest's next kick, then look once more, for a
+            # buffer posted before the request was visible (it would bring no kick).
+            if rearmed:
+                return None  # the guest's next rx kick brings us back
+            vq.rearm_kick()
+            rearmed = True
 
     def _rx_control(self, vq) -> bool:
         while True:

@@ -195,6 +195,24 @@ static struct vs_conn *fast_rw(struct vr_queue *q, const struct vs_table *t, uin
     return conn;
 }
 
+/* Whether a chain is a CREDIT_UPDATE from the guest C may take: the whole
+ * header in the first descriptor, no payload, for an established stream
+ * connection in the table.  Returns the connection, or NULL for Python. */
+static struct vs_conn *fast_credit(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid,
+                                   const struct vr_chain *c, struct vs_hdr *h)
+{
+    if (c->nread == 0 || c->segs[0].len < VS_HDR_SIZE)
+        return NULL;
+    memcpy(h, vr_seg_host(q->mem, &c->segs[0]), VS_HDR_SIZE);
+    if (h->op != VS_OP_CREDIT_UPDATE || h->type != VS_STREAM || h->len != 0 ||
+        h->src_cid != guest_cid || h->dst_cid != VS_HOST_CID)
+        return NULL;
+    struct vs_conn *conn = vs_table_lookup(t, h->dst_cid, h->dst_port, h->src_port);
+    if (!conn || conn->state != VS_ESTABLISHED || conn->type != VS_STREAM || conn->fd < 0)
+        return NULL;
+    return conn;
+}
+
 /* One packet of a tx batch: its chain head, its header, its payload iovecs. */
 struct tx_pkt {
     uint16_t head;
@@ -272,7 +290,7 @@ static int tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest
     struct vs_hdr h;
 
     memset(res, 0, sizeof(*res));
-    while (res->packets < max) {
+    while (res->packets + res->credit_in < max) {
         struct vs_conn *conn = NULL;
         uint32_t n = 0;
         int niov = 0;
@@ -289,6 +307,28 @@ static int tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest
             }
             if (rc == 0)
                 break;
+            struct vs_conn *cr = fast_credit(q, t, guest_cid, c, &h);
+            if (cr) {
+                if (n > 0) { /* after the packets before it: their headers carry credit too */
+                    vr_unpop(q);
+                    break;
+                }
+                int had_credit = vs_credit(cr) > 0;
+                cr->peer_buf_alloc = h.buf_alloc;
+                cr->peer_fwd_cnt = h.fwd_cnt;
+                if (cap)
+                    capture_ctl(cap, &h);
+                vr_push(q, c->head, 0);
+                res->credit_in++;
+                if (had_credit != (vs_credit(cr) > 0)) {
+                    res->status = VS_TX_ATTENTION;
+                    res->conn = cr;
+                    return 0;
+                }
+                if (res->packets + res->credit_in >= max)
+                    break;
+                continue;
+            }
             struct vs_conn *cc = fast_rw(q, t, guest_cid, c, &h, total);
             int k = -1;
             if (cc && (conn == NULL || cc == conn))
@@ -309,7 +349,7 @@ static int tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest
             total += h.len;
         }
         if (n == 0) {
-            res->status = VS_TX_EMPTY;
+            res->status = res->packets + res->credit_in < max ? VS_TX_EMPTY : VS_TX_MORE;
             return 0;
         }
         ssize_t w;

@@ -18,7 +18,10 @@
  * (virtio 1.2, 5.10.6.3).  Anything unusual (another op, a bad header, a
  * connection that has bytes queued or is shutting down, a short write, no
  * room) is handed back to Python untouched, with a status that says why;
- * only a fully done packet changes state here.
+ * only a fully done packet changes state here.  A CREDIT_UPDATE from the
+ * guest for such a connection is taken here too (the new window stored,
+ * the chain completed); Python hears of it only when the window opens
+ * from zero or closes (VS_TX_ATTENTION).
  *
  * With --pcap the capture stays here too: every RW packet C finishes, in
  * either direction, is appended to a capture ring (capture.h) as a
@@ -109,6 +112,7 @@ struct vs_tx_result {
     uint64_t sent;             /* VS_TX_PARTIAL: payload bytes already written */
     struct vs_conn *conn;      /* VS_TX_PARTIAL / VS_TX_ATTENTION */
     uint32_t rx_pushed;        /* CREDIT_UPDATEs written to the rx queue (then notified) */
+    uint32_t credit_in;        /* the guest's CREDIT_UPDATEs taken here */
 };
 
 struct vs_rx_result {

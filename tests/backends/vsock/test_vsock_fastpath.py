@@ -122,6 +122,35 @@ def test_vsock_host_data_after_connect_line_keeps_order_before_c_takes_over(one_
     assert len(body) // 2 <= line["c_in"] <= len(body)
 
 
+def test_vsock_guest_credit_updates_are_taken_in_c_and_a_closed_window_reopens(one_vm):
+    """A guest with a 16 KiB window reads slowly: the window closes again and again and
+    each CREDIT_UPDATE that reopens it is taken by C (the tx burst), which hands the
+    connection back to Python only when the window opens from zero. Every byte arrives,
+    in order, most of them by C, and the window is never overrun."""
+    bp, sock, uds = one_vm
+    body = os.urandom(2 * MiB + 5)
+    with VsockDriver.attach(sock, buf_alloc=16 << 10) as drv:
+        drv.listen(7003)
+        h, _ = host_connect(uds, 7003)
+        g = drv.accept(7003)
+        assert read_line(h).startswith(b"OK ")
+        writer = threading.Thread(target=h.sendall, args=(body,))
+        writer.start()
+        got = g.recv_exact(len(body), timeout=60)
+        writer.join(30)
+        assert g.credit_violations == 0
+        stats = next(v for k, v in bp.log_stats().items() if k.startswith("cid 3 "))
+        h.close()
+        g.recv(timeout=10)  # EOF
+        g.close()
+        port = g.local_port
+    assert sha(got) == sha(body)
+    assert stats["c_credit_updates_in"] >= len(body) // (16 << 10) // 2, stats
+    line = _close_line(bp, port)
+    assert line["in"] == len(body)
+    assert line["c_in"] >= len(body) // 2, line
+
+
 def test_vsock_pcap_leaves_the_bytes_on_the_c_path(sockdir, vsock_proc):
     """With --pcap, C still moves the stream (it appends each packet to the capture ring
     itself; test_vsock_pcap.py reads the file)."""
