@@ -69,6 +69,7 @@ class Conn:
     peer_fwd_cnt = _native("peer_fwd_cnt")
     tx_cnt = _native("tx_cnt")                 # bytes sent to the guest
     readable = _native("readable", bool)       # the host socket has data or EOF (selector said so)
+    guest_shut_rcv = _native("guest_shut_rcv", bool)  # the guest takes no more bytes
 
     def __init__(self, sock: socket.socket, *, guest_port: int, host_port: int,
                  sock_type: int, buf_alloc: int, state: ConnState, peer_cid: int = 2):

@@ -111,7 +111,10 @@ class VsockDevice(RxPath, VirtioDevice):
         self.max_queue_size = opts.queue_size
         self.router = router
         self.capture = capture
-        self._lock = threading.RLock()
+        # One lock for connections, the control queue and the rx ring (its writer_lock):
+        # a C mutex, so the host loop takes it without the GIL.
+        self._lock = fast.NativeLock()
+        self._rx_waits = False               # the rx worker waits for a buffer (a kick)
         self._vqs: list = [None, None, None]
         self._conns: dict[tuple[int, int, int], Conn] = {}
         self._table = fast.ConnTable()       # the same connections, for C's tx path
@@ -158,6 +161,8 @@ class VsockDevice(RxPath, VirtioDevice):
     def queue_stopped(self, index: int) -> None:
         with self._lock:
             self._vqs[index] = None
+            if index == RX:
+                self.host.loop.set_rx(None)
 
     def reset(self) -> None:
         """A front-end left: every connection is gone; the next one gets a transport reset.
@@ -170,6 +175,7 @@ class VsockDevice(RxPath, VirtioDevice):
             self._ctrl_bytes = 0
             self._ready.clear()
             self._vqs = [None, None, None]
+            self.host.loop.set_rx(None)
             self._new_session = True
             self._parked = None
             waiters, self._waiters = list(self._waiters), {}
@@ -190,6 +196,11 @@ class VsockDevice(RxPath, VirtioDevice):
         """The SIGUSR1 counters: drops, resets, back-pressure, queue fill."""
         with self._lock:
             out = dict(self.stats)
+            loop = self.host.loop.counters()
+            out["c_rx_packets"] += loop["packets"]
+            out["c_rx_bytes"] += loop["bytes"]
+            out["host_thread_rx_packets"] += loop["packets"]
+            out["host_loop_wakeups"] = loop["wakeups"]
             out.update(connections=len(self._conns), queued_bytes=self._ctrl_bytes,
                        parked=int(self._parked is not None))
         if self.router is not None:
@@ -243,6 +254,7 @@ class VsockDevice(RxPath, VirtioDevice):
             self._vqs[EVENT] = vq
             self._event_ran = True
             self._begin_session(vq)
+            self._sync_loop()
             if not self._reset_pending:
                 return
             chain = vq.pop()
@@ -252,6 +264,7 @@ class VsockDevice(RxPath, VirtioDevice):
         vq.push(chain.head, used)
         with self._lock:
             self._reset_pending = False   # rx and tx may go on: the event is in the ring first
+            self._sync_loop()
         log.info("cid %d: sent VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (front-end reconnected)", self.guest_cid)
         self._wake(RX)
         self._wake(TX)
@@ -265,6 +278,7 @@ class VsockDevice(RxPath, VirtioDevice):
         if self._had_traffic or vq.get_base() != 0:
             self._had_traffic = False
             self._reset_pending = True
+            self._sync_loop()
             self._wake(EVENT)
 
     def _held_for_reset(self) -> bool:
@@ -274,6 +288,11 @@ class VsockDevice(RxPath, VirtioDevice):
         QEMU keeps the event queue for itself (hw/virtio/vhost-vsock-common.c hands the
         back-end only rx and tx), so under QEMU no event is sent and nothing waits."""
         return self._reset_pending and self._event_ran
+
+    def _sync_loop(self) -> None:
+        """Tell the host loop (lock held) whether the guest may get nothing now and whether
+        the rx worker waits for a kick (so the loop re-arms it past the buffers it takes)."""
+        self.host.loop.set_flags(hold=self._held_for_reset(), worker_waits=self._rx_waits)
 
     # -- tx queue: packets from the guest ---------------------------------------
     def _tx_handler(self, vq) -> None:
@@ -689,6 +708,31 @@ class VsockDevice(RxPath, VirtioDevice):
             if (HOST_CID, port, guest_port) not in self._conns:
                 return port
 
+    def host_loop_ok(self, conn: Conn) -> bool:
+        """Whether the host loop may read `conn` in C (lock held): a plain established
+        stream, with none of Python's control packets queued ahead of its data (a
+        RESPONSE must reach the guest before the stream's first bytes)."""
+        return self._fast_rx_ok(conn) and not self._ctrl
+
+    def host_loop_wait(self, loop, timeout_ms: int) -> bool:
+        """The host thread sleeps in the C loop; connections it handed back go the way a
+        readable socket goes (`host_readable`). True when the selector has events."""
+        res = loop.run(timeout_ms)
+        if res.rx_broken:
+            with self._lock:
+                rx = self._vqs[RX]
+                if rx is not None:
+                    rx.report_broken()
+        for i in range(res.nback):
+            b = res.back[i]
+            with self._lock:
+                conn = self._conns.get((b.peer_cid, b.host_port, b.guest_port))
+                if conn is None or conn.rec.host_slot:
+                    continue  # closed meanwhile, or a new connection with that key
+            self.host_readable(conn)
+            self.host.mark(conn)
+        return bool(res.py)
+
     def host_interest(self, conn: Conn) -> int:
         """The selector events `conn`'s host socket needs now (asked by the host thread)."""
         with self._lock:
@@ -775,6 +819,7 @@ class VsockDevice(RxPath, VirtioDevice):
     def _close_conn(self, conn: Conn) -> None:
         if conn.state is ConnState.CLOSED:
             return
+        self.host.forget(conn)  # before the socket closes and the record can go
         conn.state = ConnState.CLOSED
         self._conns.pop(conn.key, None)
         self._table.remove(conn.rec)

@@ -23,7 +23,8 @@ from vhost_user._native import ffi, lib
 from vhost_user.chain import Chain, check_native
 from vhost_user.virtqueue import Virtqueue
 
-__all__ = ["ConnCounters", "ConnTable", "TxOutcome", "RxOutcome", "RxChain", "tx_burst", "rx_fill",
+__all__ = ["ConnCounters", "ConnTable", "TxOutcome", "RxOutcome", "RxChain", "NativeLock", "HostLoop",
+           "tx_burst", "rx_fill",
            "TX_EMPTY", "TX_MORE", "TX_SLOW", "TX_PARTIAL", "TX_ATTENTION",
            "RX_NO_BUFFER", "RX_MORE", "RX_DRAINED", "RX_NO_CREDIT", "RX_SLOW", "RX_EOF", "RX_ERROR",
            "credit", "credit_update_due", "BURST", "CaptureRing"]
@@ -179,3 +180,74 @@ def credit_update_due(rec) -> bool:
     """Whether the guest must be told how much of our buffer is free again (the rule
     C applies after every packet it finishes)."""
     return bool(lib.vs_credit_update_due(rec))
+
+
+class NativeLock:
+    """The device lock: a recursive mutex (struct vs_lock) that Python takes with `with`
+    and the host loop takes in C, so the loop needs no GIL to exclude the workers.
+    Blocking happens in C with the GIL released (cffi), so a thread holding the lock
+    and waiting for the GIL never waits on one that holds the GIL and wants the lock."""
+
+    __slots__ = ("native",)
+
+    def __init__(self) -> None:
+        lock = lib.vs_lock_new()
+        if lock == ffi.NULL:
+            raise MemoryError("vsock: no memory for the device lock")
+        self.native = ffi.gc(lock, lib.vs_lock_free)
+
+    def acquire(self) -> bool:
+        lib.vs_lock_acquire(self.native)
+        return True
+
+    def release(self) -> None:
+        lib.vs_lock_release(self.native)
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc: object) -> None:
+        lib.vs_lock_release(self.native)
+
+
+class HostLoop:
+    """The host thread's C loop (vsock_host.c) over the sockets of established stream
+    connections, beside the Python selector whose epoll fd is `py_fd`. Every method but
+    `run` is called with the device lock held."""
+
+    def __init__(self, lock: NativeLock, py_fd: int, guest_cid: int) -> None:
+        loop = lib.vs_host_new(lock.native, py_fd, guest_cid)
+        if loop == ffi.NULL:
+            raise OSError("vsock: the host loop's epoll set could not be made")
+        self._lock = lock  # the loop holds its address
+        self._h = ffi.gc(loop, lib.vs_host_free)
+        self._res = ffi.new("struct vs_host_result *")
+        self._chain = RxChain()
+        self._counters = ffi.new("struct vs_host_counters *")
+
+    def set_rx(self, vq: Virtqueue | None, capture: CaptureRing | None = None) -> None:
+        """The started rx queue the loop fills (None: none)."""
+        if vq is None:
+            lib.vs_host_set_rx(self._h, ffi.NULL, ffi.NULL, ffi.NULL)
+        else:
+            lib.vs_host_set_rx(self._h, vq.native_queue, self._chain.chain, _ring(capture))
+
+    def set_flags(self, *, hold: bool, worker_waits: bool) -> None:
+        lib.vs_host_set_flags(self._h, int(hold), int(worker_waits))
+
+    def add(self, rec) -> bool:
+        """Read `rec`'s socket in C from now on; False when the loop cannot take it."""
+        return lib.vs_host_add(self._h, rec) == 0
+
+    def remove(self, rec) -> None:
+        lib.vs_host_del(self._h, rec)
+
+    def run(self, timeout_ms: int):
+        """Sleep in C until Python has work (GIL released): returns the struct
+        vs_host_result, valid until the next call."""
+        check_native(lib.vs_host_run(self._h, timeout_ms, self._res), "vsock host loop")
+        return self._res
+
+    def counters(self) -> dict[str, int]:
+        lib.vs_host_counters(self._h, self._counters)
+        c = self._counters
+        return {"packets": c.packets, "bytes": c.bytes, "wakeups": c.wakeups}

@@ -4,14 +4,20 @@ Theory of operation
 -------------------
 One thread per VM waits in a selector on: the `--uds-path` listener (host
 programs that say `CONNECT <port>\\n`), clients still sending that line, and
-the Unix sockets of live connections. On a readable connection the device
-moves the bytes straight into guest rx buffers from this thread, in C under
-the device lock (the rx queue's writer lock), and wakes the rx worker only
-for what it cannot finish here (no buffer, no credit, Python's packets
-first); on a writable one it asks the device to flush bytes the guest sent
-earlier. Other threads never
-change the selector themselves: they call `update(conn)` and the loop
-recomputes that connection's interest, so the selector has one user.
+the Unix sockets of live connections. The thread sleeps in C
+(`fastpath.HostLoop`, vsock_host.c) on the sockets of established stream
+connections and on this selector's epoll fd: a readable stream is moved
+straight into guest rx buffers there, under the device lock (a C mutex,
+also the rx queue's writer lock), with no Python and no GIL. C hands a
+connection back for what it cannot finish (no buffer, no credit, EOF, an
+error); the device then wakes the rx worker for it, and the connection
+returns to C once drained. Connections C may not read (CONNECT leftovers,
+SEQPACKET, Python's control packets queued first) stay in the selector,
+where a readable one is filled from this thread by `device.host_readable`;
+on a writable one the device flushes bytes the guest sent earlier. Other
+threads never change the selector or the loop themselves: they call
+`update(conn)` and this thread recomputes that connection's interest, so
+each has one user.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import threading
 
 from vhost_user.server import listen_unix, unlink_if_ours
 
+from . import fastpath as fast
 from .connection import Conn
 
 __all__ = ["HostSide", "parse_connect", "MAX_CONNECT_LINE"]
@@ -63,6 +70,7 @@ class HostSide:
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._stop = False
+        self.loop = fast.HostLoop(device._lock, self._sel.fileno(), device.guest_cid)
         if uds_path is not None:
             self._listener = _listen(uds_path)
             self._sel.register(self._listener, selectors.EVENT_READ, ("listen", None))
@@ -97,11 +105,22 @@ class HostSide:
             unlink_if_ours(self.uds_path)
 
     # -- loop ------------------------------------------------------------------
+    def forget(self, conn: Conn) -> None:
+        """Take `conn` out of the C loop (device lock held): before its socket closes,
+        and before its record can be freed."""
+        self.loop.remove(conn.rec)
+
     def _run(self) -> None:
         while not self._stop:
             self._apply_dirty()
             try:
-                events = self._sel.select(1.0)
+                if not self.device.host_loop_wait(self.loop, 1000):
+                    continue  # only C's work, or connections handed back (now dirty)
+            except Exception:
+                log.exception("vsock host loop: the C loop failed")
+                return
+            try:
+                events = self._sel.select(0)
             except OSError as exc:
                 log.error("vsock host loop: select failed: %s", exc)
                 return
@@ -143,13 +162,24 @@ class HostSide:
                     log.warning("vsock host loop: %s: %s; forgotten", conn.describe(), exc)
                     self._forget(conn.sock)
 
+    def mark(self, conn: Conn) -> None:
+        """`update(conn)` from this thread itself: no wake-up needed."""
+        with self._lock:
+            self._dirty.add(conn)
+
     def _apply_one(self, conn: Conn) -> None:
         mask = self.device.host_interest(conn)
         conn.interest = mask
         sock = conn.sock
         if sock.fileno() < 0:
+            self.loop.remove(conn.rec)
             self._forget(sock)
             return
+        if mask & selectors.EVENT_READ and self.device.host_loop_ok(conn):
+            if conn.rec.host_slot or self.loop.add(conn.rec):
+                mask &= ~selectors.EVENT_READ  # C reads it
+        elif conn.rec.host_slot:
+            self.loop.remove(conn.rec)
         registered = self._sel.get_map().get(sock.fileno())
         if registered is not None and registered.data[1] is not conn:
             self._sel.unregister(sock.fileno())  # fd number reused by a new connection

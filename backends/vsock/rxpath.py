@@ -53,6 +53,7 @@ class RxPath:
             if self._vqs[RX] is not vq:
                 self._vqs[RX] = vq
                 vq.writer_lock = self._lock  # C's tx path pushes credit updates here
+                self.host.loop.set_rx(vq, self._ring)  # and the host loop fills it
                 self._begin_session(vq)
             if self._held_for_reset():
                 return HANDLER_IDLE  # the event handler wakes us once the reset event is out
@@ -63,16 +64,25 @@ class RxPath:
                     # Nothing to send: kicks stay off, so the buffers the guest posts while
                     # the host thread fills them cost no wake-up here. Whatever queues work
                     # for us (a control packet, a readable socket) wakes us itself.
+                    self._set_rx_waits(False)
                     return HANDLER_IDLE
             if self._rx_control(vq) and self._rx_data(vq):
                 rearmed = False
                 continue
             # Out of rx buffers: ask for the guest's next kick, then look once more, for a
-            # buffer posted before the request was visible (it would bring no kick).
+            # buffer posted before the request was visible (it would bring no kick). The
+            # host loop re-arms it too, past the buffers it takes meanwhile.
             if rearmed:
                 return None  # the guest's next rx kick brings us back
+            with self._lock:
+                self._set_rx_waits(True)
             vq.rearm_kick()
             rearmed = True
+
+    def _set_rx_waits(self, waits: bool) -> None:
+        if self._rx_waits != waits:
+            self._rx_waits = waits
+            self._sync_loop()
 
     def _rx_control(self, vq) -> bool:
         while True:

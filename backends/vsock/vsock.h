@@ -93,7 +93,9 @@ struct vs_conn {
     uint32_t peer_buf_alloc, peer_fwd_cnt;
     uint64_t tx_cnt;           /* bytes sent to the guest */
     uint32_t readable;         /* the host socket has data or EOF */
+    uint32_t guest_shut_rcv;   /* the guest will not receive: nothing more is sent to it */
     uint32_t in_table;
+    uint32_t host_slot;        /* 1 + its slot in the host loop (vsock_host.c), 0 when not there */
     /* what C moved itself (for the close log line and tests) */
     uint64_t c_bytes_out;      /* guest -> host */
     uint64_t c_bytes_in;       /* host -> guest */
@@ -141,6 +143,53 @@ int vs_tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid
 int vs_rx_fill(struct vr_queue *q, struct vs_conn *conn, uint64_t guest_cid,
                struct vr_chain *c, uint32_t max, struct vr_capture *cap,
                struct vs_rx_result *res);
+
+/* ---- the host loop (vsock_host.c) ---- */
+
+/* A recursive mutex: the device lock, taken by Python (`with`) and by the
+ * host loop in C, so both exclude each other from connections and rings. */
+struct vs_lock;
+struct vs_lock *vs_lock_new(void);
+void vs_lock_free(struct vs_lock *l);
+void vs_lock_acquire(struct vs_lock *l);
+void vs_lock_release(struct vs_lock *l);
+
+#define VS_HOST_SLOTS 4096u  /* connections the loop reads; at least VS_TABLE_MAX */
+#define VS_HOST_BATCH 64     /* events per epoll_wait */
+
+/* A connection the loop handed back to Python, by key (its record may be
+ * gone by the time Python looks): `status` is vs_rx_fill()'s, or
+ * VS_RX_SLOW when C may not fill at all now. */
+struct vs_back {
+    uint64_t peer_cid;
+    uint32_t host_port, guest_port;
+    uint32_t status;
+    int32_t err;
+};
+
+struct vs_host_result {
+    uint32_t py;          /* the Python selector has events */
+    uint32_t rx_broken;   /* the rx ring broke under a fill (Python reports it) */
+    uint32_t nback;
+    struct vs_back back[VS_HOST_BATCH];
+};
+
+struct vs_host_counters {
+    uint64_t packets, bytes;  /* RW packets and payload bytes the loop filled */
+    uint64_t wakeups;         /* epoll_wait returns with events */
+};
+
+struct vs_host;
+struct vs_host *vs_host_new(struct vs_lock *lock, int py_fd, uint64_t guest_cid);
+void vs_host_free(struct vs_host *h);
+/* The lock held: */
+void vs_host_set_rx(struct vs_host *h, struct vr_queue *rxq, struct vr_chain *c, struct vr_capture *cap);
+void vs_host_set_flags(struct vs_host *h, uint32_t hold, uint32_t worker_waits);
+int vs_host_add(struct vs_host *h, struct vs_conn *c);
+void vs_host_del(struct vs_host *h, struct vs_conn *c);
+void vs_host_counters(const struct vs_host *h, struct vs_host_counters *out);
+/* Without the lock (it takes it per batch); returns 0, or -VR_E_IO when epoll fails. */
+int vs_host_run(struct vs_host *h, int timeout_ms, struct vs_host_result *res);
 
 /* cdef-end */
 

@@ -140,6 +140,7 @@ def test_vsock_host_thread_survives_a_socket_closed_while_it_registers_it():
     import time
 
     from vhost_user.backends.vsock.device import VmOptions, VsockDevice
+    from vhost_user.backends.vsock.fastpath import ConnCounters
 
     dev = VsockDevice(VmOptions(guest_cid=3, socket=None, uds_path=None))
     host = dev.host
@@ -148,12 +149,14 @@ def test_vsock_host_thread_survives_a_socket_closed_while_it_registers_it():
 
     class FakeConn:  # the fields the host thread reads
         sock, interest = ours, 0
+        rec = ConnCounters(2, 1, 1, -1, 1)  # not in the C loop
 
         def describe(self):
             return "conn under test"
 
     conn = FakeConn()
     dev.host_interest = lambda c: selectors.EVENT_READ
+    dev.host_loop_ok = lambda c: False  # the selector's register() path, not the C loop's
     real_get_map = host._sel.get_map
 
     def get_map():
