@@ -42,7 +42,6 @@ import errno
 import logging
 import selectors
 import socket
-import threading
 from collections import deque
 from dataclasses import dataclass, field, replace
 
