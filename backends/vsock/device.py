@@ -138,6 +138,7 @@ class VsockDevice(RxPath, VirtioDevice):
                       "c_credit_updates_in": 0}
         self._ring = capture.ring if capture is not None else None
         self.host = HostSide(self, opts.uds_path)
+        self._rx_engine = fast.RxEngine(self.host.loop, self._rx_handler)
         if router is not None:
             try:
                 router.add(self)
@@ -155,7 +156,7 @@ class VsockDevice(RxPath, VirtioDevice):
         return space[offset:offset + size]
 
     def queue_handler(self, index: int):
-        return {RX: self._rx_handler, TX: self._tx_handler, EVENT: self._event_handler}[index]
+        return {RX: self._rx_engine, TX: self._tx_handler, EVENT: self._event_handler}[index]
 
     def queue_stopped(self, index: int) -> None:
         with self._lock:
@@ -223,6 +224,8 @@ class VsockDevice(RxPath, VirtioDevice):
     def _wake(self, index: int) -> None:
         vq = self._vqs[index]
         if vq is not None:
+            if index == RX:
+                self.host.loop.py_work()  # the worker's C handler calls ours first
             vq.wake()
 
     def _flush_wake(self) -> None:

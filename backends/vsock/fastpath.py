@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 from vhost_user._native import ffi, lib
 from vhost_user.chain import Chain, check_native
+from vhost_user.engine import Engine
 from vhost_user.virtqueue import Virtqueue
 
-__all__ = ["ConnCounters", "ConnTable", "TxOutcome", "RxOutcome", "RxChain", "NativeLock", "HostLoop",
+__all__ = ["ConnCounters", "ConnTable", "TxOutcome", "RxOutcome", "RxChain", "NativeLock", "HostLoop", "RxEngine",
            "tx_burst", "rx_fill",
            "TX_EMPTY", "TX_MORE", "TX_SLOW", "TX_PARTIAL", "TX_ATTENTION",
            "RX_NO_BUFFER", "RX_MORE", "RX_DRAINED", "RX_NO_CREDIT", "RX_SLOW", "RX_EOF", "RX_ERROR",
@@ -241,6 +242,10 @@ class HostLoop:
     def remove(self, rec) -> None:
         lib.vs_host_del(self._h, rec)
 
+    def py_work(self) -> None:
+        """Python's rx handler has work: the rx worker calls it first (any thread)."""
+        lib.vs_host_py_work(self._h)
+
     def run(self, timeout_ms: int):
         """Sleep in C until Python has work (GIL released): returns the struct
         vs_host_result, valid until the next call."""
@@ -251,3 +256,23 @@ class HostLoop:
         lib.vs_host_counters(self._h, self._counters)
         c = self._counters
         return {"packets": c.packets, "bytes": c.bytes, "wakeups": c.wakeups}
+
+
+class RxEngine(Engine):
+    """The rx queue's worker runs C (vs_rx_handler): Python's handler `handler` first
+    whenever Python has work for the ring (`HostLoop.py_work`), then the connections
+    of the host loop that wait for rx buffers, so a guest kick that only brings buffers
+    costs no Python."""
+
+    def __init__(self, loop: HostLoop, handler) -> None:
+        self._loop = loop
+        self._py = handler
+        self._handle = None
+
+    def bind(self, vq: Virtqueue):
+        self._handle = ffi.new_handle(vq)  # the trampoline's way back to vq._handler (us)
+        lib.vs_host_set_py(self._loop._h, ffi.addressof(lib, "vr_py_handler"), self._handle)
+        return ffi.addressof(lib, "vs_rx_handler"), self._loop._h
+
+    def __call__(self, vq: Virtqueue):
+        return self._py(vq)

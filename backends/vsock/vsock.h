@@ -185,6 +185,12 @@ void vs_host_free(struct vs_host *h);
 /* The lock held: */
 void vs_host_set_rx(struct vs_host *h, struct vr_queue *rxq, struct vr_chain *c, struct vr_capture *cap);
 void vs_host_set_flags(struct vs_host *h, uint32_t hold, uint32_t worker_waits);
+void vs_host_set_py(struct vs_host *h, vr_handler_fn fn, void *ctx);
+/* Python's rx handler has work (any thread, lock taken here). */
+void vs_host_py_work(struct vs_host *h);
+/* The rx queue's worker handler (vr_run): Python's first when it has work,
+ * then the connections waiting for buffers. */
+int vs_rx_handler(void *ctx, struct vr_queue *q);
 int vs_host_add(struct vs_host *h, struct vs_conn *c);
 void vs_host_del(struct vs_host *h, struct vs_conn *c);
 void vs_host_counters(const struct vs_host *h, struct vs_host_counters *out);

@@ -13,13 +13,21 @@
  * The socket stays registered, level-triggered: when it has more, epoll
  * says so again, and nothing has to re-arm it.
  *
+ * A connection that finds the rx ring empty waits for buffers in C: it
+ * leaves the epoll set for a list, oldest first, and guest kicks are
+ * turned on.  The rx queue's worker runs vs_rx_handler() on the kick: it
+ * calls Python's handler first when Python has work there (control
+ * packets, connections of its own, the first run of a session, a reset
+ * due), then fills the waiting connections and puts them back in the
+ * epoll set, and tells vr_run to leave kicks off when nobody waits.
+ *
  * Anything else goes back to Python, which owns the connection's state:
- * no rx buffer, no credit, EOF, an error, an odd buffer, a connection that
- * is no longer a plain established stream, an rx queue C may not fill now
- * (stopped, broken, a transport reset due).  The connection leaves the
- * loop (its slot freed, its fd removed from the epoll set) and its key is
- * reported; Python marks it readable and lets the rx worker finish it, and
- * registers it here again once it is drained.  Python also removes a
+ * no credit, EOF, an error, an odd buffer, a connection that is no longer
+ * a plain established stream, an rx queue C may not fill now (stopped,
+ * broken, a transport reset due).  The connection leaves the loop (its
+ * slot freed) and its key is reported; Python marks it readable and lets
+ * the rx worker finish it, and registers it here again once it is
+ * drained.  Python also removes a
  * connection (under the lock) before it closes its socket or drops its
  * record, so a slot never points at freed memory; an event for a slot
  * freed since epoll_wait() returned is ignored.
@@ -29,11 +37,15 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include "vsock.h"
 
-#define PY_TOKEN 0xFFFFFFFFu /* epoll data of the Python selector's fd */
+#define PY_TOKEN 0xFFFFFFFFu   /* epoll data of the Python selector's fd */
+#define POKE_TOKEN 0xFFFFFFFEu /* ... and of the eventfd the rx handler pokes */
+#define NONE 0xFFFFFFFFu
+enum { SLOT_FREE = 0, SLOT_POLL = 1, SLOT_WAIT = 2 };
 #define FILL_ROUNDS 4        /* vs_rx_fill calls per event: then the next socket's turn */
 #define FILL_MAX 64          /* packets per vs_rx_fill call */
 
@@ -74,11 +86,20 @@ struct vs_host {
     struct vr_chain *chain;    /* the loop's own chain buffer */
     struct vr_capture *cap;
     uint32_t hold;             /* a transport reset is due: nothing reaches the guest */
-    uint32_t worker_waits;     /* the rx worker waits for a kick: re-arm it past our pops */
+    uint32_t worker_waits;     /* Python's rx handler waits for a kick: re-arm it past our pops */
+    uint32_t py_work;          /* Python's rx handler has work: call it first */
+    vr_handler_fn py_fn;       /* Python's rx handler (the vr_run trampoline) */
+    void *py_ctx;
+    int poke;                  /* eventfd: hand-backs from the rx handler are pending */
     struct vs_host_counters counters;
     uint32_t nfree;
     uint32_t free_slot[VS_HOST_SLOTS];
     struct vs_conn *slot[VS_HOST_SLOTS];
+    uint8_t state[VS_HOST_SLOTS];                /* SLOT_* */
+    uint32_t wnext[VS_HOST_SLOTS], wprev[VS_HOST_SLOTS];
+    uint32_t whead, wtail;                       /* waiting for rx buffers, oldest first */
+    uint32_t npend;                              /* handed back by the rx handler */
+    struct vs_back pend[VS_HOST_SLOTS];
 };
 
 _Static_assert(VS_HOST_SLOTS >= VS_TABLE_MAX, "every fast connection can be in the loop");
@@ -89,15 +110,22 @@ struct vs_host *vs_host_new(struct vs_lock *lock, int py_fd, uint64_t guest_cid)
     if (!h)
         return NULL;
     h->epfd = epoll_create1(EPOLL_CLOEXEC);
+    h->poke = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     struct epoll_event ev = {.events = EPOLLIN, .data.u32 = PY_TOKEN};
-    if (h->epfd < 0 || epoll_ctl(h->epfd, EPOLL_CTL_ADD, py_fd, &ev) < 0) {
+    struct epoll_event pk = {.events = EPOLLIN, .data.u32 = POKE_TOKEN};
+    if (h->epfd < 0 || h->poke < 0 || epoll_ctl(h->epfd, EPOLL_CTL_ADD, py_fd, &ev) < 0 ||
+        epoll_ctl(h->epfd, EPOLL_CTL_ADD, h->poke, &pk) < 0) {
         if (h->epfd >= 0)
             close(h->epfd);
+        if (h->poke >= 0)
+            close(h->poke);
         free(h);
         return NULL;
     }
     h->lock = lock;
     h->guest_cid = guest_cid;
+    h->py_work = 1;
+    h->whead = h->wtail = NONE;
     for (uint32_t i = 0; i < VS_HOST_SLOTS; i++)
         h->free_slot[h->nfree++] = VS_HOST_SLOTS - 1 - i;
     return h;
@@ -107,6 +135,7 @@ void vs_host_free(struct vs_host *h)
 {
     if (h) {
         close(h->epfd);
+        close(h->poke);
         free(h);
     }
 }
@@ -116,6 +145,21 @@ void vs_host_set_rx(struct vs_host *h, struct vr_queue *rxq, struct vr_chain *c,
     h->rxq = rxq;
     h->chain = c;
     h->cap = cap;
+    if (!rxq)
+        h->py_work = 1; /* the next session's first run is Python's */
+}
+
+void vs_host_set_py(struct vs_host *h, vr_handler_fn fn, void *ctx)
+{
+    h->py_fn = fn;
+    h->py_ctx = ctx;
+}
+
+void vs_host_py_work(struct vs_host *h)
+{
+    vs_lock_acquire(h->lock);
+    h->py_work = 1;
+    vs_lock_release(h->lock);
 }
 
 void vs_host_set_flags(struct vs_host *h, uint32_t hold, uint32_t worker_waits)
@@ -141,8 +185,45 @@ int vs_host_add(struct vs_host *h, struct vs_conn *c)
         return -VR_E_INVAL;
     }
     h->slot[i] = c;
+    h->state[i] = SLOT_POLL;
     c->host_slot = i + 1;
     return 0;
+}
+
+static void wait_unlink(struct vs_host *h, uint32_t i)
+{
+    uint32_t p = h->wprev[i], n = h->wnext[i];
+    if (p == NONE)
+        h->whead = n;
+    else
+        h->wnext[p] = n;
+    if (n == NONE)
+        h->wtail = p;
+    else
+        h->wprev[n] = p;
+}
+
+/* Out of the epoll set, onto the end of the waiting list. */
+static void park(struct vs_host *h, uint32_t i)
+{
+    epoll_ctl(h->epfd, EPOLL_CTL_DEL, h->slot[i]->fd, NULL);
+    h->state[i] = SLOT_WAIT;
+    h->wnext[i] = NONE;
+    h->wprev[i] = h->wtail;
+    if (h->wtail == NONE)
+        h->whead = i;
+    else
+        h->wnext[h->wtail] = i;
+    h->wtail = i;
+}
+
+/* Off the waiting list, into the epoll set again; 0 when epoll refuses. */
+static int unpark(struct vs_host *h, uint32_t i)
+{
+    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = i};
+    wait_unlink(h, i);
+    h->state[i] = SLOT_POLL;
+    return epoll_ctl(h->epfd, EPOLL_CTL_ADD, h->slot[i]->fd, &ev) == 0;
 }
 
 /* Before Python closes the socket: a closed fd's number may come back as
@@ -152,8 +233,11 @@ void vs_host_del(struct vs_host *h, struct vs_conn *c)
     if (!c->host_slot || c->host_slot > VS_HOST_SLOTS || h->slot[c->host_slot - 1] != c)
         return;
     uint32_t i = c->host_slot - 1;
-    if (c->fd >= 0)
+    if (h->state[i] == SLOT_WAIT)
+        wait_unlink(h, i);
+    else if (c->fd >= 0)
         epoll_ctl(h->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    h->state[i] = SLOT_FREE;
     h->slot[i] = NULL;
     h->free_slot[h->nfree++] = i;
     c->host_slot = 0;
@@ -164,11 +248,20 @@ void vs_host_counters(const struct vs_host *h, struct vs_host_counters *out)
     *out = h->counters;
 }
 
-static void hand_back(struct vs_host *h, struct vs_conn *c, uint32_t status, int32_t err,
-                      struct vs_host_result *res)
+/* Out of the loop, reported in `res`, or (NULL) kept for the host thread
+ * in `pend`; 0 when `pend` is full (the connection stays where it is). */
+static int hand_back(struct vs_host *h, struct vs_conn *c, uint32_t status, int32_t err,
+                     struct vs_host_result *res)
 {
-    res->back[res->nback++] = (struct vs_back){c->peer_cid, c->host_port, c->guest_port, status, err};
+    struct vs_back b = {c->peer_cid, c->host_port, c->guest_port, status, err};
+    if (res)
+        res->back[res->nback++] = b;
+    else if (h->npend < VS_HOST_SLOTS)
+        h->pend[h->npend++] = b;
+    else
+        return 0;
     vs_host_del(h, c);
+    return 1;
 }
 
 /* Fill from one readable connection; its vs_rx_fill status. */
@@ -190,11 +283,98 @@ static uint32_t fill(struct vs_host *h, struct vr_queue *q, struct vs_conn *c, i
     return r.status;
 }
 
+/* Fill the waiting connections, oldest first, while the ring has buffers
+ * (lock held, `q` fillable); back in the epoll set when drained.  Returns
+ * 1 while some still wait.  Hand-backs go to `res`, or to `pend` (NULL),
+ * counted in *poked. */
+static int serve_waiting(struct vs_host *h, struct vr_queue *q, uint32_t *pushed,
+                         struct vs_host_result *res, int *poked)
+{
+    while (h->whead != NONE && !vr_queue_broken(q)) {
+        if (res && res->nback >= VS_HOST_BATCH)
+            return 1; /* no room to report one: the rest next time */
+        uint32_t i = h->whead;
+        struct vs_conn *c = h->slot[i];
+        int32_t err = 0;
+        uint32_t status = fill(h, q, c, &err, pushed);
+        if (status == VS_RX_NO_BUFFER)
+            return 1;
+        if (status == VS_RX_DRAINED || status == VS_RX_MORE) {
+            if (unpark(h, i))
+                continue;
+            status = VS_RX_SLOW;
+        }
+        if (!hand_back(h, c, status, err, res))
+            return 1;
+        *poked += !res;
+    }
+    return 0;
+}
+
+/* A connection waits for buffers: make sure a kick comes, and take the
+ * buffers that came before the request could be seen. */
+static void want_kick(struct vs_host *h, struct vr_queue *q, uint32_t *pushed,
+                      struct vs_host_result *res, int *poked)
+{
+    while (h->whead != NONE && !vr_queue_broken(q) && vr_enable_notify(q)) {
+        if (!serve_waiting(h, q, pushed, res, poked))
+            break;
+    }
+}
+
+int vs_rx_handler(void *ctx, struct vr_queue *q)
+{
+    struct vs_host *h = ctx;
+    int rc = 0, poked = 0, waiting = 0;
+    uint32_t pushed = 0;
+
+    vs_lock_acquire(h->lock);
+    if (h->py_work || h->worker_waits || h->hold || q != h->rxq) {
+        h->py_work = 0;
+        vs_lock_release(h->lock);
+        rc = h->py_fn ? h->py_fn(h->py_ctx, q) : VR_HANDLER_IDLE;
+        if (rc < 0)
+            return rc;
+        vs_lock_acquire(h->lock);
+        if (h->worker_waits || h->hold || q != h->rxq || !h->chain) {
+            vs_lock_release(h->lock);
+            return rc;
+        }
+    }
+    if (q->started && !vr_queue_broken(q)) {
+        waiting = serve_waiting(h, q, &pushed, NULL, &poked);
+        if (waiting)
+            want_kick(h, q, &pushed, NULL, &poked);
+        waiting = h->whead != NONE;
+    }
+    vs_lock_release(h->lock);
+    if (poked) {
+        uint64_t one = 1;
+        ssize_t w = write(h->poke, &one, sizeof(one));
+        (void)w; /* EAGAIN: the counter is full, the loop wakes anyway */
+    }
+    return waiting ? 0 : VR_HANDLER_IDLE;
+}
+
+static void take_pending(struct vs_host *h, struct vs_host_result *res)
+{
+    uint32_t n = h->npend < VS_HOST_BATCH - res->nback ? h->npend : VS_HOST_BATCH - res->nback;
+    memcpy(res->back + res->nback, h->pend, n * sizeof(*h->pend));
+    res->nback += n;
+    memmove(h->pend, h->pend + n, (h->npend - n) * sizeof(*h->pend));
+    h->npend -= n;
+}
+
 int vs_host_run(struct vs_host *h, int timeout_ms, struct vs_host_result *res)
 {
     struct epoll_event ev[VS_HOST_BATCH];
 
     memset(res, 0, sizeof(*res));
+    vs_lock_acquire(h->lock);
+    take_pending(h, res);
+    vs_lock_release(h->lock);
+    if (res->nback)
+        return 0;
     for (;;) {
         int n = epoll_wait(h->epfd, ev, VS_HOST_BATCH, timeout_ms);
         if (n < 0 && errno == EINTR)
@@ -208,26 +388,38 @@ int vs_host_run(struct vs_host *h, int timeout_ms, struct vs_host_result *res)
         h->counters.wakeups++;
         struct vr_queue *q = h->rxq;
         int ok = q && h->chain && !h->hold && q->started && !vr_queue_broken(q);
+        int poked = 0;
         for (int i = 0; i < n; i++) {
             uint32_t idx = ev[i].data.u32;
             if (idx == PY_TOKEN) {
                 res->py = 1;
                 continue;
             }
+            if (idx == POKE_TOKEN) {
+                uint64_t v;
+                ssize_t r = read(h->poke, &v, sizeof(v));
+                (void)r;
+                take_pending(h, res);
+                continue;
+            }
             struct vs_conn *c = idx < VS_HOST_SLOTS ? h->slot[idx] : NULL;
-            if (!c)
-                continue; /* removed since epoll_wait returned */
+            if (!c || h->state[idx] != SLOT_POLL || res->nback >= VS_HOST_BATCH)
+                continue; /* removed since epoll_wait returned; or no room: it comes back */
             int32_t err = 0;
             uint32_t status = ok ? fill(h, q, c, &err, &pushed) : VS_RX_SLOW;
             if (ok && vr_queue_broken(q)) {
                 res->rx_broken = 1;
                 ok = 0;
             }
-            if (status != VS_RX_DRAINED && status != VS_RX_MORE)
+            if (status == VS_RX_NO_BUFFER && ok)
+                park(h, idx);
+            else if (status != VS_RX_DRAINED && status != VS_RX_MORE)
                 hand_back(h, c, status, err, res);
         }
+        if (ok)
+            want_kick(h, q, &pushed, res, &poked);
         if (pushed && !vr_queue_broken(q)) {
-            if (h->worker_waits)
+            if (h->worker_waits || h->whead != NONE)
                 vr_enable_notify(q);
             vr_notify_force(q);
         }
