@@ -139,6 +139,9 @@ class VsockDevice(RxPath, VirtioDevice):
         self._ring = capture.ring if capture is not None else None
         self.host = HostSide(self, opts.uds_path)
         self._rx_engine = fast.RxEngine(self.host.loop, self._rx_handler)
+        self._tx_engine = fast.TxEngine(self.host.loop, self._table, self._rx_chain,
+                                        self._tx_handler, self._tx_locked)
+        self._c_seen = 0                     # packets C had moved at the last session start
         if router is not None:
             try:
                 router.add(self)
@@ -156,13 +159,15 @@ class VsockDevice(RxPath, VirtioDevice):
         return space[offset:offset + size]
 
     def queue_handler(self, index: int):
-        return {RX: self._rx_engine, TX: self._tx_handler, EVENT: self._event_handler}[index]
+        return {RX: self._rx_engine, TX: self._tx_engine, EVENT: self._event_handler}[index]
 
     def queue_stopped(self, index: int) -> None:
         with self._lock:
             self._vqs[index] = None
             if index == RX:
                 self.host.loop.set_rx(None)
+            elif index == TX:
+                self._tx_engine.set_queue(None)
 
     def reset(self) -> None:
         """A front-end left: every connection is gone; the next one gets a transport reset.
@@ -172,10 +177,12 @@ class VsockDevice(RxPath, VirtioDevice):
             for conn in list(self._conns.values()):
                 self._close_conn(conn)
             self._ctrl.clear()
+            self.host.loop.set_ctrl(False)
             self._ctrl_bytes = 0
             self._ready.clear()
             self._vqs = [None, None, None]
             self.host.loop.set_rx(None)
+            self._tx_engine.set_queue(None)
             self._new_session = True
             self._parked = None
             waiters, self._waiters = list(self._waiters), {}
@@ -196,6 +203,11 @@ class VsockDevice(RxPath, VirtioDevice):
         """The SIGUSR1 counters: drops, resets, back-pressure, queue fill."""
         with self._lock:
             out = dict(self.stats)
+            tx = self._tx_engine.counters()
+            out["c_tx_packets"] += tx["packets"]
+            out["c_tx_bytes"] += tx["bytes"]
+            out["c_credit_updates_in"] += tx["credit_in"]
+            out["c_credit_updates"] += tx["rx_pushed"]
             loop = self.host.loop.counters()
             out["c_rx_packets"] += loop["packets"]
             out["c_rx_bytes"] += loop["bytes"]
@@ -226,6 +238,8 @@ class VsockDevice(RxPath, VirtioDevice):
         if vq is not None:
             if index == RX:
                 self.host.loop.py_work()  # the worker's C handler calls ours first
+            elif index == TX:
+                self._tx_engine.py_work()
             vq.wake()
 
     def _flush_wake(self) -> None:
@@ -235,6 +249,8 @@ class VsockDevice(RxPath, VirtioDevice):
 
     def _queue_ctrl(self, hdr: Header, payload: bytes = b"", conn: Conn | None = None,
                     capture: bool = True) -> None:
+        if not self._ctrl:
+            self.host.loop.set_ctrl(True)
         self._ctrl.append((hdr, payload, conn, capture))
         self._ctrl_bytes += len(payload) + HEADER_SIZE
         self._wake_needed = True
@@ -277,6 +293,10 @@ class VsockDevice(RxPath, VirtioDevice):
         if not self._new_session:
             return
         self._new_session = False
+        c_moved = self._tx_engine.counters()["packets"] + self.host.loop.counters()["packets"]
+        if c_moved != self._c_seen:
+            self._had_traffic = True
+            self._c_seen = c_moved
         if self._had_traffic or vq.get_base() != 0:
             self._had_traffic = False
             self._reset_pending = True
@@ -298,12 +318,22 @@ class VsockDevice(RxPath, VirtioDevice):
 
     # -- tx queue: packets from the guest ---------------------------------------
     def _tx_handler(self, vq) -> None:
+        """Python's part of the tx queue (the worker runs C first: TxEngine)."""
         with self._lock:
             if self._vqs[TX] is not vq:
                 self._vqs[TX] = vq
                 self._begin_session(vq)
             if self._held_for_reset():
                 return  # the event handler wakes us once the reset event is out
+            self._tx_engine.set_queue(vq)
+        try:
+            self._tx_run(vq)
+        finally:
+            # A relay parked on a full sibling holds the ring: our handler, not C's,
+            # takes the next kick (and the sibling's wake).
+            self._tx_engine.py_work(self._parked is not None)
+
+    def _tx_run(self, vq) -> None:
         if self._parked is not None and not self._retry_parked():
             return  # the sibling is still full: its rx worker wakes us when it drained
         while (chain := self._tx_next(vq)) is not None:
@@ -323,36 +353,54 @@ class VsockDevice(RxPath, VirtioDevice):
         """The next packet Python must handle; RW packets C can finish never come here."""
         while True:
             with self._lock:
-                out = fast.tx_burst(vq, self._table, self.guest_cid, capture=self._ring,
-                                    rx=self._rx_for_c(), rx_chain=self._rx_chain)
-                if out.rx_pushed:
-                    self.stats["c_credit_updates"] += out.rx_pushed
-                    rx = self._vqs[RX]
-                    if rx is not None and rx.broken:
-                        rx.report_broken()
-                if out.packets or out.credit_in:
-                    self._had_traffic = True
-                    self.stats["c_tx_packets"] += out.packets
-                    self.stats["c_tx_bytes"] += out.bytes
-                    self.stats["c_credit_updates_in"] += out.credit_in
-                if out.status == fast.TX_EMPTY:
-                    return None
-                if out.status == fast.TX_SLOW:
-                    return out.chain
-                conn = self._conns.get(out.conn_key) if out.conn_key else None
-                if out.status == fast.TX_PARTIAL:
-                    self.stats["py_tx_packets"] += 1
-                    try:
-                        self._partial_rw(conn, out.chain, out.sent)
-                    except Exception:
-                        log.exception("cid %d: tx packet handling failed", self.guest_cid)
-                    finally:
-                        vq.push(out.chain.head, 0)
-                elif out.status == fast.TX_ATTENTION and conn is not None:
-                    conn.peer_credit_changed()
-                    self._flush(conn)
-                    self._after_guest_packet(conn)
-                self._flush_wake()
+                out = self._tx_engine.take_slow(vq)
+                if out is None:
+                    out = fast.tx_burst(vq, self._table, self.guest_cid, capture=self._ring,
+                                        rx=self._rx_for_c(), rx_chain=self._rx_chain)
+                result = self._tx_outcome(vq, out)
+                if result is not _AGAIN:
+                    return result
+
+    def _tx_locked(self, vq, out: fast.TxOutcome) -> None:
+        """What the C handler hands back with the lock held: a short write or a connection
+        that needs attention (never a chain Python must take)."""
+        with self._lock:
+            rx = self._vqs[RX]
+            if rx is not None and rx.broken:
+                rx.report_broken()  # C's credit updates found the rx ring broken
+            self._tx_outcome(vq, out)
+
+    def _tx_outcome(self, vq, out: fast.TxOutcome):
+        """One burst's result (lock held): None (ring empty), a chain for Python, or _AGAIN."""
+        if out.rx_pushed:
+            self.stats["c_credit_updates"] += out.rx_pushed
+            rx = self._vqs[RX]
+            if rx is not None and rx.broken:
+                rx.report_broken()
+        if out.packets or out.credit_in:
+            self._had_traffic = True
+            self.stats["c_tx_packets"] += out.packets
+            self.stats["c_tx_bytes"] += out.bytes
+            self.stats["c_credit_updates_in"] += out.credit_in
+        if out.status == fast.TX_EMPTY:
+            return None
+        if out.status == fast.TX_SLOW:
+            return out.chain
+        conn = self._conns.get(out.conn_key) if out.conn_key else None
+        if out.status == fast.TX_PARTIAL:
+            self.stats["py_tx_packets"] += 1
+            try:
+                self._partial_rw(conn, out.chain, out.sent)
+            except Exception:
+                log.exception("cid %d: tx packet handling failed", self.guest_cid)
+            finally:
+                vq.push(out.chain.head, 0)
+        elif out.status == fast.TX_ATTENTION and conn is not None:
+            conn.peer_credit_changed()
+            self._flush(conn)
+            self._after_guest_packet(conn)
+        self._flush_wake()
+        return _AGAIN
 
     def _rx_for_c(self):
         """The rx queue C's tx path may write credit updates to (lock held), or None:
@@ -834,6 +882,9 @@ class VsockDevice(RxPath, VirtioDevice):
         log.info("cid %d: closed %s: guest->host %d bytes (%d by C, %d short writes), "
                  "host->guest %d bytes (%d by C)", self.guest_cid, conn.describe(), rec.fwd_cnt,
                  rec.c_bytes_out, conn.short_writes, rec.tx_cnt, rec.c_bytes_in)
+
+
+_AGAIN = object()  # _tx_outcome: burst again
 
 
 def _interest(conn: Conn) -> int:

@@ -24,7 +24,7 @@ from vhost_user.chain import Chain, check_native
 from vhost_user.engine import Engine
 from vhost_user.virtqueue import Virtqueue
 
-__all__ = ["ConnCounters", "ConnTable", "TxOutcome", "RxOutcome", "RxChain", "NativeLock", "HostLoop", "RxEngine",
+__all__ = ["ConnCounters", "ConnTable", "TxOutcome", "RxOutcome", "RxChain", "NativeLock", "HostLoop", "RxEngine", "TxEngine",
            "tx_burst", "rx_fill",
            "TX_EMPTY", "TX_MORE", "TX_SLOW", "TX_PARTIAL", "TX_ATTENTION",
            "RX_NO_BUFFER", "RX_MORE", "RX_DRAINED", "RX_NO_CREDIT", "RX_SLOW", "RX_EOF", "RX_ERROR",
@@ -153,6 +153,10 @@ def tx_burst(vq: Virtqueue, table: ConnTable, guest_cid: int, max_packets: int =
         rxq, rxc = rx.native_queue, rx_chain.chain
     check_native(lib.vs_tx_burst(vq.native_queue, table._t, guest_cid, vq.chain_buffer, max_packets,
                                  _ring(capture), rxq, rxc, res), "vsock tx")
+    return _outcome(res, vq)
+
+
+def _outcome(res, vq: Virtqueue) -> TxOutcome:
     out = TxOutcome(res.status, res.packets, res.bytes, res.sent, rx_pushed=res.rx_pushed,
                     credit_in=res.credit_in)
     if res.conn != ffi.NULL:
@@ -246,6 +250,10 @@ class HostLoop:
         """Python's rx handler has work: the rx worker calls it first (any thread)."""
         lib.vs_host_py_work(self._h)
 
+    def set_ctrl(self, queued: bool) -> None:
+        """Python has control packets queued: no credit update from C before them."""
+        lib.vs_host_set_ctrl(self._h, int(queued))
+
     def run(self, timeout_ms: int):
         """Sleep in C until Python has work (GIL released): returns the struct
         vs_host_result, valid until the next call."""
@@ -276,3 +284,61 @@ class RxEngine(Engine):
 
     def __call__(self, vq: Virtqueue):
         return self._py(vq)
+
+
+class TxEngine(Engine):
+    """The tx queue's worker runs C (vs_tx_handler): bursts of RW packets and credit
+    updates under the device lock, with no Python. What C hands back goes to Python:
+    `locked(vq, outcome)` with the lock still held by C, for a short write or a
+    connection that needs attention; `handler(vq)` for everything else (a packet C
+    does not take, whose chain `take_slow` returns; a wake; a session's first run)."""
+
+    def __init__(self, loop: HostLoop, table: ConnTable, rx_chain: RxChain, handler, locked) -> None:
+        self.x = ffi.new("struct vs_tx *")
+        self.x.h = loop._h
+        self.x.t = table._t
+        self.x.rxc = rx_chain.chain
+        self._keep = (loop, table, rx_chain)
+        self._py = handler
+        self._locked = locked
+        self._handle = None
+
+    def bind(self, vq: Virtqueue):
+        self._handle = ffi.new_handle(vq)
+        x = self.x
+        x.c = vq.chain_buffer
+        x.txq = ffi.NULL       # Python's handler runs the session's first burst
+        x.stash_kind = lib.VS_STASH_NONE
+        x.py_fn = ffi.addressof(lib, "vr_py_handler")
+        x.py_ctx = self._handle
+        return ffi.addressof(lib, "vs_tx_handler"), x
+
+    def __call__(self, vq: Virtqueue):
+        if self.x.stash_kind == lib.VS_STASH_LOCKED:
+            return self._locked(vq, self._stashed(vq))
+        return self._py(vq)
+
+    def _stashed(self, vq: Virtqueue) -> TxOutcome:
+        out = _outcome(self.x.stash, vq)
+        out.packets = out.bytes = out.credit_in = out.rx_pushed = 0  # C counted them
+        return out
+
+    def set_queue(self, vq: Virtqueue | None) -> None:
+        """The tx queue C may burst on (lock held); None: Python's handler first."""
+        self.x.txq = vq.native_queue if vq is not None else ffi.NULL
+
+    def py_work(self, on: bool = True) -> None:
+        """Python's handler runs on the next kick or wake (any thread)."""
+        self.x.py_work = int(on)
+
+    def take_slow(self, vq: Virtqueue) -> TxOutcome | None:
+        """The packet C handed back (lock held): its chain, popped; None if none."""
+        if self.x.stash_kind != lib.VS_STASH_SLOW:
+            return None
+        self.x.stash_kind = lib.VS_STASH_NONE
+        return self._stashed(vq)
+
+    def counters(self) -> dict[str, int]:
+        c = self.x.counters
+        return {"packets": c.packets, "bytes": c.bytes, "credit_in": c.credit_in,
+                "rx_pushed": c.rx_pushed}

@@ -113,6 +113,8 @@ class RxPath:
                 else:
                     self._ctrl.popleft()
                     self._ctrl_bytes -= len(payload) + HEADER_SIZE
+                    if not self._ctrl:
+                        self.host.loop.set_ctrl(False)
                 self._wake_senders()
                 if conn is not None:
                     if conn.state is ConnState.CLOSED:

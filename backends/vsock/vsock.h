@@ -194,8 +194,42 @@ int vs_rx_handler(void *ctx, struct vr_queue *q);
 int vs_host_add(struct vs_host *h, struct vs_conn *c);
 void vs_host_del(struct vs_host *h, struct vs_conn *c);
 void vs_host_counters(const struct vs_host *h, struct vs_host_counters *out);
-/* Without the lock (it takes it per batch); returns 0, or -VR_E_IO when epoll fails. */
+/* Without the lock (it takes it per batch); returns 0, or -VR_E_STATE when epoll fails. */
 int vs_host_run(struct vs_host *h, int timeout_ms, struct vs_host_result *res);
+/* Python has control packets queued (lock held): C writes no credit update
+ * to the rx queue before them. */
+void vs_host_set_ctrl(struct vs_host *h, uint32_t queued);
+
+/* The tx queue's worker handler: bursts in C (vs_tx_burst) under the lock;
+ * Python's handler for the packets C hands back. */
+enum vs_tx_stash {
+    VS_STASH_NONE = 0,    /* Python's handler runs from the start */
+    VS_STASH_LOCKED = 1,  /* `stash` is a PARTIAL or ATTENTION result (or the rx ring
+                             broke); Python finishes it with the lock held by C */
+    VS_STASH_SLOW = 2,    /* `stash` is a SLOW result: its chain is popped in `c` */
+};
+
+struct vs_tx_counters {
+    uint64_t packets, bytes;  /* RW packets finished by the C handler */
+    uint64_t credit_in;       /* the guest's CREDIT_UPDATEs it took */
+    uint64_t rx_pushed;       /* CREDIT_UPDATEs it wrote to the rx queue */
+};
+
+struct vs_tx {
+    struct vs_host *h;          /* the lock, the rx queue, hold, ctrl */
+    const struct vs_table *t;
+    struct vr_chain *c;         /* the tx queue's chain buffer */
+    struct vr_chain *rxc;       /* a chain buffer for credit updates on rx */
+    struct vr_queue *txq;       /* set by Python's first run of a session */
+    vr_handler_fn py_fn;        /* Python's tx handler (the vr_run trampoline) */
+    void *py_ctx;
+    uint32_t py_work;           /* Python's handler runs first (a wake, a parked relay) */
+    uint32_t stash_kind;        /* enum vs_tx_stash */
+    struct vs_tx_result stash;
+    struct vs_tx_counters counters;
+};
+
+int vs_tx_handler(void *ctx, struct vr_queue *q);
 
 /* cdef-end */
 

@@ -88,6 +88,7 @@ struct vs_host {
     uint32_t hold;             /* a transport reset is due: nothing reaches the guest */
     uint32_t worker_waits;     /* Python's rx handler waits for a kick: re-arm it past our pops */
     uint32_t py_work;          /* Python's rx handler has work: call it first */
+    uint32_t ctrl;             /* Python has control packets queued */
     vr_handler_fn py_fn;       /* Python's rx handler (the vr_run trampoline) */
     void *py_ctx;
     int poke;                  /* eventfd: hand-backs from the rx handler are pending */
@@ -147,6 +148,11 @@ void vs_host_set_rx(struct vs_host *h, struct vr_queue *rxq, struct vr_chain *c,
     h->cap = cap;
     if (!rxq)
         h->py_work = 1; /* the next session's first run is Python's */
+}
+
+void vs_host_set_ctrl(struct vs_host *h, uint32_t queued)
+{
+    h->ctrl = queued;
 }
 
 void vs_host_set_py(struct vs_host *h, vr_handler_fn fn, void *ctx)
@@ -426,5 +432,72 @@ int vs_host_run(struct vs_host *h, int timeout_ms, struct vs_host_result *res)
         vs_lock_release(h->lock);
         if (res->py || res->nback || res->rx_broken)
             return 0;
+    }
+}
+
+/* ---- the tx queue's handler ---- */
+
+#define TX_BURST 64 /* packets per vs_tx_burst call: bounds one hold of the lock */
+
+/* The rx queue C's tx path may write credit updates to, or NULL (lock held):
+ * none while Python's control packets wait, since those go first. */
+static struct vr_queue *rx_for_c(const struct vs_host *h)
+{
+    struct vr_queue *rxq = h->rxq;
+    if (!rxq || !h->chain || h->ctrl || h->hold || !rxq->started || vr_queue_broken(rxq))
+        return NULL;
+    return rxq;
+}
+
+int vs_tx_handler(void *ctx, struct vr_queue *q)
+{
+    struct vs_tx *x = ctx;
+    struct vs_host *h = x->h;
+
+    vs_lock_acquire(h->lock);
+    if (x->py_work || h->hold || q != x->txq || !x->py_fn) {
+        x->py_work = 0;
+        x->stash_kind = VS_STASH_NONE;
+        vs_lock_release(h->lock);
+        return x->py_fn ? x->py_fn(x->py_ctx, q) : 0;
+    }
+    for (;;) {
+        struct vr_queue *rxq = rx_for_c(h);
+        struct vs_tx_result *r = &x->stash;
+        vs_tx_burst(q, x->t, h->guest_cid, x->c, TX_BURST, h->cap, rxq, x->rxc, r);
+        x->counters.packets += r->packets;
+        x->counters.bytes += r->bytes;
+        x->counters.credit_in += r->credit_in;
+        x->counters.rx_pushed += r->rx_pushed;
+        int rx_broke = rxq && r->rx_pushed && vr_queue_broken(rxq);
+        if (r->status == VS_TX_SLOW) {
+            /* The chain may be a packet for a sibling VM: Python takes it
+             * without our lock (relays take the other VM's). */
+            x->stash_kind = VS_STASH_SLOW;
+            vs_lock_release(h->lock);
+            return x->py_fn(x->py_ctx, q);
+        }
+        if (r->status == VS_TX_PARTIAL || r->status == VS_TX_ATTENTION || rx_broke) {
+            x->stash_kind = VS_STASH_LOCKED;
+            int rc = x->py_fn(x->py_ctx, q); /* recursive: Python's `with` takes it again */
+            x->stash_kind = VS_STASH_NONE;
+            if (rc < 0 || x->py_work || h->hold) {
+                vs_lock_release(h->lock);
+                return rc < 0 ? rc : 0;
+            }
+            if (r->status != VS_TX_EMPTY)
+                continue;
+        }
+        if (r->status == VS_TX_EMPTY || vr_queue_broken(q)) {
+            vs_lock_release(h->lock);
+            return 0;
+        }
+        /* VS_TX_MORE: let the other threads in between bursts */
+        vs_lock_release(h->lock);
+        vs_lock_acquire(h->lock);
+        if (x->py_work || h->hold) {
+            vs_lock_release(h->lock);
+            return 0; /* the wake that set it runs Python's handler next */
+        }
     }
 }
