@@ -862,6 +862,13 @@ class VsockDevice(RxPath, VirtioDevice):
 
     def _add_conn(self, conn: Conn) -> None:
         self._conns[conn.key] = conn
+        try:
+            # Room in the host socket for the whole window the guest may send at once, so
+            # one writev takes a burst instead of cutting it (the kernel caps the size at
+            # net.core.wmem_max).
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, conn.buf_alloc)
+        except OSError:
+            pass
         if not self._table.add(conn.rec):
             log.info("cid %d: %s takes the Python data path (fast table full)", self.guest_cid,
                      conn.describe())
