@@ -146,7 +146,7 @@ def test_native_blk_harness_reaches_the_mapped_reads_and_their_sigbus_guard(buil
     SIGBUS inside the guarded copy, under ASan, is an IOERR and no report."""
     seeds = os.path.join(REPO, "fuzz", "regressions", "native-blk")
     if on_ram_fs("/var/tmp"):
-        pytest.fail("/var/tmp is tmpfs here: the harness's mapped image needs a disk file system")
+        pytest.fail("/var/tmp is on tmpfs or hugetlbfs here: the harness's mapped image needs a disk file system")
     proc = subprocess.run([os.path.join(built, "blk"), "-runs=0", "-print_coverage=1", seeds],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
