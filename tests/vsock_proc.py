@@ -141,5 +141,20 @@ def guest_stream_to_host(drv, listener: socket.socket, port: int, data: bytes,
     return g, h, got[0] if got else b""
 
 
+def host_stream_to_guest(drv, uds: str, port: int, data: bytes,
+                         timeout: float = 60) -> tuple[object, socket.socket, bytes]:
+    """A host program connects to guest `port` (where `drv` listens) and sends `data`
+    while the guest reads it: (guest stream, host socket, the bytes the guest read)."""
+    drv.listen(port)
+    h, _ = host_connect(uds, port)
+    g = drv.accept(port)
+    assert read_line(h).startswith(b"OK")
+    writer = threading.Thread(target=h.sendall, args=(data,))
+    writer.start()
+    got = g.recv_exact(len(data), timeout=timeout)
+    writer.join(timeout)
+    return g, h, got
+
+
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()

@@ -14,7 +14,8 @@ import threading
 import time
 from contextlib import contextmanager
 
-from vsock_proc import guest_stream_to_host, host_connect, host_listener, read_line, recv_all, sha
+from vsock_proc import (guest_stream_to_host, host_connect, host_listener, host_stream_to_guest, read_line,
+                        recv_all, sha)
 from vhost_user.backends.vsock.driver import VsockDriver
 
 MiB = 1 << 20
@@ -130,14 +131,7 @@ def test_vsock_guest_credit_updates_are_taken_in_c_and_a_closed_window_reopens(o
     bp, sock, uds = one_vm
     body = os.urandom(2 * MiB + 5)
     with VsockDriver.attach(sock, buf_alloc=16 << 10) as drv:
-        drv.listen(7003)
-        h, _ = host_connect(uds, 7003)
-        g = drv.accept(7003)
-        assert read_line(h).startswith(b"OK ")
-        writer = threading.Thread(target=h.sendall, args=(body,))
-        writer.start()
-        got = g.recv_exact(len(body), timeout=60)
-        writer.join(30)
+        g, h, got = host_stream_to_guest(drv, uds, 7003, body)
         assert g.credit_violations == 0
         stats = next(v for k, v in bp.log_stats().items() if k.startswith("cid 3 "))
         h.close()

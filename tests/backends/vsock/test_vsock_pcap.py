@@ -13,7 +13,7 @@ from harness.backend import BackendProcess
 from vhost_user.backends.vsock.packet import HEADER_SIZE, Header, Op
 from vhost_user.backends.vsock.pcap import LINKTYPE_VSOCK
 from vhost_user.backends.vsock.driver import VsockDriver
-from vsock_proc import guest_stream_to_host, host_connect, host_listener, read_line, recv_all, sha
+from vsock_proc import guest_stream_to_host, host_connect, host_listener, host_stream_to_guest, read_line, recv_all, sha
 
 
 def _session(sockdir, vsock_proc) -> str:
@@ -161,14 +161,7 @@ def _stream(frames, src: tuple[int, int], dst: tuple[int, int]) -> bytes:
 def _host_stream(drv, listener, uds: str, up: bytes, down: bytes):
     """guest -> host `up` on port 5000, then host -> guest `down` on port 6000."""
     g, h, got_up = guest_stream_to_host(drv, listener, 5000, up)
-    drv.listen(6000)
-    c, _ = host_connect(uds, 6000)
-    gc = drv.accept(6000)
-    assert read_line(c).startswith(b"OK")
-    writer = threading.Thread(target=c.sendall, args=(down,))
-    writer.start()
-    back = gc.recv_exact(len(down), timeout=60)
-    writer.join(60)
+    gc, c, back = host_stream_to_guest(drv, uds, 6000, down)
     assert sha(got_up) == sha(up) and sha(back) == sha(down)  # the data path is intact
     return g, gc, h, c
 
