@@ -4,8 +4,9 @@
   queues' Python handlers), `connection.py`, `host.py` (host sockets),
   `router.py` (sibling VMs), `guestio.py`, `packet.py` (the header, via
   protocol/layout.py), `pcap.py`;
-- `fastpath.py` over the C data path `vsock.c` (`vsock.h`, `vsock_hdr.h`
-  shared with the driver side); `native.json`;
+- `fastpath.py` over the C data path `vsock.c` and the C host loop and
+  queue handlers `vsock_host.c` (`vsock.h`, `vsock_hdr.h` shared with the
+  driver side); `native.json`;
 - `driver.py`, `driver_load.py` + `driver_vsock.c` (the front-end's stream
   load), `bench.py`; `fuzz.py`; `sandbox.py`; `__main__.py`.
 """

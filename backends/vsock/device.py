@@ -76,6 +76,9 @@ _FIRST_HOST_PORT = 1 << 30
 #: in flight to a host socket; a credit update goes out each half of it, so a window of
 #: one 64 KiB packet (rust-vmm's default) would stall the guest on every update.
 DEFAULT_TX_BUFFER = 256 << 10
+#: bound on the send buffer we ask for per host socket (kernel memory a stalled host
+#: program can make us hold, beside what waits in `pending`)
+SNDBUF_MAX = 1 << 20
 
 
 @dataclass
@@ -863,10 +866,10 @@ class VsockDevice(RxPath, VirtioDevice):
     def _add_conn(self, conn: Conn) -> None:
         self._conns[conn.key] = conn
         try:
-            # Room in the host socket for the whole window the guest may send at once, so
-            # one writev takes a burst instead of cutting it (the kernel caps the size at
-            # net.core.wmem_max).
-            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, conn.buf_alloc)
+            # Room in the host socket for the window the guest may send at once, so one
+            # writev takes a burst instead of cutting it; at most SNDBUF_MAX (the kernel
+            # doubles it and caps it at net.core.wmem_max).
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, min(conn.buf_alloc, SNDBUF_MAX))
         except OSError:
             pass
         if not self._table.add(conn.rec):
