@@ -55,6 +55,36 @@ def test_vsock_out_of_bounds_buffer_breaks_only_that_vms_queue(sockdir, vsock_pr
         assert bp.running
 
 
+def test_vsock_out_of_bounds_rx_buffer_under_a_host_stream_breaks_only_that_vms_queue(sockdir, vsock_proc):
+    """The host loop (C, vsock_host.c) fills rx buffers straight from a host socket: a
+    posted rx buffer that points outside guest RAM breaks that VM's rx queue there, with
+    an error notification; the back-end and the other VM go on."""
+    from vhost_user.frontend.splitring import DESC_F_WRITE
+    socks = {cid: os.path.join(sockdir, f"vm{cid}.sock") for cid in (3, 4)}
+    bp = vsock_proc("--vm", f"guest-cid=3,socket={socks[3]},uds-path={socks[3]}.vsock",
+                    "--vm", f"guest-cid=4,socket={socks[4]},uds-path={socks[4]}.vsock", wait_for=socks[4])
+    listener = host_listener(socks[4] + ".vsock_5000")
+    with VsockDriver.attach(socks[3]) as bad, VsockDriver.attach(socks[4]) as good:
+        bad.listen(7000)
+        h, _ = host_connect(socks[3] + ".vsock", 7000)
+        g = bad.accept(7000)
+        assert read_line(h).startswith(b"OK")
+        q = bad.rxq
+        for i in range(q.size):  # every posted rx buffer now points far outside guest RAM
+            write_desc(bad.fe.ram, q.ring.desc_gpa, i, 1 << 40, 4096, DESC_F_WRITE)
+        h.setblocking(False)
+        try:
+            h.send(os.urandom(256 << 10))
+        except BlockingIOError:
+            pass
+        assert select.select([q.err_fd], [], [], 10)[0], "no error notification on the rx queue"
+        bp.wait_log("queue 0")
+        _still_works(good, listener)
+        assert bp.running
+        g.close()
+    assert "Traceback" not in bp.log()
+
+
 def _publish_raw(drv: VsockDriver, *, addr: int, length: int) -> None:
     """Write descriptor 0 and an avail entry by hand, as a malicious driver would."""
     q, ram = drv.txq, drv.fe.ram
