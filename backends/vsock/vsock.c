@@ -164,30 +164,44 @@ int vs_credit_update_due(const struct vs_conn *c)
     return c->buf_alloc - in_flight < c->buf_alloc / 2;
 }
 
-/* ---- helpers over a popped chain ---- */
-
 /* ---- guest -> host ---- */
 
-/* Whether an RW packet from the guest is one C may finish: the header is
- * whole in the first descriptor and sane, and its connection is an
- * established stream with nothing queued before it and room for `extra`
- * more bytes (packets of the same batch) plus this one within our credit.
- * Returns the connection, or NULL for Python. */
-static struct vs_conn *fast_rw(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid,
-                               const struct vr_chain *c, struct vs_hdr *h, uint64_t extra)
+/* The header of a popped chain into *h: 1 when it is whole in the first
+ * descriptor, 0 otherwise (Python's then). */
+static int read_hdr(struct vr_queue *q, const struct vr_chain *c, struct vs_hdr *h)
 {
     if (c->nread == 0 || c->segs[0].len < VS_HDR_SIZE)
-        return NULL;
+        return 0;
     memcpy(h, vr_seg_host(q->mem, &c->segs[0]), VS_HDR_SIZE);
-    if (h->op != VS_OP_RW || h->type != VS_STREAM || h->len == 0 || h->len > VS_MAX_PKT)
+    return 1;
+}
+
+/* The established stream connection in the table that a guest packet for
+ * the host belongs to, or NULL. */
+static struct vs_conn *stream_conn(const struct vs_table *t, uint64_t guest_cid, const struct vs_hdr *h)
+{
+    if (h->type != VS_STREAM || h->src_cid != guest_cid || h->dst_cid != VS_HOST_CID)
+        return NULL;
+    struct vs_conn *conn = vs_table_lookup(t, h->dst_cid, h->dst_port, h->src_port);
+    if (!conn || conn->state != VS_ESTABLISHED || conn->type != VS_STREAM || conn->fd < 0)
+        return NULL;
+    return conn;
+}
+
+/* Whether an RW packet from the guest (header `h`, whole) is one C may
+ * finish: sane, and its connection is an established stream with nothing
+ * queued before it and room for `extra` more bytes (packets of the same
+ * batch) plus this one within our credit.  Returns the connection, or NULL
+ * for Python. */
+static struct vs_conn *fast_rw(const struct vs_table *t, uint64_t guest_cid, const struct vr_chain *c,
+                               const struct vs_hdr *h, uint64_t extra)
+{
+    if (h->op != VS_OP_RW || h->len == 0 || h->len > VS_MAX_PKT)
         return NULL;
     if ((uint64_t)h->len > c->read_len - VS_HDR_SIZE)
         return NULL;
-    if (h->src_cid != guest_cid || h->dst_cid != VS_HOST_CID)
-        return NULL;
-    struct vs_conn *conn = vs_table_lookup(t, h->dst_cid, h->dst_port, h->src_port);
-    if (!conn || conn->state != VS_ESTABLISHED || conn->type != VS_STREAM ||
-        conn->guest_shut_send || conn->pending_bytes || conn->fd < 0)
+    struct vs_conn *conn = stream_conn(t, guest_cid, h);
+    if (!conn || conn->guest_shut_send || conn->pending_bytes)
         return NULL;
     /* A guest over its credit is Python's to reset. */
     if (conn->rx_total - conn->reported_fwd + extra + h->len > conn->buf_alloc)
@@ -195,22 +209,14 @@ static struct vs_conn *fast_rw(struct vr_queue *q, const struct vs_table *t, uin
     return conn;
 }
 
-/* Whether a chain is a CREDIT_UPDATE from the guest C may take: the whole
- * header in the first descriptor, no payload, for an established stream
- * connection in the table.  Returns the connection, or NULL for Python. */
-static struct vs_conn *fast_credit(struct vr_queue *q, const struct vs_table *t, uint64_t guest_cid,
-                                   const struct vr_chain *c, struct vs_hdr *h)
+/* Whether a CREDIT_UPDATE from the guest (header `h`, whole) is one C may
+ * take: no payload, for an established stream connection in the table.
+ * Returns the connection, or NULL for Python. */
+static struct vs_conn *fast_credit(const struct vs_table *t, uint64_t guest_cid, const struct vs_hdr *h)
 {
-    if (c->nread == 0 || c->segs[0].len < VS_HDR_SIZE)
+    if (h->op != VS_OP_CREDIT_UPDATE || h->len != 0)
         return NULL;
-    memcpy(h, vr_seg_host(q->mem, &c->segs[0]), VS_HDR_SIZE);
-    if (h->op != VS_OP_CREDIT_UPDATE || h->type != VS_STREAM || h->len != 0 ||
-        h->src_cid != guest_cid || h->dst_cid != VS_HOST_CID)
-        return NULL;
-    struct vs_conn *conn = vs_table_lookup(t, h->dst_cid, h->dst_port, h->src_port);
-    if (!conn || conn->state != VS_ESTABLISHED || conn->type != VS_STREAM || conn->fd < 0)
-        return NULL;
-    return conn;
+    return stream_conn(t, guest_cid, h);
 }
 
 /* One packet of a tx batch: its chain head, its header, its payload iovecs. */
@@ -307,7 +313,8 @@ static int tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest
             }
             if (rc == 0)
                 break;
-            struct vs_conn *cr = fast_credit(q, t, guest_cid, c, &h);
+            int whole = read_hdr(q, c, &h); /* one copy of the header serves both checks */
+            struct vs_conn *cr = whole ? fast_credit(t, guest_cid, &h) : NULL;
             if (cr) {
                 if (n > 0) { /* after the packets before it: their headers carry credit too */
                     vr_unpop(q);
@@ -329,7 +336,7 @@ static int tx_burst(struct vr_queue *q, const struct vs_table *t, uint64_t guest
                     break;
                 continue;
             }
-            struct vs_conn *cc = fast_rw(q, t, guest_cid, c, &h, total);
+            struct vs_conn *cc = whole ? fast_rw(t, guest_cid, c, &h, total) : NULL;
             int k = -1;
             if (cc && (conn == NULL || cc == conn))
                 k = vr_segs_iov(q->mem, c->segs, c->nread, VS_HDR_SIZE, h.len, iov + niov,
