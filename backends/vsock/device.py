@@ -368,18 +368,20 @@ class VsockDevice(RxPath, VirtioDevice):
         """What the C handler hands back with the lock held: a short write or a connection
         that needs attention (never a chain Python must take)."""
         with self._lock:
-            rx = self._vqs[RX]
-            if rx is not None and rx.broken:
-                rx.report_broken()  # C's credit updates found the rx ring broken
+            self._report_rx_broken()  # C's credit updates may have found the rx ring broken
             self._tx_outcome(vq, out)
+
+    def _report_rx_broken(self) -> None:
+        """Report (once) a violation that C met on the rx ring from another thread."""
+        rx = self._vqs[RX]
+        if rx is not None:
+            rx.report_broken()  # a no-op unless it is broken and not yet reported
 
     def _tx_outcome(self, vq, out: fast.TxOutcome):
         """One burst's result (lock held): None (ring empty), a chain for Python, or _AGAIN."""
         if out.rx_pushed:
             self.stats["c_credit_updates"] += out.rx_pushed
-            rx = self._vqs[RX]
-            if rx is not None and rx.broken:
-                rx.report_broken()
+            self._report_rx_broken()
         if out.packets or out.credit_in:
             self._had_traffic = True
             self.stats["c_tx_packets"] += out.packets
@@ -773,9 +775,7 @@ class VsockDevice(RxPath, VirtioDevice):
         res = loop.run(timeout_ms)
         if res.rx_broken:
             with self._lock:
-                rx = self._vqs[RX]
-                if rx is not None:
-                    rx.report_broken()
+                self._report_rx_broken()
         for i in range(res.nback):
             b = res.back[i]
             with self._lock:

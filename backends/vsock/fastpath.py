@@ -24,8 +24,8 @@ from vhost_user.chain import Chain, check_native
 from vhost_user.engine import Engine
 from vhost_user.virtqueue import Virtqueue
 
-__all__ = ["ConnCounters", "ConnTable", "TxOutcome", "RxOutcome", "RxChain", "NativeLock", "HostLoop", "RxEngine", "TxEngine",
-           "tx_burst", "rx_fill",
+__all__ = ["ConnCounters", "ConnTable", "TxOutcome", "RxOutcome", "RxChain", "NativeLock", "HostLoop",
+           "RxEngine", "TxEngine", "tx_burst", "rx_fill",
            "TX_EMPTY", "TX_MORE", "TX_SLOW", "TX_PARTIAL", "TX_ATTENTION",
            "RX_NO_BUFFER", "RX_MORE", "RX_DRAINED", "RX_NO_CREDIT", "RX_SLOW", "RX_EOF", "RX_ERROR",
            "credit", "credit_update_due", "BURST", "CaptureRing"]
@@ -142,8 +142,8 @@ def tx_burst(vq: Virtqueue, table: ConnTable, guest_cid: int, max_packets: int =
              capture: CaptureRing | None = None, rx: Virtqueue | None = None,
              rx_chain: RxChain | None = None) -> TxOutcome:
     """Finish up to `max_packets` RW packets (and CREDIT_UPDATEs) from the guest in C;
-    stop at the first one
-    Python must see (its chain comes back popped) or that needs Python afterwards.
+    stop at the first one Python must see (its chain comes back popped) or that needs
+    Python afterwards.
     With `capture`, C appends each packet it finishes to that ring.  With `rx` (a
     started rx queue whose `writer_lock` the caller holds) and `rx_chain`, a credit
     update due is written there by C (`rx_pushed` counts them)."""

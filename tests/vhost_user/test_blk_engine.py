@@ -106,7 +106,7 @@ def disk(request, tmp_path_factory):
         if request.param == "disk-file":
             d = str(tmp_path_factory.mktemp("disk"))
             if on_ram_fs(d):
-                pytest.fail(f"{d} is on tmpfs: the mapped read path needs a disk file system")
+                pytest.fail(f"{d} is on tmpfs or hugetlbfs: the mapped read path needs a disk file system")
         else:
             d = "/dev/shm" if os.path.isdir("/dev/shm") else str(tmp_path_factory.mktemp("disk"))
         path = os.path.join(d, f"vu-blk-test-{os.getpid()}.img")
@@ -534,7 +534,7 @@ def test_blk_engine_refuses_too_many_io_threads():
 def disk_file(tmp_path):
     """(fd, path) of an 8 MiB image of random data on a disk file system, out of the page cache."""
     if on_ram_fs(str(tmp_path)):
-        pytest.fail(f"{tmp_path} is on tmpfs: the mapped read path needs a disk file system")
+        pytest.fail(f"{tmp_path} is on tmpfs or hugetlbfs: the mapped read path needs a disk file system")
     path = tmp_path / "disk.img"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     os.pwrite(fd, random.Random(5).randbytes(DISK), 0)
