@@ -28,12 +28,16 @@ def pcap_header(snaplen: int, linktype: int) -> bytes:
 
 
 class RingDrainer:
-    """Drains `read()` -> (whole records, total frames dropped) into `out`."""
+    """Drains `read()` -> (whole records, total frames dropped) into `out`.
+
+    `count()`, when given, reads the ring's drop count without taking records:
+    `dropped` then stays current while this thread is blocked in a write.
+    """
 
     def __init__(self, read: Callable[[], tuple[bytes | memoryview, int]], out: BinaryIO, *,
-                 interval: float = 0.005) -> None:
-        self._read, self.out, self.interval = read, out, interval
-        self.dropped = 0   # frames the ring dropped, as last seen
+                 interval: float = 0.005, count: Callable[[], int] | None = None) -> None:
+        self._read, self.out, self.interval, self._count = read, out, interval, count
+        self._seen = 0     # frames the ring dropped, as last seen by the drainer
         self.written = 0   # record bytes written to `out`
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pcap", daemon=True)
@@ -42,6 +46,11 @@ class RingDrainer:
     def started(self) -> bool:
         return self._thread.ident is not None
 
+    @property
+    def dropped(self) -> int:
+        """Frames the ring had no room for so far."""
+        return max(self._seen, self._count()) if self._count is not None else self._seen
+
     def start(self) -> None:
         self._thread.start()
 
@@ -49,9 +58,9 @@ class RingDrainer:
         data, dropped = self._read()
         # the count first: a write into a pipe nobody reads blocks, and the drops
         # must still show (SIGUSR1 line, log)
-        if dropped != self.dropped:
+        if dropped != self._seen:
             log.warning("capture: %d frame(s) dropped so far (the writer fell behind)", dropped)
-            self.dropped = dropped
+            self._seen = dropped
         if data:
             self.out.write(data)
             self.out.flush()

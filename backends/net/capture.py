@@ -27,7 +27,7 @@ class PcapWriter(RingDrainer):
     """Drains the switch's capture ring into `out` from its own thread."""
 
     def __init__(self, switch: NetSwitch, out: BinaryIO, *, interval: float = 0.005) -> None:
-        super().__init__(switch.capture_read, out, interval=interval)
+        super().__init__(switch.capture_read, out, interval=interval, count=switch.capture_dropped)
         self.switch = switch
 
     def start(self) -> None:

@@ -94,6 +94,10 @@ class NetSwitch:
         n = lib.vr_net_capture_read(self._sw, self._capbuf, len(self._capbuf), self._dropped)
         return bytes(ffi.buffer(self._capbuf, n)), self._dropped[0]
 
+    def capture_dropped(self) -> int:
+        """The capture ring's drop count now (also while the drainer is blocked in a write)."""
+        return int(lib.vr_net_capture_dropped(self._sw))
+
 
 class NetTxEngine(Engine):
     """Native handler of one tx queue: frames go through the switch in C."""

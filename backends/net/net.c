@@ -165,6 +165,14 @@ uint32_t vr_net_capture_read(struct vr_net_switch *sw, uint8_t *buf, uint32_t ca
     return vr_capture_read(sw->cap, buf, cap, dropped);
 }
 
+uint64_t vr_net_capture_dropped(struct vr_net_switch *sw)
+{
+    struct vr_capture_stats st = {0};
+    if (sw->cap)
+        vr_capture_get_stats(sw->cap, &st);
+    return st.dropped;
+}
+
 /* ---- tx workers ---- */
 
 struct vr_net_tx *vr_net_tx_new(struct vr_net_switch *sw, int port, uint32_t qp)

@@ -111,6 +111,9 @@ int vr_net_tap_run(struct vr_net_switch *sw, int port, int ctl_fd);
 
 uint32_t vr_net_capture_read(struct vr_net_switch *sw, uint8_t *buf, uint32_t cap,
                              uint64_t *dropped);
+/* The ring's drop count now, without taking records (the drainer may be
+ * blocked in a write and not reading). */
+uint64_t vr_net_capture_dropped(struct vr_net_switch *sw);
 
 /* cdef-end */
 

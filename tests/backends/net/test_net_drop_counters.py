@@ -29,7 +29,14 @@ def test_net_capture_and_rx_drops_show_in_the_sigusr1_line(net_backend):
         a, b = NetDriver.connect(bp.socks[0]), NetDriver.connect(bp.socks[1])
         frame = bytes(Ether(src="02:00:00:00:00:a1", dst="ff:ff:ff:ff:ff:ff") / IP() / UDP()
                       / (b"x" * 1400))
-        for _ in range(400):  # 560 KB through the switch; b never reads, so its ring fills too
+        # First a pipe's worth in small steps (40 frames is less than the ring), so the
+        # drainer is blocked in its write before any drop: the count must still show
+        # (it was once read only between writes).
+        for _ in range(2):
+            for _ in range(40):
+                a.send(frame)
+            time.sleep(0.3)
+        for _ in range(320):  # 560 KB in all through the switch; b never reads, so its ring fills too
             a.send(frame)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
