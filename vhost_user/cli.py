@@ -440,8 +440,7 @@ def _make(make_device: Callable[[], VirtioDevice]) -> VirtioDevice:
         raise
 
 
-async def _serve_all(servers: list[DeviceServer], arm: Callable[[], None]) -> None:
-    arm()
+async def _serve_all(servers: list[DeviceServer]) -> None:
     await asyncio.gather(*(s.serve_forever() for s in servers))
 
 
@@ -489,8 +488,11 @@ def serve_devices(entries: list[tuple[Endpoint, Callable[[], VirtioDevice]]],
             out.update(extra_counters())
         log.warning("stats %s", json.dumps(out, default=str))
 
-    # uvloop drops a signal that arrives before the loop runs, so until then plain
-    # handlers note it; arm() hands the signals to the loop once it runs.
+    # Plain handlers that queue the action on the loop, for the whole life of the
+    # process: a signal before the loop runs waits in the queue, one while it runs
+    # wakes it (uvloop's self-pipe runs these handlers). One path, so a signal is
+    # acted on once: loop.add_signal_handler plus a replay of early signals acted
+    # twice on one raised as the loop started.
     def device_action(action: Callable[[VirtioDevice], object]) -> Callable[[], None]:
         def run() -> None:
             for device in devices:
@@ -501,15 +503,15 @@ def serve_devices(entries: list[tuple[Endpoint, Callable[[], VirtioDevice]]],
         signal.SIGTERM: stop, signal.SIGINT: stop, signal.SIGHUP: stop, signal.SIGUSR1: dump,
     }
     actions.update({sig: device_action(fn) for sig, fn in (signals or {}).items()})
-    early: list[int] = []
-    for sig in actions:
-        signal.signal(sig, lambda signum, _frame: early.append(signum))
 
-    def arm() -> None:
-        for sig, action in actions.items():
-            loop.add_signal_handler(sig, action)
-        for signum in early:
-            actions[signum]()
+    def on_signal(signum: int, _frame) -> None:
+        try:
+            loop.call_soon_threadsafe(actions[signum])
+        except RuntimeError:  # the loop is closed: the process is on its way out
+            pass
+
+    for sig in actions:
+        signal.signal(sig, on_signal)
 
     def close_all() -> None:
         for server in servers:
@@ -544,7 +546,7 @@ def serve_devices(entries: list[tuple[Endpoint, Callable[[], VirtioDevice]]],
         log.info("ready")
         if sandbox is not None:
             _confine(sandbox, loop)
-        loop.run_until_complete(_serve_all(servers, arm))
+        loop.run_until_complete(_serve_all(servers))
     finally:
         daemon.notify("STOPPING=1")
         close_all()

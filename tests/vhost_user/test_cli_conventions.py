@@ -214,6 +214,32 @@ def test_sigusr1_logs_one_json_line_of_counters_and_keeps_serving(prog, sockdir)
         assert bp.stop() == 0
 
 
+# The loop runs, serve_devices has not yet handed it the signals: a SIGUSR1 raised then
+# reaches both the plain handler and uvloop's self-pipe. It once dumped twice.
+_SIGNAL_IN_THE_GAP = """
+import os, signal, sys
+from vhost_user import cli
+real = cli.serve_devices
+def serve_devices(entries, on_loop=None, **kw):
+    def hook(loop):
+        if on_loop is not None:
+            on_loop(loop)
+        loop.call_soon(os.kill, os.getpid(), signal.SIGUSR1)
+        loop.call_later(1.0, os.kill, os.getpid(), signal.SIGTERM)
+    return real(entries, on_loop=hook, **kw)
+cli.serve_devices = serve_devices
+from vhost_user.backends.rng.__main__ import main
+sys.exit(main(["--socket", sys.argv[1]]))
+"""
+
+
+def test_a_signal_as_the_loop_starts_is_acted_on_once(sockdir):
+    out = subprocess.run([sys.executable, "-c", _SIGNAL_IN_THE_GAP, os.path.join(sockdir, "gap.sock")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert len(_stats_lines(out.stderr)) == 1, out.stderr
+
+
 def test_sigusr1_line_has_per_queue_counters_of_the_running_session(sockdir):
     bp = start("vhost-user-blk", sockdir)
     try:
