@@ -95,14 +95,19 @@ def no_kernel_errors(result, vm) -> None:
 
 # The guest runs fio passes (randwrite, then crc32c verify of every block)
 # until GUEST_SECONDS of uptime have passed since the first one, so the host
-# has a bounded window for its kills whatever the TCG speed.
+# has a bounded window for its kills whatever the TCG speed, or until the host,
+# done with its kills, writes STOP into the 4 KiB block at STOP_AT (beyond
+# fio's 64 MiB; read with O_DIRECT, so the guest's page cache cannot hide it).
 GUEST_SECONDS = 14
+STOP_AT = 64 * MiB
+STOP = b"VHU-STOP"
 FIO_LOOP = f"""
     vhu_wait_dev /dev/vda || exit 1
     end=$(( $(cut -d. -f1 /proc/uptime) + {GUEST_SECONDS} ))
     vhu_mark fio-start
     pass=0
-    while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
+    stopped() {{ dd if=/dev/vda bs=4096 skip={STOP_AT // 4096} count=1 iflag=direct 2>/dev/null | grep -q {STOP.decode()}; }}
+    while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ] && ! stopped; do
         pass=$((pass + 1))
         fio --name=p$pass --filename=/dev/vda --ioengine=libaio --direct=1 \\
             --rw=randwrite --bs=4k --size=16m --offset=$(( (pass % 4) * 16 ))m \\
@@ -124,7 +129,7 @@ def test_guest_blk_fio_survives_repeated_backend_kills(guest_vm, short_tmp, tmp_
     the previous start (it has no index in guest memory to restore from);
     the ring positions come from the inflight region (csrc/inflight_packed.c)."""
     sock = short_tmp / "blk.sock"
-    image = sparse_image(tmp_path / "disk.img", 64 * MiB)
+    image = sparse_image(tmp_path / "disk.img", STOP_AT + MiB)
     require_o_direct(image)
     # O_DIRECT makes each request take real time in the back-end, so a kill
     # finds one popped but not yet completed about every other time; from the
@@ -154,6 +159,8 @@ def test_guest_blk_fio_survives_repeated_backend_kills(guest_vm, short_tmp, tmp_
             backend.kill()
             kills += 1
             backend.start()
+        with open(image, "r+b") as handle:  # enough kills: the guest ends after this pass
+            os.pwrite(handle.fileno(), STOP, STOP_AT)
         result = vm.wait(timeout=120)
         wait_until(lambda: len(resubmit_counts(backend)) > kills, 5, "the last queue start",
                    backend.log_tail)
