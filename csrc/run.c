@@ -17,6 +17,11 @@
  * the control fd: kicks then stay off.  An rx queue whose buffers another
  * thread fills (vsock's host thread) would otherwise be woken by every
  * buffer the driver posts, only to find nothing to send.
+ *
+ * With poll_us (--poll-us), a worker whose ring ran empty watches the
+ * avail index for that long with kicks still off before it arms them and
+ * sleeps: a driver that submits again within the window neither kicks nor
+ * waits for a wake-up, at the cost of a CPU spinning meanwhile.
  */
 #include <errno.h>
 #include <poll.h>
@@ -36,10 +41,15 @@ static void drain(int fd)
 }
 
 /* Run the handler until the ring is empty or the handler stops making
- * progress (e.g. an RX queue keeping buffers for later). */
-static int process(struct vr_queue *q, vr_handler_fn fn, void *ctx)
+ * progress (e.g. an RX queue keeping buffers for later).  `arm` 0 leaves
+ * kicks off when the ring runs empty, for the caller's busy-poll to arm
+ * them when it gives up.  *spin says whether a busy-poll may follow: only
+ * once the ring is empty, not after an idle handler or one that left
+ * entries it will not take (the poll would call it again and again). */
+static int process(struct vr_queue *q, vr_handler_fn fn, void *ctx, int arm, int *spin)
 {
     int more;
+    *spin = 0;
     do {
         /* progress = chains popped (a packed ring's slot may come round
          * to where it was) */
@@ -54,13 +64,18 @@ static int process(struct vr_queue *q, vr_handler_fn fn, void *ctx)
         if (rc == VR_HANDLER_IDLE)
             break;
         if (q->stats.requests == before) {
+            if (!arm && !vr_avail_pending(q)) {
+                *spin = 1; /* nothing there (a first look, a stale kick) */
+                break;
+            }
             vr_enable_notify(q);
             break;
         }
         /* Entries already waiting: go on with kicks still off.  Turning
          * them on and off between batches writes the used ring's lines the
          * driver polls (and invites kicks) for nothing. */
-        more = vr_avail_pending(q) || vr_enable_notify(q);
+        more = vr_avail_pending(q) || (arm && vr_enable_notify(q));
+        *spin = !more && !arm;
     } while (more);
     return VR_RUN_CONTROL;
 }
@@ -84,7 +99,7 @@ int vr_run(struct vr_queue *q, int ctl_fd, vr_handler_fn fn, void *ctx,
            uint32_t poll_us)
 {
     struct pollfd fds[2];
-    int nfds, rc, work = 1; /* always look once: entries may be pending */
+    int nfds, rc, spin = 0, work = 1; /* always look once: entries may be pending */
 
     if (!q->started || ctl_fd < 0 || fn == NULL)
         return VR_RUN_ERROR;
@@ -97,27 +112,34 @@ int vr_run(struct vr_queue *q, int ctl_fd, vr_handler_fn fn, void *ctx,
         if (q->broken)
             return VR_RUN_BROKEN;
         if (work) {
-            rc = process(q, fn, ctx);
+            rc = process(q, fn, ctx, poll_us == 0, &spin);
             if (rc != VR_RUN_CONTROL)
                 return rc;
             work = 0;
         }
-        if (poll_us) {
-            /* Brief busy-poll before sleeping: saves a kick and a
-             * wake-up when the driver is submitting back to back. */
+        if (spin) {
+            /* Brief busy-poll with kicks still off: a driver submitting
+             * back to back neither kicks nor waits for our wake-up.  Then
+             * arm kicks, and look once more (2.7.10's race). */
             uint64_t deadline = vr_clock_ns() + (uint64_t)poll_us * 1000u;
             unsigned spins = 0;
+            spin = 0;
             while (vr_clock_ns() < deadline) {
                 if (vr_avail_pending(q)) {
                     work = 1;
                     break;
                 }
-                if ((++spins & 63) == 0 && ctl_ready(ctl_fd))
+                if ((++spins & 63) == 0 && ctl_ready(ctl_fd)) {
+                    vr_enable_notify(q);
                     return VR_RUN_CONTROL;
+                }
                 cpu_relax();
             }
-            if (work)
+            if (work || vr_enable_notify(q)) {
+                q->stats.polled++;
+                work = 1;
                 continue;
+            }
         }
         /* Without a kick fd the front-end asked for polling. */
         rc = poll(fds, nfds, nfds == 2 ? -1 : 1);

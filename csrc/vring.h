@@ -113,6 +113,7 @@ struct vr_stats {
     uint64_t bytes_written;
     uint64_t io_errors;
     uint64_t log_missed; /* dirty pages past the end of the log */
+    uint64_t polled;     /* sleeps the busy-poll saved (work found by polling) */
 };
 
 /* Layout of the split inflight region (vhost-user.rst, "Inflight I/O

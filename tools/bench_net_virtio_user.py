@@ -14,7 +14,8 @@ Back-ends, each on CPU 1 (the generator's forwarding lcore is CPU 0):
   - vhost-user-net with two ports (`python3 -m vhost_user.backends.net`),
   - dpdk-testpmd with two `net_vhost` ports in `io` forwarding mode,
   - with `--before DIR`, also vhost-user-net imported from DIR (an older
-    build installed with `pip install --no-deps --target DIR .`).
+    build installed with `pip install --no-deps --target DIR .`),
+  - with `--compare ARGS`, also vhost-user-net run with those extra options.
 They take turns in slices (`--rounds`, alternating, every frame size); the
 ones not measured are SIGSTOPped (testpmd busy-polls). Frames per second are
 testpmd's own RX counters of the two virtio-user ports over the slice; the
@@ -178,6 +179,9 @@ def main(argv=None) -> int:
                     help="Ethernet frame bytes without CRC (repeatable; default 64 and 1500)")
     ap.add_argument("--before", metavar="DIR", action="append", default=[],
                     help="also measure vhost-user-net imported from DIR (repeatable)")
+    ap.add_argument("--compare", metavar="ARGS", action="append", default=[],
+                    help="also measure vhost-user-net with these extra options (repeatable; "
+                         "e.g. --poll-us=20)")
     ap.add_argument("--json", action="store_true", help="print every slice as JSON too")
     args = ap.parse_args(argv)
     sizes = args.frame_size or [64, 1500]
@@ -204,6 +208,11 @@ def main(argv=None) -> int:
         backends.append(Backend("vhost-user-net", [PY, "-m", "vhost_user.backends.net",
                                                    "--socket", socks[0], "--socket", socks[1]],
                                 socks, log=log))
+        for i, extra in enumerate(args.compare):
+            socks = [str(tmp / f"c{i}-a.sock"), str(tmp / f"c{i}-b.sock")]
+            backends.append(Backend(f"vhost-user-net {extra}", [
+                PY, "-m", "vhost_user.backends.net", "--socket", socks[0], "--socket", socks[1],
+                *extra.split()], socks, log=log))
         socks = [str(tmp / "t0.sock"), str(tmp / "t1.sock")]
         backends.append(Backend("dpdk-vhost", [
             "dpdk-testpmd", "-l", "0-1", "--main-lcore", "0", "--no-huge", "-m", "1024", "--no-pci",

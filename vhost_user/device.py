@@ -46,6 +46,7 @@ class VirtioDevice:
     num_queues: int = 1
     #: largest queue size the device accepts (SET_VRING_NUM)
     max_queue_size: int = MAX_QUEUE_SIZE  # crosvm offers every queue at 32768 unless told otherwise
+    poll_us: int = 0  # --poll-us: each queue worker busy-polls this long before sleeping (csrc/run.c)
     #: device-specific virtio feature bits, in addition to COMMON_FEATURES
     device_features: int = 0
     #: protocol features the device adds to the server's own set

@@ -112,7 +112,8 @@ class Session:
         self.protocol_features = 0
         self.memory = GuestMemory.empty()
         self.status = 0
-        self.queues = [Virtqueue(i, device.max_queue_size) for i in range(device.num_queues)]
+        self.queues = [Virtqueue(i, device.max_queue_size, poll_us=device.poll_us)
+                       for i in range(device.num_queues)]
         self._enabled = [False] * device.num_queues
         self._addr_set = [False] * device.num_queues
         self._backend_sock: socket.socket | None = None

@@ -180,12 +180,13 @@ class Virtqueue:
     @property
     def stats(self) -> dict[str, int]:
         """Counters of the current run: requests, kicks, notifies, bytes_read,
-        bytes_written, io_errors, plus the engine's own counters (Engine.stats)."""
+        bytes_written, io_errors, log_missed, polled (sleeps `poll_us` saved), plus the
+        engine's own counters (Engine.stats)."""
         s = ffi.new("struct vr_stats *")
         lib.vr_queue_get_stats(self._q, s)
         out = {"requests": s.requests, "kicks": s.kicks, "notifies": s.notifies,
                "bytes_read": s.bytes_read, "bytes_written": s.bytes_written,
-               "io_errors": s.io_errors, "log_missed": s.log_missed}
+               "io_errors": s.io_errors, "log_missed": s.log_missed, "polled": s.polled}
         if self._engine is not None:
             out.update(self._engine.stats)
         return out

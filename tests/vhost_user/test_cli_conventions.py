@@ -240,6 +240,30 @@ def test_a_signal_as_the_loop_starts_is_acted_on_once(sockdir):
     assert len(_stats_lines(out.stderr)) == 1, out.stderr
 
 
+def test_poll_us_takes_requests_without_kicks_and_counts_them(sockdir):
+    """--poll-us: a request the driver submits while the worker polls needs no wake-up."""
+    bp = start("vhost-user-blk", sockdir, "--poll-us", "100000")
+    try:
+        with BlkDriver.connect(bp.socket) as drv:
+            for i in range(20):  # each one right after the last completed: inside the 0.1 s poll
+                drv.write(8 * i, b"p" * 4096)
+            bp.proc.send_signal(signal.SIGUSR1)
+            (stats,) = _stats_lines(bp.wait_log(" stats {"))
+        queue = stats[bp.socket]["queues"]["0"]
+        assert queue["requests"] >= 20 and queue["polled"] > 0, queue
+    finally:
+        assert bp.stop() == 0
+
+
+@pytest.mark.parametrize("prog", PROGRAMS)
+def test_every_program_serves_with_poll_us(prog, sockdir):
+    bp = start(prog, sockdir, "--poll-us", "50")
+    try:
+        assert bp.running
+    finally:
+        assert bp.stop() == 0
+
+
 def test_sigusr1_line_has_per_queue_counters_of_the_running_session(sockdir):
     bp = start("vhost-user-blk", sockdir)
     try:

@@ -564,3 +564,32 @@ def test_busy_poll_picks_up_work_without_kick(ram, eventfd):
     assert vq.stats["kicks"] == 0
     vq.stop()  # the control fd interrupts the busy-poll
     finish(vq, mem)
+
+
+def test_busy_poll_keeps_kicks_off_while_it_polls_and_arms_them_when_it_gives_up(ram, eventfd):
+    """The driver need not kick while the worker polls; once the poll gives up, a kick wakes it."""
+    ring = SplitRing(ram, 8)
+    buf = ram.alloc(16)
+    kick = eventfd()
+
+    def handler(vq):
+        while (c := vq.pop()) is not None:
+            vq.push(c.head, 0)
+
+    vq = Virtqueue(0, poll_us=3_000_000)
+    ring.setup(vq)
+    vq.set_kick(os.dup(kick))
+    mem = ram.memory()
+    vq.start(mem, handler)
+    for n in (1, 2):  # no kicks: the first look or the poll takes the first, the poll the second
+        ring.publish(ring.add_chain([(buf, 16)]))
+        wait_for(lambda: ring.used_idx == n, timeout=2)
+        assert ring.used_flags & USED_F_NO_NOTIFY, "kicks were on while the worker polled"
+    wait_for(lambda: not ring.used_flags & USED_F_NO_NOTIFY, timeout=10)  # the poll gave up
+    ring.publish(ring.add_chain([(buf, 16)]))
+    os.eventfd_write(kick, 1)
+    wait_for(lambda: ring.used_idx == 3, timeout=5)
+    stats = vq.stats
+    assert stats["kicks"] == 1 and stats["polled"] >= 1, stats
+    vq.stop()
+    finish(vq, mem)
