@@ -213,3 +213,33 @@ def test_guest_blk_fio_survives_backend_restart(guest_vm, blk_backend):
     terse = next(line for line in result.lines if line.startswith("terse ")).split(";")
     assert terse[4] == "0" and int(terse[5]) == 24 * 1024, result.output
     assert blk_backend.starts == 2
+
+
+def test_guest_blk_fio_verify_on_a_polling_backend(guest_vm, blk_image, short_tmp, tmp_path):
+    """--poll-us under QEMU and the guest kernel's driver (EVENT_IDX on): requests the
+    worker picks up while it polls, with kicks off, verify like the rest."""
+    sock = short_tmp / "blk.sock"
+    argv = BLK_BACKENDS["ours"](str(blk_image), str(sock), 1) + ["--poll-us", "20000"]
+    backend = BackendProcess(argv, sock, tmp_path / "ours.log").start()
+    try:
+        vm = boot_blk(guest_vm, backend)
+        vm.start("""
+            vhu_wait_dev /dev/vda || exit 1
+            fio --name=verify --filename=/dev/vda --ioengine=libaio --direct=1 \\
+                --rw=randwrite --bs=4k --size=8m --iodepth=4 \\
+                --verify=crc32c --do_verify=1 --verify_fatal=1 \\
+                --output-format=terse --terse-version=3 > /tmp/fio.out || rc=$?
+            echo "fio-rc ${rc:-0}"
+            echo "terse $(grep '^3;' /tmp/fio.out | cut -d';' -f1-6)"
+            vhu_mark fio-done
+            sleep 3
+        """)
+        vm.wait_for_marker("fio-done", timeout=150)
+        queue = backend.log_stats()[str(sock)]["queues"]["0"]
+        result = vm.wait(timeout=60)
+    finally:
+        backend.stop()
+    assert "fio-rc 0" in result.lines, result.output
+    terse = next(line for line in result.lines if line.startswith("terse ")).split(";")
+    assert terse[4] == "0" and int(terse[5]) == 8192, result.output
+    assert queue["polled"] > 0 and queue["requests"] >= 4096, queue
