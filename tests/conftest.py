@@ -8,6 +8,8 @@ import tempfile
 
 import pytest
 
+from ringlayout import GuestRam
+
 # Back-ends are spawned as `python -m vhost_user...` from the repo root, where the
 # partial source folder vhost_user/ would shadow the installed package (protocol/
 # and backends/ are mapped into it only by the install). Safe-path mode keeps the
@@ -42,3 +44,37 @@ def shm_image():
     yield make
     for d in made:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# -- the data-plane tests (memory, virtqueue, the devices' C engines) ------------------------
+@pytest.fixture
+def fd_check():
+    """Fail the test if it leaks file descriptors."""
+    before = len(os.listdir("/proc/self/fd"))
+    yield
+    after = len(os.listdir("/proc/self/fd"))
+    assert after == before, f"fd leak: {before} -> {after}"
+
+
+@pytest.fixture
+def ram():
+    r = GuestRam([(0, 4 << 20)])
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def eventfd():
+    made = []
+
+    def make() -> int:
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        made.append(fd)
+        return fd
+
+    yield make
+    for fd in made:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -81,12 +81,13 @@ def test_ring_engine_and_hostile_tests_pass_under_asan_ubsan_with_zero_reports(s
     # (bad headers, unknown requests, wrong sizes and fd counts: NACKed before any
     # C runs), so those run unsanitized only.
     c_tests = [os.path.join("tests/vhost_user", name) for name in (
-        "test_virtqueue.py", "test_blk_engine.py", "test_inflight.py", "test_memory.py",
-        "test_vsock_fastpath.py", "test_driver_ring.py", "test_crosvm_sizes.py",
-        "test_core_knows_no_device.py")]
+        "test_virtqueue.py", "test_inflight.py", "test_memory.py",
+        "test_driver_ring.py", "test_crosvm_sizes.py", "test_core_knows_no_device.py")]
     codec_only = ("hostile_header_drops", "hostile_unknown_request", "hostile_reply_flag",
                   "hostile_wrong_payload", "hostile_too_many_fds", "hostile_missing_fd")
     proc = _run(sanitized, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *c_tests,
+                            "tests/backends/blk/test_blk_engine.py",
+                            "tests/backends/vsock/test_vsock_native.py",
                             "tests/backends/vsock/test_vsock_fastpath.py",
                             "tests/integration/test_hostile_blk.py",
                             "tests/hardening/test_hostile_frontend.py",
