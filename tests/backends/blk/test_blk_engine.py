@@ -278,13 +278,18 @@ def test_blk_notifies_once_per_batch(rig):
     assert count_events(rig.call) == 1
 
 
-def test_blk_direct_engine_aligned_and_misaligned(tmp_path):
+def _direct_image(tmp_path) -> int:
+    """A copy of DISK opened with O_DIRECT (skips where the file system refuses it)."""
     path = tmp_path / "direct.img"
     path.write_bytes(bytes(DISK))
     try:
-        fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+        return os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
     except OSError:
         pytest.skip("O_DIRECT not supported here")
+
+
+def test_blk_direct_engine_aligned_and_misaligned(tmp_path):
+    fd = _direct_image(tmp_path)
     rig = BlkRig(fd, direct=True)
     try:
         data = os.urandom(8192)
@@ -476,12 +481,7 @@ def test_blk_pool_write_error_is_ioerr(tmp_path):
 
 
 def test_blk_pool_direct_misaligned_buffers_bounce_per_thread(tmp_path):
-    path = tmp_path / "direct.img"
-    path.write_bytes(bytes(DISK))
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
-    except OSError:
-        pytest.skip("O_DIRECT not supported here")
+    fd = _direct_image(tmp_path)
     rig = BlkRig(fd, direct=True, io_threads=3)
     try:
         data = os.urandom(2 * MB)
