@@ -491,7 +491,7 @@ def test_blk_pool_direct_misaligned_buffers_bounce_per_thread(tmp_path):
         out = rig.ram.alloc(len(data) + 5, 4096) + 5
         st, _ = rig.submit(rig.header(T_IN, 8), [(out, len(data))] + rig.status_buf())
         assert st == S_OK and rig.ram.read(out, len(data)) == data
-        with open(path, "rb") as f:
+        with open(tmp_path / "direct.img", "rb") as f:
             f.seek(8 * 512)
             assert f.read(len(data)) == data
         assert rig.engine.stats["pooled"] == 2
