@@ -525,7 +525,7 @@ def serve_devices(entries: list[tuple[Endpoint, Callable[[], VirtioDevice]]],
     def on_signal(signum: int, _frame) -> None:
         try:
             loop.call_soon_threadsafe(actions[signum])
-        except RuntimeError:  # the loop is closed: the process is on its way out
+        except RuntimeError:  # closed, and close_all not yet back: on the way out anyway
             pass
 
     for sig in actions:
@@ -539,6 +539,8 @@ def serve_devices(entries: list[tuple[Endpoint, Callable[[], VirtioDevice]]],
         if pidfile is not None:
             pidfile.remove()
         loop.close()
+        for sig in actions:  # no loop to queue on: a signal acts as it would without us
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
 
     try:
         pidfile = daemon.PidFile(args.pidfile) if getattr(args, "pidfile", None) else None
