@@ -73,7 +73,7 @@ def test_native_ring_harness_finds_a_planted_bounds_bug(tmp_path):
     assert planted != text, "memory.c changed: update the planted bug"
     mem.write_text(planted)
     out = tmp_path / "bin"
-    proc = subprocess.run(["bash", str(tree / "tools" / "fuzz-native.sh"), "build", str(out)],
+    proc = subprocess.run(["bash", str(tree / "tools" / "fuzz-native.sh"), "build", str(out), "ring"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     proc = _fuzz(str(out / "ring"), str(tmp_path / "corpus"), runs=2_000_000)
