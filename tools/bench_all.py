@@ -94,20 +94,26 @@ def net_vs_testpmd(runtime: float, rounds: int) -> int:
 
 
 def gpu_vs_qemu(runtime: float, rounds: int) -> int:
-    """Full-frame transfer + flush through QEMU's vhost-user-gpu and ours."""
+    """Full-frame updates: transfer + flush through QEMU's vhost-user-gpu and ours, and
+    ours again showing a guest blob (flush alone; QEMU's back-end has no blobs)."""
     d = Path(tempfile.mkdtemp(prefix="vhu-bench-gpu-"))
-    qs, os_ = d / "qemu.sock", d / "ours.sock"
+    qs, os_, bs = d / "qemu.sock", d / "ours.sock", d / "blob.sock"
     qemu = _spawn([QEMU_GPU, "-s", str(qs)])
     ours = _spawn(["vhost-user-gpu", "-s", str(os_)])
+    blob = _spawn(["vhost-user-gpu", "-s", str(bs)])
     try:
-        _wait_socks([qs, os_], [qemu, ours])
-        argv = ["vhost-user-bench", "gpu", "--socket", str(qs), "--pid", str(qemu.pid),
-                "--label", "qemu", "--socket", str(os_), "--pid", str(ours.pid), "--label", "ours",
-                "--runtime", str(runtime), "--rounds", str(rounds)]
+        _wait_socks([qs, os_, bs], [qemu, ours, blob])
+        argv = ["vhost-user-bench", "gpu"]
+        for sock, proc, label, mode in ((qs, qemu, "qemu", "transfer"),
+                                        (os_, ours, "ours", "transfer"),
+                                        (bs, blob, "ours-blob", "blob")):
+            argv += ["--socket", str(sock), "--pid", str(proc.pid), "--label", label,
+                     "--mode", mode]
+        argv += ["--runtime", str(runtime), "--rounds", str(rounds)]
         print("$ " + " ".join(argv), flush=True)
         return subprocess.call(argv)
     finally:
-        _stop([ours, qemu])
+        _stop([blob, ours, qemu])
         shutil.rmtree(d, ignore_errors=True)
 
 

@@ -118,8 +118,8 @@ def read_rect(backing: _Backing, memory: GuestMemory, fb: BlobFb, r: Rect) -> np
     start = fb.offset + r.y * fb.stride + r.x * BPP
     span = fb.stride * (r.height - 1) + row
     if span <= 2 * row * r.height:   # dense rows: one gather, then a strided view
-        tmp = np.zeros(span, np.uint8)
-        _gather_into(backing, memory, start, tmp)
+        tmp = np.empty(span, np.uint8)   # not zeros: a calloc'd frame faults in every page
+        tmp[_gather_into(backing, memory, start, tmp):] = 0
         sub = np.lib.stride_tricks.as_strided(tmp, shape=(r.height, row), strides=(fb.stride, 1))
     else:                            # sparse (huge stride): row by row
         sub = np.zeros((r.height, row), np.uint8)

@@ -479,6 +479,27 @@ class GpuDriver(Driver):
                 raise GpuDriverError(f"{what}: {T(status).name}")
         return backing
 
+    def setup_blob_frame(self, resource_id: int, width: int, height: int, *, scanout: int = 0,
+                         seed: int = 1) -> Backing:
+        """A scanout-sized guest blob on scattered pages, filled and shown with
+        SET_SCANOUT_BLOB, as Linux's virtio-gpu shows a dumb buffer (bench set-up).
+        Needs a driver connected with BLOB_FEATURES."""
+        backing = self.alloc_backing(width * height * 4, seed=seed)
+        self.write_backing(backing, np.random.default_rng(seed).integers(
+            0, 256, width * height * 4, dtype=np.uint8))
+        for what, status in (("create blob", self.create_blob(resource_id, backing)),
+                             ("scanout blob", self.set_scanout_blob(scanout, resource_id,
+                                                                    width, height))):
+            if status != T.RESP_OK_NODATA:
+                raise GpuDriverError(f"{what} {width}x{height}: {T(status).name}")
+        return backing
+
+    def flush_cycles(self, resource_id: int, width: int, height: int, cycles: int) -> int:
+        """`cycles` full-frame RESOURCE_FLUSHes alone (what a blob scanout needs); errors."""
+        flush = [ResourceFlush(Rect(0, 0, width, height), resource_id).pack()]
+        return sum(CtrlHeader.unpack(resp).type != T.RESP_OK_NODATA
+                   for _ in range(cycles) for resp in self.submit(flush))
+
     def frame_cycles(self, resource_id: int, width: int, height: int, cycles: int) -> int:
         """`cycles` full-frame TRANSFER_TO_HOST_2D + RESOURCE_FLUSH pairs; returns errors."""
         r = Rect(0, 0, width, height)
