@@ -198,21 +198,19 @@ def main(argv=None) -> int:
     backends: list[Backend] = []
     try:
         log = open(tmp / "backends.log", "w")
+
+        def net(label: str, name: str, *extra: str, env=None) -> None:
+            socks = [str(tmp / f"{name}-a.sock"), str(tmp / f"{name}-b.sock")]
+            backends.append(Backend(label, [PY, "-m", "vhost_user.backends.net", "--socket",
+                                            socks[0], "--socket", socks[1], *extra],
+                                    socks, env=env, log=log))
+
         for i, d in enumerate(args.before):
-            env = dict(os.environ, PYTHONPATH=str(Path(d).resolve()))
-            socks = [str(tmp / f"old{i}-a.sock"), str(tmp / f"old{i}-b.sock")]
-            backends.append(Backend(f"vhost-user-net ({Path(d).name})",
-                                    [PY, "-m", "vhost_user.backends.net", "--socket", socks[0],
-                                     "--socket", socks[1]], socks, env=env, log=log))
-        socks = [str(tmp / "a.sock"), str(tmp / "b.sock")]
-        backends.append(Backend("vhost-user-net", [PY, "-m", "vhost_user.backends.net",
-                                                   "--socket", socks[0], "--socket", socks[1]],
-                                socks, log=log))
+            net(f"vhost-user-net ({Path(d).name})", f"old{i}",
+                env=dict(os.environ, PYTHONPATH=str(Path(d).resolve())))
+        net("vhost-user-net", "now")
         for i, extra in enumerate(args.compare):
-            socks = [str(tmp / f"c{i}-a.sock"), str(tmp / f"c{i}-b.sock")]
-            backends.append(Backend(f"vhost-user-net {extra}", [
-                PY, "-m", "vhost_user.backends.net", "--socket", socks[0], "--socket", socks[1],
-                *extra.split()], socks, log=log))
+            net(f"vhost-user-net {extra}", f"c{i}", *extra.split())
         socks = [str(tmp / "t0.sock"), str(tmp / "t1.sock")]
         backends.append(Backend("dpdk-vhost", [
             "dpdk-testpmd", "-l", "0-1", "--main-lcore", "0", "--no-huge", "-m", "1024", "--no-pci",
