@@ -202,10 +202,12 @@ def test_guest_kmscube_frame_rendered_by_virgl_reaches_the_screendump_on_our_bac
     for shot in run["shots"]:
         assert shot.shape == (HEIGHT, WIDTH, 3)
         stats = cube_stats(shot)
-        assert _looks_like_cube(stats), stats
-        assert len(stats["dominant"]) >= 2, stats  # smooth-shaded faces: not one flat colour
-    # The cube turns: the frames differ, their statistics stay alike.
+        assert _looks_like_cube(stats), stats   # > 1000 colours: smooth-shaded, not flat
+    # The cube turns: the frames differ, their statistics stay alike, and between them
+    # its faces show more than one primary (one frame alone may turn only red faces to
+    # the camera).
     a, b = (cube_stats(s) for s in run["shots"])
+    assert len(a["dominant"] | b["dominant"]) >= 2, (a, b)
     assert not np.array_equal(*run["shots"])
     assert abs(a["cube"] - b["cube"]) < 0.15, (a, b)
 
