@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import Callable, NamedTuple
 
 from vhost_user.frontend.bench import process_cpu_seconds
 
@@ -20,10 +21,20 @@ from .driver import BLOB_FEATURES, DRIVER_FEATURES, GpuDriver
 
 __all__ = ["add_arguments", "run", "run_gpu_bench", "MODES"]
 
-#: mode -> (driver features, set-up method, cycle method)
+
+
+class _Mode(NamedTuple):
+    name: str          # what a cycle is, in the report line
+    features: int      # what the driver acks
+    setup: Callable    # GpuDriver method: the frame shown
+    cycle: Callable    # GpuDriver method: one update cycle; returns errors
+
+
 _MODES = {
-    "transfer": (DRIVER_FEATURES, GpuDriver.setup_frame, GpuDriver.frame_cycles),
-    "blob": (BLOB_FEATURES, GpuDriver.setup_blob_frame, GpuDriver.flush_cycles),
+    "transfer": _Mode("transfer+flush", DRIVER_FEATURES, GpuDriver.setup_frame,
+                      GpuDriver.frame_cycles),
+    "blob": _Mode("blob flush", BLOB_FEATURES, GpuDriver.setup_blob_frame,
+                  GpuDriver.flush_cycles),
 }
 MODES = tuple(_MODES)
 
@@ -61,11 +72,11 @@ def run_gpu_bench(sockets: list[str], *, pids=None, labels=None, modes=None, wid
     drivers = []
     try:
         for path in sockets:
-            features, setup, _ = runs[len(drivers)]
+            mode = runs[len(drivers)]
             drv = GpuDriver.connect(path, outputs=[(width, height)], ram_size=ram,
-                                    features=features)
+                                    features=mode.features)
             drivers.append(drv)
-            setup(drv, 1, width, height)
+            mode.setup(drv, 1, width, height)
         stats = [{"label": labels[i], "mode": modes[i], "cycles": 0, "errors": 0,
                   "elapsed_s": 0.0, "cpu_s": 0.0} for i in range(len(sockets))]
         for _ in range(rounds):
@@ -73,7 +84,7 @@ def run_gpu_bench(sockets: list[str], *, pids=None, labels=None, modes=None, wid
                 cpu0 = process_cpu_seconds(pids[i]) if pids[i] else 0.0
                 t0 = time.monotonic()
                 while time.monotonic() - t0 < runtime / rounds:
-                    stats[i]["errors"] += runs[i][2](drv, 1, width, height, 1)
+                    stats[i]["errors"] += runs[i].cycle(drv, 1, width, height, 1)
                     stats[i]["cycles"] += 1
                 stats[i]["elapsed_s"] += time.monotonic() - t0
                 stats[i]["cpu_s"] += (process_cpu_seconds(pids[i]) - cpu0) if pids[i] else 0.0
@@ -86,9 +97,6 @@ def run_gpu_bench(sockets: list[str], *, pids=None, labels=None, modes=None, wid
         st["cpu_ms_per_cycle"] = (st["cpu_s"] / st["cycles"] * 1e3) if pids[i] and st["cycles"] else None
         st["ratio_to_first"] = st["cycles_per_s"] / stats[0]["cycles_per_s"]
     return stats
-
-
-_NAMES = {"transfer": "transfer+flush", "blob": "blob flush"}
 
 
 def run(args) -> int:
@@ -104,7 +112,7 @@ def run(args) -> int:
             print(json.dumps(st))
             continue
         cpu = f"  backend cpu {st['cpu_ms_per_cycle']:.2f} ms/cycle" if st["cpu_ms_per_cycle"] else ""
-        print(f"{st['label']}: {args.width}x{args.height} {_NAMES[st['mode']]} {st['cycles_per_s']:.1f} "
+        print(f"{st['label']}: {args.width}x{args.height} {_MODES[st['mode']].name} {st['cycles_per_s']:.1f} "
               f"cycles/s ({st['mb_s']:.0f} MB/s, x{st['ratio_to_first']:.2f}) errors "
               f"{st['errors']}{cpu}")
     return 0 if all(st["errors"] == 0 for st in stats) else 1

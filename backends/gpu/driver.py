@@ -463,20 +463,27 @@ class GpuDriver(Driver):
             base += e.length
 
     # -- benchmark ---------------------------------------------------------------------
-    def setup_frame(self, resource_id: int, width: int, height: int, *, scanout: int = 0,
-                    seed: int = 1) -> Backing:
-        """A scanout-sized resource on scattered pages, filled and shown (bench set-up)."""
-        for status in (self.create_2d(resource_id, width, height),):
-            if status != T.RESP_OK_NODATA:
-                raise GpuDriverError(f"create {width}x{height}: {T(status).name}")
+    def _random_frame(self, width: int, height: int, seed: int) -> Backing:
+        """Scattered pages holding a width x height frame of random pixels."""
         backing = self.alloc_backing(width * height * 4, seed=seed)
         self.write_backing(backing, np.random.default_rng(seed).integers(
             0, 256, width * height * 4, dtype=np.uint8))
-        for what, status in (("attach", self.attach_backing(resource_id, backing)),
-                             ("scanout", self.set_scanout(scanout, resource_id,
-                                                          Rect(0, 0, width, height)))):
+        return backing
+
+    @staticmethod
+    def _expect_ok(steps) -> None:
+        for what, status in steps:
             if status != T.RESP_OK_NODATA:
                 raise GpuDriverError(f"{what}: {T(status).name}")
+
+    def setup_frame(self, resource_id: int, width: int, height: int, *, scanout: int = 0,
+                    seed: int = 1) -> Backing:
+        """A scanout-sized resource on scattered pages, filled and shown (bench set-up)."""
+        self._expect_ok([(f"create {width}x{height}", self.create_2d(resource_id, width, height))])
+        backing = self._random_frame(width, height, seed)
+        self._expect_ok([("attach", self.attach_backing(resource_id, backing)),
+                         ("scanout", self.set_scanout(scanout, resource_id,
+                                                      Rect(0, 0, width, height)))])
         return backing
 
     def setup_blob_frame(self, resource_id: int, width: int, height: int, *, scanout: int = 0,
@@ -484,32 +491,26 @@ class GpuDriver(Driver):
         """A scanout-sized guest blob on scattered pages, filled and shown with
         SET_SCANOUT_BLOB, as Linux's virtio-gpu shows a dumb buffer (bench set-up).
         Needs a driver connected with BLOB_FEATURES."""
-        backing = self.alloc_backing(width * height * 4, seed=seed)
-        self.write_backing(backing, np.random.default_rng(seed).integers(
-            0, 256, width * height * 4, dtype=np.uint8))
-        for what, status in (("create blob", self.create_blob(resource_id, backing)),
-                             ("scanout blob", self.set_scanout_blob(scanout, resource_id,
-                                                                    width, height))):
-            if status != T.RESP_OK_NODATA:
-                raise GpuDriverError(f"{what} {width}x{height}: {T(status).name}")
+        backing = self._random_frame(width, height, seed)
+        self._expect_ok([(f"create blob {width}x{height}", self.create_blob(resource_id, backing)),
+                         (f"scanout blob {width}x{height}",
+                          self.set_scanout_blob(scanout, resource_id, width, height))])
         return backing
+
+    def _cycles(self, commands: list[bytes], cycles: int) -> int:
+        """Submit `commands` together `cycles` times; the responses that were not OK."""
+        return sum(CtrlHeader.unpack(resp).type != T.RESP_OK_NODATA
+                   for _ in range(cycles) for resp in self.submit(commands))
 
     def flush_cycles(self, resource_id: int, width: int, height: int, cycles: int) -> int:
         """`cycles` full-frame RESOURCE_FLUSHes alone (what a blob scanout needs); errors."""
-        flush = [ResourceFlush(Rect(0, 0, width, height), resource_id).pack()]
-        return sum(CtrlHeader.unpack(resp).type != T.RESP_OK_NODATA
-                   for _ in range(cycles) for resp in self.submit(flush))
+        return self._cycles([ResourceFlush(Rect(0, 0, width, height), resource_id).pack()], cycles)
 
     def frame_cycles(self, resource_id: int, width: int, height: int, cycles: int) -> int:
         """`cycles` full-frame TRANSFER_TO_HOST_2D + RESOURCE_FLUSH pairs; returns errors."""
         r = Rect(0, 0, width, height)
-        pair = [TransferToHost2d(r, 0, resource_id).pack(), ResourceFlush(r, resource_id).pack()]
-        errors = 0
-        for _ in range(cycles):
-            for resp in self.submit(pair):
-                if CtrlHeader.unpack(resp).type != T.RESP_OK_NODATA:
-                    errors += 1
-        return errors
+        return self._cycles([TransferToHost2d(r, 0, resource_id).pack(),
+                             ResourceFlush(r, resource_id).pack()], cycles)
 
     def close(self) -> None:
         self.fe.close()
