@@ -393,13 +393,60 @@ void vr_prefetch_next(struct vr_queue *q)
         if (!(d.flags & VR_DESC_F_INDIRECT) && n) {
             uint8_t *p = vr_mem_gpa_contig(q->mem, d.addr, n);
             for (uint32_t off = 0; p && off < n; off += 64)
-                __builtin_prefetch(p + off, 1);
+                vr_prefetch_write(p + off);
         }
     }
     if (pending > 1) {
         uint16_t h2 = vr_ld16(AVAIL_RING(q, (uint16_t)(q->last_avail_idx + 1) & (q->num - 1)));
         if (h2 < q->num)
             __builtin_prefetch((const uint8_t *)q->desc + 16u * h2);
+    }
+}
+
+/* Hints for the next n pops (split rings, read-only): the descriptors of
+ * the chains pending in the avail ring, then the first lines of each one's
+ * first buffer (for writing when `write`).  Issued together, the misses on
+ * lines the driver wrote on another CPU overlap instead of coming one per
+ * pop.  A stale or bogus entry costs a useless prefetch. */
+void vr_prefetch_avail(struct vr_queue *q, uint32_t n, int write)
+{
+    if (!q->started || q->packed || q->broken || q->resubmit_pos < q->nresubmit)
+        return;
+    uint16_t pending = (uint16_t)(q->shadow_avail - q->last_avail_idx);
+    if (pending == 0 || pending > q->num)
+        pending = (uint16_t)(vr_ld16(AVAIL_IDX(q)) - q->last_avail_idx);
+    if (pending > q->num)
+        return;
+    if (n > pending)
+        n = pending;
+    uint16_t base = q->last_avail_idx, mask = (uint16_t)(q->num - 1);
+    /* the used elements their pushes will write, one line at a time */
+    for (uint32_t k = 0; k < n; k += 8)
+        vr_prefetch_write((const void *)USED_RING(q, (uint16_t)(q->used_idx + k) & mask));
+    for (uint32_t k = 0; k < n; k++) {
+        uint16_t h = vr_ld16(AVAIL_RING(q, (uint16_t)(base + k) & mask));
+        if (h < q->num)
+            __builtin_prefetch((const uint8_t *)q->desc + 16u * h);
+    }
+    for (uint32_t k = 0; k < n; k++) {
+        uint16_t h = vr_ld16(AVAIL_RING(q, (uint16_t)(base + k) & mask));
+        if (h >= q->num)
+            continue;
+        struct vr_desc d;
+        memcpy(&d, (const uint8_t *)q->desc + 16u * h, sizeof(d));
+        uint32_t len = d.len < 128 ? d.len : 128;   /* the lines a small frame takes */
+        if ((d.flags & VR_DESC_F_INDIRECT) || len == 0)
+            continue;
+        const uint8_t *p = vr_mem_gpa_contig(q->mem, d.addr, len);
+        if (!p)
+            continue;
+        if (write) {
+            vr_prefetch_write(p);
+            vr_prefetch_write(p + len - 1);
+        } else {
+            __builtin_prefetch(p);
+            __builtin_prefetch(p + len - 1);
+        }
     }
 }
 

@@ -298,6 +298,7 @@ void vr_disable_notify(struct vr_queue *q);
 int vr_enable_notify(struct vr_queue *q);
 int vr_avail_pending(struct vr_queue *q);
 void vr_prefetch_next(struct vr_queue *q);
+void vr_prefetch_avail(struct vr_queue *q, uint32_t n, int write);
 
 /* vring.c: chain helpers for engines.  iovecs over segs[0, n) from byte
  * `skip` on, at most `limit` bytes, into iov[0, cap); returns the count,
@@ -350,6 +351,18 @@ static inline uint64_t vr_avail_size(uint32_t num) { return 6ull + 2ull * num; }
 static inline uint64_t vr_used_size(uint32_t num) { return 6ull + 8ull * num; }
 /* packed (2.8): the driver and device event suppression areas are 4 bytes */
 #define VR_EVENT_AREA_SIZE 4
+
+/* Fetch the line at p for writing (in the exclusive state, so the store
+ * that follows need not wait for the other CPU to give it up).  PREFETCHW
+ * is a hint: where the CPU lacks it, it does nothing. */
+static inline void vr_prefetch_write(const void *p)
+{
+#if defined(__x86_64__)
+    __asm__ volatile("prefetchw %0" : : "m"(*(const char *)p));
+#else
+    __builtin_prefetch(p, 1);
+#endif
+}
 
 /* Single-copy accessors for ring fields shared with the guest (vring.c,
  * packed.c): one load or store each, never torn or merged. */

@@ -220,6 +220,7 @@ int vr_net_tx_handle(void *ctx, struct vr_queue *q)
     int more = 1;
     uint32_t hl = hdr_len_of(__atomic_load_n(&sp->features, __ATOMIC_ACQUIRE));
     t->now = vr_clock_ns();
+    vr_prefetch_avail(q, BATCH, 0);
     while (n < BATCH) {
         while (more && have < LOOKAHEAD && n + have < BATCH) {
             uint32_t k = (first + have) % LOOKAHEAD;

@@ -144,6 +144,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             else
                 vr_enable_notify(&q);
             (void)vr_avail_pending(&q);
+            {   /* the read-only hints: never a write, never out of bounds */
+                uint32_t ahead = fg_u8(&r);
+                vr_prefetch_avail(&q, ahead, ahead & 1);
+                vr_prefetch_next(&q);
+            }
             break;
         }
         if (was_broken && !vr_queue_broken(&q))
