@@ -216,7 +216,7 @@ int vr_queue_start(struct vr_queue *q, const struct vr_mem *mem)
             return rc;
         }
     }
-    q->shadow_avail = q->last_avail_idx;
+    q->shadow_avail = q->hinted = q->last_avail_idx;
     q->started = 1;
     return VR_OK;
 }
@@ -374,67 +374,48 @@ static int walk_chain(struct vr_queue *q, uint16_t head, struct vr_chain *c)
     }
 }
 
-/* Hints for the pops to come (split rings, read-only): the first lines of
- * the next chain's first buffer for writing, the descriptor of the one after.  The
- * driver wrote them on another CPU; fetching them while this chain is
- * filled hides that.  A stale or bogus entry costs a useless prefetch. */
-void vr_prefetch_next(struct vr_queue *q)
-{
-    if (!q->started || q->packed || q->broken || q->resubmit_pos < q->nresubmit)
-        return;
-    uint16_t pending = (uint16_t)(q->shadow_avail - q->last_avail_idx);
-    if (pending == 0 || pending > q->num)
-        return;
-    uint16_t h = vr_ld16(AVAIL_RING(q, q->last_avail_idx & (q->num - 1)));
-    if (h < q->num) {
-        struct vr_desc d;
-        memcpy(&d, (const uint8_t *)q->desc + 16u * h, sizeof(d));
-        uint32_t n = d.len < 256 ? d.len : 256;   /* the lines a small frame takes */
-        if (!(d.flags & VR_DESC_F_INDIRECT) && n) {
-            uint8_t *p = vr_mem_gpa_contig(q->mem, d.addr, n);
-            for (uint32_t off = 0; p && off < n; off += 64)
-                vr_prefetch_write(p + off);
-        }
-    }
-    if (pending > 1) {
-        uint16_t h2 = vr_ld16(AVAIL_RING(q, (uint16_t)(q->last_avail_idx + 1) & (q->num - 1)));
-        if (h2 < q->num)
-            __builtin_prefetch((const uint8_t *)q->desc + 16u * h2);
-    }
-}
-
-/* Hints for the next n pops (split rings, read-only): the descriptors of
+/* Hints for the pops to come (split rings, read-only): the descriptors of
  * the chains pending in the avail ring, then the first lines of each one's
- * first buffer (for writing when `write`).  Issued together, the misses on
- * lines the driver wrote on another CPU overlap instead of coming one per
- * pop.  A stale or bogus entry costs a useless prefetch. */
-void vr_prefetch_avail(struct vr_queue *q, uint32_t n, int write)
+ * first buffer (for writing when `write`) and the used elements their
+ * pushes will write.  `bytes` is how much of each buffer the caller expects
+ * to touch (at most 256 are hinted).  Issued together, the misses on lines the driver wrote
+ * on another CPU overlap instead of coming one per pop.  Entries hinted
+ * before (q->hinted) are not fetched again.  A stale or bogus entry costs a
+ * useless prefetch. */
+void vr_prefetch_avail(struct vr_queue *q, uint32_t n, int write, uint32_t bytes)
 {
     if (!q->started || q->packed || q->broken || q->resubmit_pos < q->nresubmit)
         return;
     uint16_t pending = (uint16_t)(q->shadow_avail - q->last_avail_idx);
-    if (pending == 0 || pending > q->num)
+    if (pending < n || pending > q->num)
         pending = (uint16_t)(vr_ld16(AVAIL_IDX(q)) - q->last_avail_idx);
     if (pending > q->num)
         return;
     if (n > pending)
         n = pending;
+    if (bytes > 256)
+        bytes = 256;
+    uint16_t done = (uint16_t)(q->hinted - q->last_avail_idx);
+    if (done > pending)   /* a cursor left from before the pops caught up */
+        done = 0;
+    if (done >= n)
+        return;
     uint16_t base = q->last_avail_idx, mask = (uint16_t)(q->num - 1);
-    /* the used elements their pushes will write, one line at a time */
-    for (uint32_t k = 0; k < n; k += 8)
+    q->hinted = (uint16_t)(base + n);
+    for (uint32_t k = done; k < n; k += 8)
         vr_prefetch_write((const void *)USED_RING(q, (uint16_t)(q->used_idx + k) & mask));
-    for (uint32_t k = 0; k < n; k++) {
+    for (uint32_t k = done; k < n; k++) {
         uint16_t h = vr_ld16(AVAIL_RING(q, (uint16_t)(base + k) & mask));
         if (h < q->num)
             __builtin_prefetch((const uint8_t *)q->desc + 16u * h);
     }
-    for (uint32_t k = 0; k < n; k++) {
+    for (uint32_t k = done; k < n && bytes; k++) {
         uint16_t h = vr_ld16(AVAIL_RING(q, (uint16_t)(base + k) & mask));
         if (h >= q->num)
             continue;
         struct vr_desc d;
         memcpy(&d, (const uint8_t *)q->desc + 16u * h, sizeof(d));
-        uint32_t len = d.len < 128 ? d.len : 128;   /* the lines a small frame takes */
+        uint32_t len = d.len < bytes ? d.len : bytes;
         if ((d.flags & VR_DESC_F_INDIRECT) || len == 0)
             continue;
         const uint8_t *p = vr_mem_gpa_contig(q->mem, d.addr, len);
@@ -448,6 +429,15 @@ void vr_prefetch_avail(struct vr_queue *q, uint32_t n, int write)
             __builtin_prefetch(p + len - 1);
         }
     }
+}
+
+/* Keep the hints ahead of the pops (for writing `bytes` of each buffer):
+ * when fewer than 4 pending chains are hinted, hint up to 16. */
+void vr_prefetch_next(struct vr_queue *q, uint32_t bytes)
+{
+    if ((uint16_t)(q->hinted - q->last_avail_idx) < 4 ||
+        (uint16_t)(q->hinted - q->last_avail_idx) > q->num)
+        vr_prefetch_avail(q, 16, 1, bytes);
 }
 
 int vr_avail_pending(struct vr_queue *q)

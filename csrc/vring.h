@@ -197,6 +197,7 @@ struct vr_queue {
     const struct vr_mem *mem;
     uint16_t last_avail_idx;   /* packed: next ring slot to read */
     uint16_t shadow_avail;     /* split: avail->idx as last read (set at start) */
+    uint16_t hinted;           /* split: avail entries prefetched up to here (vr_prefetch_*) */
     uint16_t used_idx;         /* shadow of used->idx; packed: next slot to write */
     uint16_t signalled_used;
     int signalled_used_valid;
@@ -297,8 +298,8 @@ int vr_notify_force(struct vr_queue *q);
 void vr_disable_notify(struct vr_queue *q);
 int vr_enable_notify(struct vr_queue *q);
 int vr_avail_pending(struct vr_queue *q);
-void vr_prefetch_next(struct vr_queue *q);
-void vr_prefetch_avail(struct vr_queue *q, uint32_t n, int write);
+void vr_prefetch_next(struct vr_queue *q, uint32_t bytes);
+void vr_prefetch_avail(struct vr_queue *q, uint32_t n, int write, uint32_t bytes);
 
 /* vring.c: chain helpers for engines.  iovecs over segs[0, n) from byte
  * `skip` on, at most `limit` bytes, into iov[0, cap); returns the count,

@@ -194,49 +194,23 @@ void vr_net_tx_free(struct vr_net_tx *t)
     free(t);
 }
 
-/* Start fetching the first lines of a popped tx chain's frame: the driver
- * wrote it on another CPU, and the copy of the chain before it runs
- * meanwhile. */
-static void prefetch_chain(const struct vr_queue *q, const struct vr_chain *c)
-{
-    if (c->nread == 0)
-        return;
-    const uint8_t *p = vr_seg_host(q->mem, &c->segs[0]);
-    uint32_t len = c->segs[0].len < 256 ? c->segs[0].len : 256;
-    for (uint32_t off = 0; off < len; off += 64)
-        __builtin_prefetch(p + off);
-}
-
-/* vr_run handler of a tx queue: a batch of frames, then return.  Chains are
- * popped up to LOOKAHEAD ahead of the one being switched. */
+/* vr_run handler of a tx queue: a batch of frames, then return.  The
+ * batch's descriptors and frame heads are hinted first (the driver wrote
+ * them on another CPU: their misses overlap instead of coming one a frame). */
 int vr_net_tx_handle(void *ctx, struct vr_queue *q)
 {
     struct vr_net_tx *t = ctx;
     struct port *sp = &t->sw->ports[t->port];
     uint16_t heads[BATCH];
     uint32_t lens[BATCH] = {0};
-    struct vr_chain ahead[LOOKAHEAD];
-    uint32_t n = 0, first = 0, have = 0;
-    int more = 1;
+    uint32_t n = 0;
     uint32_t hl = hdr_len_of(__atomic_load_n(&sp->features, __ATOMIC_ACQUIRE));
     t->now = vr_clock_ns();
-    vr_prefetch_avail(q, BATCH, 0);
+    vr_prefetch_avail(q, BATCH, 0, hl + HEAD_COPY);
     while (n < BATCH) {
-        while (more && have < LOOKAHEAD && n + have < BATCH) {
-            uint32_t k = (first + have) % LOOKAHEAD;
-            ahead[k] = (struct vr_chain){.cap = VR_MAX_SEGS, .segs = t->txsegs[k]};
-            if (vr_pop(q, &ahead[k]) <= 0) {
-                more = 0;
-                break;
-            }
-            prefetch_chain(q, &ahead[k]);
-            have++;
-        }
-        if (!have)
+        struct vr_chain chain = {.cap = VR_MAX_SEGS, .segs = t->txsegs}, *c = &chain;
+        if (vr_pop(q, c) <= 0)
             break;
-        struct vr_chain *c = &ahead[first];
-        first = (first + 1) % LOOKAHEAD;
-        have--;
         heads[n++] = c->head;
         q->stats.bytes_read += c->read_len;
         if (c->write_len) {                /* 5.1.6.2: tx buffers are read-only */

@@ -65,8 +65,8 @@ static struct vr_queue *net_rx_open(struct vr_net_tx *t, struct rxq *r)
         net_rx_close(t);
         pthread_mutex_lock(&r->lock);
         t->open = r;
-        if (r->q)
-            vr_prefetch_avail(r->q, BATCH, 1);
+        if (r->q)   /* the next frames are likely as long as this one */
+            vr_prefetch_avail(r->q, BATCH, 1, t->total);
     }
     struct vr_queue *q = r->q;
     if (!q || !q->started || q->broken) {
@@ -224,7 +224,7 @@ static int copy_to_rx(struct vr_net_tx *t, struct port *dst, struct rxq *r,
         put_le16(h + 10, (uint16_t)n);
     vr_segs_scatter(q->mem, c0.segs + c0.nread, c0.nseg - c0.nread, 0, h, hl);
     t->npend += n;             /* made used by push_pending */
-    vr_prefetch_next(q);       /* the next frame's buffer and descriptor */
+    vr_prefetch_next(q, hl + len);   /* buffers for frames like this one */
     r->st.rx_frames++;
     r->st.rx_bytes += len;
     return 0;

@@ -18,7 +18,6 @@
 #define MAC_BUCKETS 4096
 #define MAC_PROBE 8
 #define HEAD_COPY 128        /* frame bytes copied (and checked) before switching */
-#define LOOKAHEAD 4          /* tx chains popped (and their data prefetched) ahead */
 #define PEND (2 * MAX_MERGE) /* filled rx chains held for one used-index store */
 
 struct rxq {
@@ -67,7 +66,7 @@ struct vr_net_tx {
     uint8_t seg[VR_NET_MAX_FRAME + 16];
     struct vr_seg segs[VR_MAX_SEGS];
     struct vr_seg segs0[VR_MAX_SEGS];
-    struct vr_seg txsegs[LOOKAHEAD][VR_MAX_SEGS];
+    struct vr_seg txsegs[VR_MAX_SEGS];
     /* rx session: the destination queue held locked across consecutive
      * frames to it, its filled chains pending until one push (net_rx_close) */
     struct rxq *open;

@@ -146,8 +146,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             (void)vr_avail_pending(&q);
             {   /* the read-only hints: never a write, never out of bounds */
                 uint32_t ahead = fg_u8(&r);
-                vr_prefetch_avail(&q, ahead, ahead & 1);
-                vr_prefetch_next(&q);
+                uint32_t bytes = fg_u16(&r);
+                vr_prefetch_avail(&q, ahead, ahead & 1, bytes);
+                vr_prefetch_next(&q, bytes);
             }
             break;
         }
