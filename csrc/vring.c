@@ -325,6 +325,26 @@ static int walk_chain(struct vr_queue *q, uint16_t head, struct vr_chain *c)
     c->head = head;
     c->nseg = c->nread = 0;
     c->read_len = c->write_len = 0;
+    /* The common shape (a net frame, a vsock packet): one direct descriptor
+     * whose buffer lies in one region.  Anything else takes the general walk
+     * below, which reads the descriptor afresh. */
+    read_desc(q, 0, 0, head, &d);
+    if (!(d.flags & (VR_DESC_F_NEXT | VR_DESC_F_INDIRECT)) && d.len && c->cap) {
+        int reg = vr_mem_region_of(q->mem, d.addr, d.len);
+        if (reg >= 0) {
+            int w = (d.flags & VR_DESC_F_WRITE) != 0;
+            c->segs[0] = (struct vr_seg){.offset = d.addr - q->mem->regions[reg].gpa,
+                                         .len = d.len, .region = (uint16_t)reg, .writable = w};
+            c->nseg = 1;
+            if (w) {
+                c->write_len = d.len;
+            } else {
+                c->read_len = d.len;
+                c->nread = 1;
+            }
+            return VR_OK;
+        }
+    }
     for (;;) {
         /* virtio 1.2, 2.7.5.2: a chain is at most Queue Size long (an
          * indirect table at most its entry count): the hop budget turns

@@ -21,12 +21,14 @@
 
 /* ---- MAC table ---- */
 
+/* The table's key of a MAC: its 6 bytes (in memory order) | 1 << 48. */
 static inline uint64_t mac_key(const uint8_t *m)
 {
-    uint64_t k = 0;
-    for (int i = 0; i < 6; i++)
-        k = k << 8 | m[i];
-    return k | 1ull << 48;
+    uint32_t lo;
+    uint16_t hi;
+    memcpy(&lo, m, 4);
+    memcpy(&hi, m + 4, 2);
+    return (uint64_t)lo | (uint64_t)hi << 32 | 1ull << 48;
 }
 
 static inline uint32_t mac_hash(uint64_t k)

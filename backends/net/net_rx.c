@@ -219,7 +219,7 @@ static int copy_to_rx(struct vr_net_tx *t, struct port *dst, struct rxq *r,
         n++;
     }
     uint8_t h[12];
-    memcpy(h, hdr, hl);
+    memcpy(h, hdr, 12);   /* hdr is always 12 bytes (pack_hdr); hl of them go out */
     if (hl == 12)
         put_le16(h + 10, (uint16_t)n);
     vr_segs_scatter(q->mem, c0.segs + c0.nread, c0.nseg - c0.nread, 0, h, hl);
