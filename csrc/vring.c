@@ -395,13 +395,12 @@ static int walk_chain(struct vr_queue *q, uint16_t head, struct vr_chain *c)
 }
 
 /* Hints for the pops to come (split rings, read-only): the descriptors of
- * the chains pending in the avail ring, then the first lines of each one's
- * first buffer (for writing when `write`) and the used elements their
- * pushes will write.  `bytes` is how much of each buffer the caller expects
- * to touch (at most 256 are hinted).  Issued together, the misses on lines the driver wrote
- * on another CPU overlap instead of coming one per pop.  Entries hinted
- * before (q->hinted) are not fetched again.  A stale or bogus entry costs a
- * useless prefetch. */
+ * the next n chains pending in the avail ring, then the lines of the first
+ * `bytes` (at most 256) of each one's first buffer, for writing when
+ * `write`.  Issued together, the misses on lines the driver wrote on another
+ * CPU overlap instead of coming one per pop.  Entries hinted before
+ * (q->hinted) are not fetched again.  A stale or bogus entry costs a useless
+ * prefetch. */
 void vr_prefetch_avail(struct vr_queue *q, uint32_t n, int write, uint32_t bytes)
 {
     if (!q->started || q->packed || q->broken || q->resubmit_pos < q->nresubmit)
@@ -422,8 +421,6 @@ void vr_prefetch_avail(struct vr_queue *q, uint32_t n, int write, uint32_t bytes
         return;
     uint16_t base = q->last_avail_idx, mask = (uint16_t)(q->num - 1);
     q->hinted = (uint16_t)(base + n);
-    for (uint32_t k = done; k < n; k += 8)
-        vr_prefetch_write((const void *)USED_RING(q, (uint16_t)(q->used_idx + k) & mask));
     for (uint32_t k = done; k < n; k++) {
         uint16_t h = vr_ld16(AVAIL_RING(q, (uint16_t)(base + k) & mask));
         if (h < q->num)
@@ -441,12 +438,12 @@ void vr_prefetch_avail(struct vr_queue *q, uint32_t n, int write, uint32_t bytes
         const uint8_t *p = vr_mem_gpa_contig(q->mem, d.addr, len);
         if (!p)
             continue;
-        if (write) {
-            vr_prefetch_write(p);
-            vr_prefetch_write(p + len - 1);
-        } else {
-            __builtin_prefetch(p);
-            __builtin_prefetch(p + len - 1);
+        const uint8_t *line = (const uint8_t *)((uintptr_t)p & ~(uintptr_t)63);
+        for (; line < p + len; line += 64) {
+            if (write)
+                vr_prefetch_write(line);
+            else
+                __builtin_prefetch(line);
         }
     }
 }
