@@ -365,8 +365,8 @@ static inline int vr_mem_region_of(const struct vr_mem *m, uint64_t gpa, uint32_
 }
 
 /* Fetch the line at p for writing (in the exclusive state, so the store
- * that follows need not wait for the other CPU to give it up).  PREFETCHW
- * is a hint: where the CPU lacks it, it does nothing. */
+ * that follows need not wait for the other CPU to give it up).  Like every
+ * prefetch it never faults; x86-64 CPUs without PREFETCHW run it as a NOP. */
 static inline void vr_prefetch_write(const void *p)
 {
 #if defined(__x86_64__)

@@ -112,15 +112,8 @@ static void src_each(const struct vr_net_tx *t, uint32_t off, uint32_t len,
 static void append(void *ctx, const uint8_t *p, uint32_t n)
 {
     uint8_t **dst = ctx;
-    uint8_t *d = *dst;
+    memcpy(*dst, p, n);
     *dst += n;
-    /* 16-byte moves: the header fields read next are each inside one store
-     * and forward from it (a wider vector store would not) */
-    for (; n >= 16; n -= 16, p += 16, d += 16) {
-        typedef uint8_t v16 __attribute__((vector_size(16), aligned(1)));
-        *(v16 *)d = *(const v16 *)p;
-    }
-    memcpy(d, p, n);
 }
 
 void net_frame_fill(struct vr_net_tx *t, uint32_t upto)
