@@ -185,13 +185,14 @@ static int copy_to_rx(struct vr_net_tx *t, struct port *dst, struct rxq *r,
         if (rc <= 0 || (!mrg && ch->write_len < need) || ch->write_len == 0 ||
             (n == 0 && ch->write_len < hl)) {
             if (rc > 0)
-                n++;
+                heads[n++] = ch->head;
             if (q->broken)
                 return -1;
-            if (q->inflight) {   /* cannot rewind: hand them back empty */
+            if (q->inflight) {   /* cannot rewind: hand them back empty, after the
+                                  * session's earlier chains (in the order popped) */
                 for (uint32_t i = 0; i < n; i++)
                     lens[i] = 0;
-                vr_push_batch(q, heads, lens, n);
+                t->npend += n;
             } else {   /* undo this frame's pops: the chains stay available to the driver */
                 vr_unpop_n(q, n);
             }
