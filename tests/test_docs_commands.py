@@ -194,3 +194,5 @@ def test_the_net_virtio_user_benchmark_runs_as_benchmarks_md_gives_it():
     assert float(ours.split(" Mpps")[0]) > 0 and float(dpdk.split(" Mpps")[0]) > 0, row
     assert float(ratio) > 0, row
     assert out.stdout.count("load average") == 2, out.stdout
+    (cl,) = [line for line in out.stdout.splitlines() if line.startswith("cache line per round: ")]
+    assert float(cl.split(": ")[1].split(" ns")[0]) > 0, cl   # the machine's state, measured

@@ -20,7 +20,11 @@ They take turns in slices (`--rounds`, alternating, every frame size); the
 ones not measured are SIGSTOPped (testpmd busy-polls). Frames per second are
 testpmd's own RX counters of the two virtio-user ports over the slice; the
 back-end's CPU time comes from /proc over the same window (testpmd's
-includes its busy polling).
+includes its busy polling). Before each round, with every back-end stopped,
+tools/cacheline_pingpong.c measures how long a cache line takes to move
+between the two CPUs: on a shared VM that moves several-fold from one
+minute to the next (the machine's fast and slow states in BENCHMARKS.md),
+and the rates with it.
 
     python3 tools/bench_net_virtio_user.py [--runtime 5] [--rounds 3] [--frame-size 64 ...]
 """
@@ -97,6 +101,26 @@ def _generator_argv(socks, size: int, prefix: str) -> list[str]:
         f"--eth-peer=0,{MAC1}", f"--eth-peer=1,{MAC0}", "--auto-start",
         "--stats-period", "1", "--total-num-mbufs=8192",
     ]
+
+
+def _pingpong_tool(tmp: Path) -> Path | None:
+    """tools/cacheline_pingpong.c built in tmp; None without a C compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    src = Path(__file__).with_name("cacheline_pingpong.c")
+    exe = tmp / "pingpong"
+    if not cc or not src.is_file():
+        return None
+    built = subprocess.run([cc, "-O2", "-pthread", str(src), "-o", str(exe)], capture_output=True)
+    return exe if built.returncode == 0 else None
+
+
+def _cacheline_ns(exe: Path | None) -> float | None:
+    """Nanoseconds per cache-line transfer between CPU 0 and CPU 1, or None."""
+    if exe is None:
+        return None
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60).stdout
+    m = re.match(r"([\d.]+) ns per cache-line", out)
+    return float(m.group(1)) if m else None
 
 
 def run_slice(backend: Backend, size: int, runtime: float, prefix: str) -> dict:
@@ -221,7 +245,15 @@ def main(argv=None) -> int:
         labels = [b.label for b in backends]
         print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
         results = []
+        pingpong, lines = _pingpong_tool(tmp), []
         for rnd in range(args.rounds):
+            for b in backends:
+                b.pause(True)
+            ns = _cacheline_ns(pingpong)
+            if ns is not None:
+                lines.append(ns)
+                print(f"round {rnd + 1}: a cache line moves between CPU 0 and CPU 1 in {ns:.0f} ns",
+                      flush=True)
             for size in sizes:
                 for b in backends:
                     for o in backends:
@@ -233,6 +265,8 @@ def main(argv=None) -> int:
         for b in backends:
             b.pause(False)
         print(f"load average after: {os.getloadavg()[0]:.2f}")
+        print("cache line per round: " + (", ".join(f"{ns:.0f}" for ns in lines) + " ns" if lines
+                                         else "not measured (no C compiler)"))
         print()
         print("\n".join(_summary(results, labels, sizes)))
         if args.json:
