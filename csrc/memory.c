@@ -12,17 +12,6 @@
 
 #include "vring.h"
 
-/* Region holding gpa, or NULL.  Linear scan: at most 32 regions. */
-static const struct vr_region *find_gpa(const struct vr_mem *m, uint64_t gpa)
-{
-    for (uint32_t i = 0; i < m->nregions; i++) {
-        const struct vr_region *r = &m->regions[i];
-        if (gpa >= r->gpa && gpa - r->gpa < r->size)
-            return r;
-    }
-    return NULL;
-}
-
 /*
  * The region holding gpa and how many of the len bytes from gpa it holds
  * (the span stops at the region end).  NULL when gpa is in no region.
@@ -30,7 +19,7 @@ static const struct vr_region *find_gpa(const struct vr_mem *m, uint64_t gpa)
 static const struct vr_region *span_at(const struct vr_mem *m, uint64_t gpa, uint64_t len,
                                        uint64_t *chunk)
 {
-    const struct vr_region *r = find_gpa(m, gpa);
+    const struct vr_region *r = vr_mem_find(m, gpa);
     if (r != NULL) {
         uint64_t rest = r->size - (gpa - r->gpa);
         *chunk = rest < len ? rest : len;
@@ -80,7 +69,7 @@ uint8_t *vr_mem_gpa_contig(const struct vr_mem *m, uint64_t gpa, uint64_t len)
 {
     if (len == 0 || gpa + (len - 1) < gpa)
         return NULL;
-    const struct vr_region *r = find_gpa(m, gpa);
+    const struct vr_region *r = vr_mem_find(m, gpa);
     if (r == NULL)
         return NULL;
     uint64_t off = gpa - r->gpa;

@@ -330,11 +330,11 @@ static int walk_chain(struct vr_queue *q, uint16_t head, struct vr_chain *c)
      * below, which reads the descriptor afresh. */
     read_desc(q, 0, 0, head, &d);
     if (!(d.flags & (VR_DESC_F_NEXT | VR_DESC_F_INDIRECT)) && d.len && c->cap) {
-        int reg = vr_mem_region_of(q->mem, d.addr, d.len);
-        if (reg >= 0) {
+        const struct vr_region *r = vr_mem_find(q->mem, d.addr);
+        if (r && d.len <= r->size - (d.addr - r->gpa)) {
             int w = (d.flags & VR_DESC_F_WRITE) != 0;
-            c->segs[0] = (struct vr_seg){.offset = d.addr - q->mem->regions[reg].gpa,
-                                         .len = d.len, .region = (uint16_t)reg, .writable = w};
+            c->segs[0] = (struct vr_seg){.offset = d.addr - r->gpa, .len = d.len,
+                                         .region = (uint16_t)(r - q->mem->regions), .writable = w};
             c->nseg = 1;
             if (w) {
                 c->write_len = d.len;

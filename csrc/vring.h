@@ -353,15 +353,16 @@ static inline uint64_t vr_used_size(uint32_t num) { return 6ull + 8ull * num; }
 /* packed (2.8): the driver and device event suppression areas are 4 bytes */
 #define VR_EVENT_AREA_SIZE 4
 
-/* Index of the region holding all of [gpa, gpa + len) (len > 0), or -1. */
-static inline int vr_mem_region_of(const struct vr_mem *m, uint64_t gpa, uint32_t len)
+/* The region holding gpa, or NULL (memory.c's translations, and the
+ * one-descriptor pop in vring.c).  Linear scan: at most 32 regions. */
+static inline const struct vr_region *vr_mem_find(const struct vr_mem *m, uint64_t gpa)
 {
     for (uint32_t i = 0; i < m->nregions; i++) {
         const struct vr_region *r = &m->regions[i];
         if (gpa >= r->gpa && gpa - r->gpa < r->size)
-            return len <= r->size - (gpa - r->gpa) ? (int)i : -1;
+            return r;
     }
-    return -1;
+    return NULL;
 }
 
 /* Fetch the line at p for writing (in the exclusive state, so the store

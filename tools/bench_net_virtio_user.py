@@ -118,7 +118,10 @@ def _cacheline_ns(exe: Path | None) -> float | None:
     """Nanoseconds per cache-line transfer between CPU 0 and CPU 1, or None."""
     if exe is None:
         return None
-    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60).stdout
+    try:
+        out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60).stdout
+    except subprocess.TimeoutExpired:
+        return None
     m = re.match(r"([\d.]+) ns per cache-line", out)
     return float(m.group(1)) if m else None
 
